@@ -1,0 +1,68 @@
+"""The ``fedcore`` command line.
+
+Each subcommand is a module of this package with two functions::
+
+    def add_parser(subparsers) -> argparse.ArgumentParser   # declares the subcommand's options
+    def run(args: argparse.Namespace) -> int                 # does the work, returns the exit code
+
+A :class:`~fedcore.errors.FedcoreError` escaping ``run`` is printed as one line on stderr and the
+command exits with status 2 (bad input), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from fedcore.errors import FedcoreError
+
+# Subcommand name -> module under fedcore.cli. Modules are imported lazily so that `fedcore budget`
+# does not pay for importing Flower and Ray.
+SUBCOMMANDS: dict[str, str] = {
+    "simulate": "fedcore.cli.simulate",
+    "budget": "fedcore.cli.budget",
+}
+
+EXIT_BAD_INPUT = 2
+
+
+def _load(name: str):  # noqa: ANN202 - a module
+    return importlib.import_module(SUBCOMMANDS[name])
+
+
+def build_parser(names: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcore", description="Privacy-preserving federated learning on Flower.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in names:
+        _load(name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Build only the parser asked for, so a subcommand's imports are paid only when it runs.
+    chosen = [argv[0]] if argv and argv[0] in SUBCOMMANDS else [n for n in SUBCOMMANDS if _importable(n)]
+    parser = build_parser(chosen)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return int(_load(args.command).run(args))
+    except FedcoreError as exc:
+        print(f"fedcore {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"fedcore {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _importable(name: str) -> bool:
+    return importlib.util.find_spec(SUBCOMMANDS[name]) is not None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The one exception hierarchy of fedcore.
+
+Every failure the library raises on purpose derives from :class:`FedcoreError`, so a caller can
+catch all of them in one clause::
+
+    FedcoreError
+    ├── ProtocolError            (never raised directly)
+    │   ├── LocalProtocolError   the caller used the API wrongly
+    │   └── RemoteProtocolError  a peer sent something illegal
+    ├── InvalidMessage           any failure to decrypt, authenticate or parse
+    ├── ConfigError              a bad setting, named with the value that was given
+    └── BudgetExceededError      a privacy charge that would pass the budget
+
+Input from a peer never surfaces as a bare ``KeyError``, ``TypeError``, ``IndexError`` or
+``assert``: it is turned into one of these, with a message that says what was expected and what
+arrived.
+"""
+
+from __future__ import annotations
+
+
+class FedcoreError(Exception):
+    """Base class of every error fedcore raises on purpose."""
+
+
+class ProtocolError(FedcoreError):
+    """A protocol rule was broken. Never raised directly: see the two subclasses."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The caller used a protocol object wrongly (wrong state, wrong argument)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent something the protocol does not allow."""
+
+
+class InvalidMessage(FedcoreError):
+    """Bytes could not be decrypted, authenticated or parsed."""
+
+
+class ConfigError(FedcoreError):
+    """A setting has a bad value; the message names the setting and the value given."""
+
+
+class BudgetExceededError(FedcoreError):
+    """A privacy charge would take a ledger past its budget; nothing was charged."""
