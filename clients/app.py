@@ -1,0 +1,74 @@
+"""fedcore's ClientApp: a thin adapter between Flower messages and :mod:`fedcore.federation.site`.
+
+Each handler reads the run's settings from ``context.run_config`` and the site's partition from
+``context.node_config`` (``partition-id`` in simulation and deployment alike), calls the library,
+and wraps the result in a reply. A :class:`~fedcore.errors.FedcoreError` becomes a Flower error
+reply for this one site, so the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from fedcore.config import from_run_config
+from fedcore.errors import FedcoreError, RemoteProtocolError
+from fedcore.federation import messages as m
+from fedcore.federation.site import evaluate_round, train_round
+
+# Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
+FEDCORE_ERROR_CODE = 700
+
+app = ClientApp()
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _site_id(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"node config needs an integer 'partition-id', got {dict(context.node_config)}") from exc
+
+
+def _replies_with_errors(handler: Handler) -> Handler:
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FedcoreError as exc:
+            return Message(Error(code=FEDCORE_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+    return wrapped
+
+
+@app.train()
+@_replies_with_errors
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content[m.CONFIG]
+    server_round, num_classes, input_shape = m.read_train_config(config)
+    update = train_round(
+        from_run_config(context.run_config),
+        site_id=_site_id(context),
+        global_state=m.record_to_state(msg.content[m.ARRAYS]),
+        num_classes=num_classes,
+        input_shape=input_shape,
+        server_round=server_round,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    return m.train_reply(msg, update.state, num_examples=update.num_examples, loss=update.train_loss)
+
+
+@app.evaluate()
+@_replies_with_errors
+def evaluate(msg: Message, context: Context) -> Message:
+    _, num_classes, input_shape = m.read_train_config(msg.content[m.CONFIG])
+    result = evaluate_round(
+        from_run_config(context.run_config),
+        site_id=_site_id(context),
+        global_state=m.record_to_state(msg.content[m.ARRAYS]),
+        num_classes=num_classes,
+        input_shape=input_shape,
+    )
+    return m.evaluate_reply(msg, num_examples=result.num_examples, loss=result.loss, accuracy=result.accuracy)

@@ -1,0 +1,338 @@
+"""Settings of a federation: one schema, read from defaults, a TOML file and ``--set key=value``.
+
+The schema is the frozen dataclass :class:`Settings` (with nested groups). Each field is one
+setting; a nested group's fields get dotted keys (``synthetic.samples``). The same keys are valid in
+a TOML file (``[synthetic] samples = 500`` or ``"synthetic.samples" = 500``), after ``--set``, and in
+Flower's run config, which is how the ServerApp and every ClientApp receive them.
+
+Flower's run config holds only scalars, so an unset optional value travels as the empty string.
+``pyproject.toml``'s ``[tool.flwr.app.config]`` must list every key with its default, because Flower
+refuses override keys it does not know; ``tests/test_config.py`` checks that the two agree.
+
+Every failure is a :class:`~fedcore.errors.ConfigError` whose message names the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedcore.errors import ConfigError
+
+Partition = Literal["iid", "dirichlet", "pathological"]
+StrategyName = Literal["fedavg", "fedadam", "fedprox"]
+Device = Literal["auto", "cpu", "cuda"]
+
+Scalar = bool | int | float | str
+
+
+def _doc(text: str, **meta: Any) -> dict[str, Any]:
+    return {"help": text, **meta}
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticSettings:
+    """The seeded synthetic dataset (``dataset = "synthetic"``)."""
+
+    samples: int = field(default=2000, metadata=_doc("number of samples", min=1))
+    features: int = field(default=20, metadata=_doc("number of features", min=1))
+    classes: int = field(default=4, metadata=_doc("number of classes", min=2))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of ``fedcore simulate``; defaults are the main job (digits over 10 sites)."""
+
+    sites: int = field(default=10, metadata=_doc("number of data-center sites", min=1))
+    rounds: int = field(default=20, metadata=_doc("federated rounds", min=1))
+    dataset: str = field(
+        default="digits",
+        metadata=_doc("digits | synthetic | a local .npz/.csv/.parquet/saved HF dataset | hf:<hub name>"),
+    )
+    partition: Partition = field(default="iid", metadata=_doc("how data is split across sites"))
+    alpha: float = field(default=0.5, metadata=_doc("Dirichlet concentration (partition=dirichlet)", gt=0))
+    classes_per_site: int = field(
+        default=2, metadata=_doc("classes per site (partition=pathological)", min=1)
+    )
+    label_column: str = field(default="label", metadata=_doc("label column of CSV/Parquet/HF data"))
+    model: str = field(default="mlp", metadata=_doc("mlp | cnn | package.module:callable"))
+    local_epochs: int = field(default=5, metadata=_doc("local epochs per round", min=1))
+    batch_size: int = field(default=16, metadata=_doc("local batch size", min=1))
+    lr: float = field(default=0.2, metadata=_doc("local learning rate (SGD)", gt=0))
+    strategy: StrategyName = field(default="fedavg", metadata=_doc("server strategy"))
+    server_lr: float = field(default=0.01, metadata=_doc("server learning rate (fedadam)", gt=0))
+    proximal_mu: float = field(default=0.01, metadata=_doc("proximal term (fedprox)", ge=0))
+    fraction_train: float = field(
+        default=1.0, metadata=_doc("fraction of sites sampled per round", gt=0, le=1)
+    )
+    round_timeout: float = field(
+        default=600.0, metadata=_doc("seconds to wait for sites' replies in each exchange", gt=0)
+    )
+    seed: int = field(default=0, metadata=_doc("seed for data, partitioning, initial model"))
+    device: Device = field(default="auto", metadata=_doc("training device: auto uses CUDA when present"))
+    client_cpus: float = field(
+        default=1.0, metadata=_doc("CPUs reserved per site in simulation", gt=0)
+    )
+    client_gpus: float = field(
+        default=0.0, metadata=_doc("GPU share per site in simulation (0.5 = two sites per GPU)", ge=0)
+    )
+    test_fraction: float = field(default=0.2, metadata=_doc("per-site test split", gt=0, lt=1))
+    holdout_fraction: float = field(
+        default=0.2, metadata=_doc("share of the data kept by the server for central evaluation", gt=0, lt=1)
+    )
+    out: str = field(default="", metadata=_doc("run record directory; empty: runs/<timestamp>"))
+    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+
+    def to_dict(self) -> dict[str, Scalar | None]:
+        """Flat ``{dotted key: value}`` of every setting (``None`` for unset optionals)."""
+        return dict(_flatten(self))
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """The settings as Flower's run config: scalars only, an unset optional as ``""``."""
+        return {k: ("" if v is None else v) for k, v in _flatten(self)}
+
+
+# --------------------------------------------------------------------------------------------
+# Schema introspection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    """One key of the schema."""
+
+    key: str
+    type: Any
+    default: Scalar | None
+    help: str
+    meta: Mapping[str, Any]
+
+    @property
+    def optional(self) -> bool:
+        return _is_optional(self.type)
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        base = _strip_optional(self.type)
+        return tuple(typing.get_args(base)) if typing.get_origin(base) is Literal else None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_group(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if _is_optional(tp):
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return inner
+    return tp
+
+
+def _specs(cls: type, prefix: str = "") -> Iterable[SettingSpec]:
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_group(tp):
+            yield from _specs(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        yield SettingSpec(f"{prefix}{f.name}", tp, default, f.metadata.get("help", ""), f.metadata)
+
+
+SPECS: dict[str, SettingSpec] = {s.key: s for s in _specs(Settings)}
+
+
+def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, Scalar | None]]:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _flatten(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, SPECS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown setting {key!r}{hint}; `fedcore simulate --help-settings` lists them")
+
+
+def _coerce(spec: SettingSpec, value: Any, *, from_text: bool) -> Scalar | None:
+    """Convert ``value`` to the setting's type; text from ``--set`` is parsed, other input is not."""
+    base = _strip_optional(spec.type)
+    if spec.optional and (value is None or value == "" or (from_text and value.lower() == "none")):
+        return None
+    choices = spec.choices
+    try:
+        if choices is not None:
+            if value not in choices:
+                raise ValueError
+            return str(value)
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if from_text and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if from_text:
+                return int(value)
+            raise ValueError
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if (from_text or isinstance(value, int | float)) else None
+            if number is None or not math.isfinite(number):
+                raise ValueError
+            return number
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"setting {spec.key!r} has an unsupported type {spec.type!r}")
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+    expected = f"one of {', '.join(choices)}" if choices else names.get(base, str(base))
+    raise ConfigError(f"setting {spec.key!r} must be {expected}, got {value!r}")
+
+
+def _check_bounds(spec: SettingSpec, value: Scalar | None) -> None:
+    if value is None or isinstance(value, str | bool):
+        return
+    meta = spec.meta
+    for bound, ok in (
+        ("min", lambda v, b: v >= b),
+        ("ge", lambda v, b: v >= b),
+        ("gt", lambda v, b: v > b),
+        ("le", lambda v, b: v <= b),
+        ("lt", lambda v, b: v < b),
+    ):
+        if bound in meta and not ok(value, meta[bound]):
+            symbol = {"min": ">=", "ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[bound]
+            raise ConfigError(f"setting {spec.key!r} must be {symbol} {meta[bound]}, got {value!r}")
+
+
+def _build(cls: type, values: Mapping[str, Scalar | None], prefix: str = "") -> Any:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if _is_group(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values, f"{key}.")
+        elif key in values:
+            kwargs[f.name] = values[key]
+    return cls(**kwargs)
+
+
+def flatten_mapping(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (TOML tables become dotted keys)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_mapping(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cross_check(settings: Settings) -> None:
+    if settings.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("setting 'device' is 'cuda', but no CUDA device is available here")
+    if settings.partition == "pathological" and settings.dataset == "synthetic":
+        if settings.classes_per_site > settings.synthetic.classes:
+            raise ConfigError(
+                f"setting 'classes_per_site' is {settings.classes_per_site}, more than the "
+                f"{settings.synthetic.classes} classes of the synthetic dataset"
+            )
+
+
+def resolve(
+    *,
+    file: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    values: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults, then the TOML ``file``, then ``values``, then ``overrides`` (``"key=value"``).
+
+    Raises :class:`ConfigError` for an unreadable file, an unknown key, a value of the wrong type
+    or out of range, or a malformed override.
+    """
+    merged: dict[str, Scalar | None] = {}
+    if file is not None:
+        path = Path(file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from exc
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} could not be read: {exc}") from exc
+        for key, value in flatten_mapping(data).items():
+            merged[key] = _checked(key, value, from_text=False)
+    for key, value in (values or {}).items():
+        merged[key] = _checked(key, value, from_text=False)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        merged[key.strip()] = _checked(key.strip(), text.strip(), from_text=True)
+    settings = _build(Settings, merged)
+    _cross_check(settings)
+    return settings
+
+
+def _checked(key: str, value: Any, *, from_text: bool) -> Scalar | None:
+    spec = SPECS.get(key)
+    if spec is None:
+        raise _unknown_key(key)
+    coerced = _coerce(spec, value, from_text=from_text)
+    _check_bounds(spec, coerced)
+    return coerced
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Settings:
+    """Settings from a Flower run config (as written by :meth:`Settings.to_run_config`).
+
+    Keys fedcore does not know are ignored (Flower may add its own); known keys are validated.
+    """
+    return resolve(values={k: v for k, v in run_config.items() if k in SPECS})
+
+
+def describe() -> str:
+    """A table of every setting with its default, for ``--help-settings``."""
+    lines = []
+    for spec in SPECS.values():
+        choices = f" ({'|'.join(spec.choices)})" if spec.choices else ""
+        default = "unset" if spec.default is None else json.dumps(spec.default)
+        lines.append(f"  {spec.key:<22} {default:<10} {spec.help}{choices}")
+    return "\n".join(lines)

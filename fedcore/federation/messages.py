@@ -1,0 +1,121 @@
+"""What travels in a fedcore Flower message, and the checks a reply must pass.
+
+A train instruction carries ``arrays`` (the global model, an ``ArrayRecord``) and ``config`` (a
+``ConfigRecord`` with ``server-round``, ``num-classes`` and ``input-shape``). A train reply carries
+``arrays`` (the site's new weights) and ``metrics`` (a ``MetricRecord`` with ``num-examples`` and
+``train_loss``). An evaluate reply carries ``metrics`` with ``num-examples``, ``eval_loss`` and
+``eval_accuracy``.
+
+A reply from a site is untrusted input: :func:`check_train_reply` refuses a missing record, missing
+or extra arrays, a wrong shape or dtype, a NaN or infinite value, or a bad example count, with
+:class:`~fedcore.errors.RemoteProtocolError`, so the driver can drop that one site and go on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedcore.errors import RemoteProtocolError
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A model ``state_dict`` as an ``ArrayRecord`` (detached, on the CPU)."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ``ArrayRecord`` back to a ``state_dict`` of CPU tensors."""
+    return record.to_torch_state_dict()
+
+
+def content_bytes(message: Message) -> int:
+    """Bytes of a message's payload: every array's data plus the keys and scalar records."""
+    if not message.has_content():
+        return 0
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+def train_config(*, server_round: int, num_classes: int, input_shape: tuple[int, ...]) -> ConfigRecord:
+    return ConfigRecord(
+        {"server-round": server_round, "num-classes": num_classes, "input-shape": json.dumps(list(input_shape))}
+    )
+
+
+def read_train_config(config: ConfigRecord) -> tuple[int, int, tuple[int, ...]]:
+    """``(server_round, num_classes, input_shape)`` from a train/evaluate instruction."""
+    try:
+        server_round = int(config["server-round"])
+        num_classes = int(config["num-classes"])
+        input_shape = tuple(int(s) for s in json.loads(str(config["input-shape"])))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"malformed train config from the server: {exc!r}") from exc
+    return server_round, num_classes, input_shape
+
+
+def train_reply(message: Message, state: Mapping[str, torch.Tensor], *, num_examples: int, loss: float) -> Message:
+    content = RecordDict(
+        {ARRAYS: state_to_record(state), METRICS: MetricRecord({NUM_EXAMPLES: num_examples, "train_loss": loss})}
+    )
+    return Message(content=content, reply_to=message)
+
+
+def evaluate_reply(message: Message, *, num_examples: int, loss: float, accuracy: float) -> Message:
+    metrics = MetricRecord({NUM_EXAMPLES: num_examples, "eval_loss": loss, "eval_accuracy": accuracy})
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=message)
+
+
+def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
+    """Raise :class:`RemoteProtocolError` unless ``reply`` is a usable train reply.
+
+    ``reference`` is the global model that was sent: the reply must hold exactly its keys, with
+    the same shapes and dtypes, and only finite values.
+    """
+    content = reply.content
+    if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+        raise RemoteProtocolError(
+            f"train reply must hold records {ARRAYS!r} and {METRICS!r}, got {sorted(content.keys())}"
+        )
+    arrays, metrics = content.array_records[ARRAYS], content.metric_records[METRICS]
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - set(reference.keys()))
+        raise RemoteProtocolError(f"update has wrong arrays: missing {missing}, unexpected {extra}")
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            raise RemoteProtocolError(
+                f"array {key!r}: expected {ref.dtype}{list(ref.shape)}, got {got.dtype}{list(got.shape)}"
+            )
+        try:
+            values = got.numpy()
+        except Exception as exc:  # noqa: BLE001 - any decode failure of peer bytes
+            raise RemoteProtocolError(f"array {key!r} could not be decoded: {exc}") from exc
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise RemoteProtocolError(f"array {key!r} holds NaN or infinite values")
+    count = metrics.get(NUM_EXAMPLES)
+    if not isinstance(count, int | float) or not math.isfinite(count) or count <= 0 or count != int(count):
+        raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be a positive integer, got {count!r}")
+
+
+def check_evaluate_reply(reply: Message) -> None:
+    """Raise :class:`RemoteProtocolError` unless ``reply`` carries usable evaluation metrics."""
+    metrics = reply.content.metric_records.get(METRICS)
+    if metrics is None:
+        raise RemoteProtocolError(f"evaluate reply must hold record {METRICS!r}")
+    for key in (NUM_EXAMPLES, "eval_loss", "eval_accuracy"):
+        value = metrics.get(key)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise RemoteProtocolError(f"evaluate metric {key!r} must be a finite number, got {value!r}")
+    if metrics[NUM_EXAMPLES] <= 0:
+        raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be positive, got {metrics[NUM_EXAMPLES]!r}")

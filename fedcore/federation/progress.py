@@ -1,0 +1,56 @@
+"""Progress of a federation on the terminal: a rich progress bar and one line per round."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedcore.runrecord import RoundRow
+from fedcore.training import EvalResult
+
+
+def _f(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.4f}"
+
+
+class RichReporter:
+    """Shows ``round k/R`` with the latest loss and accuracy; prints a line per round."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.task = None
+
+    def started(self, *, rounds: int, initial: EvalResult) -> None:
+        self.console.print(f"initial model: loss {_f(initial.loss)}, accuracy {_f(initial.accuracy)} (loss = train/eval)")
+        self.progress.start()
+        self.task = self.progress.add_task("rounds", total=rounds, status="")
+
+    def waiting(self, *, connected: int, expected: int) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, status=f"waiting for sites: {connected}/{expected} connected")
+
+    def round_done(self, row: RoundRow, *, rounds: int) -> None:
+        failed = f", [red]{row.sites_failed} failed[/red]" if row.sites_failed else ""
+        self.progress.console.print(
+            f"round {row.round:>3}/{rounds}  loss {_f(row.train_loss)}/{_f(row.eval_loss)}  "
+            f"acc {_f(row.eval_accuracy)}  sites {row.sites_replied}/{row.sites_sampled}{failed}  {row.seconds:.1f}s",
+            soft_wrap=True,
+        )
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, status=f"accuracy {_f(row.eval_accuracy)}")
+        if row.round == rounds:
+            self.close()
+
+    def close(self) -> None:
+        self.progress.stop()

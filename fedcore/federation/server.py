@@ -1,0 +1,64 @@
+"""Everything the ServerApp does, as one library call: :func:`run_server`.
+
+It loads the server's held-out set for central evaluation, builds the initial model (seeded), the
+strategy and the run record, runs the rounds, saves the final model and writes the summary. The run
+record is finished (summary and plot) also when a round raises, with the status ``failed``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from fedcore.config import Settings
+from fedcore.data import load_holdout
+from fedcore.federation import messages as m
+from fedcore.federation.driver import NullReporter, Reporter, run_rounds
+from fedcore.federation.site import data_settings
+from fedcore.federation.strategies import build_strategy
+from fedcore.models import build_model
+from fedcore.runrecord import RunRecord
+from fedcore.training import EvalResult, evaluate, pick_device
+
+
+def initial_model(settings: Settings, *, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    """The round-0 global model, seeded by ``settings.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        return build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
+
+
+def run_server(grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None = None) -> RunRecord:
+    """Run the federation described by ``settings`` on ``grid``; write the run record to ``out_dir``."""
+    reporter = reporter or NullReporter()
+    holdout, input_shape, num_classes = load_holdout(data_settings(settings))
+    model = initial_model(settings, input_shape=input_shape, num_classes=num_classes)
+    device = pick_device(settings.device)
+    record = RunRecord(out_dir, settings, extra={"input_shape": list(input_shape), "num_classes": num_classes})
+
+    def central_eval(arrays: ArrayRecord) -> EvalResult:
+        model.load_state_dict(m.record_to_state(arrays))
+        return evaluate(model, holdout.x, holdout.y, device=device)
+
+    try:
+        final = run_rounds(
+            grid,
+            build_strategy(settings),
+            initial=m.state_to_record(model.state_dict()),
+            rounds=settings.rounds,
+            expected_sites=settings.sites,
+            timeout=settings.round_timeout,
+            config=lambda rnd: m.train_config(server_round=rnd, num_classes=num_classes, input_shape=input_shape),
+            central_eval=central_eval,
+            record=record,
+            reporter=reporter,
+        )
+    except BaseException as exc:
+        record.finish(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        raise
+    record.save_model(m.record_to_state(final))
+    record.finish(status="completed")
+    return record

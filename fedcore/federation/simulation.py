@@ -1,0 +1,114 @@
+"""Run a federation on Flower's simulation engine (Ray), in this process.
+
+The app is loaded the way ``flwr run`` loads it: Flower imports ``server.app:app`` and
+``clients.app:app`` from the *app directory* (the folder whose ``pyproject.toml`` declares them),
+in this process for the ServerApp and in each Ray worker for the ClientApps. fedcore itself never
+imports them; :func:`find_app_dir` locates the folder.
+
+Settings reach both apps as Flower's run config (the same route as ``flwr run --run-config``),
+through ``flwr.simulation.run_simulation._run_simulation``, the function behind the deprecated
+public ``run_simulation``: the public one has no way to pass a run config or an app directory.
+flwr is pinned to 1.41.0, and the end-to-end test covers this call.
+
+Ray, deliberately:
+
+- each site reserves ``client_cpus`` CPUs and ``client_gpus`` of a GPU (Flower's default of 2 CPUs
+  would run one site at a time on a 2-core machine), and torch in a worker uses that many threads;
+- Ray's memory monitor is off (``RAY_memory_monitor_refresh_ms=0``) unless the user set it: it reads
+  the whole machine's memory and kills workers for an unrelated process's usage, and a killed worker
+  made rounds halt silently. A worker that dies anyway costs only its site: every exchange has a
+  deadline (``round_timeout``) after which the driver counts the site as failed and goes on;
+- Flower's telemetry is off (``FLWR_TELEMETRY_ENABLED=0``) unless the user set it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+from fedcore.config import Settings
+from fedcore.errors import ConfigError
+
+SERVER_APP = "server.app:app"
+CLIENT_APP = "clients.app:app"
+
+
+def find_app_dir(start: Path | None = None) -> Path:
+    """The fedcore app directory: ``$FEDCORE_APP_DIR``, else the checkout this library lives in,
+    else the first folder from ``start`` (default: the working directory) upwards whose
+    ``pyproject.toml`` declares fedcore's components."""
+    candidates: list[Path] = []
+    if env := os.environ.get("FEDCORE_APP_DIR"):
+        candidates.append(Path(env))
+    candidates.append(Path(__file__).resolve().parents[2])
+    here = (start or Path.cwd()).resolve()
+    candidates += [here, *here.parents]
+    for folder in candidates:
+        if _declares_app(folder):
+            return folder
+    raise ConfigError(
+        "cannot find the fedcore app directory (a pyproject.toml declaring "
+        f"serverapp = {SERVER_APP!r}); run from the fedcore checkout or set FEDCORE_APP_DIR"
+    )
+
+
+def _declares_app(folder: Path) -> bool:
+    try:
+        data = tomllib.loads((folder / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    components = data.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    return components.get("serverapp") == SERVER_APP and components.get("clientapp") == CLIENT_APP
+
+
+def backend_config(settings: Settings) -> dict:
+    return {
+        "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
+        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus)), "include_dashboard": False},
+    }
+
+
+def simulate(settings: Settings, *, out_dir: Path, app_dir: Path | None = None, verbose: bool = False) -> None:
+    """Run the federation; the ServerApp writes the run record into ``out_dir``.
+
+    Raises what the ServerApp raised (a :class:`~fedcore.errors.FedcoreError` for bad input).
+    """
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    app_dir = app_dir or find_app_dir()
+    run_config = {**settings.to_run_config(), "out": str(out_dir)}
+    # The same Run that _run_simulation builds when given none, plus our run config.
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = run_config
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    _run_simulation(
+        num_supernodes=settings.sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app_attr=CLIENT_APP,
+        server_app_attr=SERVER_APP,
+        server_app_context=context,
+        app_dir=str(app_dir),
+        run=run,
+        backend_config=backend_config(settings),
+        verbose_logging=verbose,
+    )

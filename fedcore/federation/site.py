@@ -1,0 +1,114 @@
+"""What a site does in a round, as plain library calls (the ClientApp only translates messages).
+
+A site loads its own partition (cached per process), builds the model the server names, loads the
+global weights, trains locally and returns its new weights and example count; or evaluates the
+global weights on its own test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedcore.config import Settings
+from fedcore.data import DataSettings, SiteData, load_site
+from fedcore.errors import RemoteProtocolError
+from fedcore.models import build_model
+from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
+
+
+def data_settings(settings: Settings) -> DataSettings:
+    """The data half of the settings, as :mod:`fedcore.data` takes it."""
+    return DataSettings(
+        dataset=settings.dataset,
+        sites=settings.sites,
+        partition=settings.partition,
+        alpha=settings.alpha,
+        classes_per_site=settings.classes_per_site,
+        seed=settings.seed,
+        label_column=settings.label_column,
+        test_fraction=settings.test_fraction,
+        holdout_fraction=settings.holdout_fraction,
+        synthetic_samples=settings.synthetic.samples,
+        synthetic_features=settings.synthetic.features,
+        synthetic_classes=settings.synthetic.classes,
+    )
+
+
+def round_seed(seed: int, site_id: int, server_round: int) -> int:
+    """A per-site, per-round seed for batch order (not for any privacy noise)."""
+    digest = hashlib.sha256(f"fedcore.batches|{seed}|{site_id}|{server_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class SiteUpdate:
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+
+
+def _model_with(
+    settings: Settings, site: SiteData, num_classes: int, input_shape: tuple[int, ...], state: Mapping[str, torch.Tensor]
+) -> torch.nn.Module:
+    if tuple(site.train.x.shape[1:]) != input_shape:
+        raise RemoteProtocolError(
+            f"server's model takes input {list(input_shape)}, site {site.site_id} has {list(site.train.x.shape[1:])}"
+        )
+    model = build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RemoteProtocolError(f"global model does not fit model {settings.model!r}: {exc}") from exc
+    return model
+
+
+def _threads(settings: Settings) -> None:
+    torch.set_num_threads(max(1, int(settings.client_cpus)))
+
+
+def train_round(
+    settings: Settings,
+    *,
+    site_id: int,
+    global_state: Mapping[str, torch.Tensor],
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    server_round: int,
+    proximal_mu: float = 0.0,
+) -> SiteUpdate:
+    """Train the global model on site ``site_id``'s training split for ``settings.local_epochs``."""
+    _threads(settings)
+    site = load_site(data_settings(settings), site_id)
+    model = _model_with(settings, site, num_classes, input_shape, global_state)
+    result = train_epochs(
+        model,
+        site.train.x,
+        site.train.y,
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        device=pick_device(settings.device),
+        seed=round_seed(settings.seed, site_id, server_round),
+        proximal_mu=proximal_mu,
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return SiteUpdate(state=state, num_examples=len(site.train.y), train_loss=result.loss)
+
+
+def evaluate_round(
+    settings: Settings,
+    *,
+    site_id: int,
+    global_state: Mapping[str, torch.Tensor],
+    num_classes: int,
+    input_shape: tuple[int, ...],
+) -> EvalResult:
+    """Loss and accuracy of the global model on site ``site_id``'s test split."""
+    _threads(settings)
+    site = load_site(data_settings(settings), site_id)
+    model = _model_with(settings, site, num_classes, input_shape, global_state)
+    return evaluate(model, site.test.x, site.test.y, device=pick_device(settings.device))

@@ -1,0 +1,145 @@
+"""The run record: one folder that says what a run was, what happened each round, and what it made.
+
+- ``config.json``: the full resolved settings, plus versions and the start time;
+- ``history.jsonl``: one JSON object per round, appended and flushed as each round ends, so a run
+  that crashes keeps every finished round;
+- ``model.pt``: the final global model's ``state_dict`` (written atomically);
+- ``summary.md`` and ``accuracy.png``: what a person looks at first.
+
+Round 0 in memory is the initial model's central evaluation; it is shown in the summary and the
+plot but not written to ``history.jsonl``, whose rows are rounds 1..R.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fedcore import __version__
+from fedcore.config import Settings
+from fedcore.errors import ConfigError
+
+Status = Literal["completed", "stopped", "failed"]
+
+HISTORY_FIELDS = (
+    "round",
+    "sites_sampled",
+    "sites_replied",
+    "sites_failed",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "seconds",
+    "bytes_down",
+    "bytes_up",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRow:
+    """One line of ``history.jsonl``. NaN metrics (nothing to measure) are written as ``null``."""
+
+    round: int
+    sites_sampled: int
+    sites_replied: int
+    sites_failed: int
+    train_loss: float
+    eval_loss: float
+    eval_accuracy: float
+    seconds: float
+    bytes_down: int
+    bytes_up: int
+    site_eval_loss: float = math.nan
+    site_eval_accuracy: float = math.nan
+    failures: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["failures"] = dict(self.failures)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def default_out_dir(root: str | Path = "runs") -> Path:
+    return Path(root) / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunRecord:
+    """Writes a run record into exactly ``out_dir`` (created if needed).
+
+    Raises :class:`ConfigError` if ``out_dir`` exists and is not an empty directory holding no
+    earlier run (a run record is never overwritten).
+    """
+
+    def __init__(self, out_dir: str | Path, settings: Settings, *, extra: Mapping[str, Any] | None = None):
+        self.path = Path(out_dir)
+        if self.path.exists() and (not self.path.is_dir() or (self.path / "history.jsonl").exists()):
+            raise ConfigError(f"output directory {str(self.path)!r} already holds a run record or is a file")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self.rows: list[RoundRow] = []
+        self.initial_loss = math.nan
+        self.initial_accuracy = math.nan
+        self.started = dt.datetime.now(dt.timezone.utc)
+        config = {
+            "settings": settings.to_dict(),
+            "fedcore_version": __version__,
+            "flwr_version": _version("flwr"),
+            "torch_version": torch.__version__,
+            "python": platform.python_version(),
+            "started_at": self.started.isoformat(timespec="seconds"),
+            **dict(extra or {}),
+        }
+        _atomic_write(self.path / "config.json", lambda fh: fh.write(json.dumps(config, indent=2).encode()))
+        (self.path / "history.jsonl").touch()
+
+    def set_initial(self, *, loss: float, accuracy: float) -> None:
+        self.initial_loss, self.initial_accuracy = loss, accuracy
+
+    def append(self, row: RoundRow) -> None:
+        """Append one round to ``history.jsonl`` and flush it to disk."""
+        self.rows.append(row)
+        with open(self.path / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(row.to_json()) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
+        _atomic_write(self.path / "model.pt", lambda fh: torch.save(dict(state), fh))
+
+    def finish(self, *, status: Status, reason: str = "") -> None:
+        """Write ``summary.md`` and ``accuracy.png``; safe to call after a failure."""
+        from fedcore.report import write_accuracy_plot, write_summary
+
+        write_accuracy_plot(self, self.path / "accuracy.png")
+        write_summary(self, self.path / "summary.md", status=status, reason=reason)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.rows[-1].eval_accuracy if self.rows else self.initial_accuracy
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,1 @@
+"""The Flower ServerApp of fedcore (loaded by Flower from the app directory)."""

@@ -1,0 +1,27 @@
+"""fedcore's ServerApp: a thin adapter that hands Flower's Grid to :func:`fedcore.federation.server.run_server`.
+
+The settings come from the run config (``fedcore simulate`` or ``flwr run`` put them there); the
+run record goes to the ``out`` setting, or ``runs/<timestamp>`` under the working directory.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedcore.config import from_run_config
+from fedcore.federation.progress import RichReporter
+from fedcore.federation.server import run_server
+from fedcore.runrecord import default_out_dir
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = from_run_config(context.run_config)
+    reporter = RichReporter()
+    try:
+        run_server(grid, settings, settings.out or default_out_dir(), reporter=reporter)
+    finally:
+        reporter.close()
