@@ -60,7 +60,7 @@ class CryptoRng:
 
     def fill(self, out: np.ndarray) -> np.ndarray:
         """Overwrite the bytes of the C-contiguous array ``out`` with keystream; return ``out``."""
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         for start in range(0, len(view), _CHUNK):
             stop = min(start + _CHUNK, len(view))
             self._encryptor.update_into(self._zeros[: stop - start], view[start:stop])
