@@ -1,0 +1,41 @@
+"""Secure aggregation: SecAgg (Bonawitz et al., CCS 2017) and SecAgg+ (Bell et al., CCS 2020) as
+sans-IO state machines, with an in-memory harness and a float <-> ring encoding.
+
+Integers in, integers out: the core sums vectors of unsigned integers modulo 2**bits. Modules:
+
+- :mod:`~fedcore.secagg.client`, :mod:`~fedcore.secagg.server`: the two state machines;
+- :mod:`~fedcore.secagg.messages`: the ten messages and their wire format;
+- :mod:`~fedcore.secagg.config`: round settings, modes, stages, default threshold;
+- :mod:`~fedcore.secagg.params`: (k, t) for SecAgg+ after Bell et al. as in Google's FCP;
+- :mod:`~fedcore.secagg.encoding`: float updates to the ring and back (weighted means);
+- :mod:`~fedcore.secagg.harness`: :func:`aggregate_in_memory`.
+
+Nothing here imports Flower, opens a socket or reads a clock.
+"""
+
+from fedcore.secagg.client import ClientState, SecAggClient
+from fedcore.secagg.config import Mode, SessionConfig, Stage, default_threshold
+from fedcore.secagg.errors import TooFewSurvivors
+from fedcore.secagg.harness import RoundReport, aggregate_in_memory, run_in_memory
+from fedcore.secagg.messages import decode, decode_client_message, decode_server_message, encode
+from fedcore.secagg.server import AggregateResult, SecAggServer, ServerState
+
+__all__ = [
+    "AggregateResult",
+    "ClientState",
+    "Mode",
+    "RoundReport",
+    "SecAggClient",
+    "SecAggServer",
+    "ServerState",
+    "SessionConfig",
+    "Stage",
+    "TooFewSurvivors",
+    "aggregate_in_memory",
+    "decode",
+    "decode_client_message",
+    "decode_server_message",
+    "default_threshold",
+    "encode",
+    "run_in_memory",
+]

@@ -1,0 +1,572 @@
+"""The SecAgg client: a sans-IO state machine that takes server messages and returns its answers.
+
+Theory of operation (Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", CCS 2017, figure 4; Bell et al., CCS 2020, section 3 for the neighbour graph). A client
+u holds two X25519 key pairs, (c_u, c_u^PK) to encrypt shares and (s_u, s_u^PK) to agree mask
+seeds, and a self-mask seed b_u. It
+
+0. advertises c_u^PK, s_u^PK and a commitment to b_u (signed with its site key in ACTIVE mode);
+1. given the advertised set U1, Shamir-shares b_u and s_u t-out-of-(k+1) among its neighbours and
+   itself, and seals each neighbour's pair of shares under a key only that neighbour can derive;
+2. given the shares addressed to it by the clients that reached stage 1 (its view V = U2 ∩ N(u)),
+   sends y_u = x_u + PRG(b_u) + sum_{v in V, u < v} PRG(s_uv) - sum_{v in V, u > v} PRG(s_uv)
+   modulo 2**bits;
+3. (ACTIVE mode) signs the survivor set U3 it is shown;
+4. given the alive set (sent y) and the dropped set (shared keys, sent no y), reveals its share of
+   b_v for each alive v and of s_v for each dropped v.
+
+Security (semi-honest server colluding with fewer than t clients, Theorem 6.2 of Bonawitz et al.;
+section 4 of Bell et al. for the sparse graph) rests on rules an honest client enforces itself,
+whatever the server says: it never reveals both shares of one peer (alive and dropped must be
+disjoint, and it answers one unmask request only); it refuses to unmask with fewer than t alive
+share holders; it refuses duplicate keys, small-order keys (all-zero agreement), adverts bound to
+another round, shares addressed to someone else or sent by a non-neighbour, and survivor sets
+inconsistent with the shares it received. In ACTIVE mode it also checks each advert's Ed25519
+signature against its registry of site keys and, before unmasking, t valid signatures on the same
+survivor set (Bonawitz et al., section 6).
+
+State machine: all legal transitions are in ``_TRANSITIONS``. Any exception raised while handling a
+message moves the client to ``ABORTED`` for good; a message that the table does not allow in the
+current state raises LocalProtocolError (the driver fed it at the wrong time).
+
+Re-creating a client (Flower may start a fresh process for each message): every secret of a client
+is drawn from the ``rng`` it is given, in a fixed order, at construction (both key pairs, b_u, and a
+key from which each session's Shamir coefficients and AEAD nonces are derived). So a site that
+builds the generator as ``derive_rng(site_key, context=b"secagg|" + round_id)`` gets the same
+client back in any process, and :meth:`SecAggClient.rebuild` replays the server messages the client
+has received so far to reach the same state. The input vector is needed only to answer the
+masked-input request; a replayed masked-input request updates the state without it, so the unmask
+stage runs on a client rebuilt without the vector. A site that rebuilds clients must persist, per
+round id, the session id it answered (:attr:`SecAggClient.session_id`) and whether it has answered
+an unmask request, and refuse to serve a second, different one: a fresh process cannot otherwise
+know that a server is replaying a different history to it (forking the client).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedcore.crypto import aead, signing
+from fedcore.crypto.agreement import derive_key, x25519_keypair
+from fedcore.crypto.expand import add_keystream
+from fedcore.crypto.stream import CryptoRng
+from fedcore.errors import (
+    FedcoreError,
+    InvalidMessage,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from fedcore.secagg import shamir
+from fedcore.secagg.config import Mode, SessionConfig, ring_dtype
+from fedcore.secagg.errors import TooFewSurvivors
+from fedcore.secagg.graph import NeighborGraph
+from fedcore.secagg.messages import (
+    AdvertiseRequest,
+    ClientMessage,
+    ConsistencyRequest,
+    ConsistencySignature,
+    EncryptedShare,
+    EncryptedShares,
+    KeyAdvert,
+    MaskedInput,
+    MaskedInputRequest,
+    ServerMessage,
+    ShareKeysRequest,
+    ShareValue,
+    UnmaskRequest,
+    UnmaskShares,
+    decode_server_message,
+    encode,
+)
+from fedcore.secagg.session import (
+    advert_signed_bytes,
+    decode_share_pair,
+    encode_share_pair,
+    pairwise_seed,
+    seed_commitment,
+    self_mask_key,
+    session_id,
+    share_associated_data,
+    share_key,
+    survivors_signed_bytes,
+)
+
+
+class ClientState(enum.Enum):
+    WAIT_ADVERTISE = "wait_advertise"
+    WAIT_SHARE = "wait_share"
+    WAIT_MASKED_INPUT = "wait_masked_input"
+    WAIT_CONSISTENCY = "wait_consistency"
+    WAIT_UNMASK = "wait_unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+_S = ClientState
+# The one table of legal transitions: (state, message type) -> (next state in SEMI_HONEST mode,
+# next state in ACTIVE mode); None where the pair is illegal in that mode. Anything absent is
+# illegal in every mode.
+_TRANSITIONS: dict[tuple[ClientState, type], tuple[ClientState | None, ClientState | None]] = {
+    (_S.WAIT_ADVERTISE, AdvertiseRequest): (_S.WAIT_SHARE, _S.WAIT_SHARE),
+    (_S.WAIT_SHARE, ShareKeysRequest): (_S.WAIT_MASKED_INPUT, _S.WAIT_MASKED_INPUT),
+    (_S.WAIT_MASKED_INPUT, MaskedInputRequest): (_S.WAIT_UNMASK, _S.WAIT_CONSISTENCY),
+    (_S.WAIT_CONSISTENCY, ConsistencyRequest): (None, _S.WAIT_UNMASK),
+    (_S.WAIT_UNMASK, UnmaskRequest): (_S.DONE, _S.DONE),
+}
+
+
+class SecAggClient:
+    """One site's side of one SecAgg round.
+
+    ``rng``: the source of every secret (OS-keyed CryptoRng by default; see the module docstring
+    for re-creating a client). ``signing_key``: the site's Ed25519 seed, and ``registry``: every
+    site's Ed25519 public key by client id; both are required in ACTIVE mode only.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        *,
+        rng: CryptoRng | None = None,
+        signing_key: bytes | None = None,
+        registry: Mapping[int, bytes] | None = None,
+    ) -> None:
+        rng = rng if rng is not None else CryptoRng()
+        self.client_id = client_id
+        self._state = ClientState.WAIT_ADVERTISE
+        self._signing_key = signing_key
+        self._registry = dict(registry) if registry is not None else None
+        # The draw order is part of the re-creation contract: never reorder these four lines.
+        self._enc_private, self._enc_public = x25519_keypair(rng)
+        self._mask_private, self._mask_public = x25519_keypair(rng)
+        self._seed = rng.bytes(32)
+        self._coin_key = rng.bytes(32)
+        self._config: SessionConfig | None = None
+        self._advert: KeyAdvert | None = None
+        self._adverts: dict[int, KeyAdvert] = {}
+        self._session_id: bytes | None = None
+        self._graph: NeighborGraph | None = None
+        self._own_shares: tuple[int, int] = (0, 0)
+        self._received: dict[int, tuple[int, int]] = {}  # sender -> (seed share, key share)
+        self._survivors: tuple[int, ...] | None = None
+        self._error: FedcoreError | None = None
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    @property
+    def session_id(self) -> bytes | None:
+        """The session id once key shares were sent (persist it to refuse a forked session)."""
+        return self._session_id
+
+    @property
+    def error(self) -> FedcoreError | None:
+        """The error that aborted the client, if any."""
+        return self._error
+
+    def receive(self, message: ServerMessage, *, vector: np.ndarray | None = None) -> ClientMessage:
+        """Handle one server message and return the answer to send.
+
+        ``vector`` (unsigned integers below 2**bits, of the session's length) is required with a
+        MaskedInputRequest and refused with anything else. Raises LocalProtocolError when the
+        message is not legal in the current state, RemoteProtocolError / InvalidMessage /
+        TooFewSurvivors when the message breaks a protocol rule; on any exception the client is
+        left ``ABORTED``.
+        """
+        answer = self._step(message, vector=vector, replay=False)
+        if answer is None:  # pragma: no cover - only replay returns None
+            raise LocalProtocolError("no answer produced")
+        return answer
+
+    def receive_bytes(self, data: bytes, *, vector: np.ndarray | None = None) -> bytes:
+        """Parse, handle and serialise: :meth:`receive` on the wire format."""
+        try:
+            message = decode_server_message(data)
+        except FedcoreError as exc:
+            self._abort(exc)
+            raise
+        return encode(self.receive(message, vector=vector))
+
+    @classmethod
+    def rebuild(
+        cls,
+        client_id: int,
+        history: Sequence[ServerMessage],
+        *,
+        rng: CryptoRng,
+        signing_key: bytes | None = None,
+        registry: Mapping[int, bytes] | None = None,
+    ) -> SecAggClient:
+        """Re-create a client from the generator it was built with and the server messages it has
+        received, in order. A MaskedInputRequest is replayed without an input vector; replaying an
+        UnmaskRequest is refused (LocalProtocolError), since answering it twice is what the
+        one-unmask rule forbids. Raises what :meth:`receive` raises if the history is not legal.
+        """
+        client = cls(client_id, rng=rng, signing_key=signing_key, registry=registry)
+        for message in history:
+            if isinstance(message, UnmaskRequest):
+                raise LocalProtocolError("an unmask request is answered once and never replayed")
+            client._step(message, vector=None, replay=True)
+        return client
+
+    def abort(self, reason: str = "aborted by the caller") -> None:
+        """Move to ABORTED (for example when the site gives up on the round)."""
+        self._abort(LocalProtocolError(reason))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _step(
+        self, message: ServerMessage, *, vector: np.ndarray | None, replay: bool
+    ) -> ClientMessage | None:
+        try:
+            next_state = self._next_state(message)
+            if vector is not None and not isinstance(message, MaskedInputRequest):
+                raise LocalProtocolError(
+                    "an input vector goes with a MaskedInputRequest only, "
+                    f"not with a {type(message).__name__}"
+                )
+            answer: ClientMessage | None
+            if isinstance(message, AdvertiseRequest):
+                answer = self._on_advertise(message)
+            elif isinstance(message, ShareKeysRequest):
+                answer = self._on_share_keys(message)
+            elif isinstance(message, MaskedInputRequest):
+                answer = self._on_masked_input(message, vector, replay=replay)
+            elif isinstance(message, ConsistencyRequest):
+                answer = self._on_consistency(message)
+            else:
+                answer = self._on_unmask(message)
+        except FedcoreError as exc:
+            self._abort(exc)
+            raise
+        except Exception as exc:  # a bug or a malformed record built in memory: still typed
+            error = RemoteProtocolError(f"client {self.client_id} failed: {exc!r}")
+            self._abort(error)
+            raise error from exc
+        self._state = next_state
+        return answer
+
+    def _next_state(self, message: ServerMessage) -> ClientState:
+        row = _TRANSITIONS.get((self._state, type(message)))
+        mode = (
+            message.config.mode
+            if isinstance(message, AdvertiseRequest)
+            else (self._config.mode if self._config is not None else Mode.SEMI_HONEST)
+        )
+        target = None if row is None else row[0 if mode is Mode.SEMI_HONEST else 1]
+        if target is None:
+            raise LocalProtocolError(
+                f"client in state {self._state.value} cannot take a {type(message).__name__}"
+                f" ({mode.name} mode)"
+            )
+        return target
+
+    def _abort(self, error: FedcoreError) -> None:
+        self._state = ClientState.ABORTED
+        if self._error is None:
+            self._error = error
+
+    # ------------------------------------------------------------------ checks shared by stages
+
+    def _check_addressing(self, recipient: int, round_id: bytes) -> SessionConfig:
+        if recipient != self.client_id:
+            raise RemoteProtocolError(
+                f"message addressed to client {recipient} arrived at client {self.client_id}"
+            )
+        config = self._config
+        if config is None:  # unreachable through the table; kept for the type checker
+            raise LocalProtocolError("no session config yet")
+        if round_id != config.round_id:
+            raise RemoteProtocolError(
+                f"message bound to round {round_id.hex()}, expected {config.round_id.hex()}"
+            )
+        return config
+
+    def _ids(self, ids: tuple[int, ...], what: str) -> frozenset[int]:
+        if list(ids) != sorted(set(ids)):
+            raise RemoteProtocolError(f"{what} must be sorted and distinct")
+        graph = self._graph
+        assert graph is not None  # noqa: S101 - guaranteed by the transition table
+        unknown = [i for i in ids if i not in graph]
+        if unknown:
+            raise RemoteProtocolError(f"{what} names clients outside the session: {unknown[:5]}")
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------ stage 0: advertise keys
+
+    def _on_advertise(self, message: AdvertiseRequest) -> KeyAdvert:
+        config = message.config
+        if message.recipient != self.client_id:
+            raise RemoteProtocolError(
+                f"advertise request for client {message.recipient} arrived at {self.client_id}"
+            )
+        if self.client_id not in config.clients:
+            raise RemoteProtocolError(f"client {self.client_id} is not invited to this round")
+        if config.mode is Mode.ACTIVE and (self._signing_key is None or self._registry is None):
+            raise LocalProtocolError(
+                "ACTIVE mode needs the site's signing key and the key registry"
+            )
+        commitment = seed_commitment(config.round_id, self.client_id, self._seed)
+        advert = KeyAdvert(
+            self.client_id, config.round_id, self._enc_public, self._mask_public, commitment
+        )
+        if config.mode is Mode.ACTIVE:
+            assert self._signing_key is not None  # noqa: S101 - checked just above
+            signature = signing.sign(self._signing_key, advert_signed_bytes(advert))
+            advert = KeyAdvert(
+                advert.sender,
+                advert.round_id,
+                advert.enc_public,
+                advert.mask_public,
+                advert.seed_commitment,
+                signature,
+            )
+        self._config = config
+        self._advert = advert
+        return advert
+
+    # ------------------------------------------------------------------ stage 1: share keys
+
+    def _on_share_keys(self, message: ShareKeysRequest) -> EncryptedShares:
+        config = self._check_addressing(message.recipient, message.round_id)
+        adverts: dict[int, KeyAdvert] = {}
+        keys_seen: set[bytes] = set()
+        for a in message.adverts:
+            if a.sender in adverts:
+                raise RemoteProtocolError(f"two adverts from client {a.sender}")
+            if a.sender not in config.clients:
+                raise RemoteProtocolError(f"advert from client {a.sender}, who is not invited")
+            if a.round_id != config.round_id:
+                raise RemoteProtocolError(f"advert of client {a.sender} is bound to another round")
+            for key in (a.enc_public, a.mask_public):
+                if key in keys_seen:
+                    raise RemoteProtocolError(f"duplicate public key (advert of client {a.sender})")
+                keys_seen.add(key)
+            if config.mode is Mode.ACTIVE:
+                self._verify_advert(a)
+            adverts[a.sender] = a
+        if adverts.get(self.client_id) != self._advert:
+            raise RemoteProtocolError("the advert set does not contain this client's own advert")
+        if len(adverts) < config.threshold:
+            raise TooFewSurvivors(
+                f"{len(adverts)} clients advertised keys, threshold is {config.threshold}"
+            )
+        sid = session_id(config, adverts.values())
+        graph = NeighborGraph(adverts, neighbors=config.neighbors, session_id=sid)
+        holders = sorted(graph.holders(self.client_id))
+        if len(holders) < config.threshold:
+            raise TooFewSurvivors(
+                f"{len(holders)} share holders for client {self.client_id}, "
+                f"threshold is {config.threshold}"
+            )
+        session_rng = CryptoRng(
+            derive_key(self._coin_key, salt=sid, info=b"fedcore/secagg/v1/coins")
+        )
+        seed_shares, key_shares = shamir.split(
+            [self._seed, self._mask_private],
+            holders=holders,
+            threshold=config.threshold,
+            rng=session_rng,
+        )
+        sealed = []
+        for v in holders:
+            if v == self.client_id:
+                continue
+            key = share_key(self._enc_private, adverts[v].enc_public, sid, self.client_id, v)
+            plaintext = encode_share_pair(self.client_id, v, seed_shares[v], key_shares[v])
+            ciphertext = aead.seal(
+                key,
+                plaintext,
+                associated_data=share_associated_data(sid, self.client_id, v),
+                rng=session_rng,
+            )
+            sealed.append(EncryptedShare(self.client_id, v, ciphertext))
+        self._adverts = adverts
+        self._session_id = sid
+        self._graph = graph
+        self._own_shares = (seed_shares[self.client_id], key_shares[self.client_id])
+        return EncryptedShares(self.client_id, config.round_id, tuple(sealed))
+
+    def _verify_advert(self, advert: KeyAdvert) -> None:
+        assert self._registry is not None  # noqa: S101 - checked at the advertise stage
+        site_key = self._registry.get(advert.sender)
+        if site_key is None:
+            raise RemoteProtocolError(f"client {advert.sender} has no key in the registry")
+        if not advert.signature:
+            raise RemoteProtocolError(f"advert of client {advert.sender} is not signed")
+        signing.verify(site_key, advert.signature, advert_signed_bytes(advert))
+
+    # ------------------------------------------------------------------ stage 2: masked input
+
+    def _on_masked_input(
+        self, message: MaskedInputRequest, vector: np.ndarray | None, *, replay: bool
+    ) -> MaskedInput | None:
+        config = self._check_addressing(message.recipient, message.round_id)
+        graph, sid = self._graph, self._session_id
+        assert graph is not None and sid is not None  # noqa: S101 - set at stage 1
+        neighbors = graph.neighbors(self.client_id)
+        received: dict[int, tuple[int, int]] = {}
+        for share in message.shares:
+            if share.receiver != self.client_id:
+                raise RemoteProtocolError(
+                    f"share from {share.sender} is addressed to {share.receiver}, "
+                    f"not to {self.client_id}"
+                )
+            if share.sender not in neighbors:
+                raise RemoteProtocolError(f"share from client {share.sender}, not a neighbour")
+            if share.sender in received:
+                raise RemoteProtocolError(f"two shares from client {share.sender}")
+            key = share_key(
+                self._enc_private,
+                self._adverts[share.sender].enc_public,
+                sid,
+                share.sender,
+                self.client_id,
+            )
+            plaintext = aead.open_sealed(
+                key,
+                share.ciphertext,
+                associated_data=share_associated_data(sid, share.sender, self.client_id),
+            )
+            sender, receiver, seed_share, key_share = decode_share_pair(plaintext)
+            if (sender, receiver) != (share.sender, self.client_id):
+                raise RemoteProtocolError("sealed share names another sender or receiver")
+            if seed_share >= shamir.PRIME or key_share >= shamir.PRIME:
+                raise InvalidMessage(f"share from client {sender} is not a field element")
+            received[share.sender] = (seed_share, key_share)
+        if len(received) + 1 < config.threshold:
+            raise TooFewSurvivors(
+                f"client {self.client_id} holds shares from {len(received)} neighbours plus "
+                f"itself, threshold is {config.threshold}"
+            )
+        if replay:
+            if vector is not None:  # pragma: no cover - rebuild never passes one
+                raise LocalProtocolError("replay takes no vector")
+            self._received = received
+            return None
+        if vector is None:
+            raise LocalProtocolError("a MaskedInputRequest needs the input vector")
+        y = self._checked_input(vector, config)
+        add_keystream(y, self_mask_key(self._seed, sid))
+        for v in sorted(received):
+            seed = pairwise_seed(
+                self._mask_private, self._adverts[v].mask_public, sid, self.client_id, v
+            )
+            add_keystream(y, seed, subtract=self.client_id > v)
+        if config.bits not in (32, 64):
+            y &= ring_dtype(config.bits)((1 << config.bits) - 1)
+        self._received = received
+        y.flags.writeable = False
+        return MaskedInput(self.client_id, config.round_id, config.bits, y)
+
+    @staticmethod
+    def _checked_input(vector: np.ndarray, config: SessionConfig) -> np.ndarray:
+        if not isinstance(vector, np.ndarray):
+            raise LocalProtocolError(f"input must be a numpy array, got {type(vector).__name__}")
+        if vector.shape != (config.length,):
+            raise LocalProtocolError(
+                f"input must have shape ({config.length},), got {vector.shape}"
+            )
+        if vector.dtype.kind not in "ui":
+            raise LocalProtocolError(f"input must hold integers, got dtype {vector.dtype}")
+        if vector.size and (int(vector.min()) < 0 or int(vector.max()) >> config.bits):
+            raise LocalProtocolError(f"input entries must lie in [0, 2**{config.bits})")
+        return np.array(vector, dtype=ring_dtype(config.bits), order="C", copy=True)
+
+    # ------------------------------------------------------------------ stage 3: consistency
+
+    def _on_consistency(self, message: ConsistencyRequest) -> ConsistencySignature:
+        config = self._check_addressing(message.recipient, message.round_id)
+        survivors = self._ids(message.survivors, "survivor set")
+        self._check_survivors(survivors, config)
+        assert self._signing_key is not None and self._session_id is not None  # noqa: S101
+        signature = signing.sign(
+            self._signing_key, survivors_signed_bytes(self._session_id, message.survivors)
+        )
+        self._survivors = message.survivors
+        return ConsistencySignature(self.client_id, config.round_id, signature)
+
+    def _check_survivors(self, alive: frozenset[int], config: SessionConfig) -> None:
+        graph = self._graph
+        assert graph is not None  # noqa: S101
+        if self.client_id not in alive:
+            raise RemoteProtocolError(f"client {self.client_id} is missing from the alive set")
+        seen = frozenset(self._received)
+        claimed = (alive & graph.neighbors(self.client_id)) - seen
+        if claimed:
+            raise RemoteProtocolError(
+                f"clients {sorted(claimed)[:5]} are listed alive but never sent this client shares"
+            )
+        if len(alive) < config.threshold:
+            raise TooFewSurvivors(f"{len(alive)} survivors, threshold is {config.threshold}")
+        holders_alive = len(alive & graph.holders(self.client_id))
+        if holders_alive < config.threshold:
+            raise TooFewSurvivors(
+                f"{holders_alive} alive share holders around client {self.client_id}, "
+                f"threshold is {config.threshold}"
+            )
+
+    # ------------------------------------------------------------------ stage 4: unmask
+
+    def _on_unmask(self, message: UnmaskRequest) -> UnmaskShares:
+        config = self._check_addressing(message.recipient, message.round_id)
+        alive = self._ids(message.alive, "alive set")
+        dropped = self._ids(message.dropped, "dropped set")
+        both = alive & dropped
+        if both:
+            raise RemoteProtocolError(
+                f"clients {sorted(both)[:5]} are listed both alive and dropped"
+            )
+        graph = self._graph
+        assert graph is not None and self._session_id is not None  # noqa: S101
+        neighbors = graph.neighbors(self.client_id)
+        seen = frozenset(self._received)
+        if dropped & neighbors - seen:
+            raise RemoteProtocolError(
+                "clients listed dropped never sent this client shares: "
+                f"{sorted(dropped & neighbors - seen)[:5]}"
+            )
+        unaccounted = seen - alive - dropped
+        if unaccounted:
+            raise RemoteProtocolError(
+                f"clients {sorted(unaccounted)[:5]} sent shares but are neither alive nor dropped"
+            )
+        self._check_survivors(alive, config)
+        if config.mode is Mode.ACTIVE:
+            self._check_consistency_signatures(message, config)
+        seed_shares = [ShareValue(self.client_id, self._own_shares[0])]
+        seed_shares += [ShareValue(v, self._received[v][0]) for v in sorted(alive & seen)]
+        key_shares = [ShareValue(v, self._received[v][1]) for v in sorted(dropped & seen)]
+        seed_shares.sort(key=lambda s: s.owner)
+        return UnmaskShares(self.client_id, config.round_id, tuple(seed_shares), tuple(key_shares))
+
+    def _check_consistency_signatures(self, message: UnmaskRequest, config: SessionConfig) -> None:
+        if message.alive != self._survivors:
+            raise RemoteProtocolError(
+                "the alive set differs from the survivor set this client signed"
+            )
+        assert self._registry is not None and self._session_id is not None  # noqa: S101
+        signed = survivors_signed_bytes(self._session_id, message.alive)
+        signers: set[int] = set()
+        for s in message.signatures:
+            if s.sender in signers:
+                raise RemoteProtocolError(f"two consistency signatures from client {s.sender}")
+            if s.sender not in message.alive:
+                raise RemoteProtocolError(
+                    f"consistency signature from {s.sender}, who is not alive"
+                )
+            site_key = self._registry.get(s.sender)
+            if site_key is None:
+                raise RemoteProtocolError(f"client {s.sender} has no key in the registry")
+            signing.verify(site_key, s.signature, signed)
+            signers.add(s.sender)
+        if len(signers) < config.threshold:
+            raise TooFewSurvivors(
+                f"{len(signers)} consistency signatures, threshold is {config.threshold}"
+            )
