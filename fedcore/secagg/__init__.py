@@ -15,12 +15,30 @@ Nothing here imports Flower, opens a socket or reads a clock.
 
 from fedcore.secagg.client import ClientState, SecAggClient
 from fedcore.secagg.config import Mode, SessionConfig, Stage, default_threshold
+from fedcore.secagg.encoding import (
+    EncodingConfig,
+    decode_mean,
+    encode_update,
+    from_ring,
+    stochastic_round,
+    to_ring,
+)
 from fedcore.secagg.errors import TooFewSurvivors
 from fedcore.secagg.harness import RoundReport, aggregate_in_memory, run_in_memory
 from fedcore.secagg.messages import decode, decode_client_message, decode_server_message, encode
+from fedcore.secagg.params import AdversaryClass, GraphParameters, harary_parameters
 from fedcore.secagg.server import AggregateResult, SecAggServer, ServerState
 
 __all__ = [
+    "AdversaryClass",
+    "EncodingConfig",
+    "GraphParameters",
+    "decode_mean",
+    "encode_update",
+    "from_ring",
+    "harary_parameters",
+    "stochastic_round",
+    "to_ring",
     "AggregateResult",
     "ClientState",
     "Mode",

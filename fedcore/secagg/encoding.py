@@ -1,0 +1,154 @@
+"""Float updates to the ring Z/2**bits and back, with exact weighted averaging.
+
+Theory of operation. SecAgg sums integers modulo 2**b, so a float update x in R^d is encoded as
+
+    q = SR(w * clip(x, -c, c) * s)  (mod 2**b),     plus one more coordinate holding w,
+
+where w is the site's weight (its number of examples, an integer), c the clipping range, s the
+scale, and SR stochastic rounding: floor(z) + 1 with probability z - floor(z), driven by a CSPRNG
+(AES-CTR, :class:`~fedcore.crypto.CryptoRng`), so E[SR(z)] = z and |SR(z) - z| < 1. Summed over the
+sites, the ring holds sum_i q_i = s * sum_i w_i x_i + e, with e a sum of independent zero-mean
+rounding errors, and the weight coordinate holds W = sum_i w_i exactly; the weighted mean is
+(sum_i q_i) / (s W), unbiased (the weighting is exact: the server divides the exact weighted sum by
+the exact total weight).
+
+Only the *sum* has to fit in the ring, not each term: modular addition makes the wrap-around of
+single terms harmless. Read as signed (two's complement), the ring holds (-2**(b-1), 2**(b-1)), so
+the scale is s = (2**(b-1) - 1) / (c * W_max), with W_max a bound on the total weight of a round.
+The error of each coordinate of the mean has standard deviation at most sqrt(n) / (2 s W): it
+*shrinks* as sites hold more examples. Flower's SecAgg+ instead multiplies the update by
+w / max_weight *before* quantising at a fixed step, so a site with few examples loses
+max_weight / w of its precision; here the weight never shrinks the signal relative to the step.
+
+Integer interface (public, for the distributed-DP layer that produces integers itself):
+:func:`stochastic_round`, :func:`to_ring`, :func:`from_ring`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore.crypto.stream import CryptoRng
+from fedcore.errors import ConfigError, LocalProtocolError
+from fedcore.secagg.config import MAX_BITS, MIN_BITS, ring_dtype
+
+
+@dataclass(frozen=True, slots=True)
+class EncodingConfig:
+    """``bits``: the ring. ``clip``: each coordinate is clipped to [-clip, clip].
+    ``max_total_weight``: a bound on the sum of the weights of all sites in a round."""
+
+    bits: int = 32
+    clip: float = 1.0
+    max_total_weight: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+        if not (np.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"clip must be finite and > 0, got {self.clip}")
+        if not 1 <= self.max_total_weight < 1 << (self.bits - 1):
+            raise ConfigError(
+                f"max_total_weight must be in 1..2**{self.bits - 1}-1, got {self.max_total_weight}"
+            )
+
+    @property
+    def scale(self) -> float:
+        """s = (2**(b-1) - 1) / (clip * max_total_weight): the sum of all sites always fits."""
+        return ((1 << (self.bits - 1)) - 1) / (self.clip * self.max_total_weight)
+
+    def error_bound(self, *, sites: int, total_weight: int) -> float:
+        """Upper bound on the standard deviation of one coordinate of the decoded mean."""
+        return float(np.sqrt(sites) / (2 * self.scale * total_weight))
+
+
+# ----------------------------------------------------------------------------- integer interface
+
+
+def stochastic_round(values: np.ndarray, *, rng: CryptoRng) -> np.ndarray:
+    """Unbiased rounding to int64: floor(z) + Bernoulli(z - floor(z)), coins from ``rng``.
+
+    Raises LocalProtocolError for non-finite values or magnitudes of 2**62 or more.
+    """
+    z = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(z)):
+        raise LocalProtocolError("cannot round NaN or infinite values")
+    if z.size and float(np.max(np.abs(z))) >= 2.0**62:
+        raise LocalProtocolError("values of magnitude 2**62 or more do not fit in int64")
+    low = np.floor(z)
+    up = rng.uniform(z.size).reshape(z.shape) < (z - low)
+    return low.astype(np.int64) + up
+
+
+def to_ring(values: np.ndarray, *, bits: int) -> np.ndarray:
+    """Signed integers to Z/2**bits (two's complement), as uint32 (bits <= 32) or uint64."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    v = np.asarray(values)
+    if v.dtype.kind not in "iu":
+        raise LocalProtocolError(f"to_ring takes integers, got dtype {v.dtype}")
+    mask = np.uint64((1 << bits) - 1)
+    return (v.astype(np.int64).view(np.uint64) & mask).astype(ring_dtype(bits))
+
+
+def from_ring(values: np.ndarray, *, bits: int) -> np.ndarray:
+    """Z/2**bits to signed int64 in [-2**(bits-1), 2**(bits-1)): the inverse of :func:`to_ring`."""
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    v = np.asarray(values).astype(np.uint64) & np.uint64((1 << bits) - 1)
+    signed = v.astype(np.int64)
+    signed[v >= np.uint64(1 << (bits - 1))] -= np.int64(1 << bits)
+    return signed
+
+
+# ----------------------------------------------------------------------------- float updates
+
+
+def encode_update(
+    update: np.ndarray, *, weight: int, config: EncodingConfig, rng: CryptoRng
+) -> np.ndarray:
+    """A site's float update and integer weight as d + 1 ring elements (the last is the weight).
+
+    Raises LocalProtocolError for an empty, non-1-D, non-float or non-finite update, or a weight
+    that is not an integer in 0..max_total_weight. Nothing is drawn from ``rng`` then.
+    """
+    x = np.asarray(update)
+    if x.ndim != 1 or x.size == 0:
+        raise LocalProtocolError(f"update must be a non-empty 1-D array, got shape {x.shape}")
+    if x.dtype.kind != "f":
+        raise LocalProtocolError(f"update must hold floats, got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise LocalProtocolError("update holds NaN or infinite values")
+    if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
+        raise LocalProtocolError(f"weight must be an integer, got {type(weight).__name__}")
+    if not 0 <= int(weight) <= config.max_total_weight:
+        raise LocalProtocolError(
+            f"weight must be in 0..{config.max_total_weight}, got {int(weight)}"
+        )
+    clipped = np.clip(x.astype(np.float64), -config.clip, config.clip)
+    q = stochastic_round(clipped * (float(weight) * config.scale), rng=rng)
+    return to_ring(np.append(q, np.int64(weight)), bits=config.bits)
+
+
+def decode_mean(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray, int]:
+    """The weighted mean of the sites' (clipped) updates and their total weight, from the sum.
+
+    Raises LocalProtocolError when the total weight is zero (no mean) or above
+    ``max_total_weight`` (the sum may have wrapped around the ring: the result would be wrong).
+    """
+    v = np.asarray(total)
+    if v.ndim != 1 or v.size < 2:
+        raise LocalProtocolError(f"a sum of encoded updates has d + 1 >= 2 entries, got {v.shape}")
+    signed = from_ring(v, bits=config.bits)
+    total_weight = int(signed[-1])
+    if total_weight <= 0:
+        raise LocalProtocolError(f"total weight is {total_weight}; there is no mean")
+    if total_weight > config.max_total_weight:
+        raise LocalProtocolError(
+            f"total weight {total_weight} exceeds max_total_weight {config.max_total_weight}: "
+            "the sum may have wrapped around the ring"
+        )
+    mean = signed[:-1].astype(np.float64) / (config.scale * total_weight)
+    return mean, total_weight
