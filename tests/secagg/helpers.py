@@ -1,0 +1,114 @@
+"""A step-by-step driver for the SecAgg machines, for tests that need to stop between stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedcore.crypto import CryptoRng, signing
+from fedcore.crypto.agreement import derive_rng
+from fedcore.secagg import (
+    AggregateResult,
+    Mode,
+    SecAggClient,
+    SecAggServer,
+    SessionConfig,
+    default_threshold,
+)
+from fedcore.secagg.messages import ClientMessage, ServerMessage
+
+
+@dataclass
+class World:
+    config: SessionConfig
+    server: SecAggServer
+    clients: dict[int, SecAggClient]
+    inputs: dict[int, np.ndarray]
+    site_keys: dict[int, bytes]
+    signing_keys: dict[int, bytes]
+    registry: dict[int, bytes] | None
+    requests: dict[int, ServerMessage] = field(default_factory=dict)
+    history: dict[int, list[ServerMessage]] = field(default_factory=dict)
+    answers: dict[int, ClientMessage] = field(default_factory=dict)
+
+    def client_rng(self, cid: int) -> CryptoRng:
+        return derive_rng(self.site_keys[cid], context=b"secagg|" + self.config.round_id)
+
+    def answer(self, cid: int) -> ClientMessage:
+        """Client ``cid`` answers its current request (recorded in its history)."""
+        request = self.requests[cid]
+        self.history.setdefault(cid, []).append(request)
+        vector = self.inputs[cid] if type(request).__name__ == "MaskedInputRequest" else None
+        out = self.clients[cid].receive(request, vector=vector)
+        self.answers[cid] = out
+        return out
+
+    def step(self, *, skip: set[int] | frozenset[int] = frozenset()) -> None:
+        """Everyone not in ``skip`` answers and the server receives; then the stage advances."""
+        for cid in sorted(self.requests):
+            if cid in skip:
+                continue
+            self.server.receive(cid, self.answer(cid))
+        self.requests = self.server.advance(no_answer=self.server.pending)
+
+    def finish(self, *, skip: set[int] | frozenset[int] = frozenset()) -> AggregateResult:
+        for cid in sorted(self.requests):
+            if cid in skip:
+                continue
+            self.server.receive(cid, self.answer(cid))
+        return self.server.finish(no_answer=self.server.pending)
+
+
+def make_world(
+    n: int = 5,
+    *,
+    length: int = 8,
+    bits: int = 32,
+    threshold: int | None = None,
+    neighbors: int = 0,
+    mode: Mode = Mode.SEMI_HONEST,
+    seed: int = 0,
+    ids: list[int] | None = None,
+) -> World:
+    ids = sorted(ids) if ids is not None else list(range(n))
+    master = CryptoRng.from_seed(seed, purpose="tests.secagg.world")
+    round_id = master.bytes(16)
+    t = threshold or default_threshold(len(ids), neighbors=neighbors, mode=mode)
+    config = SessionConfig(
+        round_id=round_id,
+        clients=tuple(ids),
+        threshold=t,
+        length=length,
+        bits=bits,
+        neighbors=neighbors,
+        mode=mode,
+    )
+    site_keys = {c: master.bytes(32) for c in ids}
+    signing_keys = {c: master.bytes(32) for c in ids}
+    registry = (
+        {c: signing.verify_key_of(k) for c, k in signing_keys.items()}
+        if mode is Mode.ACTIVE
+        else None
+    )
+    inputs = {c: master.integers_below_pow2(length, bits) for c in ids}
+    clients = {
+        c: SecAggClient(
+            c,
+            rng=derive_rng(site_keys[c], context=b"secagg|" + round_id),
+            signing_key=signing_keys[c] if mode is Mode.ACTIVE else None,
+            registry=registry,
+        )
+        for c in ids
+    }
+    server = SecAggServer(config, registry=registry)
+    w = World(config, server, clients, inputs, site_keys, signing_keys, registry)
+    w.requests = server.start()
+    return w
+
+
+def plain_sum(inputs: dict[int, np.ndarray], ids: object, bits: int) -> np.ndarray:
+    total = np.zeros(len(next(iter(inputs.values()))), dtype=object)
+    for c in ids:  # type: ignore[attr-defined]
+        total = total + inputs[c].astype(object)
+    return np.array([int(v) % (1 << bits) for v in total], dtype=np.uint64)
