@@ -69,13 +69,13 @@ DEFAULT_ACCOUNTANT = AccountantKind.PLD
 # The PLD grid: losses are rounded up to multiples of this (pessimistic estimate).
 PLD_DISCRETIZATION = 1e-4
 # dp-accounting's default orders (1.1 .. 10.9 by 0.1, 11 .. 63, 128 .. 1024) plus integer orders
-# between 64 and 1024 and beyond, so that small epsilons are not overstated.
+# between 64 and 1024 and up to 2048, so that small epsilons (whose best order is large) are not
+# overstated. The cost of an integer order grows with the order, so the grid thins out.
 RDP_ORDERS: tuple[float, ...] = tuple(
     sorted(
         set(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
-        | set(range(64, 256, 4))
-        | set(range(256, 1025, 32))
-        | {1536, 2048, 4096, 8192}
+        | set(range(64, 128, 8))
+        | {160, 192, 320, 384, 768, 1536, 2048}
     )
 )
 

@@ -36,6 +36,7 @@ to account for it. No class for those two mechanisms exists yet on purpose.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -203,8 +204,8 @@ def event_to_json(event: PrivacyEvent) -> dict[str, Any]:
     if type(event) not in LEAF_TYPES:
         raise UnsupportedEventError(f"no JSON encoding for event type {type(event).__name__}")
     out: dict[str, Any] = {"kind": event.kind}
-    for name in event.__dataclass_fields__:  # type: ignore[attr-defined]
-        out[name] = getattr(event, name)
+    for field in dataclasses.fields(event):
+        out[field.name] = getattr(event, field.name)
     return out
 
 
@@ -222,7 +223,7 @@ def event_from_json(obj: object) -> PrivacyEvent:
         raise InvalidMessage(f"unknown event kind {kind!r}; known: {sorted(EVENT_TYPES)}")
     fields = dict(obj)
     del fields["kind"]
-    expected = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    expected = {field.name for field in dataclasses.fields(cls)}
     if set(fields) != expected:
         raise InvalidMessage(
             f"event {kind!r} has fields {sorted(fields)}, expected {sorted(expected)}"
