@@ -39,20 +39,35 @@ def x25519_public(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
-def agree(private: bytes, peer_public: bytes) -> bytes:
+class AgreementKey:
+    """A loaded X25519 private key, for a caller that agrees with many peers.
+
+    Loading a private key computes its public point (a scalar multiplication, as costly as the
+    agreement itself), so a client that agrees with k neighbours loads its key once.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, private: bytes) -> None:
+        if len(private) != KEY_BYTES:
+            raise ConfigError(f"X25519 private key must be {KEY_BYTES} bytes, got {len(private)}")
+        self._key = X25519PrivateKey.from_private_bytes(private)
+
+    def __repr__(self) -> str:
+        return "AgreementKey(<secret>)"
+
+
+def agree(private: bytes | AgreementKey, peer_public: bytes) -> bytes:
     """The 32-byte X25519 shared secret of ``private`` and ``peer_public``.
 
     Raises InvalidMessage when the peer key is malformed or of small order (an all-zero shared
     secret, RFC 7748 section 6.1): such a key would make the "secret" public.
     """
-    if len(private) != KEY_BYTES:
-        raise ConfigError(f"X25519 private key must be {KEY_BYTES} bytes, got {len(private)}")
+    key = private if isinstance(private, AgreementKey) else AgreementKey(private)
     if len(peer_public) != KEY_BYTES:
         raise InvalidMessage(f"X25519 public key must be {KEY_BYTES} bytes, got {len(peer_public)}")
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        shared = key._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:  # OpenSSL refuses an all-zero result
         raise InvalidMessage("X25519 agreement gave the all-zero secret (small-order key)") from exc
     if hmac.compare_digest(shared, bytes(KEY_BYTES)):

@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedcore.crypto import aead, signing
-from fedcore.crypto.agreement import derive_key, x25519_keypair
+from fedcore.crypto.agreement import AgreementKey, derive_key, x25519_keypair
 from fedcore.crypto.expand import add_keystream
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import (
@@ -144,6 +144,8 @@ class SecAggClient:
         self._mask_private, self._mask_public = x25519_keypair(rng)
         self._seed = rng.bytes(32)
         self._coin_key = rng.bytes(32)
+        self._enc_key = AgreementKey(self._enc_private)
+        self._mask_key = AgreementKey(self._mask_private)
         self._config: SessionConfig | None = None
         self._advert: KeyAdvert | None = None
         self._adverts: dict[int, KeyAdvert] = {}
@@ -378,7 +380,7 @@ class SecAggClient:
         for v in holders:
             if v == self.client_id:
                 continue
-            key = share_key(self._enc_private, adverts[v].enc_public, sid, self.client_id, v)
+            key = share_key(self._enc_key, adverts[v].enc_public, sid, self.client_id, v)
             plaintext = encode_share_pair(self.client_id, v, seed_shares[v], key_shares[v])
             ciphertext = aead.seal(
                 key,
@@ -423,7 +425,7 @@ class SecAggClient:
             if share.sender in received:
                 raise RemoteProtocolError(f"two shares from client {share.sender}")
             key = share_key(
-                self._enc_private,
+                self._enc_key,
                 self._adverts[share.sender].enc_public,
                 sid,
                 share.sender,
@@ -456,7 +458,7 @@ class SecAggClient:
         add_keystream(y, self_mask_key(self._seed, sid))
         for v in sorted(received):
             seed = pairwise_seed(
-                self._mask_private, self._adverts[v].mask_public, sid, self.client_id, v
+                self._mask_key, self._adverts[v].mask_public, sid, self.client_id, v
             )
             add_keystream(y, seed, subtract=self.client_id > v)
         if config.bits not in (32, 64):

@@ -14,11 +14,17 @@ the exact total weight).
 
 Only the *sum* has to fit in the ring, not each term: modular addition makes the wrap-around of
 single terms harmless. Read as signed (two's complement), the ring holds (-2**(b-1), 2**(b-1)), so
-the scale is s = (2**(b-1) - 1) / (c * W_max), with W_max a bound on the total weight of a round.
-The error of each coordinate of the mean has standard deviation at most sqrt(n) / (2 s W): it
-*shrinks* as sites hold more examples. Flower's SecAgg+ instead multiplies the update by
-w / max_weight *before* quantising at a fixed step, so a site with few examples loses
-max_weight / w of its precision; here the weight never shrinks the signal relative to the step.
+the scale is s = (2**(b-1) - 1) / (c * W_max), with W_max a bound on the total weight of a round
+(:meth:`EncodingConfig.for_round` sets it to sites * max_weight). The error of each coordinate of
+the mean has standard deviation at most sqrt(n) / (2 s W).
+
+Compared with Flower 1.41's SecAgg+ (clip to [-8, 8], 2**22 levels per site, update times
+w / max_weight quantised per site, the weight itself quantised to 2**-22 * max_weight): here the
+whole signed ring serves the sum (Flower keeps 2**10 of headroom for up to 1024 sites whatever
+the round's size), the weights are exact integers, and the coins come from a CSPRNG rather than
+numpy's global generator. With 10 sites and max_weight 1000 as in Flower's defaults, the error
+of the mean is about 100 times smaller at the same clipping range, for sites with few examples
+and many alike (see ``benchmarks/secagg_core.py``).
 
 Integer interface (public, for the distributed-DP layer that produces integers itself):
 :func:`stochastic_round`, :func:`to_ring`, :func:`from_ring`.
@@ -53,6 +59,20 @@ class EncodingConfig:
             raise ConfigError(
                 f"max_total_weight must be in 1..2**{self.bits - 1}-1, got {self.max_total_weight}"
             )
+
+    @classmethod
+    def for_round(
+        cls, *, sites: int, max_weight: int = 1000, clip: float = 1.0, bits: int = 32
+    ) -> EncodingConfig:
+        """The tightest safe budget when the round's size is known: ``sites * max_weight``.
+
+        ``max_weight`` plays the part of Flower's ``max_weight``, but only the *total* is bounded:
+        one site may exceed it when others weigh less, and :func:`decode_mean` refuses a total
+        above the budget instead of returning a wrapped-around sum.
+        """
+        if sites < 1 or max_weight < 1:
+            raise ConfigError(f"sites and max_weight must be >= 1, got {sites} and {max_weight}")
+        return cls(bits=bits, clip=clip, max_total_weight=sites * max_weight)
 
     @property
     def scale(self) -> float:

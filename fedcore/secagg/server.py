@@ -38,7 +38,7 @@ from typing import NoReturn
 import numpy as np
 
 from fedcore.crypto import signing
-from fedcore.crypto.agreement import agree, x25519_public
+from fedcore.crypto.agreement import AgreementKey, agree, x25519_public
 from fedcore.crypto.expand import add_keystream
 from fedcore.errors import (
     FedcoreError,
@@ -124,7 +124,7 @@ _STAGE_OF = {
 }
 # A fixed scalar to test advertised keys: any small-order point gives the all-zero secret with
 # every clamped scalar (RFC 7748 section 6.1), so one agreement tells whether a key is usable.
-_PROBE_PRIVATE = bytes(range(32))
+_PROBE_PRIVATE = AgreementKey(bytes(range(32)))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -511,8 +511,9 @@ class SecAggServer:
         for seed in seeds.values():
             add_keystream(total, self_mask_key(seed, sid), subtract=True)
         for v, private in mask_keys.items():
+            loaded = AgreementKey(private)
             for u in sorted(graph.neighbors(v) & self._u3):
-                s = pairwise_seed(private, self._adverts[u].mask_public, sid, u, v)
+                s = pairwise_seed(loaded, self._adverts[u].mask_public, sid, u, v)
                 # u added +PRG(s_uv) when u < v and subtracted it when u > v: undo that.
                 add_keystream(total, s, subtract=u < v)
         if self.config.bits not in (32, 64):

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from fedcore.crypto.agreement import agree, derive_key
+from fedcore.crypto.agreement import AgreementKey, agree, derive_key
 from fedcore.errors import InvalidMessage
 from fedcore.secagg.config import SessionConfig
 from fedcore.secagg.messages import SHARE_BYTES, KeyAdvert
@@ -65,7 +65,9 @@ def survivors_signed_bytes(sid: bytes, survivors: tuple[int, ...]) -> bytes:
     return Writer().raw(DOMAIN + b"survivors").raw(sid).ids(survivors).getvalue()
 
 
-def share_key(private: bytes, peer_public: bytes, sid: bytes, sender: int, receiver: int) -> bytes:
+def share_key(
+    private: bytes | AgreementKey, peer_public: bytes, sid: bytes, sender: int, receiver: int
+) -> bytes:
     """The AES-GCM key for the shares ``sender`` sends ``receiver`` in session ``sid``."""
     info = Writer().raw(DOMAIN + b"share-key").u64(sender).u64(receiver).getvalue()
     return derive_key(agree(private, peer_public), salt=sid, info=info)
@@ -75,7 +77,9 @@ def share_associated_data(sid: bytes, sender: int, receiver: int) -> bytes:
     return Writer().raw(DOMAIN + b"share").raw(sid).u64(sender).u64(receiver).getvalue()
 
 
-def pairwise_seed(private: bytes, peer_public: bytes, sid: bytes, u: int, v: int) -> bytes:
+def pairwise_seed(
+    private: bytes | AgreementKey, peer_public: bytes, sid: bytes, u: int, v: int
+) -> bytes:
     """The mask seed s_{u,v} = s_{v,u} of a pair of clients."""
     lo, hi = min(u, v), max(u, v)
     info = Writer().raw(DOMAIN + b"pairwise-mask").u64(lo).u64(hi).getvalue()
