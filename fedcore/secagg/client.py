@@ -290,11 +290,24 @@ class SecAggClient:
             )
         return config
 
+    def _session(self) -> tuple[NeighborGraph, bytes]:
+        """The graph and session id fixed at stage 1 (the transition table guarantees them)."""
+        if self._graph is None or self._session_id is None:
+            raise LocalProtocolError("no session yet: the share-keys stage has not run")
+        return self._graph, self._session_id
+
+    def _active_keys(self) -> tuple[bytes, dict[int, bytes]]:
+        """The site's signing key and the registry (checked present at stage 0 in ACTIVE mode)."""
+        if self._signing_key is None or self._registry is None:
+            raise LocalProtocolError(
+                "ACTIVE mode needs the site's signing key and the key registry"
+            )
+        return self._signing_key, self._registry
+
     def _ids(self, ids: tuple[int, ...], what: str) -> frozenset[int]:
         if list(ids) != sorted(set(ids)):
             raise RemoteProtocolError(f"{what} must be sorted and distinct")
-        graph = self._graph
-        assert graph is not None  # noqa: S101 - guaranteed by the transition table
+        graph, _ = self._session()
         unknown = [i for i in ids if i not in graph]
         if unknown:
             raise RemoteProtocolError(f"{what} names clients outside the session: {unknown[:5]}")
@@ -319,8 +332,7 @@ class SecAggClient:
             self.client_id, config.round_id, self._enc_public, self._mask_public, commitment
         )
         if config.mode is Mode.ACTIVE:
-            assert self._signing_key is not None  # noqa: S101 - checked just above
-            signature = signing.sign(self._signing_key, advert_signed_bytes(advert))
+            signature = signing.sign(self._active_keys()[0], advert_signed_bytes(advert))
             advert = KeyAdvert(
                 advert.sender,
                 advert.round_id,
@@ -396,8 +408,7 @@ class SecAggClient:
         return EncryptedShares(self.client_id, config.round_id, tuple(sealed))
 
     def _verify_advert(self, advert: KeyAdvert) -> None:
-        assert self._registry is not None  # noqa: S101 - checked at the advertise stage
-        site_key = self._registry.get(advert.sender)
+        site_key = self._active_keys()[1].get(advert.sender)
         if site_key is None:
             raise RemoteProtocolError(f"client {advert.sender} has no key in the registry")
         if not advert.signature:
@@ -410,8 +421,7 @@ class SecAggClient:
         self, message: MaskedInputRequest, vector: np.ndarray | None, *, replay: bool
     ) -> MaskedInput | None:
         config = self._check_addressing(message.recipient, message.round_id)
-        graph, sid = self._graph, self._session_id
-        assert graph is not None and sid is not None  # noqa: S101 - set at stage 1
+        graph, sid = self._session()
         neighbors = graph.neighbors(self.client_id)
         received: dict[int, tuple[int, int]] = {}
         for share in message.shares:
@@ -469,6 +479,7 @@ class SecAggClient:
 
     @staticmethod
     def _checked_input(vector: np.ndarray, config: SessionConfig) -> np.ndarray:
+        """A fresh ring-typed copy of the input, refused (LocalProtocolError) if out of range."""
         if not isinstance(vector, np.ndarray):
             raise LocalProtocolError(f"input must be a numpy array, got {type(vector).__name__}")
         if vector.shape != (config.length,):
@@ -477,7 +488,9 @@ class SecAggClient:
             )
         if vector.dtype.kind not in "ui":
             raise LocalProtocolError(f"input must hold integers, got dtype {vector.dtype}")
-        if vector.size and (int(vector.min()) < 0 or int(vector.max()) >> config.bits):
+        # An unsigned type no wider than the ring cannot hold an out-of-range entry: skip the scan.
+        narrow = vector.dtype.kind == "u" and 8 * vector.dtype.itemsize <= config.bits
+        if not narrow and (int(vector.min()) < 0 or int(vector.max()) >> config.bits):
             raise LocalProtocolError(f"input entries must lie in [0, 2**{config.bits})")
         return np.array(vector, dtype=ring_dtype(config.bits), order="C", copy=True)
 
@@ -487,16 +500,15 @@ class SecAggClient:
         config = self._check_addressing(message.recipient, message.round_id)
         survivors = self._ids(message.survivors, "survivor set")
         self._check_survivors(survivors, config)
-        assert self._signing_key is not None and self._session_id is not None  # noqa: S101
+        _, sid = self._session()
         signature = signing.sign(
-            self._signing_key, survivors_signed_bytes(self._session_id, message.survivors)
+            self._active_keys()[0], survivors_signed_bytes(sid, message.survivors)
         )
         self._survivors = message.survivors
         return ConsistencySignature(self.client_id, config.round_id, signature)
 
     def _check_survivors(self, alive: frozenset[int], config: SessionConfig) -> None:
-        graph = self._graph
-        assert graph is not None  # noqa: S101
+        graph, _ = self._session()
         if self.client_id not in alive:
             raise RemoteProtocolError(f"client {self.client_id} is missing from the alive set")
         seen = frozenset(self._received)
@@ -525,8 +537,7 @@ class SecAggClient:
             raise RemoteProtocolError(
                 f"clients {sorted(both)[:5]} are listed both alive and dropped"
             )
-        graph = self._graph
-        assert graph is not None and self._session_id is not None  # noqa: S101
+        graph, _ = self._session()
         neighbors = graph.neighbors(self.client_id)
         seen = frozenset(self._received)
         if dropped & neighbors - seen:
@@ -553,8 +564,9 @@ class SecAggClient:
             raise RemoteProtocolError(
                 "the alive set differs from the survivor set this client signed"
             )
-        assert self._registry is not None and self._session_id is not None  # noqa: S101
-        signed = survivors_signed_bytes(self._session_id, message.alive)
+        _, sid = self._session()
+        registry = self._active_keys()[1]
+        signed = survivors_signed_bytes(sid, message.alive)
         signers: set[int] = set()
         for s in message.signatures:
             if s.sender in signers:
@@ -563,7 +575,7 @@ class SecAggClient:
                 raise RemoteProtocolError(
                     f"consistency signature from {s.sender}, who is not alive"
                 )
-            site_key = self._registry.get(s.sender)
+            site_key = registry.get(s.sender)
             if site_key is None:
                 raise RemoteProtocolError(f"client {s.sender} has no key in the registry")
             signing.verify(site_key, s.signature, signed)

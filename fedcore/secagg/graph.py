@@ -28,7 +28,7 @@ from fedcore.errors import ConfigError
 class NeighborGraph:
     """An undirected graph over the clients of a session. Immutable after construction."""
 
-    __slots__ = ("members", "degree", "ring", "_position")
+    __slots__ = ("members", "degree", "ring", "_position", "_cache")
 
     def __init__(self, members: Iterable[int], *, neighbors: int, session_id: bytes) -> None:
         ids = tuple(sorted(set(members)))
@@ -39,6 +39,7 @@ class NeighborGraph:
         self.degree = 0 if neighbors == 0 or neighbors >= len(ids) - 1 else neighbors
         self.ring = ids if self.degree == 0 else _shuffled(ids, session_id)
         self._position = {c: i for i, c in enumerate(self.ring)}
+        self._cache: dict[int, frozenset[int]] = {}
 
     @property
     def complete(self) -> bool:
@@ -49,12 +50,18 @@ class NeighborGraph:
 
     def neighbors(self, client: int) -> frozenset[int]:
         """The clients ``client`` masks with and shares with, itself excluded."""
+        cached = self._cache.get(client)
+        if cached is not None:
+            return cached
         if client not in self._position:
             raise ConfigError(f"client {client} is not in the graph")
         if self.degree == 0:
-            return frozenset(self.members) - {client}
-        m, pos, half = len(self.ring), self._position[client], self.degree // 2
-        return frozenset(self.ring[(pos + d) % m] for d in range(-half, half + 1) if d)
+            found = frozenset(self.members) - {client}
+        else:
+            m, pos, half = len(self.ring), self._position[client], self.degree // 2
+            found = frozenset(self.ring[(pos + d) % m] for d in range(-half, half + 1) if d)
+        self._cache[client] = found
+        return found
 
     def holders(self, client: int) -> frozenset[int]:
         """The clients holding shares of ``client``'s secrets: its neighbours and itself."""

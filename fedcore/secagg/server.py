@@ -154,6 +154,7 @@ class SecAggServer:
         self._answered: set[int] = set()
         self._failed: dict[int, str] = {}  # client -> why its slot was closed
         self._adverts: dict[int, KeyAdvert] = {}
+        self._keys_taken: set[bytes] = set()
         self._session_id = b""
         self._graph: NeighborGraph | None = None
         self._shares_to: dict[int, list[EncryptedShare]] = {}
@@ -357,7 +358,7 @@ class SecAggServer:
     def _on_advert(self, sender: int, advert: KeyAdvert) -> None:
         if advert.enc_public == advert.mask_public:
             raise RemoteProtocolError(f"client {sender} advertised the same key twice")
-        taken = {k for a in self._adverts.values() for k in (a.enc_public, a.mask_public)}
+        taken = self._keys_taken
         if advert.enc_public in taken or advert.mask_public in taken:
             raise RemoteProtocolError(f"client {sender} advertised a key another client holds")
         for key in (advert.enc_public, advert.mask_public):
@@ -368,10 +369,10 @@ class SecAggServer:
                 raise RemoteProtocolError(f"client {sender} has no key in the registry")
             signing.verify(site_key, advert.signature, advert_signed_bytes(advert))
         self._adverts[sender] = advert
+        taken.update((advert.enc_public, advert.mask_public))
 
     def _on_shares(self, sender: int, message: EncryptedShares) -> None:
-        graph = self._graph
-        assert graph is not None  # noqa: S101 - built when the advertise stage closed
+        graph = self._require_graph()
         receivers = [s.receiver for s in message.shares]
         if sorted(receivers) != sorted(graph.neighbors(sender)) or len(set(receivers)) != len(
             receivers
@@ -401,10 +402,10 @@ class SecAggServer:
         self._signatures[sender] = message
 
     def _on_unmask_shares(self, sender: int, message: UnmaskShares) -> None:
-        graph = self._graph
-        assert graph is not None  # noqa: S101
-        want_seed = {v for v in self._u3 if sender in graph.holders(v)}
-        want_key = {v for v in self._u2 - self._u3 if sender in graph.neighbors(v)}
+        graph = self._require_graph()
+        # The graph is undirected: sender holds v's shares iff v is among sender's holders.
+        want_seed = self._u3 & graph.holders(sender)
+        want_key = (self._u2 - self._u3) & graph.neighbors(sender)
         seed_owners = [s.owner for s in message.seed_shares]
         key_owners = [s.owner for s in message.key_shares]
         if sorted(seed_owners) != sorted(want_seed) or len(set(seed_owners)) != len(seed_owners):
@@ -467,8 +468,7 @@ class SecAggServer:
 
     def _check_recoverable(self, responders: frozenset[int]) -> None:
         """Before anyone unmasks: every secret needed must have t holders among ``responders``."""
-        graph = self._graph
-        assert graph is not None  # noqa: S101
+        graph = self._require_graph()
         self._require(len(self._u3), "clients sent masked inputs")
         for v in self._u3:
             self._require(len(graph.holders(v) & responders), f"alive holders of client {v}'s seed")
@@ -478,6 +478,11 @@ class SecAggServer:
                     len(graph.neighbors(v) & responders), f"alive holders of client {v}'s mask key"
                 )
 
+    def _require_graph(self) -> NeighborGraph:
+        if self._graph is None:
+            raise LocalProtocolError("no neighbour graph: the advertise stage has not closed")
+        return self._graph
+
     def _require(self, count: int, what: str) -> None:
         if count < self.config.threshold:
             raise TooFewSurvivors(f"{count} {what}; the threshold is {self.config.threshold}")
@@ -485,8 +490,7 @@ class SecAggServer:
     # ------------------------------------------------------------------ unmasking
 
     def _unmask(self) -> AggregateResult:
-        graph = self._graph
-        assert graph is not None  # noqa: S101
+        graph = self._require_graph()
         t, sid, rid = self.config.threshold, self._session_id, self.config.round_id
         responders = frozenset(self._expected)
         total = self._total

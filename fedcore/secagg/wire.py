@@ -24,7 +24,7 @@ class Writer:
     __slots__ = ("_parts",)
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | memoryview] = []
 
     def u8(self, value: int) -> Writer:
         self._parts.append(_U8.pack(value))
@@ -60,7 +60,8 @@ class Writer:
         return self
 
     def raw(self, data: bytes | memoryview) -> Writer:
-        self._parts.append(bytes(data))
+        """Append bytes as they are; a memoryview is not copied until :meth:`getvalue`."""
+        self._parts.append(data if isinstance(data, memoryview) else bytes(data))
         return self
 
     def getvalue(self) -> bytes:
