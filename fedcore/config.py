@@ -323,8 +323,17 @@ def _checked(key: str, value: Any, *, from_text: bool) -> Scalar | None:
 def from_run_config(run_config: Mapping[str, Any]) -> Settings:
     """Settings from a Flower run config (as written by :meth:`Settings.to_run_config`).
 
-    Keys fedcore does not know are ignored (Flower may add its own); known keys are validated.
+    Every fedcore key must be present: Flower fills the run config from the app's pyproject, so a
+    missing key means the app was started without its config, and silently falling back to the
+    defaults would train on the wrong data. Keys fedcore does not know are ignored (Flower may add
+    its own); known keys are validated. Raises :class:`ConfigError`.
     """
+    missing = [key for key in SPECS if key not in run_config]
+    if missing:
+        raise ConfigError(
+            f"the run config lacks {len(missing)} fedcore setting(s) ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); was the app started without its pyproject config?"
+        )
     return resolve(values={k: v for k, v in run_config.items() if k in SPECS})
 
 

@@ -58,6 +58,8 @@ class RoundRow:
     seconds: float
     bytes_down: int
     bytes_up: int
+    num_examples: int = 0  # training examples behind the aggregated update
+    ended_at: float = math.nan  # Unix time at which the round ended
     site_eval_loss: float = math.nan
     site_eval_accuracy: float = math.nan
     failures: Mapping[str, str] = field(default_factory=dict)
@@ -65,7 +67,10 @@ class RoundRow:
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
         row["failures"] = dict(self.failures)
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
 
 
 def default_out_dir(root: str | Path = "runs") -> Path:
@@ -88,10 +93,16 @@ class RunRecord:
     earlier run (a run record is never overwritten).
     """
 
-    def __init__(self, out_dir: str | Path, settings: Settings, *, extra: Mapping[str, Any] | None = None):
+    def __init__(
+        self, out_dir: str | Path, settings: Settings, *, extra: Mapping[str, Any] | None = None
+    ):
         self.path = Path(out_dir)
-        if self.path.exists() and (not self.path.is_dir() or (self.path / "history.jsonl").exists()):
-            raise ConfigError(f"output directory {str(self.path)!r} already holds a run record or is a file")
+        if self.path.exists() and (
+            not self.path.is_dir() or (self.path / "history.jsonl").exists()
+        ):
+            raise ConfigError(
+                f"output directory {str(self.path)!r} already holds a run record or is a file"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         self.settings = settings
         self.rows: list[RoundRow] = []
@@ -107,7 +118,9 @@ class RunRecord:
             "started_at": self.started.isoformat(timespec="seconds"),
             **dict(extra or {}),
         }
-        _atomic_write(self.path / "config.json", lambda fh: fh.write(json.dumps(config, indent=2).encode()))
+        _atomic_write(
+            self.path / "config.json", lambda fh: fh.write(json.dumps(config, indent=2).encode())
+        )
         (self.path / "history.jsonl").touch()
 
     def set_initial(self, *, loss: float, accuracy: float) -> None:

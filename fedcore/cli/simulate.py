@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -26,13 +27,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Run a simulated federation (Flower simulation engine) and write its run record.",
         epilog="Without arguments: the main job, digits over 10 sites. `--help-settings` lists every key.",
     )
-    parser.add_argument("--config", metavar="FILE.toml", help="settings file (keys as in --set; tables allowed)")
     parser.add_argument(
-        "--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides", help="override one setting"
+        "--config", metavar="FILE.toml", help="settings file (keys as in --set; tables allowed)"
     )
-    parser.add_argument("--out", metavar="DIR", help="run record directory (default: runs/<timestamp>)")
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one setting",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="run record directory (default: runs/<timestamp>)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    parser.add_argument("--help-settings", action="store_true", help="list every setting with its default and exit")
+    parser.add_argument(
+        "--help-settings", action="store_true", help="list every setting with its default and exit"
+    )
     return parser
 
 
@@ -57,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.help_settings:
         print(cfg.describe())
         return 0
+    # Before flwr / flwr_datasets are imported: both send telemetry unless told not to.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     settings = cfg.resolve(file=args.config, overrides=args.overrides)
     from fedcore.runrecord import default_out_dir
 
@@ -78,9 +92,15 @@ def run(args: argparse.Namespace) -> int:
 
 def report(out_dir: Path, settings: cfg.Settings) -> int:
     """Print the final accuracy from the run record; exit 1 if the run did not complete."""
-    rows = [json.loads(line) for line in (out_dir / "history.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (out_dir / "history.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     if len(rows) < settings.rounds or not (out_dir / "model.pt").exists():
-        print(f"fedcore: the run stopped after {len(rows)} of {settings.rounds} rounds; see {out_dir / 'summary.md'}")
+        print(
+            f"fedcore: the run stopped after {len(rows)} of {settings.rounds} rounds; see {out_dir / 'summary.md'}"
+        )
         return 1
     accuracy = rows[-1]["eval_accuracy"]
     shown = "n/a" if accuracy is None or not math.isfinite(accuracy) else f"{accuracy:.4f}"

@@ -89,10 +89,14 @@ def _exchange(
         node = str(msg.metadata.dst_node_id)
         if node not in answered:
             failures[node] = f"no reply within {timeout:g} s"
-    return Exchange(valid=valid, failures=failures, sent=len(outgoing), bytes_down=bytes_down, bytes_up=bytes_up)
+    return Exchange(
+        valid=valid, failures=failures, sent=len(outgoing), bytes_down=bytes_down, bytes_up=bytes_up
+    )
 
 
-def wait_for_sites(grid: Grid, *, expected: int, timeout: float, reporter: Reporter, poll: float = 0.5) -> int:
+def wait_for_sites(
+    grid: Grid, *, expected: int, timeout: float, reporter: Reporter, poll: float = 0.5
+) -> int:
     """Wait until ``expected`` nodes are connected or ``timeout`` passes; return how many are."""
     deadline = time.monotonic() + timeout
     while (connected := len(list(grid.get_node_ids()))) < expected and time.monotonic() < deadline:
@@ -105,7 +109,13 @@ def _weighted(replies: list[Message], key: str) -> float:
     total = sum(float(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in replies)
     if not replies or total <= 0:
         return math.nan
-    return sum(float(r.content[m.METRICS][key]) * float(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in replies) / total
+    return (
+        sum(
+            float(r.content[m.METRICS][key]) * float(r.content[m.METRICS][m.NUM_EXAMPLES])
+            for r in replies
+        )
+        / total
+    )
 
 
 def run_rounds(
@@ -140,7 +150,9 @@ def run_rounds(
             timeout=timeout,
             check=lambda reply, ref=reference: m.check_train_reply(reply, ref),
         )
-        aggregated, _ = strategy.aggregate_train(server_round, train.valid) if train.valid else (None, None)
+        aggregated, _ = (
+            strategy.aggregate_train(server_round, train.valid) if train.valid else (None, None)
+        )
         if aggregated is not None:
             arrays = aggregated
         evaluation = _exchange(
@@ -161,9 +173,14 @@ def run_rounds(
             seconds=time.perf_counter() - start,
             bytes_down=train.bytes_down + evaluation.bytes_down,
             bytes_up=train.bytes_up + evaluation.bytes_up,
+            num_examples=sum(int(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in train.valid),
+            ended_at=time.time(),
             site_eval_loss=_weighted(evaluation.valid, "eval_loss"),
             site_eval_accuracy=_weighted(evaluation.valid, "eval_accuracy"),
-            failures={**{f"{k} (evaluate)": v for k, v in evaluation.failures.items()}, **train.failures},
+            failures={
+                **{f"{k} (evaluate)": v for k, v in evaluation.failures.items()},
+                **train.failures,
+            },
         )
         record.append(row)
         reporter.round_done(row, rounds=rounds)

@@ -66,15 +66,43 @@ def _declares_app(folder: Path) -> bool:
 def backend_config(settings: Settings) -> dict:
     return {
         "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
-        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus)), "include_dashboard": False},
+        "init_args": {
+            "num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus)),
+            "include_dashboard": False,
+        },
     }
 
 
-def simulate(settings: Settings, *, out_dir: Path, app_dir: Path | None = None, verbose: bool = False) -> None:
+def simulate(
+    settings: Settings, *, out_dir: Path, app_dir: Path | None = None, verbose: bool = False
+) -> None:
     """Run the federation; the ServerApp writes the run record into ``out_dir``.
 
     Raises what the ServerApp raised (a :class:`~fedcore.errors.FedcoreError` for bad input).
     """
+    run_app(
+        app_dir or find_app_dir(),
+        server_app=SERVER_APP,
+        client_app=CLIENT_APP,
+        run_config={**settings.to_run_config(), "out": str(out_dir)},
+        sites=settings.sites,
+        backend=backend_config(settings),
+        verbose=verbose,
+    )
+
+
+def run_app(
+    app_dir: Path,
+    *,
+    server_app: str,
+    client_app: str,
+    run_config: dict,
+    sites: int,
+    backend: dict,
+    verbose: bool = False,
+) -> None:
+    """Run any Flower app (``module:attr`` references inside ``app_dir``) on the simulation engine,
+    with ``run_config`` given to the ServerApp and every ClientApp."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -88,8 +116,6 @@ def simulate(settings: Settings, *, out_dir: Path, app_dir: Path | None = None, 
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    app_dir = app_dir or find_app_dir()
-    run_config = {**settings.to_run_config(), "out": str(out_dir)}
     # The same Run that _run_simulation builds when given none, plus our run config.
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
@@ -98,17 +124,21 @@ def simulate(settings: Settings, *, out_dir: Path, app_dir: Path | None = None, 
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     _run_simulation(
-        num_supernodes=settings.sites,
+        num_supernodes=sites,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app_attr=CLIENT_APP,
-        server_app_attr=SERVER_APP,
+        client_app_attr=client_app,
+        server_app_attr=server_app,
         server_app_context=context,
         app_dir=str(app_dir),
         run=run,
-        backend_config=backend_config(settings),
+        backend_config=backend,
         verbose_logging=verbose,
+        # As `flwr run` does: with is_app=False, Flower gives the ClientApps an empty run config.
+        is_app=True,
     )
