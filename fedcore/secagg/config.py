@@ -18,7 +18,7 @@ from fedcore.errors import ConfigError
 MIN_BITS = 8
 MAX_BITS = 62
 MAX_CLIENTS = 1 << 16
-MAX_CLIENT_ID = (1 << 63) - 1
+MAX_CLIENT_ID = (1 << 64) - 2  # Flower node ids are 64-bit; id + 1 must stay a u64
 MAX_LENGTH = 1 << 31
 MAX_ROUND_ID_BYTES = 64
 
@@ -72,7 +72,7 @@ class SessionConfig:
         if not 2 <= n <= MAX_CLIENTS:
             raise ConfigError(f"a round needs 2..{MAX_CLIENTS} clients, got {n}")
         if any(not 0 <= c <= MAX_CLIENT_ID for c in self.clients):
-            raise ConfigError(f"client ids must be in 0..2**63-1, got {self.clients}")
+            raise ConfigError(f"client ids must be in 0..2**64-2, got {self.clients}")
         if list(self.clients) != sorted(set(self.clients)):
             raise ConfigError("clients must be sorted and distinct")
         if not MIN_BITS <= self.bits <= MAX_BITS:

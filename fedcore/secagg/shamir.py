@@ -8,7 +8,8 @@ The field's prime p = 2**256 + 297 (the least prime above 2**256) holds any 32-b
 directly, so an X25519 private key or a mask seed is shared as it is, with no PEM wrapping and no
 splitting into chunks. A share is an element below p: 33 bytes on the wire.
 
-The x-coordinate of holder ``h`` (a client id, 0 <= h < 2**63) is ``h + 1``, never 0.
+The x-coordinate of holder ``h`` (a client id, 0 <= h < 2**64 - 1, as Flower node ids) is
+``h + 1``, never 0.
 
 The coefficients come from the caller's generator (a CSPRNG: 48 random bytes reduced mod p, a bias
 below 2**-128). Evaluation runs Horner's rule over all holders at once; interpolation caches the
@@ -117,6 +118,6 @@ def _batch_inverse(values: list[int]) -> list[int]:
 def _xs(holders: Sequence[int]) -> tuple[int, ...]:
     if len(set(holders)) != len(holders):
         raise ConfigError("holder ids must be distinct")
-    if any(not 0 <= h < 2**63 for h in holders):
-        raise ConfigError("holder ids must be in 0..2**63-1")
+    if any(not 0 <= h < 2**64 - 1 for h in holders):
+        raise ConfigError("holder ids must be in 0..2**64-2")
     return tuple(h + 1 for h in holders)

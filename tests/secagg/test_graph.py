@@ -10,7 +10,7 @@ from fedcore.secagg.graph import NeighborGraph
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
-    ids=st.lists(st.integers(0, 2**63 - 1), min_size=3, max_size=40, unique=True),
+    ids=st.lists(st.integers(0, 2**64 - 2), min_size=3, max_size=40, unique=True),
     half=st.integers(1, 8),
     sid=st.binary(min_size=1, max_size=32),
 )

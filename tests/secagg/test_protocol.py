@@ -237,3 +237,12 @@ def test_report_counts_bytes_and_times_with_an_injected_clock() -> None:
     assert all(b > 4 * 100 for b in report.bytes_from_client.values())  # includes the vector
     assert all(len(v) == 4 for s, v in report.client_seconds.items() if s.value != "consistency")
     assert all(x > 0 for v in report.client_seconds.values() for x in v)
+
+
+def test_flower_sized_node_ids() -> None:
+    """Flower node ids are random 64-bit integers: the protocol takes them as they are."""
+    ids = [17, (1 << 63) + 5, (1 << 64) - 2]
+    inputs = {c: np.arange(6, dtype=np.uint32) * (i + 1) for i, c in enumerate(ids)}
+    total, survivors = aggregate_in_memory(inputs, seed=4)
+    assert survivors == tuple(sorted(ids))
+    np.testing.assert_array_equal(total, np.arange(6, dtype=np.uint32) * 6)

@@ -44,7 +44,7 @@ def test_the_field_prime_is_prime_and_holds_32_bytes() -> None:
 )
 def test_any_t_shares_rebuild_and_t_minus_one_do_not(secret: bytes, n: int, data) -> None:  # type: ignore[no-untyped-def]
     t = data.draw(st.integers(2, n))
-    holders = data.draw(st.lists(st.integers(0, 2**63 - 1), min_size=n, max_size=n, unique=True))
+    holders = data.draw(st.lists(st.integers(0, 2**64 - 2), min_size=n, max_size=n, unique=True))
     (shares,) = shamir.split([secret], holders=holders, threshold=t, rng=CryptoRng.from_seed(n))
     chosen = data.draw(st.lists(st.sampled_from(holders), min_size=t, max_size=t, unique=True))
     assert shamir.reconstruct({h: shares[h] for h in chosen}, threshold=t) == secret
