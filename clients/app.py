@@ -1,7 +1,7 @@
 """fedcore's ClientApp: a thin adapter between Flower messages and :mod:`fedcore.federation.site`.
 
-Each handler reads the run's settings from ``context.run_config`` and the site's partition from
-``context.node_config`` (``partition-id`` in simulation and deployment alike), calls the library,
+Each handler reads the run's settings from ``context.run_config`` and the site's data from
+``context.node_config`` (:mod:`fedcore.federation.site_data`), calls the library,
 and wraps the result in a reply. A :class:`~fedcore.errors.FedcoreError` becomes a Flower error
 reply for this one site, so the round goes on with the others.
 """
@@ -14,9 +14,10 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedcore.config import from_run_config
-from fedcore.errors import FedcoreError, RemoteProtocolError
+from fedcore.errors import FedcoreError
 from fedcore.federation import messages as m
 from fedcore.federation.site import evaluate_round, train_round
+from fedcore.federation.site_data import site_data
 
 # Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
 FEDCORE_ERROR_CODE = 700
@@ -24,13 +25,6 @@ FEDCORE_ERROR_CODE = 700
 app = ClientApp()
 
 Handler = Callable[[Message, Context], Message]
-
-
-def _site_id(context: Context) -> int:
-    try:
-        return int(context.node_config["partition-id"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RemoteProtocolError(f"node config needs an integer 'partition-id', got {dict(context.node_config)}") from exc
 
 
 def _replies_with_errors(handler: Handler) -> Handler:
@@ -48,9 +42,10 @@ def _replies_with_errors(handler: Handler) -> Handler:
 def train(msg: Message, context: Context) -> Message:
     config = msg.content[m.CONFIG]
     server_round, num_classes, input_shape = m.read_train_config(config)
+    settings = from_run_config(context.run_config)
     update = train_round(
-        from_run_config(context.run_config),
-        site_id=_site_id(context),
+        settings,
+        site=site_data(settings, context.node_config),
         global_state=m.record_to_state(msg.content[m.ARRAYS]),
         num_classes=num_classes,
         input_shape=input_shape,
@@ -64,9 +59,10 @@ def train(msg: Message, context: Context) -> Message:
 @_replies_with_errors
 def evaluate(msg: Message, context: Context) -> Message:
     _, num_classes, input_shape = m.read_train_config(msg.content[m.CONFIG])
+    settings = from_run_config(context.run_config)
     result = evaluate_round(
-        from_run_config(context.run_config),
-        site_id=_site_id(context),
+        settings,
+        site=site_data(settings, context.node_config),
         global_state=m.record_to_state(msg.content[m.ARRAYS]),
         num_classes=num_classes,
         input_shape=input_shape,

@@ -17,7 +17,7 @@ from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.federation import messages as m
 from fedcore.federation.driver import NullReporter, Reporter, run_rounds
-from fedcore.federation.site import data_settings
+from fedcore.federation.site_data import data_settings
 from fedcore.federation.strategies import build_strategy
 from fedcore.models import build_model
 from fedcore.runrecord import RunRecord

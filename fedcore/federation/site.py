@@ -1,8 +1,8 @@
 """What a site does in a round, as plain library calls (the ClientApp only translates messages).
 
-A site loads its own partition (cached per process), builds the model the server names, loads the
-global weights, trains locally and returns its new weights and example count; or evaluates the
-global weights on its own test split.
+Given its data (:mod:`fedcore.federation.site_data`), a site builds the model the server names,
+loads the global weights, trains locally and returns its new weights and example count; or
+evaluates the global weights on its own test split.
 """
 
 from __future__ import annotations
@@ -14,28 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from fedcore.config import Settings
-from fedcore.data import DataSettings, SiteData, load_site
+from fedcore.data import SiteData
 from fedcore.errors import RemoteProtocolError
 from fedcore.models import build_model
 from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
-
-
-def data_settings(settings: Settings) -> DataSettings:
-    """The data half of the settings, as :mod:`fedcore.data` takes it."""
-    return DataSettings(
-        dataset=settings.dataset,
-        sites=settings.sites,
-        partition=settings.partition,
-        alpha=settings.alpha,
-        classes_per_site=settings.classes_per_site,
-        seed=settings.seed,
-        label_column=settings.label_column,
-        test_fraction=settings.test_fraction,
-        holdout_fraction=settings.holdout_fraction,
-        synthetic_samples=settings.synthetic.samples,
-        synthetic_features=settings.synthetic.features,
-        synthetic_classes=settings.synthetic.classes,
-    )
 
 
 def round_seed(seed: int, site_id: int, server_round: int) -> int:
@@ -73,16 +55,15 @@ def _threads(settings: Settings) -> None:
 def train_round(
     settings: Settings,
     *,
-    site_id: int,
+    site: SiteData,
     global_state: Mapping[str, torch.Tensor],
     num_classes: int,
     input_shape: tuple[int, ...],
     server_round: int,
     proximal_mu: float = 0.0,
 ) -> SiteUpdate:
-    """Train the global model on site ``site_id``'s training split for ``settings.local_epochs``."""
+    """Train the global model on the site's training split for ``settings.local_epochs``."""
     _threads(settings)
-    site = load_site(data_settings(settings), site_id)
     model = _model_with(settings, site, num_classes, input_shape, global_state)
     result = train_epochs(
         model,
@@ -92,7 +73,7 @@ def train_round(
         batch_size=settings.batch_size,
         lr=settings.lr,
         device=pick_device(settings.device),
-        seed=round_seed(settings.seed, site_id, server_round),
+        seed=round_seed(settings.seed, site.site_id, server_round),
         proximal_mu=proximal_mu,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -102,13 +83,12 @@ def train_round(
 def evaluate_round(
     settings: Settings,
     *,
-    site_id: int,
+    site: SiteData,
     global_state: Mapping[str, torch.Tensor],
     num_classes: int,
     input_shape: tuple[int, ...],
 ) -> EvalResult:
-    """Loss and accuracy of the global model on site ``site_id``'s test split."""
+    """Loss and accuracy of the global model on the site's test split."""
     _threads(settings)
-    site = load_site(data_settings(settings), site_id)
     model = _model_with(settings, site, num_classes, input_shape, global_state)
     return evaluate(model, site.test.x, site.test.y, device=pick_device(settings.device))
