@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hmac
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import ConfigError, InvalidMessage
@@ -76,10 +74,20 @@ def agree(private: bytes | AgreementKey, peer_public: bytes) -> bytes:
 
 
 def derive_key(secret: bytes, *, salt: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
-    """HKDF-SHA256 (RFC 5869) of ``secret`` with ``salt`` and context label ``info``."""
+    """HKDF-SHA256 (RFC 5869) of ``secret`` with ``salt`` and context label ``info``.
+
+    Written out with the standard library's HMAC (section 2.2, extract, and 2.3, expand): a
+    client derives several keys per neighbour, and the HMAC one-shot is an order of magnitude
+    cheaper than building an HKDF object each time. Checked against RFC 5869's test vectors.
+    """
     if not 1 <= length <= 255 * 32:
         raise ConfigError(f"HKDF output length must be in 1..8160, got {length}")
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+    prk = hmac.digest(salt or bytes(32), secret, "sha256")  # extract: PRK = HMAC(salt, IKM)
+    out, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):  # expand: T(i) = HMAC(PRK, T(i-1)|info|i)
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        out += block
+    return out[:length]
 
 
 def derive_rng(secret: bytes, *, context: bytes) -> CryptoRng:

@@ -301,7 +301,7 @@ def test_server_closes_the_slot_of_a_misbehaving_client_and_goes_on() -> None:
 
 
 def test_server_refuses_duplicate_and_small_order_keys() -> None:
-    w = make_world(4, seed=17)
+    w = make_world(4, threshold=2, seed=17)
     a0 = w.answer(0)
     w.server.receive(0, a0)
     a1 = w.answer(1)
@@ -312,6 +312,16 @@ def test_server_refuses_duplicate_and_small_order_keys() -> None:
     with pytest.raises(InvalidMessage):
         w.server.receive(2, replace(a2, enc_public=SMALL_ORDER))  # type: ignore[type-var]
     assert set(w.server.failed) == {1, 2}
+    # one site failing at key setup does not halt the round (Flower 1.41's did)
+    w.server.receive(3, w.answer(3))
+    w.requests = w.server.advance(no_answer=w.server.pending)
+    w.step()
+    w.step()
+    result = w.finish()
+    assert result.survivors == frozenset({0, 3})
+    np.testing.assert_array_equal(
+        result.total.astype(np.uint64), plain_sum(w.inputs, result.survivors, 32)
+    )
 
 
 def test_server_refuses_shares_that_skip_a_neighbour() -> None:
