@@ -25,9 +25,10 @@ How events are accounted. Each event is lowered to a multiset of *mechanisms*: t
 mechanism with a noise multiplier, or the Poisson-subsampled Gaussian with a sampling rate and a
 noise multiplier, each with a count (see :func:`canonical_mechanisms`). Equal mechanisms are
 merged by adding their counts, so charging an event ``k`` times is the same computation as
-charging it once with count ``k``. A Poisson sampling rate of 1 is the plain Gaussian; ``T``
-Gaussians with noise ``sigma`` compose exactly into one with ``sigma / sqrt(T)`` (Dong, Roth and
-Su 2019, Cor. 3.3), which dp-accounting uses.
+charging it once with count ``k``. A Poisson sampling rate of 1 is the plain Gaussian. All plain
+Gaussians compose exactly into one (``T`` with noise ``sigma`` into one with ``sigma / sqrt(T)``;
+Dong, Roth and Su 2019, Cor. 3.3); when nothing else is in the history, PLD mode gives that
+Gaussian's exact epsilon (Balle and Wang 2018, Thm 8), rounded up, instead of a slow fine grid.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import dp_accounting
+import scipy.stats
+from dp_accounting import gaussian_mechanism
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -163,13 +166,46 @@ class _DpAccountingAccountant:
             return math.inf
         if not mechanisms:
             return 0.0
+        # Gaussians without sampling compose exactly into one: noise (sum_i c_i / z_i^2)^-1/2
+        # (Dong, Roth and Su 2019, Cor. 3.3). Its epsilon has a closed form (Balle and Wang
+        # 2018, Thm 8), which is exact where a PLD grid is slow for small noise.
+        gaussians = [(float(m[1]), c) for m, c in mechanisms if m[0] == "gaussian"]
+        others = [(m, c) for m, c in mechanisms if m[0] != "gaussian"]
+        leaves: list[tuple[Mechanism, int]] = list(others)
+        if gaussians:
+            merged = sum(c / z**2 for z, c in gaussians) ** -0.5
+            if not others and self.kind is AccountantKind.PLD:
+                return exact_gaussian_epsilon(merged, delta)
+            leaves.append((("gaussian", merged), 1))
         acct = self._fresh()
         acct.compose(
             dp_accounting.ComposedDpEvent(
-                [dp_accounting.SelfComposedDpEvent(_to_dp_event(m), c) for m, c in mechanisms]
+                [dp_accounting.SelfComposedDpEvent(_to_dp_event(m), c) for m, c in leaves]
             )
         )
         return max(0.0, float(acct.get_epsilon(delta)))
+
+
+def _gaussian_log_delta(sigma: float, eps: float) -> float:
+    """log delta(eps) of the Gaussian mechanism, sensitivity 1 (Balle and Wang 2018, eq. 6)."""
+    a = 1.0 / (2.0 * sigma)
+    x = float(scipy.stats.norm.logcdf(a - eps * sigma))
+    y = eps + float(scipy.stats.norm.logcdf(-a - eps * sigma))
+    return x + math.log1p(-math.exp(y - x)) if y < x else -math.inf
+
+
+def exact_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The exact epsilon of the Gaussian mechanism with noise ``sigma`` at ``delta``, rounded up.
+
+    dp-accounting's root finder returns a value within 1e-12 of the root, on either side; it is
+    nudged up until delta(eps) <= delta holds, so the result is never below the true epsilon.
+    """
+    eps = float(gaussian_mechanism.get_epsilon_gaussian(sigma, delta))
+    log_delta, step = math.log(delta), 1e-12
+    while _gaussian_log_delta(sigma, eps) > log_delta:
+        eps += step
+        step *= 2
+    return eps
 
 
 def get_accountant(kind: AccountantKind | str) -> Accountant:
