@@ -1,0 +1,374 @@
+"""Record-level DP-SGD at one site, for one federated round, charged to the site's ledger.
+
+Theory of operation. Abadi et al., "Deep Learning with Differential Privacy" (CCS 2016), Alg. 1:
+each step draws a Poisson sample (every record independently with probability ``q``), clips each
+record's gradient to L2 norm ``C``, sums, adds N(0, (z C)^2 I) and divides by the expected batch
+size ``q n``. Each step is the Poisson-subsampled Gaussian with rate ``q`` and noise multiplier
+``z`` for the unit "one record of this site" (add/remove adjacency), so a round of ``T`` steps is
+``PoissonSubsampledGaussian(q, z, count=T)``, with ``q = batch_size / n`` and
+``T = epochs * round(1 / q)``. The guarantee covers everything computed from the trained weights
+(post-processing); it does *not* cover ``train_loss``, which is a non-private statistic of the
+site's data and should stay at the site unless the site accepts that.
+
+Implementation. Per-sample clipping is Opacus's (ghost clipping, Li et al. 2022 and Bu et al.
+2023, where every trainable layer has a registered sampler; otherwise per-sample gradient hooks).
+What fedcore replaces, and why:
+
+- *Sampling*: batches are Poisson draws from a :class:`~fedcore.crypto.stream.CryptoRng`, not
+  from Opacus's ``DPDataLoader`` (which would use torch's global generator). Empty batches still
+  take a noise-only step, as the analysis assumes.
+- *Noise*: the DP optimiser's ``add_noise`` draws from the ``CryptoRng``; Opacus's
+  ``secure_mode`` would need torchcsprng, which is not installable here.
+- *Accounting*: no ``PrivacyEngine`` and no Opacus accountant. The site's ledger is its only
+  accountant, across rounds; a round's event is checked against it before training and
+  committed to it before the trained weights are returned.
+- *Isolation*: each round trains a deep copy of the caller's model (so hooks are never attached
+  twice) with a fresh optimiser (so momentum never carries across rounds), built after
+  ``ModuleValidator.fix``, which itself copies modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus.grad_sample import (
+    GradSampleHooksFastGradientClipping,
+    GradSampleModule,
+    GradSampleModuleFastGradientClipping,
+)
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedcore.crypto.stream import CryptoRng
+from fedcore.errors import ConfigError
+from fedcore.privacy.accountant import calibrate_noise_multiplier
+from fedcore.privacy.events import PoissonSubsampledGaussian
+from fedcore.privacy.ledger import PrivacyLedger, ScopeKind
+
+
+class GradSampleMode(enum.Enum):
+    AUTO = "auto"  # ghost if every trainable layer has a registered sampler, else hooks
+    GHOST = "ghost"
+    HOOKS = "hooks"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteDPConfig:
+    """DP-SGD settings of a site. Give ``noise_multiplier``, or ``planned_rounds`` to calibrate
+    it from the ledger's budget over ``planned_rounds * epochs`` epochs."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    max_grad_norm: float
+    noise_multiplier: float | None = None
+    planned_rounds: int | None = None
+    momentum: float = 0.0
+    grad_sample_mode: GradSampleMode = GradSampleMode.AUTO
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("lr", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
+        if self.noise_multiplier is None:
+            if not isinstance(self.planned_rounds, int) or self.planned_rounds < 1:
+                raise ConfigError(
+                    "dp.site.noise_multiplier is absent, so planned_rounds (>= 1) is needed to "
+                    f"calibrate it; got planned_rounds={self.planned_rounds!r}"
+                )
+        elif not isinstance(self.noise_multiplier, int | float) or not (
+            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
+        ):
+            raise ConfigError(
+                f"dp.site.noise_multiplier must be finite and > 0, got {self.noise_multiplier!r}"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not isinstance(self.grad_sample_mode, GradSampleMode):
+            raise ConfigError(
+                f"grad_sample_mode must be a GradSampleMode, got {self.grad_sample_mode!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRoundPlan:
+    """What a round will cost, known before any data is touched."""
+
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    event: PoissonSubsampledGaussian
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRound:
+    """A trained round. ``state`` is the trained copy's ``state_dict`` (CPU tensors);
+    ``epsilon`` is the site's spend after this round; ``train_loss`` is *not* private."""
+
+    state: dict[str, torch.Tensor]
+    train_loss: float
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    grad_sample_mode: GradSampleMode
+    event: PoissonSubsampledGaussian
+    epsilon: float
+
+
+def plan_round(config: SiteDPConfig, *, num_examples: int, ledger: PrivacyLedger) -> SiteRoundPlan:
+    """The sampling rate, steps, noise multiplier and event of one round; charges nothing.
+
+    A calibrated noise multiplier depends only on the budget and the plan, not on what was
+    spent, so every round of a plan gets the same one. Raises :class:`ConfigError`.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ConfigError(f"a site needs at least one training example, got {num_examples!r}")
+    q = min(1.0, config.batch_size / num_examples)
+    steps = config.epochs * max(1, round(1 / q))
+    z = config.noise_multiplier
+    if z is None:
+        assert config.planned_rounds is not None  # checked by SiteDPConfig
+        z = calibrate_noise_multiplier(
+            target_epsilon=ledger.budget.epsilon,
+            delta=ledger.budget.delta,
+            sample_rate=q,
+            steps=steps * config.planned_rounds,
+            accountant=ledger.accountant,
+        )
+    event = PoissonSubsampledGaussian(sampling_rate=q, noise_multiplier=float(z), count=steps)
+    return SiteRoundPlan(sample_rate=q, steps=steps, noise_multiplier=float(z), event=event)
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    config: SiteDPConfig,
+    ledger: PrivacyLedger,
+    rng: CryptoRng,
+    round_number: int | None = None,
+) -> SiteRound:
+    """Train a copy of ``model`` with DP-SGD for one round and charge ``ledger`` for it.
+
+    ``x`` is float32 with one row per example, ``y`` int64 class labels. ``model`` is not
+    modified. Raises :class:`BudgetExceededError` *before training* if the ledger cannot afford
+    the round (ledger unchanged); a site catches it to decline. Raises :class:`ConfigError` for
+    bad settings, data, or a model Opacus cannot make private.
+    """
+    if ledger.scope.kind is not ScopeKind.SITE_RECORDS:
+        raise ConfigError(f"DP-SGD charges a site_records ledger, got {ledger.scope}")
+    if not isinstance(rng, CryptoRng):
+        raise ConfigError(f"DP-SGD noise and sampling need a CryptoRng, got {type(rng).__name__}")
+    xs, ys = _check_data(x, y)
+    plan = plan_round(config, num_examples=len(xs), ledger=ledger)
+    ledger.check(plan.event)  # refuse before touching the data
+
+    work = _private_copy(model)
+    mode = _resolve_mode(config.grad_sample_mode, work)
+    loss = _train(work, xs, ys, config=config, plan=plan, mode=mode, rng=rng)
+    state = {k: v.detach().cpu().clone() for k, v in work.state_dict().items()}
+
+    entry = ledger.charge(plan.event, round_number=round_number, label="dp-sgd round")
+    return SiteRound(
+        state=state,
+        train_loss=loss,
+        steps=plan.steps,
+        sample_rate=plan.sample_rate,
+        noise_multiplier=plan.noise_multiplier,
+        grad_sample_mode=mode,
+        event=plan.event,
+        epsilon=entry.epsilon_after,
+    )
+
+
+def _check_data(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        raise ConfigError(
+            f"x and y must be numpy arrays, got {type(x).__name__}, {type(y).__name__}"
+        )
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise ConfigError(
+            f"x (n, ...) and y (n,) must have the same n >= 1; got {x.shape}, {y.shape}"
+        )
+    if not np.all(np.isfinite(x)):
+        raise ConfigError("x holds NaN or infinite values")
+    if y.dtype.kind not in "iu" or y.min() < 0:
+        raise ConfigError(f"y must hold non-negative integer labels, got dtype {y.dtype}")
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+    )
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    work = ModuleValidator.fix(copy.deepcopy(model))
+    errors = ModuleValidator.validate(work, strict=False)
+    if errors:
+        raise ConfigError(f"model cannot be trained with DP-SGD: {errors[0]}")
+    return work
+
+
+def _resolve_mode(mode: GradSampleMode, module: nn.Module) -> GradSampleMode:
+    if mode is not GradSampleMode.AUTO:
+        return mode
+    known = set(GradSampleHooksFastGradientClipping.GRAD_SAMPLERS) | set(
+        GradSampleHooksFastGradientClipping.NORM_SAMPLERS
+    )
+    for sub in module.modules():
+        owns = any(p.requires_grad for p in sub.parameters(recurse=False))
+        if owns and type(sub) not in known:
+            return GradSampleMode.HOOKS
+    return GradSampleMode.GHOST
+
+
+class _CryptoNoise:
+    """Mixin for Opacus DP optimisers: Gaussian noise from a CryptoRng, never from torch."""
+
+    _rng: CryptoRng
+    params: list[nn.Parameter]
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: float
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        sizes = [p.numel() for p in self.params]
+        noise = self._rng.normal(sum(sizes), std=std).astype(np.float32)
+        offset = 0
+        for p, size in zip(self.params, sizes, strict=True):
+            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
+            chunk = torch.from_numpy(noise[offset : offset + size]).view_as(p)
+            p.grad = p.summed_grad.view_as(p) + chunk.to(p.device, p.dtype)  # type: ignore[attr-defined]
+            _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
+            offset += size
+
+    def noise_only_step(self) -> None:
+        """A step on an empty Poisson sample: zero gradient sum plus noise, as the analysis says."""
+        for p in self.params:
+            p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
+        self.add_noise()
+        for p in self.params:  # scale_grad, without the hooks optimiser's grad_sample bookkeeping
+            if p.grad is not None:
+                p.grad.div_(self.expected_batch_size)
+        self.original_optimizer.step()  # type: ignore[attr-defined]
+        self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
+        for p in self.params:
+            p.summed_grad = None  # type: ignore[attr-defined]
+
+
+class CryptoDPOptimizer(_CryptoNoise, DPOptimizer):
+    """Opacus's per-sample-clipping optimiser with CryptoRng noise."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        rng: CryptoRng,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+        )
+        self._rng = rng
+
+
+class CryptoDPOptimizerGhost(_CryptoNoise, DPOptimizerFastGradientClipping):
+    """Opacus's ghost-clipping optimiser with CryptoRng noise."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        rng: CryptoRng,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+        )
+        self._rng = rng
+
+
+def _train(
+    work: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    config: SiteDPConfig,
+    plan: SiteRoundPlan,
+    mode: GradSampleMode,
+    rng: CryptoRng,
+) -> float:
+    n = len(xs)
+    expected_batch = plan.sample_rate * n
+    criterion = nn.CrossEntropyLoss()
+    gsm: GradSampleModule | GradSampleModuleFastGradientClipping
+    optimizer: CryptoDPOptimizer | CryptoDPOptimizerGhost
+    if mode is GradSampleMode.GHOST:
+        gsm = GradSampleModuleFastGradientClipping(
+            work,
+            batch_first=True,
+            loss_reduction="mean",
+            max_grad_norm=config.max_grad_norm,
+            use_ghost_clipping=True,
+        )
+    else:
+        gsm = GradSampleModule(work, batch_first=True, loss_reduction="mean")
+    base = torch.optim.SGD(gsm.parameters(), lr=config.lr, momentum=config.momentum)
+    opt_cls = CryptoDPOptimizerGhost if mode is GradSampleMode.GHOST else CryptoDPOptimizer
+    optimizer = opt_cls(
+        base,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=expected_batch,
+        rng=rng,
+    )
+    dp_loss = (
+        DPLossFastGradientClipping(gsm, optimizer, criterion, "mean")
+        if mode is GradSampleMode.GHOST
+        else None
+    )
+    gsm.train()
+    losses: list[float] = []
+    try:
+        for _ in range(plan.steps):
+            idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
+            if idx.size == 0:
+                optimizer.noise_only_step()
+                continue
+            index = torch.from_numpy(idx)
+            xb, yb = xs[index], ys[index]
+            out = gsm(xb)
+            loss = dp_loss(out, yb) if dp_loss is not None else criterion(out, yb)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.item()))
+    finally:
+        gsm._close()
+    return float(np.mean(losses)) if losses else math.nan
