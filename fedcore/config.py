@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import tomllib
@@ -321,6 +322,16 @@ def _checked(key: str, value: Any, *, from_text: bool) -> Scalar | None:
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> Settings:
+    # Every message a site handles carries the same run config: parse it once per process.
+    return _from_run_config_items(tuple(sorted((k, v) for k, v in run_config.items() if k in SPECS)))
+
+
+@functools.lru_cache(maxsize=64)
+def _from_run_config_items(items: tuple[tuple[str, Any], ...]) -> Settings:
+    return _parse_run_config(dict(items))
+
+
+def _parse_run_config(run_config: Mapping[str, Any]) -> Settings:
     """Settings from a Flower run config (as written by :meth:`Settings.to_run_config`).
 
     Every fedcore key must be present: Flower fills the run config from the app's pyproject, so a

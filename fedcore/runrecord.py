@@ -63,10 +63,12 @@ class RoundRow:
     site_eval_loss: float = math.nan
     site_eval_accuracy: float = math.nan
     failures: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # fields added by privacy layers
 
     def to_json(self) -> dict[str, Any]:
-        row = asdict(self)
+        row = {k: v for k, v in asdict(self).items() if k != "extra"}
         row["failures"] = dict(self.failures)
+        row.update(self.extra)
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in row.items()

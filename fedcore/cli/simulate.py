@@ -54,7 +54,7 @@ def preflight(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
     Returns ``(input_shape, num_classes)``; raises :class:`ConfigError`.
     """
     from fedcore.data import load_holdout, load_site
-    from fedcore.federation.site import data_settings
+    from fedcore.federation.site_data import data_settings
     from fedcore.models import build_model
 
     data = data_settings(settings)

@@ -13,6 +13,12 @@ strategy methods itself (``configure_train``, ``aggregate_train``, ``configure_e
 
 If no site of a round replies usably, the model is left as it was and the run goes on; the row
 records why.
+
+How a round's training turns into one aggregate is a :class:`TrainRound`: :func:`plain_train_round`
+sends the global model and lets the strategy average the replies; privacy layers (site-level DP at
+the server, secure aggregation) supply their own. A ``TrainRound`` that raises
+:class:`~fedcore.errors.BudgetExceededError` before sending anything stops the run cleanly: the
+model of the last completed round is kept and the run record says why.
 """
 
 from __future__ import annotations
@@ -20,14 +26,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedcore.errors import FedcoreError
+from fedcore.errors import BudgetExceededError, FedcoreError
 from fedcore.federation import messages as m
 from fedcore.runrecord import RoundRow, RunRecord
 from fedcore.training import EvalResult
@@ -105,6 +112,58 @@ def wait_for_sites(
     return connected
 
 
+@dataclass(frozen=True, slots=True)
+class TrainOutcome:
+    """What a round's training produced: the new global arrays (None: keep the old ones), the
+    exchanges behind them, and extra fields for the round's history row."""
+
+    aggregated: ArrayRecord | None
+    sent: int
+    replied: int
+    failures: dict[str, str]
+    bytes_down: int
+    bytes_up: int
+    train_loss: float
+    num_examples: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class TrainRound(Protocol):
+    def __call__(
+        self, grid: Grid, strategy: Strategy, *, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+        timeout: float,
+    ) -> TrainOutcome: ...
+
+
+def plain_train_round(
+    grid: Grid, strategy: Strategy, *, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+) -> TrainOutcome:
+    """Send the global model to the sampled sites; the strategy aggregates the checked replies."""
+    train = _exchange(
+        grid,
+        strategy.configure_train(server_round, arrays, config, grid),
+        timeout=timeout,
+        check=lambda reply: m.check_train_reply(reply, arrays),
+    )
+    aggregated, _ = strategy.aggregate_train(server_round, train.valid) if train.valid else (None, None)
+    return TrainOutcome(
+        aggregated=aggregated,
+        sent=train.sent,
+        replied=len(train.valid),
+        failures=train.failures,
+        bytes_down=train.bytes_down,
+        bytes_up=train.bytes_up,
+        train_loss=_weighted(train.valid, "train_loss"),
+        num_examples=sum(int(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in train.valid),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    arrays: ArrayRecord
+    stopped: str = ""  # why the run stopped before its last round; empty if it completed
+
+
 def _weighted(replies: list[Message], key: str) -> float:
     total = sum(float(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in replies)
     if not replies or total <= 0:
@@ -130,11 +189,13 @@ def run_rounds(
     central_eval: Callable[[ArrayRecord], EvalResult],
     record: RunRecord,
     reporter: Reporter,
-) -> ArrayRecord:
-    """Run ``rounds`` rounds of ``strategy`` from ``initial``; return the final global arrays.
+    train_round: TrainRound = plain_train_round,
+) -> RunOutcome:
+    """Run up to ``rounds`` rounds of ``strategy`` from ``initial``.
 
     ``config(round)`` builds the train/evaluate config record of a round. Each round's row is
-    appended to ``record`` as soon as the round ends.
+    appended to ``record`` as soon as the round ends. Returns the final global arrays, and why the
+    run stopped early if ``train_round`` refused a round with :class:`BudgetExceededError`.
     """
     first = central_eval(initial)
     record.set_initial(loss=first.loss, accuracy=first.accuracy)
@@ -143,18 +204,14 @@ def run_rounds(
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
         wait_for_sites(grid, expected=expected_sites, timeout=timeout, reporter=reporter)
-        reference = arrays
-        train = _exchange(
-            grid,
-            strategy.configure_train(server_round, arrays, config(server_round), grid),
-            timeout=timeout,
-            check=lambda reply, ref=reference: m.check_train_reply(reply, ref),
-        )
-        aggregated, _ = (
-            strategy.aggregate_train(server_round, train.valid) if train.valid else (None, None)
-        )
-        if aggregated is not None:
-            arrays = aggregated
+        try:
+            train = train_round(
+                grid, strategy, server_round=server_round, arrays=arrays, config=config(server_round), timeout=timeout
+            )
+        except BudgetExceededError as exc:
+            return RunOutcome(arrays=arrays, stopped=f"round {server_round} not run: {exc}")
+        if train.aggregated is not None:
+            arrays = train.aggregated
         evaluation = _exchange(
             grid,
             strategy.configure_evaluate(server_round, arrays, config(server_round), grid),
@@ -165,23 +222,21 @@ def run_rounds(
         row = RoundRow(
             round=server_round,
             sites_sampled=train.sent,
-            sites_replied=len(train.valid),
-            sites_failed=train.sent - len(train.valid),
-            train_loss=_weighted(train.valid, "train_loss"),
+            sites_replied=train.replied,
+            sites_failed=train.sent - train.replied,
+            train_loss=train.train_loss,
             eval_loss=central.loss,
             eval_accuracy=central.accuracy,
             seconds=time.perf_counter() - start,
             bytes_down=train.bytes_down + evaluation.bytes_down,
             bytes_up=train.bytes_up + evaluation.bytes_up,
-            num_examples=sum(int(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in train.valid),
+            num_examples=train.num_examples,
             ended_at=time.time(),
             site_eval_loss=_weighted(evaluation.valid, "eval_loss"),
             site_eval_accuracy=_weighted(evaluation.valid, "eval_accuracy"),
-            failures={
-                **{f"{k} (evaluate)": v for k, v in evaluation.failures.items()},
-                **train.failures,
-            },
+            failures={**{f"{k} (evaluate)": v for k, v in evaluation.failures.items()}, **train.failures},
+            extra=dict(train.extra),
         )
         record.append(row)
         reporter.round_done(row, rounds=rounds)
-    return arrays
+    return RunOutcome(arrays=arrays)

@@ -44,7 +44,7 @@ def run_server(grid: Grid, settings: Settings, out_dir: str | Path, *, reporter:
         return evaluate(model, holdout.x, holdout.y, device=device)
 
     try:
-        final = run_rounds(
+        outcome = run_rounds(
             grid,
             build_strategy(settings),
             initial=m.state_to_record(model.state_dict()),
@@ -59,6 +59,9 @@ def run_server(grid: Grid, settings: Settings, out_dir: str | Path, *, reporter:
     except BaseException as exc:
         record.finish(status="failed", reason=f"{type(exc).__name__}: {exc}")
         raise
-    record.save_model(m.record_to_state(final))
-    record.finish(status="completed")
+    record.save_model(m.record_to_state(outcome.arrays))
+    if outcome.stopped:
+        record.finish(status="stopped", reason=outcome.stopped)
+    else:
+        record.finish(status="completed")
     return record
