@@ -44,6 +44,7 @@ know that a server is replaying a different history to it (forking the client).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 
@@ -59,7 +60,7 @@ from fedcore.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from fedcore.secagg import shamir
+from fedcore.secagg import rules, shamir
 from fedcore.secagg.config import Mode, SessionConfig, ring_dtype
 from fedcore.secagg.errors import TooFewSurvivors
 from fedcore.secagg.graph import NeighborGraph
@@ -323,24 +324,15 @@ class SecAggClient:
             )
         if self.client_id not in config.clients:
             raise RemoteProtocolError(f"client {self.client_id} is not invited to this round")
-        if config.mode is Mode.ACTIVE and (self._signing_key is None or self._registry is None):
-            raise LocalProtocolError(
-                "ACTIVE mode needs the site's signing key and the key registry"
-            )
+        if config.mode is Mode.ACTIVE:
+            self._active_keys()  # raises LocalProtocolError when the keys are missing
         commitment = seed_commitment(config.round_id, self.client_id, self._seed)
         advert = KeyAdvert(
             self.client_id, config.round_id, self._enc_public, self._mask_public, commitment
         )
         if config.mode is Mode.ACTIVE:
             signature = signing.sign(self._active_keys()[0], advert_signed_bytes(advert))
-            advert = KeyAdvert(
-                advert.sender,
-                advert.round_id,
-                advert.enc_public,
-                advert.mask_public,
-                advert.seed_commitment,
-                signature,
-            )
+            advert = dataclasses.replace(advert, signature=signature)
         self._config = config
         self._advert = advert
         return advert
@@ -349,28 +341,12 @@ class SecAggClient:
 
     def _on_share_keys(self, message: ShareKeysRequest) -> EncryptedShares:
         config = self._check_addressing(message.recipient, message.round_id)
-        adverts: dict[int, KeyAdvert] = {}
-        keys_seen: set[bytes] = set()
-        for a in message.adverts:
-            if a.sender in adverts:
-                raise RemoteProtocolError(f"two adverts from client {a.sender}")
-            if a.sender not in config.clients:
-                raise RemoteProtocolError(f"advert from client {a.sender}, who is not invited")
-            if a.round_id != config.round_id:
-                raise RemoteProtocolError(f"advert of client {a.sender} is bound to another round")
-            for key in (a.enc_public, a.mask_public):
-                if key in keys_seen:
-                    raise RemoteProtocolError(f"duplicate public key (advert of client {a.sender})")
-                keys_seen.add(key)
-            if config.mode is Mode.ACTIVE:
-                self._verify_advert(a)
-            adverts[a.sender] = a
-        if adverts.get(self.client_id) != self._advert:
-            raise RemoteProtocolError("the advert set does not contain this client's own advert")
-        if len(adverts) < config.threshold:
-            raise TooFewSurvivors(
-                f"{len(adverts)} clients advertised keys, threshold is {config.threshold}"
-            )
+        adverts = rules.checked_adverts(
+            message.adverts,
+            config=config,
+            own=self._advert,
+            registry=self._registry,
+        )
         sid = session_id(config, adverts.values())
         graph = NeighborGraph(adverts, neighbors=config.neighbors, session_id=sid)
         holders = sorted(graph.holders(self.client_id))
@@ -406,14 +382,6 @@ class SecAggClient:
         self._graph = graph
         self._own_shares = (seed_shares[self.client_id], key_shares[self.client_id])
         return EncryptedShares(self.client_id, config.round_id, tuple(sealed))
-
-    def _verify_advert(self, advert: KeyAdvert) -> None:
-        site_key = self._active_keys()[1].get(advert.sender)
-        if site_key is None:
-            raise RemoteProtocolError(f"client {advert.sender} has no key in the registry")
-        if not advert.signature:
-            raise RemoteProtocolError(f"advert of client {advert.sender} is not signed")
-        signing.verify(site_key, advert.signature, advert_signed_bytes(advert))
 
     # ------------------------------------------------------------------ stage 2: masked input
 
@@ -464,7 +432,7 @@ class SecAggClient:
             return None
         if vector is None:
             raise LocalProtocolError("a MaskedInputRequest needs the input vector")
-        y = self._checked_input(vector, config)
+        y = rules.ring_input(vector, config)
         add_keystream(y, self_mask_key(self._seed, sid))
         for v in sorted(received):
             seed = pairwise_seed(
@@ -476,23 +444,6 @@ class SecAggClient:
         self._received = received
         y.flags.writeable = False
         return MaskedInput(self.client_id, config.round_id, config.bits, y)
-
-    @staticmethod
-    def _checked_input(vector: np.ndarray, config: SessionConfig) -> np.ndarray:
-        """A fresh ring-typed copy of the input, refused (LocalProtocolError) if out of range."""
-        if not isinstance(vector, np.ndarray):
-            raise LocalProtocolError(f"input must be a numpy array, got {type(vector).__name__}")
-        if vector.shape != (config.length,):
-            raise LocalProtocolError(
-                f"input must have shape ({config.length},), got {vector.shape}"
-            )
-        if vector.dtype.kind not in "ui":
-            raise LocalProtocolError(f"input must hold integers, got dtype {vector.dtype}")
-        # An unsigned type no wider than the ring cannot hold an out-of-range entry: skip the scan.
-        narrow = vector.dtype.kind == "u" and 8 * vector.dtype.itemsize <= config.bits
-        if not narrow and (int(vector.min()) < 0 or int(vector.max()) >> config.bits):
-            raise LocalProtocolError(f"input entries must lie in [0, 2**{config.bits})")
-        return np.array(vector, dtype=ring_dtype(config.bits), order="C", copy=True)
 
     # ------------------------------------------------------------------ stage 3: consistency
 
@@ -509,22 +460,13 @@ class SecAggClient:
 
     def _check_survivors(self, alive: frozenset[int], config: SessionConfig) -> None:
         graph, _ = self._session()
-        if self.client_id not in alive:
-            raise RemoteProtocolError(f"client {self.client_id} is missing from the alive set")
-        seen = frozenset(self._received)
-        claimed = (alive & graph.neighbors(self.client_id)) - seen
-        if claimed:
-            raise RemoteProtocolError(
-                f"clients {sorted(claimed)[:5]} are listed alive but never sent this client shares"
-            )
-        if len(alive) < config.threshold:
-            raise TooFewSurvivors(f"{len(alive)} survivors, threshold is {config.threshold}")
-        holders_alive = len(alive & graph.holders(self.client_id))
-        if holders_alive < config.threshold:
-            raise TooFewSurvivors(
-                f"{holders_alive} alive share holders around client {self.client_id}, "
-                f"threshold is {config.threshold}"
-            )
+        rules.check_survivors(
+            alive,
+            me=self.client_id,
+            graph=graph,
+            seen=frozenset(self._received),
+            threshold=config.threshold,
+        )
 
     # ------------------------------------------------------------------ stage 4: unmask
 
@@ -532,55 +474,21 @@ class SecAggClient:
         config = self._check_addressing(message.recipient, message.round_id)
         alive = self._ids(message.alive, "alive set")
         dropped = self._ids(message.dropped, "dropped set")
-        both = alive & dropped
-        if both:
-            raise RemoteProtocolError(
-                f"clients {sorted(both)[:5]} are listed both alive and dropped"
-            )
-        graph, _ = self._session()
-        neighbors = graph.neighbors(self.client_id)
+        graph, sid = self._session()
         seen = frozenset(self._received)
-        if dropped & neighbors - seen:
-            raise RemoteProtocolError(
-                "clients listed dropped never sent this client shares: "
-                f"{sorted(dropped & neighbors - seen)[:5]}"
-            )
-        unaccounted = seen - alive - dropped
-        if unaccounted:
-            raise RemoteProtocolError(
-                f"clients {sorted(unaccounted)[:5]} sent shares but are neither alive nor dropped"
-            )
+        rules.check_unmask_sets(alive, dropped, me=self.client_id, graph=graph, seen=seen)
         self._check_survivors(alive, config)
         if config.mode is Mode.ACTIVE:
-            self._check_consistency_signatures(message, config)
+            rules.check_consistency_signatures(
+                message.signatures,
+                alive=message.alive,
+                signed_by_me=self._survivors,
+                signed_bytes=survivors_signed_bytes(sid, message.alive),
+                registry=self._active_keys()[1],
+                threshold=config.threshold,
+            )
         seed_shares = [ShareValue(self.client_id, self._own_shares[0])]
         seed_shares += [ShareValue(v, self._received[v][0]) for v in sorted(alive & seen)]
         key_shares = [ShareValue(v, self._received[v][1]) for v in sorted(dropped & seen)]
         seed_shares.sort(key=lambda s: s.owner)
         return UnmaskShares(self.client_id, config.round_id, tuple(seed_shares), tuple(key_shares))
-
-    def _check_consistency_signatures(self, message: UnmaskRequest, config: SessionConfig) -> None:
-        if message.alive != self._survivors:
-            raise RemoteProtocolError(
-                "the alive set differs from the survivor set this client signed"
-            )
-        _, sid = self._session()
-        registry = self._active_keys()[1]
-        signed = survivors_signed_bytes(sid, message.alive)
-        signers: set[int] = set()
-        for s in message.signatures:
-            if s.sender in signers:
-                raise RemoteProtocolError(f"two consistency signatures from client {s.sender}")
-            if s.sender not in message.alive:
-                raise RemoteProtocolError(
-                    f"consistency signature from {s.sender}, who is not alive"
-                )
-            site_key = registry.get(s.sender)
-            if site_key is None:
-                raise RemoteProtocolError(f"client {s.sender} has no key in the registry")
-            signing.verify(site_key, s.signature, signed)
-            signers.add(s.sender)
-        if len(signers) < config.threshold:
-            raise TooFewSurvivors(
-                f"{len(signers)} consistency signatures, threshold is {config.threshold}"
-            )

@@ -32,21 +32,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
 from typing import NoReturn
 
 import numpy as np
 
 from fedcore.crypto import signing
-from fedcore.crypto.agreement import AgreementKey, agree, x25519_public
-from fedcore.crypto.expand import add_keystream
+from fedcore.crypto.agreement import AgreementKey, agree
 from fedcore.errors import (
     FedcoreError,
     InvalidMessage,
     LocalProtocolError,
     RemoteProtocolError,
 )
-from fedcore.secagg import shamir
+from fedcore.secagg import recovery, shamir
 from fedcore.secagg.config import Mode, SessionConfig, Stage, ring_dtype
 from fedcore.secagg.errors import TooFewSurvivors
 from fedcore.secagg.graph import NeighborGraph
@@ -66,14 +64,8 @@ from fedcore.secagg.messages import (
     UnmaskShares,
     decode_client_message,
 )
-from fedcore.secagg.session import (
-    advert_signed_bytes,
-    check_seed_commitment,
-    pairwise_seed,
-    self_mask_key,
-    session_id,
-    survivors_signed_bytes,
-)
+from fedcore.secagg.recovery import AggregateResult
+from fedcore.secagg.session import advert_signed_bytes, session_id, survivors_signed_bytes
 
 
 class ServerState(enum.Enum):
@@ -115,24 +107,9 @@ _TRANSITIONS: dict[
     (_S.UNMASK, Command.FINISH): (_S.DONE, _S.DONE),
 }
 _COLLECTING = frozenset({_S.ADVERTISE, _S.SHARE, _S.MASKED_INPUT, _S.CONSISTENCY, _S.UNMASK})
-_STAGE_OF = {
-    _S.ADVERTISE: Stage.ADVERTISE,
-    _S.SHARE: Stage.SHARE,
-    _S.MASKED_INPUT: Stage.MASKED_INPUT,
-    _S.CONSISTENCY: Stage.CONSISTENCY,
-    _S.UNMASK: Stage.UNMASK,
-}
 # A fixed scalar to test advertised keys: any small-order point gives the all-zero secret with
 # every clamped scalar (RFC 7748 section 6.1), so one agreement tells whether a key is usable.
 _PROBE_PRIVATE = AgreementKey(bytes(range(32)))
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class AggregateResult:
-    """The sum modulo 2**bits of the survivors' inputs, and the survivors (U3)."""
-
-    total: np.ndarray = field(repr=False)
-    survivors: frozenset[int]
 
 
 class SecAggServer:
@@ -175,7 +152,7 @@ class SecAggServer:
     @property
     def stage(self) -> Stage | None:
         """The stage being collected, or None when idle, done or aborted."""
-        return _STAGE_OF.get(self._state)
+        return Stage(self._state.value) if self._state in _COLLECTING else None
 
     @property
     def pending(self) -> frozenset[int]:
@@ -491,36 +468,38 @@ class SecAggServer:
 
     def _unmask(self) -> AggregateResult:
         graph = self._require_graph()
-        t, sid, rid = self.config.threshold, self._session_id, self.config.round_id
+        t, rid = self.config.threshold, self.config.round_id
         responders = frozenset(self._expected)
-        total = self._total
-        seeds: dict[int, bytes] = {}
-        for v in sorted(self._u3):
-            shares = {h: y for h, y in self._seed_shares.get(v, {}).items() if h in responders}
-            self._require(len(shares), f"shares of client {v}'s self-mask seed")
-            seed = shamir.reconstruct(shares, threshold=t)
-            check_seed_commitment(rid, v, seed, self._adverts[v].seed_commitment)
-            seeds[v] = seed
-        mask_keys: dict[int, bytes] = {}
-        for v in sorted(self._u2 - self._u3):
-            if not graph.neighbors(v) & self._u3:
-                continue
-            shares = {h: y for h, y in self._key_shares.get(v, {}).items() if h in responders}
-            self._require(len(shares), f"shares of client {v}'s mask key")
-            private = shamir.reconstruct(shares, threshold=t)
-            if x25519_public(private) != self._adverts[v].mask_public:
-                raise InvalidMessage(f"rebuilt mask key of client {v} does not match its advert")
-            mask_keys[v] = private
-        # z = sum y_u - sum PRG(b_u) -/+ the masks survivors shared with dropped clients.
-        for seed in seeds.values():
-            add_keystream(total, self_mask_key(seed, sid), subtract=True)
-        for v, private in mask_keys.items():
-            loaded = AgreementKey(private)
-            for u in sorted(graph.neighbors(v) & self._u3):
-                s = pairwise_seed(loaded, self._adverts[u].mask_public, sid, u, v)
-                # u added +PRG(s_uv) when u < v and subtracted it when u > v: undo that.
-                add_keystream(total, s, subtract=u < v)
-        if self.config.bits not in (32, 64):
-            total &= total.dtype.type((1 << self.config.bits) - 1)
-        total.flags.writeable = False
-        return AggregateResult(total, self._u3)
+
+        def revealed(store: dict[int, dict[int, int]], v: int) -> dict[int, int]:
+            return {h: y for h, y in store.get(v, {}).items() if h in responders}
+
+        seeds = {
+            v: recovery.rebuild_seed(
+                v,
+                revealed(self._seed_shares, v),
+                threshold=t,
+                round_id=rid,
+                advert=self._adverts[v],
+            )
+            for v in sorted(self._u3)
+        }
+        mask_keys = {
+            v: recovery.rebuild_mask_key(
+                v, revealed(self._key_shares, v), threshold=t, advert=self._adverts[v]
+            )
+            for v in sorted(self._u2 - self._u3)
+            if graph.neighbors(v) & self._u3
+        }
+        recovery.remove_masks(
+            self._total,
+            seeds=seeds,
+            mask_keys=mask_keys,
+            graph=graph,
+            survivors=self._u3,
+            adverts=self._adverts,
+            session_id=self._session_id,
+            bits=self.config.bits,
+        )
+        self._total.flags.writeable = False
+        return AggregateResult(self._total, self._u3)
