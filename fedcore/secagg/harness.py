@@ -11,7 +11,6 @@ as ``time.perf_counter``) to get per-stage timings; the protocol core never read
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -96,7 +95,7 @@ def run_in_memory(
     vanish = _check_dropouts(dropouts, ids)
 
     master = CryptoRng() if seed is None else CryptoRng.from_seed(seed, purpose="secagg.harness")
-    round_id = master.bytes(16) if seed is not None else os.urandom(16)
+    round_id = master.bytes(16)
     config = SessionConfig(
         round_id=round_id,
         clients=tuple(ids),
