@@ -1,0 +1,146 @@
+"""DP-SGD step time over the non-private step, for the bundled models on digits.
+
+    .venv/bin/python benchmarks/dp_overhead.py [--batch 64] [--steps 100] [--repeats 5]
+
+For each model (mlp, cnn) it times one training step (forward, loss, backward, optimiser step) on
+a fixed batch of 8x8 digits (sklearn's load_digits), in four ways:
+
+- ``non-private``: plain SGD;
+- ``ghost``: fedcore's DP-SGD step (Opacus ghost clipping, noise from fedcore's CryptoRng);
+- ``hooks``: the same with Opacus's per-sample gradient hooks;
+- ``ghost, torch noise``: ghost clipping with Opacus's own (non-cryptographic) noise, to show
+  what the CSPRNG costs.
+
+It prints the median time per step over ``--repeats`` runs of ``--steps`` steps (interleaved
+across modes) and the ratio to the non-private step. The issue's goal is a ratio of at most 2.5
+for the CNN. Timings depend on the machine and its load; this is a benchmark, not a test, and it
+never fails on a slow machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from sklearn.datasets import load_digits
+from torch import nn
+
+from fedcore.crypto.stream import CryptoRng
+from fedcore.models import build_model
+from fedcore.privacy.dpsgd import CryptoDPOptimizer, CryptoDPOptimizerGhost
+
+Step = Callable[[], None]
+
+
+def non_private(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def private(net: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str) -> Step:
+    batch = float(len(x))
+    loss_fn = nn.CrossEntropyLoss()
+    if mode == "hooks":
+        gsm: nn.Module = GradSampleModule(net, loss_reduction="mean")
+        opt = CryptoDPOptimizer(
+            torch.optim.SGD(gsm.parameters(), lr=0.05),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=batch,
+            rng=CryptoRng(),
+        )
+
+        def hooks_step() -> None:
+            loss_fn(gsm(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return hooks_step
+    gsm = GradSampleModuleFastGradientClipping(net, loss_reduction="mean", max_grad_norm=1.0)
+    base = torch.optim.SGD(gsm.parameters(), lr=0.05)
+    ghost_opt: DPOptimizerFastGradientClipping
+    if mode == "ghost":
+        ghost_opt = CryptoDPOptimizerGhost(
+            base,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=batch,
+            rng=CryptoRng(),
+        )
+    else:  # Opacus's own torch.normal noise, for comparison only
+        ghost_opt = DPOptimizerFastGradientClipping(
+            base, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=int(batch)
+        )
+    dp_loss = DPLossFastGradientClipping(gsm, ghost_opt, loss_fn, "mean")
+
+    def ghost_step() -> None:
+        dp_loss(gsm(x), y).backward()
+        ghost_opt.step()
+        ghost_opt.zero_grad(set_to_none=True)
+
+    return ghost_step
+
+
+def time_steps(steps_by_mode: dict[str, Step], *, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step for each mode; repeats are interleaved across modes, so that a
+    change in the machine's load during the run affects every mode alike."""
+    for step in steps_by_mode.values():
+        for _ in range(10):
+            step()
+    runs: dict[str, list[float]] = {mode: [] for mode in steps_by_mode}
+    for _ in range(repeats):
+        for mode, step in steps_by_mode.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            runs[mode].append((time.perf_counter() - start) / steps)
+    return {mode: statistics.median(times) for mode, times in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    digits = load_digits()
+    x = torch.from_numpy((digits.data[: args.batch] / 16).astype(np.float32))
+    y = torch.from_numpy(digits.target[: args.batch].astype(np.int64))
+    modes = ["ghost", "hooks", "ghost, torch noise"]
+    print(
+        f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats (median), "
+        f"{args.threads} thread(s), torch {torch.__version__}"
+    )
+    print(f"{'model':6} {'mode':20} {'ms/step':>9} {'ratio':>7}")
+    for name in ("mlp", "cnn"):
+        steps_by_mode: dict[str, Step] = {}
+        for mode in ["non-private", *modes]:
+            torch.manual_seed(0)
+            net = build_model(name, input_shape=(64,), num_classes=10)
+            steps_by_mode[mode] = (
+                non_private(net, x, y) if mode == "non-private" else private(net, x, y, mode)
+            )
+        timings = time_steps(steps_by_mode, steps=args.steps, repeats=args.repeats)
+        for mode, t in timings.items():
+            print(f"{name:6} {mode:20} {1e3 * t:9.3f} {t / timings['non-private']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
