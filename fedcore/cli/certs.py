@@ -1,0 +1,145 @@
+"""``fedcore certs``: a CA, the SuperLink's TLS certificate and one key pair per site.
+
+    fedcore certs DIR [--san NAME_OR_IP ...] [--sites N | --site NAME ...] [--port PORT]
+
+Writes the files of :mod:`fedcore.deploy.pki` into ``DIR`` (never overwriting) and prints the
+commands that start the SuperLink, register the sites and start each site's SuperNode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from fedcore.errors import ConfigError
+
+DEFAULT_PORT = 9092
+CONNECTION = "fedcore"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "certs",
+        help="create a CA, a SuperLink certificate and site authentication keys",
+        description=(
+            "Create a CA, a TLS certificate for the SuperLink (with the given subject alternative "
+            "names plus localhost, 127.0.0.1 and ::1) and one node-authentication key pair per "
+            "site, then print the commands that use them."
+        ),
+    )
+    parser.add_argument(
+        "directory", metavar="DIR", help="folder to write (must not hold these files yet)"
+    )
+    parser.add_argument(
+        "--san",
+        metavar="NAME_OR_IP",
+        action="append",
+        default=[],
+        help="a host name or IP address the SuperLink is reached at (repeatable)",
+    )
+    who = parser.add_mutually_exclusive_group()
+    who.add_argument(
+        "--sites",
+        type=int,
+        default=None,
+        metavar="N",
+        help="key pairs site-0..site-N-1 (default 3)",
+    )
+    who.add_argument(
+        "--site", action="append", default=[], metavar="NAME", help="a named site (repeatable)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"SuperLink port in the printed commands (default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--valid-days", type=int, default=825, help="SuperLink certificate lifetime (default 825)"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedcore.deploy.pki import site_names, write_certs
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    names = tuple(args.site) if args.site else site_names(3 if args.sites is None else args.sites)
+    files = write_certs(
+        Path(args.directory), sans=args.san, names=names, valid_days=args.valid_days
+    )
+    host = next((s for s in args.san if s not in ("localhost", "127.0.0.1", "::1")), "127.0.0.1")
+    print(instructions(files, host=host, port=args.port))
+    return 0
+
+
+def instructions(files, *, host: str, port: int) -> str:  # noqa: ANN001 - a CertLayout
+    """The commands that use a certificate folder, as text to print."""
+    from fedcore.deploy import commands as cmd
+
+    d = files.directory
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bare = Path("")
+    superlink = cmd.superlink_argv(bare, host="0.0.0.0", port=port, tls=files.tls, node_auth=True)
+    lines = [
+        f"Wrote {len(files.files())} files to {d} (private keys mode 0600).",
+        f"  CA certificate      {files.ca_certificate}   -> every site and every flwr user",
+        f"  CA key              {files.ca_key}   -> keep offline",
+        f"  SuperLink cert/key  {files.superlink_certificate}, {files.superlink_key}"
+        "   -> SuperLink host only",
+        f"  site keys           {d / 'sites'}/NAME.key -> that site only;"
+        " NAME.pub -> registered below",
+        "",
+        f"1. On the SuperLink host (open TCP port {port} to the sites and to flwr users):",
+        "   " + cmd.shell_line(superlink),
+        "",
+        "2. Where you run flwr (the operator): add this connection to $FLWR_HOME/config.toml "
+        "(default ~/.flwr/config.toml):",
+        f"   [superlink.{CONNECTION}]",
+        f'   address = "{address}"',
+        f'   root-certificates = "{files.ca_certificate}"',
+        "",
+        "3. Register the sites (the operator, once per site):",
+    ]
+    for site in files.sites:
+        lines.append(
+            "   "
+            + cmd.shell_line(
+                cmd.register_argv(
+                    bare, public_key=site.public_key, connection=CONNECTION, name=site.name
+                )
+            )
+        )
+    lines += ["", "4. On each site's host (copy ca.crt and that site's .key there first):"]
+    for i, site in enumerate(files.sites):
+        node = cmd.supernode_argv(
+            bare,
+            superlink=address,
+            root_certificates=Path("ca.crt"),
+            private_key=Path(site.private_key.name),
+            node_config={"data-path": f"/data/{site.name}.npz"},
+            port=9094,
+        )
+        lines.append(
+            f"   # {site.name} (node config: data-path of its own file, or partition-id={i})"
+        )
+        lines.append("   " + cmd.shell_line(node))
+    lines += [
+        "",
+        "5. Start a run (the operator, in the fedcore checkout):",
+        "   "
+        + shlex.join(
+            [
+                "flwr",
+                "run",
+                ".",
+                CONNECTION,
+                "--stream",
+                "--run-config",
+                f'sites={len(files.sites)} rounds=3 out="/abs/path/on/superlink/host"',
+            ]
+        ),
+    ]
+    return "\n".join(lines)
