@@ -32,9 +32,15 @@ def digits():
     return (d.data[:120] / 16).astype(np.float32), d.target[:120].astype(np.int64)
 
 
-def site_ledger(eps: float, path=None) -> PrivacyLedger:
+def site_ledger(eps: float, path=None, accountant: str = "pld") -> PrivacyLedger:
     scope = Scope(ScopeKind.SITE_RECORDS, "site-1")
-    return PrivacyLedger(scope=scope, budget=Budget(epsilon=eps, delta=1e-5), path=path)
+    budget = Budget(epsilon=eps, delta=1e-5)
+    return PrivacyLedger(scope=scope, budget=budget, path=path, accountant=accountant)
+
+
+def cheap_ledger() -> PrivacyLedger:
+    """A roomy RDP ledger, for tests about training rather than accounting (RDP is fast)."""
+    return site_ledger(1e6, accountant="rdp")
 
 
 def model(name: str = "mlp") -> nn.Module:
@@ -82,7 +88,7 @@ def test_plan_matches_the_issue(digits):
     )
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["cnn"])
 def test_noise_only_from_the_crypto_rng_and_model_untouched(digits, monkeypatch, name):
     x, y = digits
 
@@ -95,8 +101,7 @@ def test_noise_only_from_the_crypto_rng_and_model_untouched(digits, monkeypatch,
     original = {k: v.clone() for k, v in net.state_dict().items()}
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
     runs = [
-        train_dp_sgd(net, x, y, config=config, ledger=site_ledger(50.0), rng=rng(s))
-        for s in (7, 7, 8)
+        train_dp_sgd(net, x, y, config=config, ledger=cheap_ledger(), rng=rng(s)) for s in (7, 7, 8)
     ]
     assert torch.equal(torch.get_rng_state(), torch_state)  # no global torch draws at all
     np.testing.assert_array_equal(np.random.get_state()[1], np_state)
@@ -121,9 +126,7 @@ def test_ghost_and_hooks_take_the_same_steps(digits):
             grad_sample_mode=mode,
             momentum=0.5,
         )
-        result = train_dp_sgd(
-            model("cnn"), x, y, config=config, ledger=site_ledger(50.0), rng=rng(3)
-        )
+        result = train_dp_sgd(model("cnn"), x, y, config=config, ledger=cheap_ledger(), rng=rng(3))
         assert result.grad_sample_mode is mode
         states.append(result.state)
     for k in states[0]:
@@ -184,7 +187,7 @@ def test_empty_poisson_batches_still_take_noisy_steps(digits):
         grad_sample_mode=GradSampleMode.HOOKS,
     )
     net = model()
-    result = train_dp_sgd(net, tiny_x, tiny_y, config=config, ledger=site_ledger(50.0), rng=rng())
+    result = train_dp_sgd(net, tiny_x, tiny_y, config=config, ledger=cheap_ledger(), rng=rng())
     assert result.steps == 12
     assert any(not torch.equal(net.state_dict()[k], v) for k, v in result.state.items())
 

@@ -27,7 +27,7 @@ SITE = Scope(ScopeKind.SITE_RECORDS, "site-0")
 # A few fixed events keep the accountant's cache warm across hypothesis examples.
 EVENTS = [
     PoissonSubsampledGaussian(sampling_rate=0.2, noise_multiplier=3.0, count=5),
-    PoissonSubsampledGaussian(sampling_rate=0.05, noise_multiplier=2.0, count=20),
+    PoissonSubsampledGaussian(sampling_rate=0.05, noise_multiplier=4.0, count=10),
     GaussianEvent(noise_multiplier=4.0),
 ]
 
@@ -40,7 +40,7 @@ def snapshot(led: PrivacyLedger) -> tuple:
     return (led.entries, led.epsilon(), json.dumps(led.to_json(), sort_keys=True))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(index=st.integers(0, len(EVENTS) - 1), k=st.integers(1, 3))
 def test_charging_k_times_equals_charging_once_with_count_k(index, k):
     event = EVENTS[index]
@@ -58,7 +58,7 @@ def test_charging_k_times_equals_charging_once_with_count_k(index, k):
 )
 @given(
     plan=st.lists(st.sampled_from([0, 2]), min_size=1, max_size=5),
-    budget=st.sampled_from([0.8, 1.5, 2.5]),
+    budget=st.sampled_from([0.8, 1.5]),
 )
 def test_a_refused_charge_leaves_the_ledger_and_its_file_unchanged(tmp_path, plan, budget):
     path = tmp_path / f"l-{os.urandom(4).hex()}.json"
@@ -166,8 +166,8 @@ def test_restart_in_a_separate_process(tmp_path):
         from fedcore.privacy import (Budget, PoissonSubsampledGaussian, PrivacyLedger, Scope,
                                      ScopeKind)
         led = PrivacyLedger.open({str(path)!r}, scope=Scope(ScopeKind.SITE_RECORDS, "site-7"),
-                                 budget=Budget(epsilon=1.2, delta=1e-5))
-        event = PoissonSubsampledGaussian(sampling_rate=0.2, noise_multiplier=3.0, count=5)
+                                 budget=Budget(epsilon=0.5, delta=1e-5))
+        event = PoissonSubsampledGaussian(sampling_rate=0.05, noise_multiplier=4.0, count=10)
         rounds = 0
         while led.can_afford(event):
             led.charge(event, round_number=rounds)
@@ -183,5 +183,5 @@ def test_restart_in_a_separate_process(tmp_path):
     assert reported["rounds"] >= 1 and len(led.entries) == reported["rounds"]
     assert led.epsilon() == reported["epsilon"]
     with pytest.raises(BudgetExceededError):
-        led.charge(PoissonSubsampledGaussian(sampling_rate=0.2, noise_multiplier=3.0, count=5))
+        led.charge(PoissonSubsampledGaussian(sampling_rate=0.05, noise_multiplier=4.0, count=10))
     assert len(PrivacyLedger.load(path).entries) == reported["rounds"]
