@@ -23,13 +23,20 @@ def ca() -> c.Pem:
 
 
 def test_server_certificate_names_given_sans_and_loopback(ca):
-    server = c.make_server_certificate(ca, sans=["superlink.example.org", "10.1.2.3", "2001:db8::7"])
+    server = c.make_server_certificate(
+        ca, sans=["superlink.example.org", "10.1.2.3", "2001:db8::7"]
+    )
     sans = c.certificate_sans(server.certificate)
     assert sans[:3] == ("superlink.example.org", "10.1.2.3", "2001:db8::7")
     assert set(c.LOOPBACK_SANS) <= set(sans)
     cert = x509.load_pem_x509_certificate(server.certificate)
     ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in ext.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "2001:db8::7", "127.0.0.1", "::1"]
+    assert [str(ip) for ip in ext.get_values_for_type(x509.IPAddress)] == [
+        "10.1.2.3",
+        "2001:db8::7",
+        "127.0.0.1",
+        "::1",
+    ]
     assert ext.get_values_for_type(x509.DNSName) == ["superlink.example.org", "localhost"]
 
 
@@ -53,8 +60,19 @@ def test_chain_verifies_with_openssl(ca, tmp_path):
     (tmp_path / "s.crt").write_bytes(server.certificate)
     try:
         done = subprocess.run(
-            ["openssl", "verify", "-CAfile", "ca.crt", "-verify_hostname", "superlink.example.org", "s.crt"],
-            cwd=tmp_path, capture_output=True, text=True, check=False,
+            [
+                "openssl",
+                "verify",
+                "-CAfile",
+                "ca.crt",
+                "-verify_hostname",
+                "superlink.example.org",
+                "s.crt",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     except FileNotFoundError:
         pytest.skip("openssl is not installed")
@@ -82,7 +100,9 @@ def test_auth_keys_are_openssh_p384_and_load(tmp_path):
     (tmp_path / "k.pub").write_bytes(pair.public_key)
     assert try_load_public_key(tmp_path / "k.pub")
     with pytest.raises(ConfigError):
-        c.check_auth_public_key(b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl")
+        c.check_auth_public_key(
+            b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+        )
     with pytest.raises(ConfigError):
         c.check_auth_private_key(b"not a key")
 
@@ -94,8 +114,11 @@ def test_write_certs_layout_modes_and_no_overwrite(tmp_path):
         assert path.exists()
     for private in (files.ca_key, files.superlink_key, *(s.private_key for s in files.sites)):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
-    c.verify_certificate(files.ca_certificate.read_bytes(), files.superlink_certificate.read_bytes(),
-                         host="superlink.example.org")
+    c.verify_certificate(
+        files.ca_certificate.read_bytes(),
+        files.superlink_certificate.read_bytes(),
+        host="superlink.example.org",
+    )
     for site in files.sites:
         c.check_auth_private_key(site.private_key.read_bytes())
         c.check_auth_public_key(site.public_key.read_bytes())
@@ -115,10 +138,15 @@ def test_site_names_are_checked(tmp_path):
 
 
 def test_cli_writes_files_and_prints_register_commands(tmp_path, capsys):
-    assert main(["certs", str(tmp_path / "pki"), "--san", "superlink.example.org", "--sites", "2"]) == 0
+    assert (
+        main(["certs", str(tmp_path / "pki"), "--san", "superlink.example.org", "--sites", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     for i in range(2):
-        assert f"flwr supernode register {tmp_path / 'pki' / 'sites' / f'site-{i}.pub'} fedcore" in out
+        assert (
+            f"flwr supernode register {tmp_path / 'pki' / 'sites' / f'site-{i}.pub'} fedcore" in out
+        )
     assert "--enable-supernode-auth" in out and "--disable-runtime-dependency-installation" in out
     assert 'address = "superlink.example.org:9092"' in out
     # A second time into the same folder: one line, exit 2, nothing overwritten.
@@ -130,7 +158,9 @@ def test_cli_writes_files_and_prints_register_commands(tmp_path, capsys):
 def test_cli_bad_san_exits_2(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "fedcore.cli", "certs", str(tmp_path / "x"), "--san", "http://x"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 2 and "SAN" in done.stderr
     assert not (tmp_path / "x" / "ca.key").exists()
