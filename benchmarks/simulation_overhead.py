@@ -35,18 +35,38 @@ def steady(ends: list[float]) -> float:
 def learned(name: str, accuracy: list[float], failed: list[int]) -> None:
     """Refuse to time a run that did not train: a failing peer looks fast."""
     if any(failed) or not accuracy or accuracy[-1] < 0.5:
-        raise SystemExit(f"{name}: the run did not train properly (accuracy {accuracy}, failed sites {failed})")
+        raise SystemExit(
+            f"{name}: the run did not train properly (accuracy {accuracy}, failed sites {failed})"
+        )
 
 
 def fedcore_round(sites: int, rounds: int, tmp: Path) -> float:
     out = tmp / f"fedcore-{sites}"
     subprocess.run(
-        [sys.executable, "-m", "fedcore.cli", "simulate", "--set", f"sites={sites}", "--set", f"rounds={rounds}",
-         "--out", str(out)],
-        check=True, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "fedcore.cli",
+            "simulate",
+            "--set",
+            f"sites={sites}",
+            "--set",
+            f"rounds={rounds}",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    learned(f"fedcore, {sites} sites", [r["eval_accuracy"] for r in rows], [r["sites_failed"] for r in rows])
+    learned(
+        f"fedcore, {sites} sites",
+        [r["eval_accuracy"] for r in rows],
+        [r["sites_failed"] for r in rows],
+    )
     return steady([r["ended_at"] for r in rows])
 
 
@@ -61,8 +81,14 @@ run_app(Path({str(BARE)!r}), server_app="bare_app:server", client_app="bare_app:
         sites={sites}, backend={{"client_resources": {{"num_cpus": 1, "num_gpus": 0}},
                                 "init_args": {{"num_cpus": {os.cpu_count()}, "include_dashboard": False}}}})
 """
-    subprocess.run([sys.executable, "-c", code], check=True, env=ENV, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     result = json.loads(out.read_text())
     learned(f"bare Flower, {sites} sites", result["accuracy"][1:], [0])
     return steady(result["ended_at"][1:])  # [0] is the initial evaluation, before round 1

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from fedcore.config import from_run_config
 from fedcore.errors import FedcoreError
 from fedcore.federation import messages as m
-from fedcore.federation.site import evaluate_round, train_round
+from fedcore.federation.site import SiteDeclined, evaluate_round, train_round
 from fedcore.federation.site_data import site_data
 
 # Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
@@ -32,7 +32,9 @@ def _replies_with_errors(handler: Handler) -> Handler:
         try:
             return handler(msg, context)
         except FedcoreError as exc:
-            return Message(Error(code=FEDCORE_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            return Message(
+                Error(code=FEDCORE_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg
+            )
 
     return wrapped
 
@@ -40,31 +42,47 @@ def _replies_with_errors(handler: Handler) -> Handler:
 @app.train()
 @_replies_with_errors
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content[m.CONFIG]
+    arrays, config = m.instruction(msg)
     server_round, num_classes, input_shape = m.read_train_config(config)
     settings = from_run_config(context.run_config)
-    update = train_round(
+    site = site_data(settings, context.node_config)
+    outcome = train_round(
         settings,
-        site=site_data(settings, context.node_config),
-        global_state=m.record_to_state(msg.content[m.ARRAYS]),
+        site=site,
+        global_state=m.record_to_state(arrays),
         num_classes=num_classes,
         input_shape=input_shape,
         server_round=server_round,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        node_config=context.node_config,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
     )
-    return m.train_reply(msg, update.state, num_examples=update.num_examples, loss=update.train_loss)
+    if isinstance(outcome, SiteDeclined):
+        return m.declined_reply(
+            msg, site_id=site.site_id, site_epsilon=outcome.site_epsilon, reason=outcome.reason
+        )
+    return m.train_reply(
+        msg,
+        outcome.state,
+        num_examples=outcome.num_examples,
+        loss=outcome.train_loss,
+        site_id=site.site_id,
+        site_epsilon=outcome.site_epsilon,
+    )
 
 
 @app.evaluate()
 @_replies_with_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    _, num_classes, input_shape = m.read_train_config(msg.content[m.CONFIG])
+    arrays, config = m.instruction(msg)
+    _, num_classes, input_shape = m.read_train_config(config)
     settings = from_run_config(context.run_config)
     result = evaluate_round(
         settings,
         site=site_data(settings, context.node_config),
-        global_state=m.record_to_state(msg.content[m.ARRAYS]),
+        global_state=m.record_to_state(arrays),
         num_classes=num_classes,
         input_shape=input_shape,
     )
-    return m.evaluate_reply(msg, num_examples=result.num_examples, loss=result.loss, accuracy=result.accuracy)
+    return m.evaluate_reply(
+        msg, num_examples=result.num_examples, loss=result.loss, accuracy=result.accuracy
+    )

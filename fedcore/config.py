@@ -32,6 +32,9 @@ from fedcore.errors import ConfigError
 Partition = Literal["iid", "dirichlet", "pathological"]
 StrategyName = Literal["fedavg", "fedadam", "fedprox"]
 Device = Literal["auto", "cpu", "cuda"]
+Clipping = Literal["fixed", "adaptive"]
+Accountant = Literal["pld", "rdp"]
+SecAggMode = Literal["semi-honest", "active"]
 
 Scalar = bool | int | float | str
 
@@ -50,6 +53,82 @@ class SyntheticSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SiteDPSettings:
+    """Record-level DP-SGD at each site (on when ``epsilon`` is set)."""
+
+    epsilon: float | None = field(
+        default=None, metadata=_doc("each site's record-level budget; unset: no DP-SGD", gt=0)
+    )
+    delta: float = field(default=1e-5, metadata=_doc("each site's delta", gt=0, lt=1))
+    noise_multiplier: float | None = field(
+        default=None,
+        metadata=_doc(
+            "DP-SGD noise multiplier; unset: calibrated from the budget over all rounds", gt=0
+        ),
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata=_doc("per-example gradient clipping norm", gt=0)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerDPSettings:
+    """Site-level DP at a trusted server, DP-FedAvg (on when ``epsilon`` is set)."""
+
+    epsilon: float | None = field(
+        default=None, metadata=_doc("the federation's site-level budget; unset: off", gt=0)
+    )
+    delta: float = field(default=1e-5, metadata=_doc("the federation's delta", gt=0, lt=1))
+    noise_multiplier: float | None = field(
+        default=None,
+        metadata=_doc(
+            "noise on the sum, in units of clip_norm; unset: calibrated over all rounds", gt=0
+        ),
+    )
+    clip_norm: float = field(
+        default=1.0, metadata=_doc("L2 bound on each site's update (initial, if adaptive)", gt=0)
+    )
+    clipping: Clipping = field(
+        default="fixed", metadata=_doc("fixed, or adaptive (Andrew et al. 2021)")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DPSettings:
+    site: SiteDPSettings = field(default_factory=SiteDPSettings)
+    server: ServerDPSettings = field(default_factory=ServerDPSettings)
+    accountant: Accountant = field(
+        default="pld", metadata=_doc("privacy accountant of every ledger")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggSettings:
+    """Secure aggregation inside the federation (issue 5)."""
+
+    enabled: bool = field(
+        default=False, metadata=_doc("mask updates so the server learns only their sum")
+    )
+    neighbors: str = field(
+        default="complete", metadata=_doc("complete, or an integer k (SecAgg+ k-regular graph)")
+    )
+    threshold: int | None = field(
+        default=None, metadata=_doc("survivors needed to unmask; unset: a safe default", min=2)
+    )
+    bits: int = field(default=32, metadata=_doc("bits of the ring Z_(2^bits)", min=8, le=62))
+    clip_range: float = field(
+        default=4.0, metadata=_doc("updates are clipped to [-r, r] before encoding", gt=0)
+    )
+    timeout: float = field(
+        default=120.0, metadata=_doc("seconds each protocol stage waits for sites", gt=0)
+    )
+    mode: SecAggMode = field(
+        default="semi-honest",
+        metadata=_doc("semi-honest, or active (signed adverts, consistency check)"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of ``fedcore simulate``; defaults are the main job (digits over 10 sites)."""
 
@@ -57,10 +136,14 @@ class Settings:
     rounds: int = field(default=20, metadata=_doc("federated rounds", min=1))
     dataset: str = field(
         default="digits",
-        metadata=_doc("digits | synthetic | a local .npz/.csv/.parquet/saved HF dataset | hf:<hub name>"),
+        metadata=_doc(
+            "digits | synthetic | a local .npz/.csv/.parquet/saved HF dataset | hf:<hub name>"
+        ),
     )
     partition: Partition = field(default="iid", metadata=_doc("how data is split across sites"))
-    alpha: float = field(default=0.5, metadata=_doc("Dirichlet concentration (partition=dirichlet)", gt=0))
+    alpha: float = field(
+        default=0.5, metadata=_doc("Dirichlet concentration (partition=dirichlet)", gt=0)
+    )
     classes_per_site: int = field(
         default=2, metadata=_doc("classes per site (partition=pathological)", min=1)
     )
@@ -79,19 +162,25 @@ class Settings:
         default=600.0, metadata=_doc("seconds to wait for sites' replies in each exchange", gt=0)
     )
     seed: int = field(default=0, metadata=_doc("seed for data, partitioning, initial model"))
-    device: Device = field(default="auto", metadata=_doc("training device: auto uses CUDA when present"))
+    device: Device = field(
+        default="auto", metadata=_doc("training device: auto uses CUDA when present")
+    )
     client_cpus: float = field(
         default=1.0, metadata=_doc("CPUs reserved per site in simulation", gt=0)
     )
     client_gpus: float = field(
-        default=0.0, metadata=_doc("GPU share per site in simulation (0.5 = two sites per GPU)", ge=0)
+        default=0.0,
+        metadata=_doc("GPU share per site in simulation (0.5 = two sites per GPU)", ge=0),
     )
     test_fraction: float = field(default=0.2, metadata=_doc("per-site test split", gt=0, lt=1))
     holdout_fraction: float = field(
-        default=0.2, metadata=_doc("share of the data kept by the server for central evaluation", gt=0, lt=1)
+        default=0.2,
+        metadata=_doc("share of the data kept by the server for central evaluation", gt=0, lt=1),
     )
     out: str = field(default="", metadata=_doc("run record directory; empty: runs/<timestamp>"))
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+    dp: DPSettings = field(default_factory=DPSettings)
+    secagg: SecAggSettings = field(default_factory=SecAggSettings)
 
     def to_dict(self) -> dict[str, Scalar | None]:
         """Flat ``{dotted key: value}`` of every setting (``None`` for unset optionals)."""
@@ -136,7 +225,9 @@ def _is_group(tp: Any) -> bool:
 
 
 def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(
+        None
+    ) in typing.get_args(tp)
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -177,7 +268,9 @@ def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, Scalar | None]]:
 def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, SPECS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown setting {key!r}{hint}; `fedcore simulate --help-settings` lists them")
+    return ConfigError(
+        f"unknown setting {key!r}{hint}; `fedcore simulate --help-settings` lists them"
+    )
 
 
 def _coerce(spec: SettingSpec, value: Any, *, from_text: bool) -> Scalar | None:
@@ -265,6 +358,20 @@ def flatten_mapping(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 
 def _cross_check(settings: Settings) -> None:
+    if settings.secagg.enabled:
+        raise ConfigError(
+            "setting 'secagg.enabled' is true, but secure aggregation is not wired into the federation yet "
+            "(the protocol core is fedcore.secagg; see the README's status table)"
+        )
+    if settings.dp.site.epsilon is not None and settings.strategy == "fedprox":
+        raise ConfigError(
+            "strategy 'fedprox' adds a proximal term that DP-SGD does not support; use fedavg or fedadam"
+        )
+    neighbors = settings.secagg.neighbors
+    if neighbors != "complete" and not (neighbors.isdigit() and int(neighbors) >= 2):
+        raise ConfigError(
+            f"setting 'secagg.neighbors' must be 'complete' or an integer >= 2, got {neighbors!r}"
+        )
     if settings.device == "cuda":
         import torch
 
@@ -323,7 +430,9 @@ def _checked(key: str, value: Any, *, from_text: bool) -> Scalar | None:
 
 def from_run_config(run_config: Mapping[str, Any]) -> Settings:
     # Every message a site handles carries the same run config: parse it once per process.
-    return _from_run_config_items(tuple(sorted((k, v) for k, v in run_config.items() if k in SPECS)))
+    return _from_run_config_items(
+        tuple(sorted((k, v) for k, v in run_config.items() if k in SPECS))
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -354,5 +463,5 @@ def describe() -> str:
     for spec in SPECS.values():
         choices = f" ({'|'.join(spec.choices)})" if spec.choices else ""
         default = "unset" if spec.default is None else json.dumps(spec.default)
-        lines.append(f"  {spec.key:<22} {default:<10} {spec.help}{choices}")
+        lines.append(f"  {spec.key:<26} {default:<13} {spec.help}{choices}")
     return "\n".join(lines)

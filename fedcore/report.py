@@ -12,7 +12,11 @@ if TYPE_CHECKING:
 
 
 def _fmt(value: float, spec: str = ".4f") -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and not math.isfinite(value))
+        else format(value, spec)
+    )
 
 
 def _bytes(n: int) -> str:
@@ -44,13 +48,22 @@ def write_accuracy_plot(record: RunRecord, path: Path) -> None:
             linestyle="--",
             label="sites' test splits",
         )
-    ax_acc.set(xlabel="round", ylabel="accuracy", title="Accuracy of the global model", ylim=(0, 1.02))
+    ax_acc.set(
+        xlabel="round", ylabel="accuracy", title="Accuracy of the global model", ylim=(0, 1.02)
+    )
     ax_acc.grid(alpha=0.3)
     ax_acc.legend(loc="lower right")
     ax_loss.plot(rounds, loss, marker="o", color="tab:red", label="central eval loss")
     train = [r.train_loss for r in record.rows]
     if any(math.isfinite(v) for v in train):
-        ax_loss.plot([r.round for r in record.rows], train, marker=".", linestyle="--", color="tab:gray", label="train loss")
+        ax_loss.plot(
+            [r.round for r in record.rows],
+            train,
+            marker=".",
+            linestyle="--",
+            color="tab:gray",
+            label="train loss",
+        )
     ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
@@ -63,10 +76,96 @@ def write_accuracy_plot(record: RunRecord, path: Path) -> None:
     plt.close(fig)
 
 
+def has_privacy(record: RunRecord) -> bool:
+    dp = record.settings.dp
+    return dp.site.epsilon is not None or dp.server.epsilon is not None
+
+
+def write_privacy_plot(record: RunRecord, path: Path) -> None:
+    """Epsilon spent per round: the federation's (DP-FedAvg) and each site's (DP-SGD), with budgets."""
+    if not has_privacy(record):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    dp = record.settings.dp
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = [r.round for r in record.rows]
+    sites = sorted({site for r in record.rows for site in r.site_epsilon}, key=int)
+    for i, site in enumerate(sites):
+        ax.plot(
+            [r.round for r in record.rows if site in r.site_epsilon],
+            [r.site_epsilon[site] for r in record.rows if site in r.site_epsilon],
+            color="tab:blue",
+            alpha=0.35,
+            marker=".",
+            label="each site (record level)" if i == 0 else None,
+        )
+    if dp.site.epsilon is not None:
+        ax.axhline(
+            dp.site.epsilon,
+            color="tab:blue",
+            linestyle="--",
+            label=f"site budget {dp.site.epsilon:g}",
+        )
+    if dp.server.epsilon is not None:
+        ax.plot(
+            rounds,
+            [r.server_epsilon for r in record.rows],
+            color="tab:red",
+            marker="o",
+            label="federation (site level)",
+        )
+        ax.axhline(
+            dp.server.epsilon,
+            color="tab:red",
+            linestyle="--",
+            label=f"federation budget {dp.server.epsilon:g}",
+        )
+    ax.set(
+        xlabel="round",
+        ylabel="epsilon spent",
+        title=f"Privacy spent (delta as budgeted, {dp.accountant} accountant)",
+    )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _privacy_lines(record: RunRecord) -> list[str]:
+    if not has_privacy(record):
+        return []
+    dp = record.settings.dp
+    last = record.rows[-1] if record.rows else None
+    lines = []
+    if dp.site.epsilon is not None:
+        spent = list(last.site_epsilon.values()) if last else []
+        top = f"{max(spent):.3f}" if spent else "-"
+        declined = sum(r.sites_declined for r in record.rows)
+        lines.append(
+            f"- **Record-level DP (DP-SGD)**: budget epsilon {dp.site.epsilon:g} at delta {dp.site.delta:g} per site; "
+            f"largest spend reported in the last round {top}; {declined} site-rounds declined"
+        )
+    if dp.server.epsilon is not None:
+        spent_server = _fmt(last.server_epsilon, ".3f") if last else "-"
+        lines.append(
+            f"- **Site-level DP (DP-FedAvg)**: budget epsilon {dp.server.epsilon:g} at delta {dp.server.delta:g}; "
+            f"spent {spent_server}"
+        )
+    return [*lines, "", "![privacy](privacy.png)", ""]
+
+
 def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str) -> None:
     s = record.settings
     rows = record.rows
-    elapsed = (dt.datetime.now(dt.timezone.utc) - record.started).total_seconds()
+    elapsed = (dt.datetime.now(dt.UTC) - record.started).total_seconds()
     lines = [
         "# fedcore run",
         "",
@@ -79,6 +178,7 @@ def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str)
         f"- **Traffic**: {_bytes(sum(r.bytes_down for r in rows))} down, "
         f"{_bytes(sum(r.bytes_up for r in rows))} up",
         "",
+        *_privacy_lines(record),
         "![accuracy](accuracy.png)",
         "",
         "| round | sampled | replied | failed | train loss | eval loss | eval acc | site acc | seconds |",
@@ -93,5 +193,9 @@ def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str)
     if failures:
         lines += ["", "## Site failures", ""]
         lines += [f"- round {rnd}, node {node}: {why}" for rnd, node, why in failures]
-    lines += ["", "Files: `config.json` (settings), `history.jsonl` (one line per round), `model.pt` (final state_dict).", ""]
+    lines += [
+        "",
+        "Files: `config.json` (settings), `history.jsonl` (one line per round), `model.pt` (final state_dict).",
+        "",
+    ]
     path.write_text("\n".join(lines))

@@ -4,7 +4,8 @@
 - ``history.jsonl``: one JSON object per round, appended and flushed as each round ends, so a run
   that crashes keeps every finished round;
 - ``model.pt``: the final global model's ``state_dict`` (written atomically);
-- ``summary.md`` and ``accuracy.png``: what a person looks at first.
+- ``summary.md`` and ``accuracy.png``: what a person looks at first;
+- with DP on, ``privacy.json`` (the ledgers and every round's epsilons) and ``privacy.png``.
 
 Round 0 in memory is the initial model's central evaluation; it is shown in the summary and the
 plot but not written to ``history.jsonl``, whose rows are rounds 1..R.
@@ -63,11 +64,17 @@ class RoundRow:
     site_eval_loss: float = math.nan
     site_eval_accuracy: float = math.nan
     failures: Mapping[str, str] = field(default_factory=dict)
+    sites_declined: int = 0  # sites whose record-level budget could not afford the round
+    site_epsilon: Mapping[str, float] = field(
+        default_factory=dict
+    )  # site id -> record-level epsilon
+    server_epsilon: float = math.nan  # the federation's site-level epsilon (DP-FedAvg); null if off
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields added by privacy layers
 
     def to_json(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k != "extra"}
         row["failures"] = dict(self.failures)
+        row["site_epsilon"] = dict(self.site_epsilon)
         row.update(self.extra)
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -110,7 +117,7 @@ class RunRecord:
         self.rows: list[RoundRow] = []
         self.initial_loss = math.nan
         self.initial_accuracy = math.nan
-        self.started = dt.datetime.now(dt.timezone.utc)
+        self.started = dt.datetime.now(dt.UTC)
         config = {
             "settings": settings.to_dict(),
             "fedcore_version": __version__,
@@ -136,14 +143,19 @@ class RunRecord:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def write_json(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Write ``doc`` as ``name`` in the record, atomically."""
+        _atomic_write(self.path / name, lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
+
     def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
         _atomic_write(self.path / "model.pt", lambda fh: torch.save(dict(state), fh))
 
     def finish(self, *, status: Status, reason: str = "") -> None:
         """Write ``summary.md`` and ``accuracy.png``; safe to call after a failure."""
-        from fedcore.report import write_accuracy_plot, write_summary
+        from fedcore.report import write_accuracy_plot, write_privacy_plot, write_summary
 
         write_accuracy_plot(self, self.path / "accuracy.png")
+        write_privacy_plot(self, self.path / "privacy.png")
         write_summary(self, self.path / "summary.md", status=status, reason=reason)
 
     @property

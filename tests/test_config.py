@@ -12,20 +12,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pyproject_app_config_lists_every_setting_with_its_default():
-    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"
+    ]
     assert cfg.flatten_mapping(app_config) == cfg.Settings().to_run_config()
 
 
 def test_issue_keys_exist():
-    for key in ("sites", "rounds", "dataset", "partition", "alpha", "model", "local_epochs", "batch_size", "lr",
-                "strategy", "seed"):
+    for key in (
+        "sites",
+        "rounds",
+        "dataset",
+        "partition",
+        "alpha",
+        "model",
+        "local_epochs",
+        "batch_size",
+        "lr",
+        "strategy",
+        "seed",
+    ):
         assert key in cfg.SPECS
 
 
 def test_toml_tables_and_dotted_keys_and_overrides(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('sites = 4\nlr = 1\n[synthetic]\nsamples = 300\n')
-    settings = cfg.resolve(file=path, overrides=["synthetic.classes=3", "rounds=7", "partition=dirichlet"])
+    path.write_text("sites = 4\nlr = 1\n[synthetic]\nsamples = 300\n")
+    settings = cfg.resolve(
+        file=path, overrides=["synthetic.classes=3", "rounds=7", "partition=dirichlet"]
+    )
     assert (settings.sites, settings.rounds, settings.lr) == (4, 7, 1.0)
     assert isinstance(settings.lr, float)
     assert (settings.synthetic.samples, settings.synthetic.classes) == (300, 3)

@@ -7,7 +7,9 @@ from fedcore.models import build_model
 
 
 def tiny_user_model(*, input_shape, num_classes):
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+    )
 
 
 def not_a_model(*, input_shape, num_classes):

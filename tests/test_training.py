@@ -36,8 +36,15 @@ def test_proximal_term_keeps_weights_closer_to_the_start():
         torch.manual_seed(0)
         model = build_model("mlp", input_shape=(4,), num_classes=2)
         start = [p.detach().clone() for p in model.parameters()]
-        train_epochs(model, x, y, epochs=2, batch_size=16, lr=0.1, device=CPU, seed=1, proximal_mu=mu)
-        distances.append(sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(model.parameters(), start)))
+        train_epochs(
+            model, x, y, epochs=2, batch_size=16, lr=0.1, device=CPU, seed=1, proximal_mu=mu
+        )
+        distances.append(
+            sum(
+                float((p.detach() - s).pow(2).sum())
+                for p, s in zip(model.parameters(), start, strict=True)
+            )
+        )
     assert distances[1] < distances[0]
 
 

@@ -36,10 +36,20 @@ def train(msg: Message, context: Context) -> Message:
     site = load_site(data, int(context.node_config["partition-id"]))
     model = _model(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    result = train_epochs(model, site.train.x, site.train.y, epochs=int(cfg["local_epochs"]),
-                          batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]), device=CPU, seed=0)
+    result = train_epochs(
+        model,
+        site.train.x,
+        site.train.y,
+        epochs=int(cfg["local_epochs"]),
+        batch_size=int(cfg["batch_size"]),
+        lr=float(cfg["lr"]),
+        device=CPU,
+        seed=0,
+    )
     metrics = MetricRecord({"num-examples": len(site.train.y), "train_loss": result.loss})
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
+    )
 
 
 @client.evaluate()
@@ -50,7 +60,13 @@ def evaluate_site(msg: Message, context: Context) -> Message:
     model = _model(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     result = evaluate(model, site.test.x, site.test.y, device=CPU)
-    metrics = MetricRecord({"num-examples": result.num_examples, "eval_loss": result.loss, "eval_accuracy": result.accuracy})
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "eval_loss": result.loss,
+            "eval_accuracy": result.accuracy,
+        }
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
@@ -71,9 +87,16 @@ def main(grid: Grid, context: Context) -> None:
         accuracy.append(result.accuracy)
         return MetricRecord({"accuracy": result.accuracy})
 
-    strategy = FedAvg(min_train_nodes=int(cfg["sites"]), min_evaluate_nodes=int(cfg["sites"]),
-                      min_available_nodes=int(cfg["sites"]))
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=int(cfg["rounds"]),
-                   evaluate_fn=central)
+    strategy = FedAvg(
+        min_train_nodes=int(cfg["sites"]),
+        min_evaluate_nodes=int(cfg["sites"]),
+        min_available_nodes=int(cfg["sites"]),
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=int(cfg["rounds"]),
+        evaluate_fn=central,
+    )
     with open(str(cfg["out"]), "w") as fh:
         json.dump({"ended_at": ends, "accuracy": accuracy}, fh)

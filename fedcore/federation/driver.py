@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,29 +60,39 @@ class NullReporter:
 
 @dataclass(frozen=True, slots=True)
 class Exchange:
-    """What came back from one send-and-receive."""
+    """What came back from one send-and-receive: usable replies, declines (a site's budget would
+    be passed), failures with their reasons, and the epsilons sites reported."""
 
     valid: list[Message]
+    declined: dict[str, str]
     failures: dict[str, str]
+    site_epsilon: dict[int, float]
     sent: int
     bytes_down: int
     bytes_up: int
 
 
-def _exchange(
+def exchange(
     grid: Grid, messages: Iterable[Message], *, timeout: float, check: Callable[[Message], None]
 ) -> Exchange:
     outgoing = list(messages)
     bytes_down = sum(m.content_bytes(msg) for msg in outgoing)
     replies = list(grid.send_and_receive(outgoing, timeout=timeout)) if outgoing else []
     valid: list[Message] = []
+    declined: dict[str, str] = {}
     failures: dict[str, str] = {}
+    reported: dict[int, float] = {}
     bytes_up = 0
     for reply in replies:
         node = str(reply.metadata.src_node_id)
         bytes_up += m.content_bytes(reply)
         if reply.has_error():
             failures[node] = f"error reply ({reply.error.code}): {reply.error.reason}"
+            continue
+        if (site_eps := m.site_epsilon(reply)) is not None:
+            reported[site_eps[0]] = site_eps[1]
+        if (reason := m.declined_reason(reply)) is not None:
+            declined[node] = reason
             continue
         try:
             check(reply)
@@ -97,7 +106,13 @@ def _exchange(
         if node not in answered:
             failures[node] = f"no reply within {timeout:g} s"
     return Exchange(
-        valid=valid, failures=failures, sent=len(outgoing), bytes_down=bytes_down, bytes_up=bytes_up
+        valid=valid,
+        declined=declined,
+        failures=failures,
+        site_epsilon=reported,
+        sent=len(outgoing),
+        bytes_down=bytes_down,
+        bytes_up=bytes_up,
     )
 
 
@@ -120,42 +135,74 @@ class TrainOutcome:
     aggregated: ArrayRecord | None
     sent: int
     replied: int
+    declined: int
     failures: dict[str, str]
     bytes_down: int
     bytes_up: int
     train_loss: float
     num_examples: int
+    site_epsilon: dict[int, float] = field(default_factory=dict)
+    server_epsilon: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    stop: str = ""  # non-empty: record this round, then stop the run for this reason
+
+    @classmethod
+    def from_exchange(
+        cls, train: Exchange, aggregated: ArrayRecord | None, **fields: Any
+    ) -> TrainOutcome:
+        """The outcome of a round whose training was the single exchange ``train``."""
+        stop = ""
+        if train.sent and len(train.declined) == train.sent:
+            stop = "every sampled site declined: their record-level privacy budgets are spent"
+        return cls(
+            aggregated=aggregated,
+            sent=train.sent,
+            replied=len(train.valid),
+            declined=len(train.declined),
+            failures=train.failures,
+            bytes_down=train.bytes_down,
+            bytes_up=train.bytes_up,
+            train_loss=_weighted(train.valid, "train_loss"),
+            num_examples=sum(int(m.metric(r, m.NUM_EXAMPLES)) for r in train.valid),
+            site_epsilon=train.site_epsilon,
+            stop=stop,
+            **fields,
+        )
 
 
 class TrainRound(Protocol):
     def __call__(
-        self, grid: Grid, strategy: Strategy, *, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
         timeout: float,
     ) -> TrainOutcome: ...
 
 
 def plain_train_round(
-    grid: Grid, strategy: Strategy, *, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    grid: Grid,
+    strategy: Strategy,
+    *,
+    server_round: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    timeout: float,
 ) -> TrainOutcome:
     """Send the global model to the sampled sites; the strategy aggregates the checked replies."""
-    train = _exchange(
+    train = exchange(
         grid,
         strategy.configure_train(server_round, arrays, config, grid),
         timeout=timeout,
         check=lambda reply: m.check_train_reply(reply, arrays),
     )
-    aggregated, _ = strategy.aggregate_train(server_round, train.valid) if train.valid else (None, None)
-    return TrainOutcome(
-        aggregated=aggregated,
-        sent=train.sent,
-        replied=len(train.valid),
-        failures=train.failures,
-        bytes_down=train.bytes_down,
-        bytes_up=train.bytes_up,
-        train_loss=_weighted(train.valid, "train_loss"),
-        num_examples=sum(int(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in train.valid),
+    aggregated, _ = (
+        strategy.aggregate_train(server_round, train.valid) if train.valid else (None, None)
     )
+    return TrainOutcome.from_exchange(train, aggregated)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,16 +212,10 @@ class RunOutcome:
 
 
 def _weighted(replies: list[Message], key: str) -> float:
-    total = sum(float(r.content[m.METRICS][m.NUM_EXAMPLES]) for r in replies)
+    total = sum(m.metric(r, m.NUM_EXAMPLES) for r in replies)
     if not replies or total <= 0:
         return math.nan
-    return (
-        sum(
-            float(r.content[m.METRICS][key]) * float(r.content[m.METRICS][m.NUM_EXAMPLES])
-            for r in replies
-        )
-        / total
-    )
+    return sum(m.metric(r, key) * m.metric(r, m.NUM_EXAMPLES) for r in replies) / total
 
 
 def run_rounds(
@@ -206,13 +247,18 @@ def run_rounds(
         wait_for_sites(grid, expected=expected_sites, timeout=timeout, reporter=reporter)
         try:
             train = train_round(
-                grid, strategy, server_round=server_round, arrays=arrays, config=config(server_round), timeout=timeout
+                grid,
+                strategy,
+                server_round=server_round,
+                arrays=arrays,
+                config=config(server_round),
+                timeout=timeout,
             )
         except BudgetExceededError as exc:
             return RunOutcome(arrays=arrays, stopped=f"round {server_round} not run: {exc}")
         if train.aggregated is not None:
             arrays = train.aggregated
-        evaluation = _exchange(
+        evaluation = exchange(
             grid,
             strategy.configure_evaluate(server_round, arrays, config(server_round), grid),
             timeout=timeout,
@@ -223,7 +269,7 @@ def run_rounds(
             round=server_round,
             sites_sampled=train.sent,
             sites_replied=train.replied,
-            sites_failed=train.sent - train.replied,
+            sites_failed=train.sent - train.replied - train.declined,
             train_loss=train.train_loss,
             eval_loss=central.loss,
             eval_accuracy=central.accuracy,
@@ -234,9 +280,19 @@ def run_rounds(
             ended_at=time.time(),
             site_eval_loss=_weighted(evaluation.valid, "eval_loss"),
             site_eval_accuracy=_weighted(evaluation.valid, "eval_accuracy"),
-            failures={**{f"{k} (evaluate)": v for k, v in evaluation.failures.items()}, **train.failures},
+            failures={
+                **{f"{k} (evaluate)": v for k, v in evaluation.failures.items()},
+                **train.failures,
+            },
+            sites_declined=train.declined,
+            site_epsilon={str(k): v for k, v in sorted(train.site_epsilon.items())},
+            server_epsilon=math.nan if train.server_epsilon is None else train.server_epsilon,
             extra=dict(train.extra),
         )
         record.append(row)
         reporter.round_done(row, rounds=rounds)
+        if train.stop:
+            return RunOutcome(
+                arrays=arrays, stopped=f"stopped after round {server_round}: {train.stop}"
+            )
     return RunOutcome(arrays=arrays)

@@ -3,8 +3,10 @@
 A train instruction carries ``arrays`` (the global model, an ``ArrayRecord``) and ``config`` (a
 ``ConfigRecord`` with ``server-round``, ``num-classes`` and ``input-shape``). A train reply carries
 ``arrays`` (the site's new weights) and ``metrics`` (a ``MetricRecord`` with ``num-examples`` and
-``train_loss``). An evaluate reply carries ``metrics`` with ``num-examples``, ``eval_loss`` and
-``eval_accuracy``.
+``train_loss``, plus ``site-id`` and, under record-level DP, ``site_epsilon``). A site that cannot
+afford a round under its privacy budget sends a *declined* reply instead: ``metrics`` with
+``declined = 1``, ``site-id`` and ``site_epsilon``, and a ``status`` config record with the reason.
+An evaluate reply carries ``metrics`` with ``num-examples``, ``eval_loss`` and ``eval_accuracy``.
 
 A reply from a site is untrusted input: :func:`check_train_reply` refuses a missing record, missing
 or extra arrays, a wrong shape or dtype, a NaN or infinite value, or a bad example count, with
@@ -27,6 +29,23 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 NUM_EXAMPLES = "num-examples"
+STATUS = "status"
+SITE_ID = "site-id"
+SITE_EPSILON = "site_epsilon"
+DECLINED = "declined"
+
+
+def metric(reply: Message, key: str) -> float:
+    """A number from a checked reply's ``metrics`` record."""
+    value = reply.content.metric_records[METRICS][key]
+    if not isinstance(value, int | float):
+        raise RemoteProtocolError(f"metric {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def arrays_of(reply: Message) -> ArrayRecord:
+    """The ``arrays`` record of a checked train reply."""
+    return reply.content.array_records[ARRAYS]
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -46,32 +65,100 @@ def content_bytes(message: Message) -> int:
     return sum(record.count_bytes() for record in message.content.values())
 
 
-def train_config(*, server_round: int, num_classes: int, input_shape: tuple[int, ...]) -> ConfigRecord:
+def train_config(
+    *, server_round: int, num_classes: int, input_shape: tuple[int, ...]
+) -> ConfigRecord:
     return ConfigRecord(
-        {"server-round": server_round, "num-classes": num_classes, "input-shape": json.dumps(list(input_shape))}
+        {
+            "server-round": server_round,
+            "num-classes": num_classes,
+            "input-shape": json.dumps(list(input_shape)),
+        }
     )
+
+
+def instruction(message: Message) -> tuple[ArrayRecord, ConfigRecord]:
+    """The global model and config of a train or evaluate instruction from the server."""
+    arrays = message.content.array_records.get(ARRAYS)
+    config = message.content.config_records.get(CONFIG)
+    if arrays is None or config is None:
+        raise RemoteProtocolError(
+            f"an instruction must hold records {ARRAYS!r} and {CONFIG!r}, got {sorted(message.content.keys())}"
+        )
+    return arrays, config
 
 
 def read_train_config(config: ConfigRecord) -> tuple[int, int, tuple[int, ...]]:
     """``(server_round, num_classes, input_shape)`` from a train/evaluate instruction."""
     try:
-        server_round = int(config["server-round"])
-        num_classes = int(config["num-classes"])
+        server_round = int(config["server-round"])  # type: ignore[arg-type]
+        num_classes = int(config["num-classes"])  # type: ignore[arg-type]
         input_shape = tuple(int(s) for s in json.loads(str(config["input-shape"])))
     except (KeyError, TypeError, ValueError) as exc:
         raise RemoteProtocolError(f"malformed train config from the server: {exc!r}") from exc
     return server_round, num_classes, input_shape
 
 
-def train_reply(message: Message, state: Mapping[str, torch.Tensor], *, num_examples: int, loss: float) -> Message:
+def train_reply(
+    message: Message,
+    state: Mapping[str, torch.Tensor],
+    *,
+    num_examples: int,
+    loss: float,
+    site_id: int,
+    site_epsilon: float | None = None,
+) -> Message:
+    metrics = MetricRecord({NUM_EXAMPLES: num_examples, "train_loss": loss, SITE_ID: site_id})
+    if site_epsilon is not None:
+        metrics[SITE_EPSILON] = site_epsilon
+    return Message(
+        content=RecordDict({ARRAYS: state_to_record(state), METRICS: metrics}), reply_to=message
+    )
+
+
+def declined_reply(message: Message, *, site_id: int, site_epsilon: float, reason: str) -> Message:
+    """The reply of a site that will not train this round (its privacy budget would be passed)."""
     content = RecordDict(
-        {ARRAYS: state_to_record(state), METRICS: MetricRecord({NUM_EXAMPLES: num_examples, "train_loss": loss})}
+        {
+            METRICS: MetricRecord({DECLINED: 1, SITE_ID: site_id, SITE_EPSILON: site_epsilon}),
+            STATUS: ConfigRecord({"reason": reason}),
+        }
     )
     return Message(content=content, reply_to=message)
 
 
+def declined_reason(reply: Message) -> str | None:
+    """The reason a site declined, or None if ``reply`` is not a decline."""
+    if reply.has_error():
+        return None
+    metrics = reply.content.metric_records.get(METRICS)
+    if metrics is None or metrics.get(DECLINED) != 1:
+        return None
+    status = reply.content.config_records.get(STATUS)
+    return str(status.get("reason", "declined")) if status is not None else "declined"
+
+
+def site_epsilon(reply: Message) -> tuple[int, float] | None:
+    """``(site id, epsilon)`` a site reported in ``reply``, if it reported both as finite numbers."""
+    if reply.has_error():
+        return None
+    metrics = reply.content.metric_records.get(METRICS)
+    if metrics is None:
+        return None
+    site, eps = metrics.get(SITE_ID), metrics.get(SITE_EPSILON)
+    if (
+        not isinstance(site, int | float)
+        or not isinstance(eps, int | float)
+        or not math.isfinite(eps)
+    ):
+        return None
+    return int(site), float(eps)
+
+
 def evaluate_reply(message: Message, *, num_examples: int, loss: float, accuracy: float) -> Message:
-    metrics = MetricRecord({NUM_EXAMPLES: num_examples, "eval_loss": loss, "eval_accuracy": accuracy})
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: num_examples, "eval_loss": loss, "eval_accuracy": accuracy}
+    )
     return Message(content=RecordDict({METRICS: metrics}), reply_to=message)
 
 
@@ -104,7 +191,12 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise RemoteProtocolError(f"array {key!r} holds NaN or infinite values")
     count = metrics.get(NUM_EXAMPLES)
-    if not isinstance(count, int | float) or not math.isfinite(count) or count <= 0 or count != int(count):
+    if (
+        not isinstance(count, int | float)
+        or not math.isfinite(count)
+        or count <= 0
+        or count != int(count)
+    ):
         raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be a positive integer, got {count!r}")
 
 
@@ -116,6 +208,9 @@ def check_evaluate_reply(reply: Message) -> None:
     for key in (NUM_EXAMPLES, "eval_loss", "eval_accuracy"):
         value = metrics.get(key)
         if not isinstance(value, int | float) or not math.isfinite(value):
-            raise RemoteProtocolError(f"evaluate metric {key!r} must be a finite number, got {value!r}")
-    if metrics[NUM_EXAMPLES] <= 0:
-        raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be positive, got {metrics[NUM_EXAMPLES]!r}")
+            raise RemoteProtocolError(
+                f"evaluate metric {key!r} must be a finite number, got {value!r}"
+            )
+    count = metrics[NUM_EXAMPLES]
+    if not isinstance(count, int | float) or count <= 0:
+        raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be positive, got {count!r}")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    TaskID,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from fedcore.runrecord import RoundRow
 from fedcore.training import EvalResult
@@ -29,16 +36,20 @@ class RichReporter:
             console=self.console,
             transient=False,
         )
-        self.task = None
+        self.task: TaskID | None = None
 
     def started(self, *, rounds: int, initial: EvalResult) -> None:
-        self.console.print(f"initial model: loss {_f(initial.loss)}, accuracy {_f(initial.accuracy)} (loss = train/eval)")
+        self.console.print(
+            f"initial model: loss {_f(initial.loss)}, accuracy {_f(initial.accuracy)} (loss = train/eval)"
+        )
         self.progress.start()
         self.task = self.progress.add_task("rounds", total=rounds, status="")
 
     def waiting(self, *, connected: int, expected: int) -> None:
         if self.task is not None:
-            self.progress.update(self.task, status=f"waiting for sites: {connected}/{expected} connected")
+            self.progress.update(
+                self.task, status=f"waiting for sites: {connected}/{expected} connected"
+            )
 
     def round_done(self, row: RoundRow, *, rounds: int) -> None:
         failed = f", [red]{row.sites_failed} failed[/red]" if row.sites_failed else ""

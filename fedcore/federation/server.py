@@ -7,6 +7,7 @@ record is finished (summary and plot) also when a round raises, with the status 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,33 +17,47 @@ from flwr.serverapp import Grid
 from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.federation import messages as m
-from fedcore.federation.driver import NullReporter, Reporter, run_rounds
+from fedcore.federation.dp_server import LEDGER_FILE, DPFedAvgRound, federation_ledger
+from fedcore.federation.driver import NullReporter, Reporter, plain_train_round, run_rounds
 from fedcore.federation.site_data import data_settings
+from fedcore.federation.site_privacy import site_state_dir
 from fedcore.federation.strategies import build_strategy
 from fedcore.models import build_model
+from fedcore.privacy import PrivacyLedger
 from fedcore.runrecord import RunRecord
 from fedcore.training import EvalResult, evaluate, pick_device
 
 
-def initial_model(settings: Settings, *, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+def initial_model(
+    settings: Settings, *, input_shape: tuple[int, ...], num_classes: int
+) -> torch.nn.Module:
     """The round-0 global model, seeded by ``settings.seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         return build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
 
 
-def run_server(grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None = None) -> RunRecord:
+def run_server(
+    grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None = None
+) -> RunRecord:
     """Run the federation described by ``settings`` on ``grid``; write the run record to ``out_dir``."""
     reporter = reporter or NullReporter()
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
     model = initial_model(settings, input_shape=input_shape, num_classes=num_classes)
     device = pick_device(settings.device)
-    record = RunRecord(out_dir, settings, extra={"input_shape": list(input_shape), "num_classes": num_classes})
+    record = RunRecord(
+        out_dir, settings, extra={"input_shape": list(input_shape), "num_classes": num_classes}
+    )
 
     def central_eval(arrays: ArrayRecord) -> EvalResult:
         model.load_state_dict(m.record_to_state(arrays))
         return evaluate(model, holdout.x, holdout.y, device=device)
 
+    train_round = plain_train_round
+    ledger = None
+    if settings.dp.server.epsilon is not None:
+        ledger = federation_ledger(settings, record.path / LEDGER_FILE)
+        train_round = DPFedAvgRound.create(settings, ledger)
     try:
         outcome = run_rounds(
             grid,
@@ -51,17 +66,55 @@ def run_server(grid: Grid, settings: Settings, out_dir: str | Path, *, reporter:
             rounds=settings.rounds,
             expected_sites=settings.sites,
             timeout=settings.round_timeout,
-            config=lambda rnd: m.train_config(server_round=rnd, num_classes=num_classes, input_shape=input_shape),
+            config=lambda rnd: m.train_config(
+                server_round=rnd, num_classes=num_classes, input_shape=input_shape
+            ),
             central_eval=central_eval,
             record=record,
             reporter=reporter,
+            train_round=train_round,
         )
     except BaseException as exc:
+        _write_privacy(record, settings, ledger)
         record.finish(status="failed", reason=f"{type(exc).__name__}: {exc}")
         raise
+    _write_privacy(record, settings, ledger)
     record.save_model(m.record_to_state(outcome.arrays))
     if outcome.stopped:
         record.finish(status="stopped", reason=outcome.stopped)
     else:
         record.finish(status="completed")
     return record
+
+
+def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger | None) -> None:
+    """``privacy.json``: the federation's ledger, the sites' ledgers where this machine holds them
+    (simulation), and what every site reported each round. Written only when some DP is on."""
+    if settings.dp.site.epsilon is None and ledger is None:
+        return
+    sites: dict[str, object] = {}
+    if settings.dp.site.epsilon is not None:
+        folder = site_state_dir(settings, {})
+        for path in sorted(folder.glob("site-*.ledger.json")) if folder.is_dir() else []:
+            sites[path.name.split(".")[0].removeprefix("site-")] = json.loads(path.read_text())
+    doc = {
+        "accountant": settings.dp.accountant,
+        "site_budget": None
+        if settings.dp.site.epsilon is None
+        else {"epsilon": settings.dp.site.epsilon, "delta": settings.dp.site.delta},
+        "server_budget": None
+        if ledger is None
+        else {"epsilon": ledger.budget.epsilon, "delta": ledger.budget.delta},
+        "federation": None if ledger is None else ledger.to_json(),
+        "sites": sites,
+        "rounds": [
+            {
+                "round": row.round,
+                "server_epsilon": None if ledger is None else row.server_epsilon,
+                "site_epsilon": dict(row.site_epsilon),
+                "sites_declined": row.sites_declined,
+            }
+            for row in record.rows
+        ],
+    }
+    record.write_json("privacy.json", doc)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedcore.config import Settings
+from fedcore.crypto import CryptoRng
 from fedcore.data import SiteData
-from fedcore.errors import RemoteProtocolError
+from fedcore.errors import BudgetExceededError, RemoteProtocolError
+from fedcore.federation.site_privacy import site_ledger
 from fedcore.models import build_model
 from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
 
@@ -31,10 +34,23 @@ class SiteUpdate:
     state: dict[str, torch.Tensor]
     num_examples: int
     train_loss: float
+    site_epsilon: float | None = None  # record-level spend after this round (DP-SGD only)
+
+
+@dataclass(frozen=True, slots=True)
+class SiteDeclined:
+    """The site will not train this round: its record-level budget cannot afford it."""
+
+    site_epsilon: float
+    reason: str
 
 
 def _model_with(
-    settings: Settings, site: SiteData, num_classes: int, input_shape: tuple[int, ...], state: Mapping[str, torch.Tensor]
+    settings: Settings,
+    site: SiteData,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    state: Mapping[str, torch.Tensor],
 ) -> torch.nn.Module:
     if tuple(site.train.x.shape[1:]) != input_shape:
         raise RemoteProtocolError(
@@ -44,7 +60,9 @@ def _model_with(
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise RemoteProtocolError(f"global model does not fit model {settings.model!r}: {exc}") from exc
+        raise RemoteProtocolError(
+            f"global model does not fit model {settings.model!r}: {exc}"
+        ) from exc
     return model
 
 
@@ -60,11 +78,21 @@ def train_round(
     num_classes: int,
     input_shape: tuple[int, ...],
     server_round: int,
+    node_config: Mapping[str, Any] | None = None,
     proximal_mu: float = 0.0,
-) -> SiteUpdate:
-    """Train the global model on the site's training split for ``settings.local_epochs``."""
+) -> SiteUpdate | SiteDeclined:
+    """Train the global model on the site's training split for ``settings.local_epochs``.
+
+    With record-level DP on (``dp.site.epsilon`` set) the site trains with DP-SGD and charges its
+    ledger (:mod:`fedcore.federation.site_privacy`); if the round would pass its budget it trains
+    nothing and returns :class:`SiteDeclined`, its ledger unchanged.
+    """
     _threads(settings)
     model = _model_with(settings, site, num_classes, input_shape, global_state)
+    if settings.dp.site.epsilon is not None:
+        return _train_dp(
+            settings, site, model, server_round=server_round, node_config=node_config or {}
+        )
     result = train_epochs(
         model,
         site.train.x,
@@ -78,6 +106,46 @@ def train_round(
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return SiteUpdate(state=state, num_examples=len(site.train.y), train_loss=result.loss)
+
+
+def _train_dp(
+    settings: Settings,
+    site: SiteData,
+    model: torch.nn.Module,
+    *,
+    server_round: int,
+    node_config: Mapping[str, Any],
+) -> SiteUpdate | SiteDeclined:
+    from fedcore.privacy.dpsgd import SiteDPConfig, train_dp_sgd
+
+    dp = settings.dp.site
+    ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
+    config = SiteDPConfig(
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        max_grad_norm=dp.max_grad_norm,
+        noise_multiplier=dp.noise_multiplier,
+        planned_rounds=settings.rounds,
+    )
+    try:
+        result = train_dp_sgd(
+            model,
+            site.train.x,
+            site.train.y,
+            config=config,
+            ledger=ledger,
+            rng=CryptoRng(),
+            round_number=server_round,
+        )
+    except BudgetExceededError as exc:
+        return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))
+    return SiteUpdate(
+        state=result.state,
+        num_examples=len(site.train.y),
+        train_loss=result.train_loss,
+        site_epsilon=result.epsilon,
+    )
 
 
 def evaluate_round(

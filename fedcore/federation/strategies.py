@@ -13,17 +13,29 @@ from fedcore.config import Settings
 
 
 def build_strategy(settings: Settings) -> Strategy:
-    common = dict(
-        fraction_train=settings.fraction_train,
-        fraction_evaluate=1.0,
-        min_train_nodes=1,
-        min_evaluate_nodes=1,
-        min_available_nodes=1,
-    )
+    fraction = settings.fraction_train
     if settings.strategy == "fedavg":
-        return FedAvg(**common)
+        return FedAvg(
+            fraction_train=fraction,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+        )
     if settings.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=settings.proximal_mu)
+        return FedProx(
+            fraction_train=fraction,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            proximal_mu=settings.proximal_mu,
+        )
     if settings.strategy == "fedadam":
-        return FedAdam(**common, eta=settings.server_lr, eta_l=settings.lr)
+        return FedAdam(
+            fraction_train=fraction,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            eta=settings.server_lr,
+            eta_l=settings.lr,
+        )
     raise AssertionError(f"unreachable: strategy {settings.strategy!r} passed validation")

@@ -14,8 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def fedcore(*args, cwd=ROOT, timeout=600):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "fedcore.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedcore.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,7 +47,11 @@ def test_bad_settings_give_one_line_and_exit_2(tmp_path, args, fragment):
 
 def test_help_settings_lists_keys():
     result = fedcore("simulate", "--help-settings")
-    assert result.returncode == 0 and "local_epochs" in result.stdout and "synthetic.samples" in result.stdout
+    assert (
+        result.returncode == 0
+        and "local_epochs" in result.stdout
+        and "synthetic.samples" in result.stdout
+    )
 
 
 @pytest.mark.slow
@@ -56,8 +66,18 @@ def test_two_sites_two_rounds_end_to_end_through_flower_simulation(tmp_path):
     assert config["settings"]["sites"] == 2 and config["settings"]["rounds"] == 2
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    required = {"round", "sites_sampled", "sites_replied", "sites_failed", "train_loss", "eval_loss",
-                "eval_accuracy", "seconds", "bytes_down", "bytes_up"}
+    required = {
+        "round",
+        "sites_sampled",
+        "sites_replied",
+        "sites_failed",
+        "train_loss",
+        "eval_loss",
+        "eval_accuracy",
+        "seconds",
+        "bytes_down",
+        "bytes_up",
+    }
     for row in rows:
         assert required <= row.keys()
         assert (row["sites_sampled"], row["sites_replied"], row["sites_failed"]) == (2, 2, 0)

@@ -30,19 +30,27 @@ def honest(msg: Message, context: Context) -> Message:
     return handler(msg, context)
 
 
-def _replace_arrays(msg: Message, context: Context, mutate: Callable[[dict], None]) -> Message | None:
+def _replace_arrays(
+    msg: Message, context: Context, mutate: Callable[[dict], None]
+) -> Message | None:
     reply = honest(msg, context)
     if msg.metadata.message_type != "train":
         return reply
     arrays = {k: v.numpy().copy() for k, v in reply.content[m.ARRAYS].items()}
     mutate(arrays)
-    content = RecordDict({m.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          m.METRICS: reply.content[m.METRICS]})
+    content = RecordDict(
+        {
+            m.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            m.METRICS: reply.content[m.METRICS],
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
 def nan_update(msg, context):
-    return _replace_arrays(msg, context, lambda a: a[next(iter(a))].__setitem__((0,) * a[next(iter(a))].ndim, np.nan))
+    return _replace_arrays(
+        msg, context, lambda a: a[next(iter(a))].__setitem__((0,) * a[next(iter(a))].ndim, np.nan)
+    )
 
 
 def inf_update(msg, context):
@@ -53,6 +61,7 @@ def wrong_shape(msg, context):
     def mutate(a):
         key = next(iter(a))
         a[key] = np.zeros((3, 3), dtype=np.float32)
+
     return _replace_arrays(msg, context, mutate)
 
 
@@ -63,8 +72,13 @@ def silent(msg, context):
 def raises_config_error_in_train(msg, context):
     """A site whose data cannot be read: the ClientApp turns it into an error reply."""
     if msg.metadata.message_type == "train":
-        bad = Context(run_id=1, node_id=context.node_id, node_config={"partition-id": 999},
-                      state=RecordDict(), run_config=context.run_config)
+        bad = Context(
+            run_id=1,
+            node_id=context.node_id,
+            node_config={"partition-id": 999},
+            state=RecordDict(),
+            run_config=context.run_config,
+        )
         return client_app.train(msg, bad)
     return honest(msg, context)
 
@@ -75,8 +89,13 @@ class FakeGrid:
     def __init__(self, settings: Settings, behaviours: dict[int, Behaviour]):
         self.behaviours = behaviours
         self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config={"partition-id": i, "num-partitions": len(behaviours)},
-                          state=RecordDict(), run_config=settings.to_run_config())
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": i, "num-partitions": len(behaviours)},
+                state=RecordDict(),
+                run_config=settings.to_run_config(),
+            )
             for i, node in enumerate(behaviours)
         }
         self.exchanges = 0

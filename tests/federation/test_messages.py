@@ -1,16 +1,30 @@
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedcore.errors import RemoteProtocolError
 from fedcore.federation import messages as m
 
-REFERENCE = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "b": Array(np.zeros(3, np.float32))})
+REFERENCE = ArrayRecord(
+    {"w": Array(np.zeros((2, 3), np.float32)), "b": Array(np.zeros(3, np.float32))}
+)
 
 
 def _reply(arrays, metrics):
-    content = RecordDict({m.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          m.METRICS: MetricRecord(metrics)})
+    content = RecordDict(
+        {
+            m.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            m.METRICS: MetricRecord(metrics),
+        }
+    )
     request = Message(content=RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
     return Message(content=content, reply_to=request)
 
@@ -25,8 +39,16 @@ def test_good_reply_passes():
 @pytest.mark.parametrize(
     ("arrays", "metrics", "fragment"),
     [
-        ({**GOOD, "w": np.full((2, 3), np.nan, np.float32)}, {m.NUM_EXAMPLES: 5}, "NaN or infinite"),
-        ({**GOOD, "b": np.array([1, np.inf, 0], np.float32)}, {m.NUM_EXAMPLES: 5}, "NaN or infinite"),
+        (
+            {**GOOD, "w": np.full((2, 3), np.nan, np.float32)},
+            {m.NUM_EXAMPLES: 5},
+            "NaN or infinite",
+        ),
+        (
+            {**GOOD, "b": np.array([1, np.inf, 0], np.float32)},
+            {m.NUM_EXAMPLES: 5},
+            "NaN or infinite",
+        ),
         ({**GOOD, "w": np.ones((3, 2), np.float32)}, {m.NUM_EXAMPLES: 5}, "expected float32[2, 3]"),
         ({**GOOD, "w": np.ones((2, 3), np.float64)}, {m.NUM_EXAMPLES: 5}, "expected float32"),
         ({"w": GOOD["w"]}, {m.NUM_EXAMPLES: 5}, "missing ['b']"),
@@ -46,10 +68,15 @@ def test_bad_replies_are_refused_with_reason(arrays, metrics, fragment):
 def test_reply_without_records_is_refused():
     request = Message(content=RecordDict(), dst_node_id=7, message_type=MessageType.TRAIN)
     with pytest.raises(RemoteProtocolError, match="must hold records"):
-        m.check_train_reply(Message(content=RecordDict({"config": ConfigRecord({"a": 1})}), reply_to=request), REFERENCE)
+        m.check_train_reply(
+            Message(content=RecordDict({"config": ConfigRecord({"a": 1})}), reply_to=request),
+            REFERENCE,
+        )
 
 
 def test_malformed_train_config_is_a_protocol_error():
     with pytest.raises(RemoteProtocolError):
         m.read_train_config(ConfigRecord({"server-round": 1}))
-    assert m.read_train_config(m.train_config(server_round=2, num_classes=3, input_shape=(1, 8, 8))) == (2, 3, (1, 8, 8))
+    assert m.read_train_config(
+        m.train_config(server_round=2, num_classes=3, input_shape=(1, 8, 8))
+    ) == (2, 3, (1, 8, 8))

@@ -1,0 +1,52 @@
+"""A site's record-level privacy ledger: where it lives, and how it is opened.
+
+The ledger is the site's accountant history across rounds and across runs. Flower ClientApps are
+short-lived (a fresh process per message in deployment), so it lives on the site's disk, never in a
+privacy engine rebuilt every round: ``<state-dir>/site-<id>.ledger.json``, where ``state-dir`` is
+the node config's ``state-dir`` (a site's own directory in deployment) or, in simulation, where
+every site shares this machine, ``<run record>/sites``. Each charge is written atomically before it
+takes effect (:class:`~fedcore.privacy.PrivacyLedger`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedcore.config import Settings
+from fedcore.errors import ConfigError
+from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind
+
+
+def site_state_dir(settings: Settings, node_config: Mapping[str, Any]) -> Path:
+    """The directory that holds a site's privacy state. Raises :class:`ConfigError` if none is known."""
+    if state := node_config.get("state-dir"):
+        return Path(str(state))
+    if settings.out:
+        return Path(settings.out) / "sites"
+    raise ConfigError(
+        "record-level DP needs a place for the site's privacy ledger: set the node config's "
+        "'state-dir' (deployment) or the 'out' setting (simulation)"
+    )
+
+
+def site_ledger(
+    settings: Settings, *, site_id: int, node_config: Mapping[str, Any]
+) -> PrivacyLedger:
+    """Open (or create) site ``site_id``'s record-level ledger with the run's budget.
+
+    Raises :class:`ConfigError` if the file holds another budget or accountant,
+    :class:`~fedcore.privacy.CorruptLedgerError` for a damaged file (left untouched).
+    """
+    dp = settings.dp.site
+    if dp.epsilon is None:
+        raise ConfigError("setting 'dp.site.epsilon' is unset: record-level DP is off")
+    folder = site_state_dir(settings, node_config)
+    folder.mkdir(parents=True, exist_ok=True)
+    return PrivacyLedger.open(
+        folder / f"site-{site_id}.ledger.json",
+        scope=Scope(ScopeKind.SITE_RECORDS, f"site-{site_id}"),
+        budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
+        accountant=settings.dp.accountant,
+    )
