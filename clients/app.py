@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcore.config import from_run_config
-from fedcore.errors import FedcoreError
+from fedcore.errors import BudgetExceededError, FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
-from fedcore.federation.site import SiteDeclined, evaluate_round, train_round
+from fedcore.federation import secagg_site
+from fedcore.federation.site import SiteDeclined, affordability, evaluate_round, train_round
 from fedcore.federation.site_data import site_data
+from fedcore.federation.site_privacy import site_state_dir
 
 # Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
 FEDCORE_ERROR_CODE = 700
@@ -39,7 +41,61 @@ def _replies_with_errors(handler: Handler) -> Handler:
     return wrapped
 
 
-@app.train()
+def secagg_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """Answer a secure-aggregation stage, training through ``call_next`` at the masked-input stage.
+
+    Messages without a ``secagg`` record pass straight to the train handler. Protocol and privacy
+    rules live in :mod:`fedcore.federation.secagg_site`; this only translates messages.
+    """
+    request = msg.content.config_records.get(secagg_site.SECAGG)
+    if request is None:
+        return call_next(msg, context)
+    try:
+        settings = from_run_config(context.run_config)
+        site = site_data(settings, context.node_config)
+        if request.get("stage") == "advertise":
+            declined = affordability(settings, site, node_config=context.node_config)
+            if declined is not None:
+                return m.declined_reply(
+                    msg,
+                    site_id=site.site_id,
+                    site_epsilon=declined.site_epsilon,
+                    reason=declined.reason,
+                )
+        reported: dict[str, float] = {}
+
+        def train_now() -> secagg_site.TrainedUpdate:
+            reply = call_next(msg, context)
+            if reply.has_error():
+                raise RemoteProtocolError(f"local training failed: {reply.error.reason}")
+            if (reason := m.declined_reason(reply)) is not None:
+                raise BudgetExceededError(reason)
+            if (eps := m.site_epsilon(reply)) is not None:
+                reported["site_epsilon"] = eps[1]
+            global_arrays, _ = m.instruction(msg)
+            return secagg_site.trained_update(
+                m.arrays_of(reply), global_arrays, reply.content.metric_records[m.METRICS]
+            )
+
+        key = secagg_site.site_key(site_state_dir(settings, context.node_config), site.site_id)
+        answer = secagg_site.answer_stage(
+            request, client_id=context.node_id, key=key, state=context.state, train=train_now
+        )
+    except FedcoreError as exc:
+        return Message(
+            Error(code=FEDCORE_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg
+        )
+    content = RecordDict({secagg_site.SECAGG: ConfigRecord({"payload": answer})})
+    if reported:
+        content[m.METRICS] = MetricRecord(
+            {m.SITE_ID: site.site_id, m.SITE_EPSILON: reported["site_epsilon"]}
+        )
+    return Message(content=content, reply_to=msg)
+
+
+@app.train(mods=[secagg_mod])
 @_replies_with_errors
 def train(msg: Message, context: Context) -> Message:
     arrays, config = m.instruction(msg)

@@ -30,7 +30,11 @@ from typing import Any, Literal
 from fedcore.errors import ConfigError
 
 Partition = Literal["iid", "dirichlet", "pathological"]
-StrategyName = Literal["fedavg", "fedadam", "fedprox"]
+StrategyName = Literal[
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian"
+]
+# Strategies that need every site's individual update (refused under secure aggregation).
+NONLINEAR_STRATEGIES = ("fedmedian",)
 Device = Literal["auto", "cpu", "cuda"]
 Clipping = Literal["fixed", "adaptive"]
 Accountant = Literal["pld", "rdp"]
@@ -153,7 +157,13 @@ class Settings:
     batch_size: int = field(default=16, metadata=_doc("local batch size", min=1))
     lr: float = field(default=0.2, metadata=_doc("local learning rate (SGD)", gt=0))
     strategy: StrategyName = field(default="fedavg", metadata=_doc("server strategy"))
-    server_lr: float = field(default=0.01, metadata=_doc("server learning rate (fedadam)", gt=0))
+    server_lr: float = field(
+        default=0.01,
+        metadata=_doc("server learning rate (fedadam, fedyogi, fedadagrad, fedavgm)", gt=0),
+    )
+    server_momentum: float = field(
+        default=0.9, metadata=_doc("server momentum (fedavgm)", ge=0, lt=1)
+    )
     proximal_mu: float = field(default=0.01, metadata=_doc("proximal term (fedprox)", ge=0))
     fraction_train: float = field(
         default=1.0, metadata=_doc("fraction of sites sampled per round", gt=0, le=1)
@@ -359,18 +369,36 @@ def flatten_mapping(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 def _cross_check(settings: Settings) -> None:
     if settings.secagg.enabled:
-        raise ConfigError(
-            "setting 'secagg.enabled' is true, but secure aggregation is not wired into the federation yet "
-            "(the protocol core is fedcore.secagg; see the README's status table)"
-        )
+        if settings.secagg.mode == "active":
+            raise ConfigError(
+                "setting 'secagg.mode' is 'active', which needs a registry of site signing keys that the "
+                "federation does not distribute yet; use 'semi-honest' (fedcore.secagg supports active mode)"
+            )
+        if settings.dp.server.epsilon is not None:
+            raise ConfigError(
+                "site-level DP at the server ('dp.server.epsilon') together with 'secagg.enabled' is not "
+                "wired yet: the noise would have to be added to the unmasked sum; use one or the other"
+            )
+        if settings.sites < 2:
+            raise ConfigError(
+                f"secure aggregation needs at least 2 sites, got sites={settings.sites}"
+            )
+        if settings.strategy in NONLINEAR_STRATEGIES:
+            raise ConfigError(
+                f"strategy {settings.strategy!r} needs every site's individual update, which secure "
+                "aggregation hides; use a linear strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)"
+            )
     if settings.dp.site.epsilon is not None and settings.strategy == "fedprox":
         raise ConfigError(
             "strategy 'fedprox' adds a proximal term that DP-SGD does not support; use fedavg or fedadam"
         )
     neighbors = settings.secagg.neighbors
-    if neighbors != "complete" and not (neighbors.isdigit() and int(neighbors) >= 2):
+    if neighbors != "complete" and not (
+        neighbors.isdigit() and int(neighbors) >= 2 and int(neighbors) % 2 == 0
+    ):
         raise ConfigError(
-            f"setting 'secagg.neighbors' must be 'complete' or an integer >= 2, got {neighbors!r}"
+            "setting 'secagg.neighbors' must be 'complete' or an even integer >= 2 "
+            f"(the degree of a Harary graph), got {neighbors!r}"
         )
     if settings.device == "cuda":
         import torch

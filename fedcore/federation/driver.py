@@ -127,6 +127,13 @@ def wait_for_sites(
     return connected
 
 
+def stop_when_all_declined(*, sent: int, declined: int) -> str:
+    """Why the run should stop after this round ("" to go on): every sampled site declined."""
+    if sent and declined == sent:
+        return "every sampled site declined: their record-level privacy budgets are spent"
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class TrainOutcome:
     """What a round's training produced: the new global arrays (None: keep the old ones), the
@@ -151,9 +158,6 @@ class TrainOutcome:
         cls, train: Exchange, aggregated: ArrayRecord | None, **fields: Any
     ) -> TrainOutcome:
         """The outcome of a round whose training was the single exchange ``train``."""
-        stop = ""
-        if train.sent and len(train.declined) == train.sent:
-            stop = "every sampled site declined: their record-level privacy budgets are spent"
         return cls(
             aggregated=aggregated,
             sent=train.sent,
@@ -165,7 +169,7 @@ class TrainOutcome:
             train_loss=_weighted(train.valid, "train_loss"),
             num_examples=sum(int(m.metric(r, m.NUM_EXAMPLES)) for r in train.valid),
             site_epsilon=train.site_epsilon,
-            stop=stop,
+            stop=stop_when_all_declined(sent=train.sent, declined=len(train.declined)),
             **fields,
         )
 

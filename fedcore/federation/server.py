@@ -18,7 +18,14 @@ from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.federation import messages as m
 from fedcore.federation.dp_server import LEDGER_FILE, DPFedAvgRound, federation_ledger
-from fedcore.federation.driver import NullReporter, Reporter, plain_train_round, run_rounds
+from fedcore.federation.driver import (
+    NullReporter,
+    Reporter,
+    TrainRound,
+    plain_train_round,
+    run_rounds,
+)
+from fedcore.federation.secagg_round import SecAggTrainRound
 from fedcore.federation.site_data import data_settings
 from fedcore.federation.site_privacy import site_state_dir
 from fedcore.federation.strategies import build_strategy
@@ -53,9 +60,11 @@ def run_server(
         model.load_state_dict(m.record_to_state(arrays))
         return evaluate(model, holdout.x, holdout.y, device=device)
 
-    train_round = plain_train_round
+    train_round: TrainRound = plain_train_round
     ledger = None
-    if settings.dp.server.epsilon is not None:
+    if settings.secagg.enabled:
+        train_round = SecAggTrainRound(settings)
+    elif settings.dp.server.epsilon is not None:
         ledger = federation_ledger(settings, record.path / LEDGER_FILE)
         train_round = DPFedAvgRound.create(settings, ledger)
     try:

@@ -108,6 +108,41 @@ def train_round(
     return SiteUpdate(state=state, num_examples=len(site.train.y), train_loss=result.loss)
 
 
+def affordability(
+    settings: Settings, site: SiteData, *, node_config: Mapping[str, Any]
+) -> SiteDeclined | None:
+    """Whether the site's record-level budget affords this round (None: it does, or DP is off).
+
+    Lets a site decline before a multi-stage protocol (secure aggregation) starts, rather than
+    after it has joined. Charges nothing.
+    """
+    if settings.dp.site.epsilon is None:
+        return None
+    from fedcore.privacy.dpsgd import plan_round
+
+    ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
+    plan = plan_round(_dp_config(settings), num_examples=len(site.train.y), ledger=ledger)
+    try:
+        ledger.check(plan.event)
+    except BudgetExceededError as exc:
+        return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))
+    return None
+
+
+def _dp_config(settings: Settings):  # noqa: ANN202 - SiteDPConfig, imported lazily (Opacus)
+    from fedcore.privacy.dpsgd import SiteDPConfig
+
+    dp = settings.dp.site
+    return SiteDPConfig(
+        epochs=settings.local_epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        max_grad_norm=dp.max_grad_norm,
+        noise_multiplier=dp.noise_multiplier,
+        planned_rounds=settings.rounds,
+    )
+
+
 def _train_dp(
     settings: Settings,
     site: SiteData,
@@ -116,18 +151,10 @@ def _train_dp(
     server_round: int,
     node_config: Mapping[str, Any],
 ) -> SiteUpdate | SiteDeclined:
-    from fedcore.privacy.dpsgd import SiteDPConfig, train_dp_sgd
+    from fedcore.privacy.dpsgd import train_dp_sgd
 
-    dp = settings.dp.site
     ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
-    config = SiteDPConfig(
-        epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        max_grad_norm=dp.max_grad_norm,
-        noise_multiplier=dp.noise_multiplier,
-        planned_rounds=settings.rounds,
-    )
+    config = _dp_config(settings)
     try:
         result = train_dp_sgd(
             model,

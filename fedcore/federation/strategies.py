@@ -7,7 +7,16 @@ for ``min_available_nodes``, and would hang a run whose site went away.
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 
 from fedcore.config import Settings
 
@@ -37,5 +46,36 @@ def build_strategy(settings: Settings) -> Strategy:
             min_available_nodes=1,
             eta=settings.server_lr,
             eta_l=settings.lr,
+        )
+    if settings.strategy == "fedavgm":
+        return FedAvgM(
+            fraction_train=fraction,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            server_learning_rate=settings.server_lr,
+            server_momentum=settings.server_momentum,
+        )
+    if settings.strategy == "fedyogi":
+        return FedYogi(
+            fraction_train=fraction,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            eta=settings.server_lr,
+            eta_l=settings.lr,
+        )
+    if settings.strategy == "fedadagrad":
+        return FedAdagrad(
+            fraction_train=fraction,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            eta=settings.server_lr,
+            eta_l=settings.lr,
+        )
+    if settings.strategy == "fedmedian":
+        return FedMedian(
+            fraction_train=fraction, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1
         )
     raise AssertionError(f"unreachable: strategy {settings.strategy!r} passed validation")

@@ -26,8 +26,8 @@ def flower_identity():
 
 
 def honest(msg: Message, context: Context) -> Message:
-    handler = client_app.train if msg.metadata.message_type == "train" else client_app.evaluate
-    return handler(msg, context)
+    """A site running fedcore's ClientApp, mods included, as Flower calls it."""
+    return client_app.app(msg, context)
 
 
 def _replace_arrays(

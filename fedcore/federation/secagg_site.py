@@ -1,0 +1,199 @@
+"""A site's side of secure aggregation inside a Flower round.
+
+Theory of operation. The protocol itself is :class:`fedcore.secagg.SecAggClient` (Bonawitz et al.,
+CCS 2017; Bell et al., CCS 2020). This module runs one stage of it per Flower message, and solves
+the one problem Flower adds: a ClientApp may be a fresh process for every message (always in
+deployment), so nothing secret can live in memory from one stage to the next, and nothing secret
+may be stored in Flower's general-purpose ``context.state``. Therefore:
+
+- A *site key* (32 random bytes) lives on the site's disk, ``<state-dir>/site-<id>.secagg.key``,
+  created once with mode 0600. Every secret of a round (both X25519 key pairs, the self-mask seed,
+  the share coins) is drawn from ``derive_rng(site_key, "secagg|" + round_id)`` in a fixed order,
+  so any process of the site re-creates the same client.
+- ``context.state`` keeps only public data: the round id, the server messages received in that
+  round (they travelled in the clear) and the session id the site answered.
+- Each stage rebuilds the client by replaying that transcript
+  (:meth:`~fedcore.secagg.SecAggClient.rebuild`), answers the new message, and appends it.
+- A site answers one unmask request per round id, ever, and only for the session it joined:
+  before answering, the record is marked "unmask answered", so a server that replays a different
+  history to a fresh process (forking the client to learn both shares of a peer) is refused.
+
+At the masked-input stage the site trains (the wrapped train handler), forms its update (new
+weights minus global weights, flattened in the global record's key order), and encodes weight x
+update together with the weight (:func:`fedcore.secagg.encode_update`), so the server can form the
+exact weighted mean from the sum alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedcore.crypto import CryptoRng
+from fedcore.crypto.agreement import derive_rng
+from fedcore.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from fedcore.secagg import (
+    EncodingConfig,
+    SecAggClient,
+    decode_server_message,
+    encode,
+    encode_update,
+)
+from fedcore.secagg.messages import AdvertiseRequest, MaskedInputRequest, UnmaskRequest
+
+SECAGG = "secagg"  # the record that carries a protocol stage, in requests and replies
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedUpdate:
+    """What the wrapped train handler produced: the flat update and the site's integer weight."""
+
+    update: np.ndarray
+    weight: int
+
+
+def site_key(state_dir: Path, site_id: int) -> bytes:
+    """The site's secagg key, created (0600) on first use. Raises ConfigError if unreadable."""
+    path = state_dir / f"site-{site_id}.secagg.key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process of the site created it first
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(KEY_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise ConfigError(f"secagg key {str(path)!r} holds {len(key)} bytes, expected {KEY_BYTES}")
+    return key
+
+
+def request_record(
+    *, stage: str, payload: bytes, encoding: EncodingConfig | None = None
+) -> ConfigRecord:
+    record = ConfigRecord({"stage": stage, "payload": payload})
+    if encoding is not None:
+        record["bits"] = encoding.bits
+        record["clip"] = encoding.clip
+        record["max-total-weight"] = encoding.max_total_weight
+    return record
+
+
+def _encoding(request: ConfigRecord) -> EncodingConfig:
+    try:
+        return EncodingConfig(
+            bits=int(request["bits"]),  # type: ignore[arg-type]
+            clip=float(request["clip"]),  # type: ignore[arg-type]
+            max_total_weight=int(request["max-total-weight"]),  # type: ignore[arg-type]
+        )
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise RemoteProtocolError(f"masked-input request lacks a valid encoding: {exc}") from exc
+
+
+def flat_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
+    """``new - old`` over every array, flattened in ``old``'s key order (float64)."""
+    return np.concatenate(
+        [
+            (new[k].numpy().astype(np.float64) - old[k].numpy().astype(np.float64)).ravel()
+            for k in old.keys()
+        ]
+    )
+
+
+def answer_stage(
+    request: ConfigRecord,
+    *,
+    client_id: int,
+    key: bytes,
+    state: RecordDict,
+    train: Callable[[], TrainedUpdate],
+) -> bytes:
+    """Answer one protocol stage; return the reply payload (wire bytes).
+
+    ``state`` is the node's Flower ``context.state``; only public data is written to it. ``train``
+    is called at the masked-input stage only. Raises RemoteProtocolError / InvalidMessage for a
+    request that breaks the protocol, LocalProtocolError for a second unmask request of a round.
+    """
+    payload = request.get("payload")
+    if not isinstance(payload, bytes):
+        raise RemoteProtocolError("a secagg request needs a bytes 'payload'")
+    message = decode_server_message(payload)
+    round_id = (
+        message.config.round_id if isinstance(message, AdvertiseRequest) else message.round_id
+    )
+    transcript = _Transcript.load(state, round_id)
+    rng = derive_rng(key, context=b"secagg|" + round_id)
+    if transcript.unmasked:
+        raise LocalProtocolError("this site already answered an unmask request for this round")
+    client = SecAggClient.rebuild(client_id, transcript.messages(), rng=rng)
+    vector = None
+    if isinstance(message, MaskedInputRequest):
+        trained = train()
+        vector = encode_update(
+            trained.update, weight=trained.weight, config=_encoding(request), rng=CryptoRng()
+        )
+    if isinstance(message, UnmaskRequest):
+        transcript.mark_unmasked(state)  # before answering: at most one answer, ever
+    answer = encode(client.receive(message, vector=vector))
+    if not isinstance(message, UnmaskRequest):
+        transcript.append(state, payload, session_id=client.session_id)
+    return answer
+
+
+class _Transcript:
+    """The public record of one round at a site, kept in ``context.state`` under ``secagg``."""
+
+    def __init__(self, round_id: bytes, payloads: list[bytes], unmasked: bool) -> None:
+        self.round_id, self.payloads, self.unmasked = round_id, payloads, unmasked
+
+    @classmethod
+    def load(cls, state: RecordDict, round_id: bytes) -> _Transcript:
+        record = state.config_records.get(SECAGG)
+        if record is None or record.get("round-id") != round_id:
+            return cls(round_id, [], False)  # a new round replaces the old transcript
+        payloads = record.get("payloads", [])
+        return cls(
+            round_id,
+            [p for p in payloads if isinstance(p, bytes)] if isinstance(payloads, list) else [],
+            bool(record.get("unmasked")),
+        )
+
+    def messages(self) -> list[Any]:
+        return [decode_server_message(p) for p in self.payloads]
+
+    def _save(self, state: RecordDict, session_id: bytes | None) -> None:
+        record = ConfigRecord(
+            {"round-id": self.round_id, "payloads": list(self.payloads), "unmasked": self.unmasked}
+        )
+        if session_id is not None:
+            record["session-id"] = session_id
+        state[SECAGG] = record
+
+    def append(self, state: RecordDict, payload: bytes, *, session_id: bytes | None) -> None:
+        self.payloads.append(payload)
+        self._save(state, session_id)
+
+    def mark_unmasked(self, state: RecordDict) -> None:
+        self.unmasked = True
+        self._save(state, None)
+
+
+def trained_update(
+    reply_arrays: ArrayRecord, global_arrays: ArrayRecord, metrics: Mapping[str, Any]
+) -> TrainedUpdate:
+    """The flat update and integer weight from a train handler's reply."""
+    weight = metrics.get("num-examples")
+    if not isinstance(weight, int | float) or int(weight) != weight or weight < 0:
+        raise RemoteProtocolError(f"train handler returned a bad num-examples {weight!r}")
+    return TrainedUpdate(update=flat_update(reply_arrays, global_arrays), weight=int(weight))
