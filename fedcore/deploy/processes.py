@@ -1,0 +1,324 @@
+"""Processes fedcore starts, and stopping every one of them by process id.
+
+Theory of operation. Each process is started in a session (and process group) of its own, so a
+Ctrl-C at the terminal reaches only fedcore, which then stops its children in order instead of
+having them die in a heap. Flower's daemons start children of their own (``flower-superexec``,
+which starts ``flwr-serverapp`` / ``flwr-clientapp``), also in new sessions, so killing a process
+group is not enough. Before stopping a process, :class:`ProcessSupervisor` therefore records its
+descendants (walking ``/proc``), sends ``SIGTERM`` to the process, waits, then sends ``SIGTERM`` and
+later ``SIGKILL`` to whichever recorded process is still alive.
+
+Every signal goes to a process id that fedcore recorded together with the process's start time
+(``/proc/PID/stat`` field 22): a pid the kernel has since given to another process is never
+signalled. Zombies (exited, not yet reaped by their parent) count as stopped.
+
+On Linux only (``/proc``); elsewhere descendants are not tracked and only the direct children are
+stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+from fedcore.errors import ConfigError
+
+_PROC = Path("/proc")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessId:
+    """A process, identified by pid *and* start time, so a reused pid is never mistaken for it."""
+
+    pid: int
+    start_time: int | None  # clock ticks since boot; None where /proc is not available
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessId:
+        return cls(pid, _start_time(pid))
+
+    def alive(self) -> bool:
+        """Whether this very process still runs (a zombie does not count)."""
+        if not _PROC.is_dir():
+            return _pid_exists(self.pid)
+        stat = _stat(self.pid)
+        if stat is None:
+            return False
+        state, start = stat[2], int(stat[21])
+        if self.start_time is not None and start != self.start_time:
+            return False
+        return state not in ("Z", "X")
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` if this process still runs; a vanished process is not an error."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signum)
+
+
+@dataclass(slots=True)
+class ManagedProcess:
+    """A process fedcore started: its name, command, log file and ``Popen`` handle."""
+
+    name: str
+    argv: tuple[str, ...]
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None
+    ident: ProcessId
+    descendants: set[ProcessId] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the process's log ("" if it has none)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+class ProcessSupervisor:
+    """Starts processes and guarantees they are stopped: use it as a context manager.
+
+    Leaving the ``with`` block, normally or by any exception (``KeyboardInterrupt`` included),
+    stops every process started through it, newest first, with its descendants.
+    :meth:`stop_all` may be called earlier; it is idempotent. After it, the supervisor refuses to
+    start processes (:class:`~fedcore.errors.ConfigError`).
+    """
+
+    def __init__(self, *, grace: float = 10.0) -> None:
+        self.grace = grace
+        self.processes: list[ManagedProcess] = []
+        self._closed = False
+
+    def __enter__(self) -> ProcessSupervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None,
+        log_path: Path | None = None,
+        stdout: int | IO[bytes] | None = None,
+    ) -> ManagedProcess:
+        """Start ``argv`` in a new session; output goes to ``log_path`` (or ``stdout``, e.g. PIPE).
+
+        Raises :class:`ConfigError` if the program cannot be started or the supervisor was
+        already stopped; nothing is left running then.
+        """
+        if self._closed:
+            raise ConfigError(f"cannot start {name}: the deployment is being stopped")
+        log_file: IO[bytes] | None = None
+        try:
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log_file = log_path.open("ab")
+            popen = subprocess.Popen(
+                list(argv),
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file if log_file is not None else stdout,
+                stderr=subprocess.STDOUT if (log_file is not None or stdout is not None) else None,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot start {name} ({argv[0]}): {exc}") from exc
+        finally:
+            if log_file is not None:
+                log_file.close()  # the child holds its own descriptor
+        process = ManagedProcess(
+            name=name,
+            argv=tuple(argv),
+            popen=popen,
+            log_path=log_path,
+            ident=ProcessId.of(popen.pid),
+        )
+        self.processes.append(process)
+        return process
+
+    def refresh_descendants(self) -> None:
+        """Record the current descendants of every running process (call it now and then)."""
+        tree = _children_map()
+        for process in self.processes:
+            if process.running():
+                process.descendants |= {
+                    ProcessId.of(pid) for pid in _descendants(process.pid, tree)
+                }
+
+    def stop(self, process: ManagedProcess) -> int | None:
+        """Stop one process and its descendants; return its exit status (None if it lives on)."""
+        if process.running():
+            tree = _children_map()
+            process.descendants |= {ProcessId.of(pid) for pid in _descendants(process.pid, tree)}
+            with contextlib.suppress(ProcessLookupError):
+                process.popen.send_signal(signal.SIGTERM)
+            try:
+                process.popen.wait(timeout=self.grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    process.popen.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.popen.wait(timeout=self.grace)
+        _stop_ids(process.descendants, grace=self.grace)
+        return process.popen.poll()
+
+    def stop_all(self) -> None:
+        """Stop every process started here, newest first (clients before the server). Idempotent.
+
+        Signals that arrive meanwhile (a second Ctrl-C) are held back until every process is
+        stopped.
+        """
+        self._closed = True
+        with _signals_deferred():
+            self.refresh_descendants()
+            for process in reversed(self.processes):
+                self.stop(process)
+
+    def leftovers(self) -> list[ProcessId]:
+        """Processes started here, or recorded as their descendants, that still run."""
+        ids = [p.ident for p in self.processes] + [d for p in self.processes for d in p.descendants]
+        return [i for i in ids if i.alive()]
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    failed: Callable[[], str | None] = lambda: None,
+) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` passes (False).
+
+    ``failed`` is checked on every poll; if it returns a message, :class:`ConfigError` is raised
+    with it (e.g. the process being waited for has exited).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        reason = failed()
+        if reason:
+            raise ConfigError(reason)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (like KeyboardInterrupt)."""
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """Inside, SIGTERM (and SIGHUP) raise :class:`Terminated`, so ``finally`` blocks run."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(f"received signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP back while clean-up runs (main thread only; elsewhere a no-op)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_ids(ids: set[ProcessId], *, grace: float) -> None:
+    alive = [i for i in ids if i.alive()]
+    for ident in alive:
+        ident.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [i for i in alive if i.alive()]
+    for ident in alive:
+        ident.signal(signal.SIGKILL)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat (the command name, which may hold spaces, as one field)."""
+    try:
+        text = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    head, _, rest = text.rpartition(")")
+    pid_part, _, comm = head.partition(" (")
+    return [pid_part, comm, *rest.split()]
+
+
+def _start_time(pid: int) -> int | None:
+    stat = _stat(pid)
+    return int(stat[21]) if stat is not None else None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _children_map() -> dict[int, list[int]]:
+    """``{parent pid: [child pids]}`` for every process on the machine (empty without /proc)."""
+    tree: dict[int, list[int]] = {}
+    if not _PROC.is_dir():
+        return tree
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _stat(int(entry.name))
+        if stat is not None:
+            tree.setdefault(int(stat[3]), []).append(int(entry.name))
+    return tree
+
+
+def _descendants(pid: int, tree: Mapping[int, list[int]]) -> list[int]:
+    found: list[int] = []
+    stack = list(tree.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(tree.get(child, []))
+    return found

@@ -1,0 +1,120 @@
+"""Every process the supervisor starts is stopped by process id: on success, failure, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedcore.deploy.processes import (
+    ProcessId,
+    ProcessSupervisor,
+    Terminated,
+    terminate_as_exception,
+)
+from fedcore.errors import ConfigError
+
+# A parent that starts a detached grandchild (a session of its own, as Flower starts
+# flower-superexec) and writes its pid, then sleeps.
+PARENT = r"""
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(600)
+"""
+STUBBORN = r"""
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], "w").write("ready")
+time.sleep(600)
+"""
+
+
+def _wait_file(path: Path, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was not written")
+
+
+def test_failure_inside_the_block_stops_children_and_detached_grandchildren(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    with pytest.raises(RuntimeError, match="step failed"):
+        with ProcessSupervisor(grace=5) as supervisor:
+            parent = supervisor.start("parent", [sys.executable, "-c", PARENT, str(pid_file)])
+            grandchild = ProcessId.of(int(_wait_file(pid_file)))
+            assert parent.ident.alive() and grandchild.alive()
+            raise RuntimeError("step failed")
+    assert not parent.ident.alive()
+    assert not grandchild.alive()
+    assert supervisor.leftovers() == []
+
+
+def test_a_process_that_ignores_sigterm_is_killed(tmp_path):
+    ready = tmp_path / "ready"
+    supervisor = ProcessSupervisor(grace=1)
+    with supervisor:
+        stubborn = supervisor.start("stubborn", [sys.executable, "-c", STUBBORN, str(ready)])
+        _wait_file(ready)
+    assert stubborn.returncode() == -signal.SIGKILL
+    assert supervisor.leftovers() == []
+
+
+def test_stopped_supervisor_refuses_to_start(tmp_path):
+    supervisor = ProcessSupervisor()
+    supervisor.stop_all()
+    with pytest.raises(ConfigError, match="being stopped"):
+        supervisor.start("late", [sys.executable, "-c", "pass"])
+
+
+def test_missing_program_is_a_config_error(tmp_path):
+    with ProcessSupervisor() as supervisor, pytest.raises(ConfigError, match="cannot start"):
+        supervisor.start("ghost", [str(tmp_path / "no-such-program")])
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_process():
+    ident = ProcessId.of(os.getpid())
+    assert ident.alive()
+    assert not ProcessId(os.getpid(), (ident.start_time or 0) + 1).alive()
+
+
+def test_sigterm_becomes_an_exception_and_cleanup_runs(tmp_path):
+    # A child Python process runs a supervisor, gets SIGTERM, and must stop its own child.
+    pid_file = tmp_path / "pid"
+    script = rf"""
+import os, signal, sys, time
+from fedcore.deploy.processes import ProcessSupervisor, Terminated, terminate_as_exception
+try:
+    with terminate_as_exception(), ProcessSupervisor(grace=5) as s:
+        p = s.start("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
+        open({str(pid_file)!r}, "w").write(str(p.pid))
+        time.sleep(600)
+except Terminated:
+    sys.exit(143)
+"""
+    outer = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        inner = ProcessId.of(int(_wait_file(pid_file)))
+        assert inner.alive()
+        outer.send_signal(signal.SIGTERM)
+        assert outer.wait(timeout=30) == 143
+        assert not inner.alive()
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+
+
+def test_terminate_as_exception_restores_handlers():
+    before = signal.getsignal(signal.SIGTERM)
+    with terminate_as_exception():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert issubclass(Terminated, BaseException) and not issubclass(Terminated, Exception)
