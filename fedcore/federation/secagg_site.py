@@ -15,8 +15,9 @@ may be stored in Flower's general-purpose ``context.state``. Therefore:
 - Each stage rebuilds the client by replaying that transcript
   (:meth:`~fedcore.secagg.SecAggClient.rebuild`), answers the new message, and appends it.
 - A site answers one unmask request per round id, ever, and only for the session it joined:
-  before answering, the record is marked "unmask answered", so a server that replays a different
-  history to a fresh process (forking the client to learn both shares of a peer) is refused.
+  before answering, the round id joins the node's list of unmasked rounds (``secagg-unmasked``,
+  kept for the whole run), so a server that replays a different history to a fresh process
+  (forking the client to learn both shares of a peer), now or in a later round, is refused.
 
 At the masked-input stage the site trains (the wrapped train handler), forms its update (new
 weights minus global weights, flattened in the global record's key order), and encodes weight x
@@ -48,6 +49,7 @@ from fedcore.secagg import (
 from fedcore.secagg.messages import AdvertiseRequest, MaskedInputRequest, UnmaskRequest
 
 SECAGG = "secagg"  # the record that carries a protocol stage, in requests and replies
+UNMASKED = "secagg-unmasked"  # every round id this node answered an unmask request for
 KEY_BYTES = 32
 
 
@@ -134,7 +136,7 @@ def answer_stage(
     )
     transcript = _Transcript.load(state, round_id)
     rng = derive_rng(key, context=b"secagg|" + round_id)
-    if transcript.unmasked:
+    if transcript.unmasked or round_id in _unmasked_rounds(state):
         raise LocalProtocolError("this site already answered an unmask request for this round")
     client = SecAggClient.rebuild(client_id, transcript.messages(), rng=rng)
     vector = None
@@ -187,6 +189,13 @@ class _Transcript:
     def mark_unmasked(self, state: RecordDict) -> None:
         self.unmasked = True
         self._save(state, None)
+        state[UNMASKED] = ConfigRecord({"round-ids": [*_unmasked_rounds(state), self.round_id]})
+
+
+def _unmasked_rounds(state: RecordDict) -> list[bytes]:
+    record = state.config_records.get(UNMASKED)
+    ids = [] if record is None else record.get("round-ids", [])
+    return [i for i in ids if isinstance(i, bytes)] if isinstance(ids, list) else []
 
 
 def trained_update(

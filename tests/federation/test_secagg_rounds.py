@@ -146,6 +146,9 @@ def test_site_keeps_only_public_data_between_stages(tmp_path):
         record = context.state.config_records[secagg_site.SECAGG]
         assert set(record.keys()) <= {"round-id", "payloads", "unmasked", "session-id"}
         assert record["unmasked"] is True
+        assert context.state.config_records[secagg_site.UNMASKED]["round-ids"] == [
+            record["round-id"]
+        ]
     keys = sorted((tmp_path / "run" / "sites").glob("site-*.secagg.key"))
     assert len(keys) == 4
     for path in keys:
@@ -156,10 +159,13 @@ def test_site_keeps_only_public_data_between_stages(tmp_path):
             assert key not in blob
 
 
-def test_a_site_answers_one_unmask_request_per_round(tmp_path):
+@pytest.mark.parametrize("later_round", [False, True])
+def test_a_site_answers_one_unmask_request_per_round(tmp_path, later_round):
     state = RecordDict()
     transcript = secagg_site._Transcript(b"r" * 16, [], False)
     transcript.mark_unmasked(state)
+    if later_round:  # a later round replaced the transcript; the old round id is still refused
+        secagg_site._Transcript(b"s" * 16, [], False)._save(state, None)
     from fedcore.secagg import SessionConfig, encode
     from fedcore.secagg.messages import AdvertiseRequest
 
