@@ -97,3 +97,27 @@ def test_two_sites_two_rounds_end_to_end_through_flower_simulation(tmp_path):
     state = torch.load(out / "model.pt")
     assert set(state) and all(torch.isfinite(v).all() for v in state.values())
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_path):
+    out = tmp_path / "run"
+    result = fedcore(
+        "simulate",
+        *("--set", "sites=3", "--set", "rounds=2", "--set", "local_epochs=1"),
+        *("--set", "secagg.enabled=true", "--set", "dp.site.epsilon=8", "--set", "dp.site.noise_multiplier=1.0"),
+        *("--out", str(out)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["sites_replied"] == 3 and row["secagg"]["survivors"] and row["secagg"]["threshold"] == 2
+        assert set(row["site_epsilon"]) == {"0", "1", "2"}
+        assert all(0 < eps <= 8 for eps in row["site_epsilon"].values())
+    assert rows[1]["site_epsilon"]["0"] > rows[0]["site_epsilon"]["0"]
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert set(privacy["sites"]) == {"0", "1", "2"}
+    assert sorted(p.name for p in (out / "sites").iterdir()) == [
+        f"site-{i}.{kind}" for i in range(3) for kind in ("ledger.json", "secagg.key")
+    ]
