@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import enum
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,7 +180,12 @@ def train_dp_sgd(
 
     work = _private_copy(model)
     mode = _resolve_mode(config.grad_sample_mode, work)
-    loss = _train(work, xs, ys, config=config, plan=plan, mode=mode, rng=rng)
+    with warnings.catch_warnings():
+        # Opacus warns on every step that PyTorch's full backward hooks ignore some inputs' grads;
+        # its own per-sample gradients do not depend on those, and the warning buries real output.
+        warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+        warnings.filterwarnings("ignore", message=".*retain_graph.*")
+        loss = _train(work, xs, ys, config=config, plan=plan, mode=mode, rng=rng)
     state = {k: v.detach().cpu().clone() for k, v in work.state_dict().items()}
 
     entry = ledger.charge(plan.event, round_number=round_number, label="dp-sgd round")
