@@ -33,8 +33,6 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
-    MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -43,7 +41,7 @@ from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError
 from fedcore.federation import messages as m
-from fedcore.federation.driver import TrainOutcome, exchange
+from fedcore.federation.driver import TrainOutcome, exchange, hand_to_strategy, instruction_for
 from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind, calibrate_noise_multiplier
 from fedcore.privacy.dpfedavg import (
     Clipping,
@@ -125,10 +123,7 @@ class DPFedAvgRound:
             raise ConfigError("site-level DP needs a model whose arrays are all floating point")
         # The strategy builds its instruction (and, for server optimizers, remembers the current
         # model); fedcore chooses who receives it.
-        template = list(strategy.configure_train(server_round, arrays, config, grid))
-        content = (
-            template[0].content if template else RecordDict({m.ARRAYS: arrays, m.CONFIG: config})
-        )
+        _, content = instruction_for(strategy, server_round, arrays, config, grid)
         sampled = poisson_sample(
             sorted(grid.get_node_ids()), rate=self.config.sampling_rate, rng=self.rng
         )
@@ -165,11 +160,7 @@ class DPFedAvgRound:
             if outgoing
             else Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
         )
-        combined = Message(
-            content=RecordDict({m.ARRAYS: noisy, m.METRICS: MetricRecord({m.NUM_EXAMPLES: 1})}),
-            reply_to=reply_to,
-        )
-        aggregated, _ = strategy.aggregate_train(server_round, [combined])
+        aggregated = hand_to_strategy(strategy, server_round, noisy, weight=1, reply_to=reply_to)
         return TrainOutcome.from_exchange(
             train,
             aggregated,

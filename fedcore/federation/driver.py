@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -207,6 +207,31 @@ def plain_train_round(
         strategy.aggregate_train(server_round, train.valid) if train.valid else (None, None)
     )
     return TrainOutcome.from_exchange(train, aggregated)
+
+
+def instruction_for(
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+) -> tuple[list[Message], RecordDict]:
+    """The strategy's train messages (it samples, and server optimizers remember the current model)
+    and their shared content, for a TrainRound that addresses the content itself."""
+    template = list(strategy.configure_train(server_round, arrays, config, grid))
+    content = template[0].content if template else RecordDict({m.ARRAYS: arrays, m.CONFIG: config})
+    return template, content
+
+
+def hand_to_strategy(
+    strategy: Strategy, server_round: int, aggregate: ArrayRecord, *, weight: int, reply_to: Message
+) -> ArrayRecord | None:
+    """Give the strategy one already-aggregated model as if it were the only reply: FedAvg keeps
+    it, a server optimizer takes its step from it. Only right for linearly aggregating strategies."""
+    reply = Message(
+        content=RecordDict(
+            {m.ARRAYS: aggregate, m.METRICS: MetricRecord({m.NUM_EXAMPLES: weight})}
+        ),
+        reply_to=reply_to,
+    )
+    aggregated, _ = strategy.aggregate_train(server_round, [reply])
+    return aggregated
 
 
 @dataclass(frozen=True, slots=True)

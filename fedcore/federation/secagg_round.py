@@ -32,7 +32,6 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.serverapp import Grid
@@ -41,7 +40,14 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedcore.config import Settings
 from fedcore.errors import ConfigError, FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
-from fedcore.federation.driver import Exchange, TrainOutcome, exchange, stop_when_all_declined
+from fedcore.federation.driver import (
+    Exchange,
+    TrainOutcome,
+    exchange,
+    hand_to_strategy,
+    instruction_for,
+    stop_when_all_declined,
+)
 from fedcore.federation.secagg_site import SECAGG, request_record
 from fedcore.secagg import (
     EncodingConfig,
@@ -107,11 +113,8 @@ class SecAggTrainRound:
         timeout: float,
     ) -> TrainOutcome:
         check_linear(strategy)
-        template = list(strategy.configure_train(server_round, arrays, config, grid))
+        template, content = instruction_for(strategy, server_round, arrays, config, grid)
         nodes = tuple(sorted({msg.metadata.dst_node_id for msg in template}))
-        content = (
-            template[0].content if template else RecordDict({m.ARRAYS: arrays, m.CONFIG: config})
-        )
         length = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys()) + 1
         neighbors = neighbors_of(self.settings, len(nodes))
         threshold = self.settings.secagg.threshold or default_threshold(
@@ -177,8 +180,12 @@ class SecAggTrainRound:
         if result is not None:
             survivors = sorted(result.survivors)
             mean, total_weight = decode_mean(result.total, config=encoding)
-            aggregated = self._hand_to_strategy(
-                strategy, server_round, arrays, mean, total_weight, template
+            aggregated = hand_to_strategy(
+                strategy,
+                server_round,
+                self._plus_mean(arrays, mean),
+                weight=total_weight,
+                reply_to=template[0],
             )
         return TrainOutcome(
             aggregated=aggregated,
@@ -222,37 +229,17 @@ class SecAggTrainRound:
             record[m.CONFIG] = content.config_records[m.CONFIG]
         return Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN)
 
-    def _hand_to_strategy(
-        self,
-        strategy: Strategy,
-        server_round: int,
-        arrays: ArrayRecord,
-        mean: np.ndarray,
-        total_weight: int,
-        template: list[Message],
-    ) -> ArrayRecord | None:
+    @staticmethod
+    def _plus_mean(arrays: ArrayRecord, mean: np.ndarray) -> ArrayRecord:
+        """``arrays`` plus the flat ``mean`` update (laid out in ``arrays``' key order)."""
         new: dict[str, Array] = {}
         offset = 0
         for key in arrays.keys():
             old = arrays[key].numpy()
-            size = old.size
-            new[key] = Array(
-                (old.astype(np.float64) + mean[offset : offset + size].reshape(old.shape)).astype(
-                    old.dtype
-                )
-            )
-            offset += size
-        combined = Message(
-            content=RecordDict(
-                {
-                    m.ARRAYS: ArrayRecord(new),
-                    m.METRICS: MetricRecord({m.NUM_EXAMPLES: int(total_weight)}),
-                }
-            ),
-            reply_to=template[0],
-        )
-        aggregated, _ = strategy.aggregate_train(server_round, [combined])
-        return aggregated
+            step = mean[offset : offset + old.size].reshape(old.shape)
+            new[key] = Array((old.astype(np.float64) + step).astype(old.dtype))
+            offset += old.size
+        return ArrayRecord(new)
 
 
 def _weight_budget(bits: int) -> int:

@@ -7,6 +7,8 @@ for ``min_available_nodes``, and would hang a run whose site went away.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -20,62 +22,33 @@ from flwr.serverapp.strategy import (
 
 from fedcore.config import Settings
 
+_STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedmedian": FedMedian,
+}
+
 
 def build_strategy(settings: Settings) -> Strategy:
-    fraction = settings.fraction_train
-    if settings.strategy == "fedavg":
-        return FedAvg(
-            fraction_train=fraction,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=1,
-        )
-    if settings.strategy == "fedprox":
-        return FedProx(
-            fraction_train=fraction,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=1,
-            proximal_mu=settings.proximal_mu,
-        )
-    if settings.strategy == "fedadam":
-        return FedAdam(
-            fraction_train=fraction,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=1,
-            eta=settings.server_lr,
-            eta_l=settings.lr,
-        )
-    if settings.strategy == "fedavgm":
-        return FedAvgM(
-            fraction_train=fraction,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=1,
-            server_learning_rate=settings.server_lr,
-            server_momentum=settings.server_momentum,
-        )
-    if settings.strategy == "fedyogi":
-        return FedYogi(
-            fraction_train=fraction,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=1,
-            eta=settings.server_lr,
-            eta_l=settings.lr,
-        )
-    if settings.strategy == "fedadagrad":
-        return FedAdagrad(
-            fraction_train=fraction,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=1,
-            eta=settings.server_lr,
-            eta_l=settings.lr,
-        )
-    if settings.strategy == "fedmedian":
-        return FedMedian(
-            fraction_train=fraction, min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1
-        )
-    raise AssertionError(f"unreachable: strategy {settings.strategy!r} passed validation")
+    """The strategy named by ``settings.strategy``, with its server-side hyper-parameters."""
+    options: dict[str, Any] = {
+        "fedprox": {"proximal_mu": settings.proximal_mu},
+        "fedavgm": {
+            "server_learning_rate": settings.server_lr,
+            "server_momentum": settings.server_momentum,
+        },
+        "fedadam": {"eta": settings.server_lr, "eta_l": settings.lr},
+        "fedyogi": {"eta": settings.server_lr, "eta_l": settings.lr},
+        "fedadagrad": {"eta": settings.server_lr, "eta_l": settings.lr},
+    }.get(settings.strategy, {})
+    return _STRATEGIES[settings.strategy](
+        fraction_train=settings.fraction_train,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
+        **options,
+    )
