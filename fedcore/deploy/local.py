@@ -229,13 +229,22 @@ class LocalDeployment:
         max_retries: int | None = None,
     ) -> ManagedProcess:
         """Start a SuperNode with site ``index``'s key (or the key ``key_name``) and node config
-        ``partition-id=index num-partitions=sites`` (or ``node_config``)."""
+        ``partition-id=index num-partitions=sites state-dir=OUT/sites`` (or ``node_config``)."""
         certs = self._need_certs()
         name = key_name or certs.sites[index].name
         key = next((s.private_key for s in certs.sites if s.name == name), None)
         if key is None:
             raise ConfigError(f"no key pair named {name!r} in {certs.directory}")
-        config = dict(node_config or {"partition-id": index, "num-partitions": self.sites})
+        config: dict[str, cmd.NodeValue] = dict(
+            node_config
+            or {
+                "partition-id": index,
+                "num-partitions": self.sites,
+                # Where the site keeps its privacy ledger and secure-aggregation key (as
+                # `fedcore simulate` does, under the run record).
+                "state-dir": str(self.out_dir / "sites"),
+            }
+        )
         process = self.supervisor.start(
             f"supernode {name}",
             cmd.supernode_argv(

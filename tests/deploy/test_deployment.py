@@ -75,7 +75,9 @@ def test_three_sites_tls_node_auth_two_rounds(tmp_path, secagg):
         deployment.start_supernodes()
         # The stranger tries to join while the run goes on; it must be refused.
         stranger = deployment.start_supernode(0, key_name="stranger-0", max_retries=0)
-        outcome = deployment.run(run_timeout=240)
+        # Secure aggregation takes four exchanges a round instead of one (each message starts a
+        # flwr-clientapp process), so it gets a longer deadline.
+        outcome = deployment.run(run_timeout=600 if secagg else 240)
         stranger.popen.wait(timeout=60)
         started = [p.ident for p in deployment.supervisor.processes]
         descendants = [d for p in deployment.supervisor.processes for d in p.descendants]
