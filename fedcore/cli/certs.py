@@ -119,11 +119,12 @@ def instructions(files, *, host: str, port: int) -> str:  # noqa: ANN001 - a Cer
             superlink=address,
             root_certificates=Path("ca.crt"),
             private_key=Path(site.private_key.name),
-            node_config={"data-path": f"/data/{site.name}.npz"},
+            node_config={"partition-id": i, "num-partitions": len(files.sites)},
             port=9094,
         )
         lines.append(
-            f"   # {site.name} (node config: data-path of its own file, or partition-id={i})"
+            f"   # {site.name}: partition {i} of the run's dataset; for the site's own file use "
+            '--node-config \'data-path="/data/site.npz" state-dir="/var/lib/fedcore"\''
         )
         lines.append("   " + cmd.shell_line(node))
     lines += [
