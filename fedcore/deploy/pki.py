@@ -10,7 +10,8 @@
     DIR/sites/NAME.pub       its public key: registered with `flwr supernode register`
 
 Private keys are written with mode 0600. The keys themselves are made by
-:mod:`fedcore.crypto.certs` (the only module that touches ``cryptography.hazmat``).
+:mod:`fedcore.crypto.certs` (``fedcore.crypto`` is the only package that imports
+``cryptography.hazmat``).
 """
 
 from __future__ import annotations
