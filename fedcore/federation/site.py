@@ -56,6 +56,12 @@ def _model_with(
         raise RemoteProtocolError(
             f"server's model takes input {list(input_shape)}, site {site.site_id} has {list(site.train.x.shape[1:])}"
         )
+    for split in (site.train, site.test):
+        if split.y.size and int(split.y.max()) >= num_classes:
+            raise RemoteProtocolError(
+                f"site {site.site_id} has class id {int(split.y.max())}, "
+                f"but the server's model has {num_classes} classes"
+            )
     model = build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
     try:
         model.load_state_dict(state)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcore.config import Settings
 from fedcore.errors import ConfigError
-from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind
+
+if TYPE_CHECKING:
+    from fedcore.privacy import PrivacyLedger
 
 
 def site_state_dir(settings: Settings, node_config: Mapping[str, Any]) -> Path:
@@ -39,6 +41,10 @@ def site_ledger(
     Raises :class:`ConfigError` if the file holds another budget or accountant,
     :class:`~fedcore.privacy.CorruptLedgerError` for a damaged file (left untouched).
     """
+    # Imported here: dp-accounting (through scipy) costs seconds, and in deployment every message
+    # to a site starts a fresh ClientApp process; only sites with record-level DP pay for it.
+    from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind
+
     dp = settings.dp.site
     if dp.epsilon is None:
         raise ConfigError("setting 'dp.site.epsilon' is unset: record-level DP is off")
