@@ -241,10 +241,12 @@ class RunOutcome:
 
 
 def _weighted(replies: list[Message], key: str) -> float:
-    total = sum(m.metric(r, m.NUM_EXAMPLES) for r in replies)
-    if not replies or total <= 0:
+    """The example-weighted mean of metric ``key`` over the replies that report it (NaN if none)."""
+    reporting = [r for r in replies if key in r.content.metric_records[m.METRICS]]
+    total = sum(m.metric(r, m.NUM_EXAMPLES) for r in reporting)
+    if not reporting or total <= 0:
         return math.nan
-    return sum(m.metric(r, key) * m.metric(r, m.NUM_EXAMPLES) for r in replies) / total
+    return sum(m.metric(r, key) * m.metric(r, m.NUM_EXAMPLES) for r in reporting) / total
 
 
 def run_rounds(

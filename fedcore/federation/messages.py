@@ -3,7 +3,8 @@
 A train instruction carries ``arrays`` (the global model, an ``ArrayRecord``) and ``config`` (a
 ``ConfigRecord`` with ``server-round``, ``num-classes`` and ``input-shape``). A train reply carries
 ``arrays`` (the site's new weights) and ``metrics`` (a ``MetricRecord`` with ``num-examples`` and
-``train_loss``, plus ``site-id`` and, under record-level DP, ``site_epsilon``). A site that cannot
+``train_loss`` (except under record-level DP, which does not cover it), plus ``site-id`` and, under
+record-level DP, ``site_epsilon``). A site that cannot
 afford a round under its privacy budget sends a *declined* reply instead: ``metrics`` with
 ``declined = 1``, ``site-id`` and ``site_epsilon``, and a ``status`` config record with the reason.
 An evaluate reply carries ``metrics`` with ``num-examples``, ``eval_loss`` and ``eval_accuracy``.
@@ -104,11 +105,13 @@ def train_reply(
     state: Mapping[str, torch.Tensor],
     *,
     num_examples: int,
-    loss: float,
+    loss: float | None,
     site_id: int,
     site_epsilon: float | None = None,
 ) -> Message:
-    metrics = MetricRecord({NUM_EXAMPLES: num_examples, "train_loss": loss, SITE_ID: site_id})
+    metrics = MetricRecord({NUM_EXAMPLES: num_examples, SITE_ID: site_id})
+    if loss is not None:  # a DP-SGD site does not send its loss: the guarantee does not cover it
+        metrics["train_loss"] = loss
     if site_epsilon is not None:
         metrics[SITE_EPSILON] = site_epsilon
     return Message(

@@ -33,7 +33,7 @@ def round_seed(seed: int, site_id: int, server_round: int) -> int:
 class SiteUpdate:
     state: dict[str, torch.Tensor]
     num_examples: int
-    train_loss: float
+    train_loss: float | None  # None under DP-SGD: the loss is not covered by the guarantee
     site_epsilon: float | None = None  # record-level spend after this round (DP-SGD only)
 
 
@@ -176,7 +176,7 @@ def _train_dp(
     return SiteUpdate(
         state=result.state,
         num_examples=len(site.train.y),
-        train_loss=result.train_loss,
+        train_loss=None,
         site_epsilon=result.epsilon,
     )
 
