@@ -31,12 +31,33 @@ SUBCOMMANDS: dict[str, str] = {
 EXIT_BAD_INPUT = 2
 
 
+def add_settings_arguments(parser: argparse.ArgumentParser, *, verbose_help: str) -> None:
+    """``--config``, ``--set``, ``--out`` and ``--verbose``: how every federation command takes settings."""
+    parser.add_argument(
+        "--config", metavar="FILE.toml", help="settings file (keys as in --set; tables allowed)"
+    )
+    parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="overrides",
+        help="override one setting (repeatable; `fedcore simulate --help-settings` lists them)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="run record directory (default: runs/<timestamp>)"
+    )
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
+
+
 def _load(name: str):  # noqa: ANN202 - a module
     return importlib.import_module(SUBCOMMANDS[name])
 
 
 def build_parser(names: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedcore", description="Privacy-preserving federated learning on Flower.")
+    parser = argparse.ArgumentParser(
+        prog="fedcore", description="Privacy-preserving federated learning on Flower."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in names:
         _load(name).add_parser(sub)
@@ -47,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Build only the parser asked for, so a subcommand's imports are paid only when it runs.
     # Subcommands whose module is not there yet are left out of the help.
-    chosen = [argv[0]] if argv and argv[0] in SUBCOMMANDS else [n for n in SUBCOMMANDS if _importable(n)]
+    chosen = (
+        [argv[0]] if argv and argv[0] in SUBCOMMANDS else [n for n in SUBCOMMANDS if _importable(n)]
+    )
     parser = build_parser(chosen)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from fedcore import config as cfg
+from fedcore.cli import add_settings_arguments
 from fedcore.errors import ConfigError
 
 
@@ -39,19 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--rounds", type=int, metavar="R", help="federated rounds (the setting 'rounds')"
     )
-    parser.add_argument("--config", metavar="FILE.toml", help="settings file (keys as in --set)")
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override one setting",
-    )
-    parser.add_argument(
-        "--out", metavar="DIR", help="run record directory (default: runs/<timestamp>)"
-    )
-    parser.add_argument("--verbose", action="store_true", help="show Flower's INFO logs of the run")
+    add_settings_arguments(parser, verbose_help="show Flower's INFO logs of the run")
     return parser
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fedcore import config as cfg
+from fedcore.cli import add_settings_arguments
 from fedcore.errors import ConfigError
 
 
@@ -27,21 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Run a simulated federation (Flower simulation engine) and write its run record.",
         epilog="Without arguments: the main job, digits over 10 sites. `--help-settings` lists every key.",
     )
-    parser.add_argument(
-        "--config", metavar="FILE.toml", help="settings file (keys as in --set; tables allowed)"
-    )
-    parser.add_argument(
-        "--set",
-        metavar="KEY=VALUE",
-        action="append",
-        default=[],
-        dest="overrides",
-        help="override one setting",
-    )
-    parser.add_argument(
-        "--out", metavar="DIR", help="run record directory (default: runs/<timestamp>)"
-    )
-    parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    add_settings_arguments(parser, verbose_help="show Flower's and Ray's logs")
     parser.add_argument(
         "--help-settings", action="store_true", help="list every setting with its default and exit"
     )
