@@ -5,7 +5,8 @@ Three federations, on the same sites n, the same model size d, the same graph an
 - fedcore:   ``fedcore simulate --set secagg.enabled=true --set secagg.neighbors=<k|complete>
              --set secagg.threshold=<t>``;
 - Flower:    Flower 1.41's SecAgg+ on its legacy API (``SecAggPlusWorkflow(num_shares=k + 1,
-             reconstruction_threshold=t)`` with ``secaggplus_mod``), benchmarks/secagg_vs_flower_apps;
+             reconstruction_threshold=t)`` with ``secaggplus_mod``), in
+             benchmarks/secagg_vs_flower_apps;
 - plain:     ``fedcore simulate`` without secure aggregation (fedcore's FedAvg), so fedcore/plain is
              exactly what switching secure aggregation on costs.
 
@@ -20,6 +21,12 @@ majority n // 2 + 1); "sparse" is the SecAgg+ Harary graph with (k, t) from
 ``fedcore.secagg.harary_parameters(n, corrupt_fraction=0.05, dropout_fraction=0.10)``: k neighbours
 besides the site itself in fedcore, num_shares = k + 1 share holders (the site included) in Flower.
 Both sides use a 2**32 ring and clip at 4 (fedcore clips updates, Flower clips parameters).
+
+"floor" is the physical limit of the masking itself on this machine, measured in the same run just
+before the row: the time of one ``fedcore.crypto.expand.add_keystream`` over d uint32 words (one
+AES-256-CTR mask added in place, single thread) times the masks a round must expand (every site
+its k pairwise masks and its self mask, the server the n self masks), divided by the cores. No
+protocol with these graphs can go below it; "fedcore/floor" says how close fedcore comes.
 
 Each run is a fresh process with a time limit; a round's time is the gap between successive round
 ends, round 1 (Ray start-up) excluded, median of the rest. A run that fails, times out, or does not
@@ -38,6 +45,7 @@ d = 10**6 with the sparse graph. Benchmarks print; they never fail a test.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,8 +55,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ROOT / "benchmarks" / "secagg_vs_flower_apps"
@@ -57,6 +68,7 @@ sys.path.insert(0, str(APPS))
 
 from bench_linear import features_for  # noqa: E402
 
+from fedcore.crypto.expand import add_keystream  # noqa: E402
 from fedcore.errors import ConfigError  # noqa: E402
 from fedcore.secagg import default_threshold, harary_parameters  # noqa: E402
 
@@ -71,7 +83,9 @@ ENV = {
 }
 CLASSES = 10
 SAMPLES_PER_SITE = 5  # 20% to the server's holdout, then 20% of each site's share to its test split
-LOCAL = {"local_epochs": 1, "batch_size": 32, "lr": 0.2, "seed": 0}
+LOCAL = {"local_epochs": 1, "batch_size": 32, "seed": 0}
+# The learning rate is 1/features: a sample's squared norm is about the number of features, so a
+# larger step would fit every site's few samples exactly in round 1 and leave later updates zero.
 CLIP = 4.0
 SECAGG_BITS = 32  # Flower's modulus_range is 2**32 (its default and maximum)
 CORRUPT, DROPOUT = 0.05, 0.10
@@ -94,6 +108,10 @@ class Case:
         return self.features * CLASSES + CLASSES
 
     @property
+    def lr(self) -> float:
+        return 1.0 / self.features
+
+    @property
     def samples(self) -> int:
         return SAMPLES_PER_SITE * self.sites
 
@@ -105,6 +123,18 @@ class Case:
     def num_shares(self) -> int:
         """Flower's num_shares: every share holder, the site itself included."""
         return self.sites if self.graph == "complete" else self.neighbors + 1
+
+
+def mask_floor(case: Case, *, reps: int = 8) -> float:
+    """Seconds a round needs just to expand its masks, at this machine's measured rate."""
+    acc = np.zeros(case.params + 1, dtype=np.uint32)  # + 1: fedcore also masks the weight
+    add_keystream(acc, bytes(32))  # warm up
+    began = time.perf_counter()
+    for i in range(reps):
+        add_keystream(acc, i.to_bytes(32, "little"))
+    per_mask = (time.perf_counter() - began) / reps
+    masks = case.sites * (case.neighbors + 1) + case.sites
+    return masks * per_mask / (os.cpu_count() or 1)
 
 
 def case_for(sites: int, d: int, graph: str) -> Case | str:
@@ -148,6 +178,17 @@ def run(argv: list[str], *, timeout: float, log: Path) -> None:
         raise RunFailed("failed", f"exit status {rc}: {_tail(log)} (log: {log})")
 
 
+@contextlib.contextmanager
+def progress_on_failure(ends: Callable[[], list[float]]) -> Iterator[None]:
+    """Add to a failed run's reason the round end times it recorded (seconds from its start)."""
+    began = time.time()
+    try:
+        yield
+    except RunFailed as exc:
+        done = ", ".join(f"{e - began:.0f}" for e in ends())
+        raise RunFailed(exc.cell, f"{exc}; rounds ended at [{done}] s after the start") from None
+
+
 def _stop(proc: subprocess.Popen) -> None:
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
         try:
@@ -179,6 +220,7 @@ def fedcore_round(case: Case, *, secagg: bool, rounds: int, timeout: float, tmp:
         "model": "bench_linear:linear",
         "device": "cpu",
         "round_timeout": timeout,
+        "lr": case.lr,
         **LOCAL,
     }
     if secagg:
@@ -192,9 +234,16 @@ def fedcore_round(case: Case, *, secagg: bool, rounds: int, timeout: float, tmp:
         }
     sets = [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
     argv = [sys.executable, "-m", "fedcore.cli", "simulate", *sets, "--out", str(out)]
-    run(argv, timeout=timeout, log=tmp / f"{name}.log")
     history = out / "history.jsonl"
-    rows = [json.loads(ln) for ln in history.read_text().splitlines()] if history.exists() else []
+
+    def read() -> list[dict]:
+        return (
+            [json.loads(ln) for ln in history.read_text().splitlines()] if history.exists() else []
+        )
+
+    with progress_on_failure(lambda: [r["ended_at"] for r in read()]):
+        run(argv, timeout=timeout, log=tmp / f"{name}.log")
+    rows = read()
     problems = [] if len(rows) == rounds else [f"{len(rows)} of {rounds} rounds recorded"]
     for row in rows:
         if row["sites_failed"] or row["sites_replied"] != case.sites:
@@ -221,6 +270,7 @@ def flower_round(case: Case, *, rounds: int, timeout: float, tmp: Path) -> float
         "samples": case.samples,
         "features": case.features,
         "classes": CLASSES,
+        "lr": case.lr,
         **LOCAL,
         "num_shares": case.num_shares,
         "threshold": case.threshold,
@@ -236,7 +286,10 @@ run_app(Path({str(APPS)!r}), server_app="secaggplus_app:server", client_app="sec
         backend={{"client_resources": {{"num_cpus": 1, "num_gpus": 0}},
                  "init_args": {{"num_cpus": {os.cpu_count()}, "include_dashboard": False}}}})
 """
-    run([sys.executable, "-c", code], timeout=timeout, log=tmp / f"{name}.log")
+    with progress_on_failure(
+        lambda: json.loads(out.read_text())["ended_at"] if out.exists() else []
+    ):
+        run([sys.executable, "-c", code], timeout=timeout, log=tmp / f"{name}.log")
     if not out.exists():
         raise RunFailed("failed", f"{name}: the ServerApp wrote no result (log: {tmp / name}.log)")
     result = json.loads(out.read_text())
@@ -277,7 +330,8 @@ def ratio(a: float | str | None, b: float | str | None) -> float | None:
 
 HEADER = (
     f"{'n':>4} {'d':>8} {'graph':>8} {'k':>3} {'shares':>6} {'t':>3} | {'plain s':>8} "
-    f"{'fedcore s':>9} {'Flower s':>9} | {'Flower/fedcore':>14} {'fedcore/plain':>13}"
+    f"{'fedcore s':>9} {'Flower s':>9} {'floor s':>8} | {'Flower/fedcore':>14} "
+    f"{'fedcore/plain':>13} {'fedcore/floor':>13}"
 )
 
 
@@ -301,7 +355,8 @@ def main() -> None:
     print(
         f"seconds per round, steady state (median over rounds 2..{args.rounds}); plain = fedcore "
         f"without secagg; k = fedcore's secagg.neighbors, shares = Flower's num_shares, t = both "
-        f"thresholds; {SAMPLES_PER_SITE} samples per site, {CLASSES} classes, 1 local epoch",
+        f"thresholds; {SAMPLES_PER_SITE} samples per site, {CLASSES} classes, 1 local epoch, "
+        "lr 1/features",
         flush=True,
     )
     print(HEADER, flush=True)
@@ -325,6 +380,7 @@ def main() -> None:
                         timeout=args.timeout,
                         tmp=tmp,
                     )
+                floor = mask_floor(case)
                 ours = timed(
                     notes,
                     fedcore_round,
@@ -340,8 +396,9 @@ def main() -> None:
                 k = "all" if graph == "complete" else str(case.neighbors)
                 print(
                     f"{n:>4} {case.params:>8} {graph:>8} {k:>3} {case.num_shares:>6} "
-                    f"{case.threshold:>3} | {cell(plain, 8)} {cell(ours, 9)} {cell(theirs, 9)} | "
-                    f"{cell(ratio(theirs, ours), 14)} {cell(ratio(ours, plain), 13)}",
+                    f"{case.threshold:>3} | {cell(plain, 8)} {cell(ours, 9)} {cell(theirs, 9)} "
+                    f"{cell(floor, 8)} | {cell(ratio(theirs, ours), 14)} "
+                    f"{cell(ratio(ours, plain), 13)} {cell(ratio(ours, floor), 13)}",
                     flush=True,
                 )
     print(f"\ntotal wall time {time.monotonic() - began:.0f} s")

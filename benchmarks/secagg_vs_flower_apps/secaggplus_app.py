@@ -14,7 +14,8 @@ holdout.
 
 The ServerApp writes ``out`` (JSON): each round's end time (after the federated evaluation, as
 fedcore's ``ended_at``), the central accuracy, and what ``aggregate_fit`` received each round. A
-round whose SecAgg+ halted never reaches ``aggregate_fit``; the benchmark refuses to time such a run.
+round whose SecAgg+ halted never reaches ``aggregate_fit``; the benchmark refuses to time such a
+run.
 """
 
 import json
@@ -165,6 +166,11 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate_then_stamp(grid: Grid, context: Context) -> None:
         default_evaluate_workflow(grid, context)
         ends.append(time.time())
+        write()  # after every round, so a run stopped at its time limit still shows its progress
+
+    def write() -> None:
+        with open(str(cfg["out"]), "w") as fh:
+            json.dump({"ended_at": ends, "accuracy": accuracy, "fits": strategy.fits}, fh)
 
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
@@ -176,5 +182,4 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_workflow=evaluate_then_stamp,
     )
     workflow(grid, legacy)
-    with open(str(cfg["out"]), "w") as fh:
-        json.dump({"ended_at": ends, "accuracy": accuracy, "fits": strategy.fits}, fh)
+    write()
