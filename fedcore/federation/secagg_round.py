@@ -23,6 +23,7 @@ the end, shares of the secrets of sites the protocol allows to be revealed.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,7 +101,6 @@ class SecAggTrainRound:
     """The training half of a round under secure aggregation."""
 
     settings: Settings
-    bytes_by_site: dict[str, int] = field(default_factory=dict)
 
     def __call__(
         self,
@@ -144,6 +144,7 @@ class SecAggTrainRound:
         result = None
         try:
             for stage in ("advertise", "share", "masked_input", "unmask"):
+                started = time.perf_counter()
                 outgoing = [
                     self._message(
                         node,
@@ -160,7 +161,7 @@ class SecAggTrainRound:
                 stats.add(stage, replies)
                 for reply in replies.valid:
                     node = reply.metadata.src_node_id
-                    self.bytes_by_site[str(node)] = self.bytes_by_site.get(
+                    stats.bytes_by_site[str(node)] = stats.bytes_by_site.get(
                         str(node), 0
                     ) + m.content_bytes(reply)
                     try:
@@ -173,6 +174,7 @@ class SecAggTrainRound:
                     result = server.finish(no_answer=server.pending)
                 else:
                     requests = server.advance(no_answer=server.pending)
+                stats.stage_seconds[stage] = time.perf_counter() - started
         except TooFewSurvivors as exc:
             stats.failures["round"] = f"secure aggregation aborted, nothing revealed: {exc}"
         aggregated = None
@@ -208,7 +210,8 @@ class SecAggTrainRound:
                     "neighbors": neighbors,
                     "bits": session.bits,
                     "survivors": survivors,
-                    "bytes_up_by_site": dict(self.bytes_by_site),
+                    "bytes_up_by_site": dict(stats.bytes_by_site),  # this round only
+                    "stage_seconds": dict(stats.stage_seconds),
                 }
             },
         )
@@ -265,6 +268,8 @@ class _Stats:
     failures: dict[str, str] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
     site_epsilon: dict[int, float] = field(default_factory=dict)
+    bytes_by_site: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     bytes_down: int = 0
     bytes_up: int = 0
 

@@ -60,6 +60,14 @@ def test_same_model_as_plain_fedavg_up_to_the_encoding_error(tmp_path, rounds):
     )
     assert [r["sites_replied"] for r in rows] == [4] * rounds
     assert rows[0]["secagg"]["survivors"] == list(NODES)
+    for row in rows:  # per round, not cumulative; every stage timed
+        assert row["secagg"]["bytes_up_by_site"] == rows[0]["secagg"]["bytes_up_by_site"]
+        assert set(row["secagg"]["stage_seconds"]) == {
+            "advertise",
+            "share",
+            "masked_input",
+            "unmask",
+        }
     assert rows[0]["num_examples"] == plain_rows[0]["num_examples"]  # the exact total weight
     # Per coordinate, the decoded mean's rounding error has std <= sqrt(n) / (2 s W)
     # (fedcore.secagg.encoding); 8 standard deviations bound the max over ~9k coordinates, and
