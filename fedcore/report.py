@@ -131,9 +131,10 @@ def write_privacy_plot(record: RunRecord, path: Path) -> None:
         title=f"Privacy spent (delta as budgeted, {dp.accountant} accountant)",
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(bottom=0)
+    budgets = [b for b in (dp.site.epsilon, dp.server.epsilon) if b is not None]
+    ax.set_ylim(bottom=0, top=1.15 * max(budgets))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
