@@ -250,6 +250,24 @@ class _CryptoNoise:
     max_grad_norm: float
     expected_batch_size: float
 
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        rng: CryptoRng,
+    ) -> None:
+        super().__init__(  # type: ignore[call-arg]  # the Opacus optimiser after this mixin
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+        )
+        self._rng = rng
+
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         sizes = [p.numel() for p in self.params]
@@ -279,45 +297,9 @@ class _CryptoNoise:
 class CryptoDPOptimizer(_CryptoNoise, DPOptimizer):
     """Opacus's per-sample-clipping optimiser with CryptoRng noise."""
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: float,
-        rng: CryptoRng,
-    ) -> None:
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-        )
-        self._rng = rng
-
 
 class CryptoDPOptimizerGhost(_CryptoNoise, DPOptimizerFastGradientClipping):
     """Opacus's ghost-clipping optimiser with CryptoRng noise."""
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: float,
-        rng: CryptoRng,
-    ) -> None:
-        super().__init__(
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-        )
-        self._rng = rng
 
 
 def _train(
