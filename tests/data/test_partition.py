@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -170,13 +169,11 @@ def test_too_many_sites_for_two_samples_each() -> None:
         load_federation(DataSettings(**small, sites=17))
 
 
-def test_unsatisfiable_dirichlet_fails_quickly() -> None:
+def test_unsatisfiable_dirichlet_fails_instead_of_retrying() -> None:
     """Tiny alpha over many sites leaves some site empty; it must fail, not retry forever."""
-    start = time.perf_counter()
     with pytest.raises(ConfigError, match=r"alpha=0\.001") as caught:
         load_federation(DataSettings(sites=200, partition="dirichlet", alpha=0.001))
     assert "\n" not in str(caught.value)
-    assert time.perf_counter() - start < 10
 
 
 def test_classes_per_site_above_the_number_of_classes() -> None:

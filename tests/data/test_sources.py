@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +65,7 @@ def test_synthetic_scales_to_100k_samples_and_100_sites() -> None:
         synthetic_classes=10,
         seed=1,
     )
-    start = time.perf_counter()
-    site = load_site(settings, 99)
-    assert time.perf_counter() - start < 10  # generous: typically well under a second
+    site = load_site(settings, 99)  # timings live in benchmarks, never in a test
     assert site.train.x.shape[1:] == (32,) and len(site.train) + len(site.test) == 800
     holdout, shape, classes = load_holdout(settings)
     assert len(holdout) == 20_000 and shape == (32,) and classes == 10
