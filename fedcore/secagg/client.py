@@ -52,7 +52,7 @@ import numpy as np
 
 from fedcore.crypto import aead, signing
 from fedcore.crypto.agreement import AgreementKey, derive_key, x25519_keypair
-from fedcore.crypto.expand import add_keystream
+from fedcore.crypto.expand import add_keystreams
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import (
     FedcoreError,
@@ -433,12 +433,14 @@ class SecAggClient:
         if vector is None:
             raise LocalProtocolError("a MaskedInputRequest needs the input vector")
         y = rules.ring_input(vector, config)
-        add_keystream(y, self_mask_key(self._seed, sid))
+        adds: list[bytes] = [self_mask_key(self._seed, sid)]
+        subtracts: list[bytes] = []
         for v in sorted(received):
             seed = pairwise_seed(
                 self._mask_key, self._adverts[v].mask_public, sid, self.client_id, v
             )
-            add_keystream(y, seed, subtract=self.client_id > v)
+            (subtracts if self.client_id > v else adds).append(seed)
+        add_keystreams(y, adds=adds, subtracts=subtracts)  # one pass over y for all the masks
         if config.bits not in (32, 64):
             y &= ring_dtype(config.bits)((1 << config.bits) - 1)
         self._received = received

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcore.crypto.agreement import AgreementKey, x25519_public
-from fedcore.crypto.expand import add_keystream
+from fedcore.crypto.expand import add_keystreams
 from fedcore.errors import InvalidMessage
 from fedcore.secagg import shamir
 from fedcore.secagg.errors import TooFewSurvivors
@@ -80,14 +80,18 @@ def remove_masks(
     session_id: bytes,
     bits: int,
 ) -> None:
-    """In place: subtract every survivor's self mask and undo the masks shared with dropouts."""
-    for seed in seeds.values():
-        add_keystream(total, self_mask_key(seed, session_id), subtract=True)
+    """In place: subtract every survivor's self mask and undo the masks shared with dropouts.
+
+    Every mask is derived first and then all are applied in one pass over ``total``.
+    """
+    adds: list[bytes] = []
+    subtracts = [self_mask_key(seed, session_id) for seed in seeds.values()]
     for v, private in mask_keys.items():
         loaded = AgreementKey(private)
         for u in sorted(graph.neighbors(v) & survivors):
             s = pairwise_seed(loaded, adverts[u].mask_public, session_id, u, v)
             # u added +PRG(s_uv) when u < v and subtracted it when u > v: undo that.
-            add_keystream(total, s, subtract=u < v)
+            (subtracts if u < v else adds).append(s)
+    add_keystreams(total, adds=adds, subtracts=subtracts)
     if bits not in (32, 64):
         total &= total.dtype.type((1 << bits) - 1)
