@@ -374,11 +374,6 @@ def _cross_check(settings: Settings) -> None:
                 "setting 'secagg.mode' is 'active', which needs a registry of site signing keys that the "
                 "federation does not distribute yet; use 'semi-honest' (fedcore.secagg supports active mode)"
             )
-        if settings.dp.server.epsilon is not None:
-            raise ConfigError(
-                "site-level DP at the server ('dp.server.epsilon') together with 'secagg.enabled' is not "
-                "wired yet: the noise would have to be added to the unmasked sum; use one or the other"
-            )
         if settings.sites < 2:
             raise ConfigError(
                 f"secure aggregation needs at least 2 sites, got sites={settings.sites}"

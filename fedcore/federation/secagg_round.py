@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedcore.config import Settings
 from fedcore.errors import ConfigError, FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
+from fedcore.federation.dp_server import DPFedAvgRound
 from fedcore.federation.driver import (
     Exchange,
     TrainOutcome,
@@ -49,7 +51,15 @@ from fedcore.federation.driver import (
     instruction_for,
     stop_when_all_declined,
 )
+from fedcore.federation.secagg_dp import (
+    SiteClipping,
+    decode_clipped_sum,
+    dp_encoding,
+    ring_clip_norm,
+    session_length,
+)
 from fedcore.federation.secagg_site import SECAGG, request_record
+from fedcore.privacy.dpfedavg import Clipping, poisson_sample, release_clipped_sum
 from fedcore.secagg import (
     EncodingConfig,
     SecAggServer,
@@ -98,9 +108,15 @@ def neighbors_of(settings: Settings, sites: int) -> int:
 
 @dataclass(slots=True)
 class SecAggTrainRound:
-    """The training half of a round under secure aggregation."""
+    """The training half of a round under secure aggregation.
+
+    With ``dp`` (site-level DP at a trusted server, :mod:`fedcore.federation.secagg_dp`), the
+    federation ledger is checked before anything is sent, sites are Poisson-sampled from a CSPRNG,
+    each clips its update before masking, and the noise is added to the unmasked sum.
+    """
 
     settings: Settings
+    dp: DPFedAvgRound | None = None
 
     def __call__(
         self,
@@ -113,33 +129,60 @@ class SecAggTrainRound:
         timeout: float,
     ) -> TrainOutcome:
         check_linear(strategy)
+        dp = self.dp
+        if dp is not None:
+            dp.ledger.check(dp.config.round_event())  # stop before the round, not after
         template, content = instruction_for(strategy, server_round, arrays, config, grid)
-        nodes = tuple(sorted({msg.metadata.dst_node_id for msg in template}))
-        length = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys()) + 1
-        neighbors = neighbors_of(self.settings, len(nodes))
-        threshold = self.settings.secagg.threshold or default_threshold(
-            len(nodes), neighbors=neighbors
-        )
-        if len(nodes) < 2 or threshold > len(nodes):
-            raise ConfigError(
-                f"secure aggregation needs at least max(2, threshold={threshold}) sampled sites, got {len(nodes)}"
+        if dp is None:
+            nodes = tuple(sorted({msg.metadata.dst_node_id for msg in template}))
+        else:
+            nodes = tuple(
+                poisson_sample(
+                    sorted(grid.get_node_ids()), rate=dp.config.sampling_rate, rng=dp.rng
+                )
             )
+        clipping = (
+            None
+            if dp is None
+            else SiteClipping(dp.clip_norm, dp.config.clipping is Clipping.ADAPTIVE)
+        )
+        dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
+        neighbors = neighbors_of(self.settings, len(nodes))
+        threshold = self.settings.secagg.threshold or (
+            default_threshold(len(nodes), neighbors=neighbors) if len(nodes) >= 2 else 2
+        )
+        stats = _Stats()
+        if len(nodes) < 2 or threshold > len(nodes):
+            why = (
+                f"secure aggregation needs at least max(2, threshold={threshold}) sampled sites, "
+                f"got {len(nodes)}"
+            )
+            if dp is None:
+                raise ConfigError(why)
+            # Poisson sampling drew too few: skip the round, release (and charge) nothing.
+            stats.failures["round"] = f"{why}; nothing released"
+            return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
         session = SessionConfig(
             round_id=os.urandom(16),
             clients=nodes,
             threshold=threshold,
-            length=length,
+            length=session_length(dim, clipping),
             bits=self.settings.secagg.bits,
             neighbors=neighbors,
             mode=Mode.SEMI_HONEST,
         )
-        encoding = EncodingConfig(
-            bits=session.bits,
-            clip=self.settings.secagg.clip_range,
-            max_total_weight=_weight_budget(session.bits),
-        )
+        if clipping is None:
+            encoding = EncodingConfig(
+                bits=session.bits,
+                clip=self.settings.secagg.clip_range,
+                max_total_weight=_weight_budget(session.bits),
+            )
+        else:
+            encoding = dp_encoding(
+                bits=session.bits, clip_range=self.settings.secagg.clip_range, sites=len(nodes)
+            )
+            ring_clip_norm(clipping.clip_norm, dim=dim, config=encoding)  # refuse before sending
         server = SecAggServer(session)
-        stats = _Stats()
         requests = server.start()
         result = None
         try:
@@ -152,6 +195,7 @@ class SecAggTrainRound:
                         encode(req),
                         content,
                         encoding if stage == "masked_input" else None,
+                        clipping,
                     )
                     for node, req in requests.items()
                 ]
@@ -177,18 +221,85 @@ class SecAggTrainRound:
                 stats.stage_seconds[stage] = time.perf_counter() - started
         except TooFewSurvivors as exc:
             stats.failures["round"] = f"secure aggregation aborted, nothing revealed: {exc}"
-        aggregated = None
-        survivors: list[int] = []
-        if result is not None:
-            survivors = sorted(result.survivors)
+        if result is None:
+            return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
+        reply_to = Message(content=content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)
+        survivors = sorted(result.survivors)
+        if clipping is None or dp is None:
             mean, total_weight = decode_mean(result.total, config=encoding)
             aggregated = hand_to_strategy(
                 strategy,
                 server_round,
                 self._plus_mean(arrays, mean),
                 weight=total_weight,
-                reply_to=template[0],
+                reply_to=reply_to,
             )
+            return self._outcome(
+                nodes,
+                stats,
+                threshold=threshold,
+                neighbors=neighbors,
+                aggregated=aggregated,
+                num_examples=total_weight,
+                survivors=survivors,
+            )
+        clipped = decode_clipped_sum(result.total, clipping=clipping, config=encoding)
+        released = release_clipped_sum(
+            [clipped.total],
+            contributors=clipped.contributors,
+            unclipped=clipped.unclipped,
+            config=dp.config,
+            clip_norm=dp.clip_norm,
+            ledger=dp.ledger,
+            rng=dp.rng,
+            round_number=server_round,
+            dtype=np.float64,
+        )
+        dp.clip_norm = released.next_clip_norm
+        aggregated = hand_to_strategy(
+            strategy,
+            server_round,
+            self._plus_mean(arrays, released.aggregate[0]),
+            weight=1,
+            reply_to=reply_to,
+        )
+        return self._outcome(  # num_examples 0: sites weigh the same and do not send their counts
+            nodes,
+            stats,
+            threshold=threshold,
+            neighbors=neighbors,
+            aggregated=aggregated,
+            survivors=survivors,
+            server_epsilon=released.epsilon,
+            clip_norm=released.clip_norm,
+        )
+
+    def _outcome(
+        self,
+        nodes: tuple[int, ...],
+        stats: _Stats,
+        *,
+        threshold: int,
+        neighbors: int,
+        aggregated: ArrayRecord | None = None,
+        num_examples: int = 0,
+        survivors: Sequence[int] = (),
+        server_epsilon: float | None = None,
+        clip_norm: float | None = None,
+    ) -> TrainOutcome:
+        extra: dict[str, object] = {
+            "secagg": {
+                "clients": len(nodes),
+                "threshold": threshold,
+                "neighbors": neighbors,
+                "bits": self.settings.secagg.bits,
+                "survivors": list(survivors),
+                "bytes_up_by_site": dict(stats.bytes_by_site),  # this round only
+                "stage_seconds": dict(stats.stage_seconds),
+            }
+        }
+        if clip_norm is not None:
+            extra["clip_norm"] = clip_norm
         return TrainOutcome(
             aggregated=aggregated,
             sent=len(nodes),
@@ -197,23 +308,13 @@ class SecAggTrainRound:
             failures=stats.failures,
             bytes_down=stats.bytes_down,
             bytes_up=stats.bytes_up,
-            train_loss=float(
-                "nan"
-            ),  # per-site losses are not sent in the clear under secure aggregation
-            num_examples=int(total_weight) if result is not None else 0,
+            # per-site losses are not sent in the clear under secure aggregation
+            train_loss=float("nan"),
+            num_examples=num_examples,
             site_epsilon=stats.site_epsilon,
+            server_epsilon=server_epsilon,
             stop=stop_when_all_declined(sent=len(nodes), declined=len(stats.declined)),
-            extra={
-                "secagg": {
-                    "clients": len(nodes),
-                    "threshold": threshold,
-                    "neighbors": neighbors,
-                    "bits": session.bits,
-                    "survivors": survivors,
-                    "bytes_up_by_site": dict(stats.bytes_by_site),  # this round only
-                    "stage_seconds": dict(stats.stage_seconds),
-                }
-            },
+            extra=extra,
         )
 
     def _message(
@@ -223,9 +324,17 @@ class SecAggTrainRound:
         payload: bytes,
         content: RecordDict,
         encoding: EncodingConfig | None,
+        clipping: SiteClipping | None,
     ) -> Message:
         record = RecordDict(
-            {SECAGG: request_record(stage=stage, payload=payload, encoding=encoding)}
+            {
+                SECAGG: request_record(
+                    stage=stage,
+                    payload=payload,
+                    encoding=encoding,
+                    clipping=clipping if encoding is not None else None,
+                )
+            }
         )
         if stage == "masked_input":  # the sites train now: they need the model and the config
             record[m.ARRAYS] = content.array_records[m.ARRAYS]

@@ -27,6 +27,7 @@ exact weighted mean from the sum alone.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedcore.crypto import CryptoRng
 from fedcore.crypto.agreement import derive_rng
 from fedcore.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from fedcore.federation.secagg_dp import SiteClipping, encode_clipped_update
 from fedcore.secagg import (
     EncodingConfig,
     SecAggClient,
@@ -82,13 +84,22 @@ def site_key(state_dir: Path, site_id: int) -> bytes:
 
 
 def request_record(
-    *, stage: str, payload: bytes, encoding: EncodingConfig | None = None
+    *,
+    stage: str,
+    payload: bytes,
+    encoding: EncodingConfig | None = None,
+    clipping: SiteClipping | None = None,
 ) -> ConfigRecord:
+    """A stage request; the masked-input stage also carries the encoding, and with site-level DP
+    the L2 clip norm each site applies before masking (public parameters, no secret)."""
     record = ConfigRecord({"stage": stage, "payload": payload})
     if encoding is not None:
         record["bits"] = encoding.bits
         record["clip"] = encoding.clip
         record["max-total-weight"] = encoding.max_total_weight
+    if clipping is not None:
+        record["l2-clip"] = clipping.clip_norm
+        record["count-unclipped"] = clipping.count_unclipped
     return record
 
 
@@ -101,6 +112,23 @@ def _encoding(request: ConfigRecord) -> EncodingConfig:
         )
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise RemoteProtocolError(f"masked-input request lacks a valid encoding: {exc}") from exc
+
+
+def _clipping(request: ConfigRecord) -> SiteClipping | None:
+    """The DP clipping a masked-input request asks for (None: no site-level DP this round)."""
+    if "l2-clip" not in request:
+        return None
+    clip, count = request["l2-clip"], request.get("count-unclipped", False)
+    if (
+        isinstance(clip, bool)
+        or not isinstance(clip, int | float)
+        or not (math.isfinite(clip) and clip > 0)
+        or not isinstance(count, bool)
+    ):
+        raise RemoteProtocolError(
+            f"masked-input request has a bad l2-clip {clip!r} or count-unclipped {count!r}"
+        )
+    return SiteClipping(clip_norm=float(clip), count_unclipped=count)
 
 
 def flat_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
@@ -142,9 +170,15 @@ def answer_stage(
     vector = None
     if isinstance(message, MaskedInputRequest):
         trained = train()
-        vector = encode_update(
-            trained.update, weight=trained.weight, config=_encoding(request), rng=CryptoRng()
-        )
+        clipping = _clipping(request)
+        if clipping is None:
+            vector = encode_update(
+                trained.update, weight=trained.weight, config=_encoding(request), rng=CryptoRng()
+            )
+        else:  # site-level DP: clip here, before masking; every site weighs the same
+            vector = encode_clipped_update(
+                trained.update, clipping=clipping, config=_encoding(request), rng=CryptoRng()
+            )
     if isinstance(message, UnmaskRequest):
         transcript.mark_unmasked(state)  # before answering: at most one answer, ever
     answer = encode(client.receive(message, vector=vector))

@@ -61,12 +61,12 @@ def run_server(
         return evaluate(model, holdout.x, holdout.y, device=device)
 
     train_round: TrainRound = plain_train_round
-    ledger = None
-    if settings.secagg.enabled:
-        train_round = SecAggTrainRound(settings)
-    elif settings.dp.server.epsilon is not None:
+    ledger, dp_round = None, None
+    if settings.dp.server.epsilon is not None:
         ledger = federation_ledger(settings, record.path / LEDGER_FILE)
-        train_round = DPFedAvgRound.create(settings, ledger)
+        train_round = dp_round = DPFedAvgRound.create(settings, ledger)
+    if settings.secagg.enabled:
+        train_round = SecAggTrainRound(settings, dp=dp_round)
     try:
         outcome = run_rounds(
             grid,

@@ -58,7 +58,7 @@ from fedcore.privacy.transforms import (
     clip_to_norm,
     combine_gaussians,
     global_norm,
-    noisy_clipped_count,
+    noisy_count,
     scale_update,
     sum_updates,
 )
@@ -208,12 +208,6 @@ def dp_fedavg_round(
     :class:`BudgetExceededError` if the round would pass the federation budget (ledger unchanged,
     nothing released); :class:`LocalProtocolError` for more updates than a fixed-size sample.
     """
-    if ledger.scope.kind is not ScopeKind.FEDERATION_SITES:
-        raise ConfigError(f"DP-FedAvg charges a federation_sites ledger, got {ledger.scope}")
-    if not isinstance(clip_norm, int | float) or not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ConfigError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
-    if config.clipping is Clipping.FIXED and clip_norm != config.clip_norm:
-        raise ConfigError(f"fixed clipping uses clip_norm {config.clip_norm}, got {clip_norm}")
     shapes = [tuple(int(d) for d in s) for s in shapes]
     for i, update in enumerate(updates):
         try:
@@ -225,21 +219,71 @@ def dp_fedavg_round(
             f"{len(updates)} updates for a fixed-size sample of {int(config.sites_per_round)} sites"
         )
 
+    norms = [global_norm(u) for u in updates]
+    clipped = [clip_to_norm(u, clip_norm=clip_norm).value for u in updates]
+    unclipped = sum(1 for n in norms if n <= clip_norm)
+    return release_clipped_sum(
+        sum_updates(clipped, shapes=shapes),
+        contributors=len(updates),
+        unclipped=unclipped if config.clipping is Clipping.ADAPTIVE else None,
+        config=config,
+        clip_norm=clip_norm,
+        ledger=ledger,
+        rng=rng,
+        round_number=round_number,
+        dtype=dtype,
+    )
+
+
+def release_clipped_sum(
+    clipped_sum: Sequence[np.ndarray],
+    *,
+    contributors: int,
+    unclipped: int | None,
+    config: ServerDPConfig,
+    clip_norm: float,
+    ledger: PrivacyLedger,
+    rng: CryptoRng,
+    round_number: int | None = None,
+    dtype: type[np.floating] = np.float32,
+) -> ServerRound:
+    """The release half of DP-FedAvg, for a caller that only holds the sum of the clipped updates.
+
+    ``clipped_sum`` is ``sum_i clip(Delta_i, C)`` over ``contributors`` sites, each term of L2 norm
+    at most ``clip_norm`` (the caller guarantees it: :func:`dp_fedavg_round` clips itself; under
+    secure aggregation each site clips before masking and the server sees only the sum).
+    ``unclipped`` is the exact count of contributors whose update norm was at most ``clip_norm``
+    (adaptive clipping only; None for fixed). Charges ``ledger`` first: BudgetExceededError leaves
+    it unchanged and releases nothing. Then adds the noise of eq. (2) and divides by ``m``.
+    """
+    if ledger.scope.kind is not ScopeKind.FEDERATION_SITES:
+        raise ConfigError(f"DP-FedAvg charges a federation_sites ledger, got {ledger.scope}")
+    if not isinstance(clip_norm, int | float) or not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ConfigError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
+    if config.clipping is Clipping.FIXED and clip_norm != config.clip_norm:
+        raise ConfigError(f"fixed clipping uses clip_norm {config.clip_norm}, got {clip_norm}")
+    if (unclipped is None) != (config.clipping is Clipping.FIXED):
+        raise LocalProtocolError(
+            "adaptive clipping needs the unclipped count and fixed clipping takes none; "
+            f"got {unclipped!r} with {config.clipping.value} clipping"
+        )
+    if unclipped is not None and not 0 <= unclipped <= contributors:
+        raise LocalProtocolError(f"unclipped count {unclipped} outside 0..{contributors}")
     event = config.round_event()
     entry = ledger.charge(event, round_number=round_number, label="dp-fedavg round")
 
-    norms = [global_norm(u) for u in updates]
-    clipped = [clip_to_norm(u, clip_norm=clip_norm).value for u in updates]
     noised = add_gaussian_noise(
-        sum_updates(clipped, shapes=shapes),
+        clipped_sum,
         std=config.update_noise_multiplier * clip_norm,
         sensitivity=clip_norm,
         rng=rng,
     )
     released: list[GaussianEvent] = [noised.event]  # type: ignore[list-item]
     next_clip, fraction = float(clip_norm), None
-    if config.clipping is Clipping.ADAPTIVE:
-        count = noisy_clipped_count(norms, clip_norm=clip_norm, noise_std=config.count_std, rng=rng)
+    if unclipped is not None:
+        count = noisy_count(
+            unclipped - contributors / 2.0, noise_std=config.count_std, rng=rng
+        )
         released.append(count.event)  # type: ignore[arg-type]
         fraction = count.value / config.sites_per_round + 0.5
         next_clip = clip_norm * math.exp(
@@ -256,7 +300,7 @@ def dp_fedavg_round(
         clip_norm=float(clip_norm),
         next_clip_norm=next_clip,
         unclipped_fraction=fraction,
-        contributors=len(updates),
+        contributors=contributors,
     )
 
 

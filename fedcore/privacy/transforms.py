@@ -126,11 +126,22 @@ def noisy_clipped_count(
     so the event is :class:`GaussianEvent` with noise multiplier ``2 * noise_std``.
     """
     clip_norm = _positive("clip_norm", clip_norm)
+    return noisy_count(
+        sum((1.0 if n <= clip_norm else 0.0) - 0.5 for n in norms), noise_std=noise_std, rng=rng
+    )
+
+
+def noisy_count(centred: float, *, noise_std: float, rng: CryptoRng) -> Transformed[float]:
+    """``centred`` (a sum of ``b_i - 1/2`` with bits ``b_i``) plus N(0, noise_std^2) from ``rng``.
+
+    The caller guarantees each contribution moves ``centred`` by at most 1/2 (a centred bit), so
+    the event is :class:`GaussianEvent` with noise multiplier ``2 * noise_std``. Used where only
+    the count of bits is known (under secure aggregation the server sees the sum alone).
+    """
     noise_std = _positive("noise_std", noise_std)
     if not isinstance(rng, CryptoRng):
         raise ConfigError(f"noise must come from a CryptoRng, got {type(rng).__name__}")
-    centred = sum((1.0 if n <= clip_norm else 0.0) - 0.5 for n in norms)
-    noisy = centred + float(rng.normal(1, std=noise_std)[0])
+    noisy = float(centred) + float(rng.normal(1, std=noise_std)[0])
     return Transformed(noisy, GaussianEvent(noise_multiplier=2.0 * noise_std))
 
 

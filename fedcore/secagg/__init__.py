@@ -18,6 +18,7 @@ from fedcore.secagg.config import Mode, SessionConfig, Stage, default_threshold
 from fedcore.secagg.encoding import (
     EncodingConfig,
     decode_mean,
+    decode_sum,
     encode_update,
     from_ring,
     stochastic_round,
@@ -34,6 +35,7 @@ __all__ = [
     "EncodingConfig",
     "GraphParameters",
     "decode_mean",
+    "decode_sum",
     "encode_update",
     "from_ring",
     "harary_parameters",

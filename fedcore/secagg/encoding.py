@@ -152,23 +152,32 @@ def encode_update(
     return to_ring(np.append(q, np.int64(weight)), bits=config.bits)
 
 
-def decode_mean(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray, int]:
-    """The weighted mean of the sites' (clipped) updates and their total weight, from the sum.
+def decode_sum(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray, int]:
+    """The weighted sum ``sum_i w_i clip(x_i)`` (float64, up to rounding) and the total weight.
 
-    Raises LocalProtocolError when the total weight is zero (no mean) or above
-    ``max_total_weight`` (the sum may have wrapped around the ring: the result would be wrong).
+    Raises LocalProtocolError when the total weight is negative or above ``max_total_weight``
+    (the sum may have wrapped around the ring: the result would be wrong).
     """
     v = np.asarray(total)
     if v.ndim != 1 or v.size < 2:
         raise LocalProtocolError(f"a sum of encoded updates has d + 1 >= 2 entries, got {v.shape}")
     signed = from_ring(v, bits=config.bits)
     total_weight = int(signed[-1])
-    if total_weight <= 0:
-        raise LocalProtocolError(f"total weight is {total_weight}; there is no mean")
-    if total_weight > config.max_total_weight:
+    if not 0 <= total_weight <= config.max_total_weight:
         raise LocalProtocolError(
-            f"total weight {total_weight} exceeds max_total_weight {config.max_total_weight}: "
+            f"total weight {total_weight} is outside 0..max_total_weight={config.max_total_weight}: "
             "the sum may have wrapped around the ring"
         )
-    mean = signed[:-1].astype(np.float64) / (config.scale * total_weight)
-    return mean, total_weight
+    return signed[:-1].astype(np.float64) / config.scale, total_weight
+
+
+def decode_mean(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray, int]:
+    """The weighted mean of the sites' (clipped) updates and their total weight, from the sum.
+
+    Raises LocalProtocolError when the total weight is zero (no mean) or above
+    ``max_total_weight`` (the sum may have wrapped around the ring: the result would be wrong).
+    """
+    weighted_sum, total_weight = decode_sum(total, config=config)
+    if total_weight == 0:
+        raise LocalProtocolError(f"total weight is {total_weight}; there is no mean")
+    return weighted_sum / total_weight, total_weight
