@@ -40,6 +40,14 @@ stage runs on a client rebuilt without the vector. A site that rebuilds clients 
 round id, the session id it answered (:attr:`SecAggClient.session_id`) and whether it has answered
 an unmask request, and refuse to serve a second, different one: a fresh process cannot otherwise
 know that a server is replaying a different history to it (forking the client).
+
+Replay does only what later stages need. A replayed share-keys request runs every check of the live
+stage and draws the same Shamir coefficients, but evaluates the polynomials at the client's own
+point only and seals nothing: the sealed shares were sent once and are never sent again, and the
+peer keys they were sealed under are agreed with again (and so checked again) at the masked-input
+stage for every peer whose share arrives, the only peers any later answer depends on. A replayed
+masked-input request opens and checks the shares it carries (the unmask answer reveals them) and
+expands no mask. Every later answer of a rebuilt client is byte-identical to the original's.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedcore.crypto import aead, signing
-from fedcore.crypto.agreement import AgreementKey, derive_key, x25519_keypair
+from fedcore.crypto.agreement import AgreementKey, agree, derive_key, x25519_keypair
 from fedcore.crypto.expand import add_keystreams
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import (
@@ -91,7 +99,7 @@ from fedcore.secagg.session import (
     self_mask_key,
     session_id,
     share_associated_data,
-    share_key,
+    share_key_from_secret,
     survivors_signed_bytes,
 )
 
@@ -154,6 +162,8 @@ class SecAggClient:
         self._graph: NeighborGraph | None = None
         self._own_shares: tuple[int, int] = (0, 0)
         self._received: dict[int, tuple[int, int]] = {}  # sender -> (seed share, key share)
+        # neighbour -> agree(c_u, c_v^PK), kept from a live share-keys stage for the next stage
+        self._enc_secrets: dict[int, bytes] = {}
         self._survivors: tuple[int, ...] | None = None
         self._error: FedcoreError | None = None
 
@@ -238,7 +248,7 @@ class SecAggClient:
             if isinstance(message, AdvertiseRequest):
                 answer = self._on_advertise(message)
             elif isinstance(message, ShareKeysRequest):
-                answer = self._on_share_keys(message)
+                answer = self._on_share_keys(message, replay=replay)
             elif isinstance(message, MaskedInputRequest):
                 answer = self._on_masked_input(message, vector, replay=replay)
             elif isinstance(message, ConsistencyRequest):
@@ -339,7 +349,7 @@ class SecAggClient:
 
     # ------------------------------------------------------------------ stage 1: share keys
 
-    def _on_share_keys(self, message: ShareKeysRequest) -> EncryptedShares:
+    def _on_share_keys(self, message: ShareKeysRequest, *, replay: bool) -> EncryptedShares | None:
         config = self._check_addressing(message.recipient, message.round_id)
         adverts = rules.checked_adverts(
             message.adverts,
@@ -358,17 +368,28 @@ class SecAggClient:
         session_rng = CryptoRng(
             derive_key(self._coin_key, salt=sid, info=b"fedcore/secagg/v1/coins")
         )
+        secrets = [self._seed, self._mask_private]
+        if replay:  # the sealed shares are never re-sent: keep only this client's own shares
+            own_seed, own_key = shamir.share_of(
+                secrets,
+                holders=holders,
+                threshold=config.threshold,
+                rng=session_rng,
+                holder=self.client_id,
+            )
+            self._adverts, self._session_id, self._graph = adverts, sid, graph
+            self._own_shares = (own_seed, own_key)
+            return None
         seed_shares, key_shares = shamir.split(
-            [self._seed, self._mask_private],
-            holders=holders,
-            threshold=config.threshold,
-            rng=session_rng,
+            secrets, holders=holders, threshold=config.threshold, rng=session_rng
         )
         sealed = []
+        enc_secrets: dict[int, bytes] = {}
         for v in holders:
             if v == self.client_id:
                 continue
-            key = share_key(self._enc_key, adverts[v].enc_public, sid, self.client_id, v)
+            enc_secrets[v] = agree(self._enc_key, adverts[v].enc_public)
+            key = share_key_from_secret(enc_secrets[v], sid, self.client_id, v)
             plaintext = encode_share_pair(self.client_id, v, seed_shares[v], key_shares[v])
             ciphertext = aead.seal(
                 key,
@@ -381,6 +402,7 @@ class SecAggClient:
         self._session_id = sid
         self._graph = graph
         self._own_shares = (seed_shares[self.client_id], key_shares[self.client_id])
+        self._enc_secrets = enc_secrets
         return EncryptedShares(self.client_id, config.round_id, tuple(sealed))
 
     # ------------------------------------------------------------------ stage 2: masked input
@@ -402,13 +424,10 @@ class SecAggClient:
                 raise RemoteProtocolError(f"share from client {share.sender}, not a neighbour")
             if share.sender in received:
                 raise RemoteProtocolError(f"two shares from client {share.sender}")
-            key = share_key(
-                self._enc_key,
-                self._adverts[share.sender].enc_public,
-                sid,
-                share.sender,
-                self.client_id,
-            )
+            shared = self._enc_secrets.get(share.sender)
+            if shared is None:  # a rebuilt client: its replayed share-keys stage agreed nothing
+                shared = agree(self._enc_key, self._adverts[share.sender].enc_public)
+            key = share_key_from_secret(shared, sid, share.sender, self.client_id)
             plaintext = aead.open_sealed(
                 key,
                 share.ciphertext,

@@ -69,8 +69,13 @@ def share_key(
     private: bytes | AgreementKey, peer_public: bytes, sid: bytes, sender: int, receiver: int
 ) -> bytes:
     """The AES-GCM key for the shares ``sender`` sends ``receiver`` in session ``sid``."""
+    return share_key_from_secret(agree(private, peer_public), sid, sender, receiver)
+
+
+def share_key_from_secret(shared: bytes, sid: bytes, sender: int, receiver: int) -> bytes:
+    """:func:`share_key` from the X25519 secret already agreed (it serves both directions)."""
     info = Writer().raw(DOMAIN + b"share-key").u64(sender).u64(receiver).getvalue()
-    return derive_key(agree(private, peer_public), salt=sid, info=info)
+    return derive_key(shared, salt=sid, info=info)
 
 
 def share_associated_data(sid: bytes, sender: int, receiver: int) -> bytes:

@@ -39,24 +39,65 @@ def split(
     Raises ConfigError when the threshold is not in 1..len(holders), a holder id is out of range
     or repeated, or a secret is not 32 bytes; nothing is drawn from ``rng`` in that case.
     """
+    xs = _check(secrets, holders, threshold)
+    out = []
+    for s in secrets:
+        values = _evaluate(_polynomial(s, threshold, rng), xs)
+        out.append(dict(zip(holders, values, strict=True)))
+    return out
+
+
+def share_of(
+    secrets: Sequence[bytes],
+    *,
+    holders: Sequence[int],
+    threshold: int,
+    rng: CryptoRng,
+    holder: int,
+) -> list[int]:
+    """``[split(...)[i][holder] for each secret i]``, drawing exactly what :func:`split` draws
+    from ``rng`` but evaluating each polynomial at ``holder`` only (a client replaying its own
+    share-keys stage needs its own shares, not the ones it sealed for others).
+
+    Raises what :func:`split` raises, and ConfigError when ``holder`` is not among ``holders``.
+    """
+    xs = _check(secrets, holders, threshold)
+    if holder not in holders:
+        raise ConfigError(f"holder {holder} is not among the {len(holders)} holders")
+    x = xs[list(holders).index(holder)]
+    return [_evaluate(_polynomial(s, threshold, rng), (x,))[0] for s in secrets]
+
+
+def _check(secrets: Sequence[bytes], holders: Sequence[int], threshold: int) -> tuple[int, ...]:
     xs = _xs(holders)
     if not 1 <= threshold <= len(xs):
         raise ConfigError(f"threshold must be in 1..{len(xs)}, got {threshold}")
     for s in secrets:
         if len(s) != SECRET_BYTES:
             raise ConfigError(f"a secret must be {SECRET_BYTES} bytes, got {len(s)}")
+    return xs
+
+
+def _polynomial(secret: bytes, threshold: int, rng: CryptoRng) -> list[int]:
+    """Coefficients from the constant term up: the secret, then t - 1 draws from ``rng``."""
+    raw = rng.bytes(_COEFF_BYTES * (threshold - 1))
+    coeffs = [
+        int.from_bytes(raw[i : i + _COEFF_BYTES], "big") % PRIME
+        for i in range(0, len(raw), _COEFF_BYTES)
+    ]
+    return [int.from_bytes(secret, "big"), *coeffs]
+
+
+def _evaluate(poly: list[int], xs: Sequence[int]) -> list[int]:
+    """f(x) for each x. Horner's rule from the top coefficient down,
+    f(x) = (...(c_{t-1} x + c_{t-2}) x ...) + c_0, reducing modulo p once per step."""
     out = []
-    for s in secrets:
-        raw = rng.bytes(_COEFF_BYTES * (threshold - 1))
-        coeffs = [
-            int.from_bytes(raw[i : i + _COEFF_BYTES], "big") % PRIME
-            for i in range(0, len(raw), _COEFF_BYTES)
-        ]
-        # Horner's rule from the top coefficient down: f(x) = (...(c_{t-1} x + c_{t-2}) x ...) + s.
-        values = [0] * len(xs)
-        for c in reversed([int.from_bytes(s, "big"), *coeffs]):
-            values = [(v * x + c) % PRIME for v, x in zip(values, xs, strict=True)]
-        out.append(dict(zip(holders, values, strict=True)))
+    top = poly[::-1]
+    for x in xs:
+        v = 0
+        for c in top:
+            v = (v * x + c) % PRIME
+        out.append(v)
     return out
 
 
