@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/secagg_core.py --quick          # small grid, under a minute
     .venv/bin/python benchmarks/secagg_core.py                  # n in {10,100,500}, d in {1e5,1e6}
     .venv/bin/python benchmarks/secagg_core.py --n 100 --d 1000000 --graph harary
+    .venv/bin/python benchmarks/secagg_core.py --profile --n 100 --d 100000 --k 0 16
 
 Every client and the server run in this one process, one after another, through the in-memory
 harness (so every message is encoded and parsed). "client s" is the mean time one client spends
@@ -24,7 +25,9 @@ vector of length d). Benchmarks never fail: they print.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import math
+import pstats
 import statistics
 import sys
 import time
@@ -36,10 +39,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedcore.crypto import CryptoRng  # noqa: E402
+from fedcore.crypto.agreement import derive_rng  # noqa: E402
 from fedcore.crypto.expand import add_keystream  # noqa: E402
 from fedcore.errors import ConfigError  # noqa: E402
-from fedcore.secagg import Stage, harary_parameters, run_in_memory  # noqa: E402
+from fedcore.secagg import (  # noqa: E402
+    SecAggClient,  # noqa: E402
+    Stage,
+    harary_parameters,
+    run_in_memory,
+)
 from fedcore.secagg.encoding import EncodingConfig, decode_mean, encode_update  # noqa: E402
+from fedcore.secagg.messages import decode_server_message  # noqa: E402
 
 STAGES = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.UNMASK]
 SHORT = {
@@ -142,6 +152,66 @@ def run_one(n: int, d: int, graph: str, dropout: float, bits: int) -> dict[str, 
     }
 
 
+# Where a round's time goes, by the function that spends it (cProfile "tottime"): the first
+# pattern a function's "file:name" contains decides its group.
+GROUPS = [
+    ("mask expansion", ("expand.py", "update_into", "create_encryption_ctx")),
+    ("X25519", ("x25519", "agreement.py:agree", "agreement.py:x25519", "AgreementKey")),
+    ("HKDF/HMAC", ("hmac", "derive_key")),
+    ("Shamir", ("shamir.py",)),
+    ("AEAD seal/open", ("aead.py", "AESGCM")),
+    ("wire encode/parse", ("wire.py", "messages.py", "pack", "unpack", "from_bytes", "to_bytes")),
+]
+
+
+def profile_round(n: int, d: int, k: int) -> None:
+    """One round at (n, d, k): stage times unprofiled, then a profiled rerun split by group, then
+    the cost of SecAggClient.rebuild before the masked-input and the unmask stage."""
+    rng = CryptoRng.from_seed(n * 7 + d, purpose="bench.inputs")
+    inputs = {c: rng.integers_below_pow2(d, 32).astype(np.uint32) for c in range(n)}
+    kw: dict[str, Any] = {"neighbors": k or None, "seed": 1}
+    ks = keystream_rate(1 << 26)
+    report = run_in_memory(inputs, clock=time.perf_counter, keep_transcript=True, **kw)
+    total = sum(sum(report.client_seconds[s]) + report.server_seconds[s] for s in STAGES)
+    masks = n * (1 + (k or n - 1)) * d * 4  # bytes of client mask; the server adds n more
+    print(
+        f"\nn={n} d={d} k={k or n - 1} t={report.threshold}: round {total:.2f} s "
+        f"(all clients + server, one core); client masks alone at the raw AES-CTR rate "
+        f"({ks / 1e9:.2f} GB/s) would take {masks / ks:.2f} s"
+    )
+    for s in STAGES:
+        c = report.client_seconds[s]
+        print(
+            f"  {s.value:>13}: client mean {statistics.mean(c) * 1e3:8.2f} ms, "
+            f"all clients {sum(c):6.2f} s, server {report.server_seconds[s]:6.3f} s"
+        )
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_in_memory(inputs, **kw)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    spent = dict.fromkeys([g for g, _ in GROUPS] + ["other (numpy checks, copies, logic)"], 0.0)
+    for (file, _, name), (_, _, tottime, _, _) in stats.items():
+        label = f"{Path(file).name}:{name}"
+        group = next((g for g, pats in GROUPS if any(p in label for p in pats)), None)
+        spent[group or "other (numpy checks, copies, logic)"] += tottime
+    whole = sum(spent.values())
+    print("  profiled split: " + ", ".join(f"{g} {t / whole:.0%}" for g, t in spent.items()))
+    master = CryptoRng.from_seed(1, purpose="secagg.harness")
+    round_id = master.bytes(16)
+    site_keys = {c: master.bytes(32) for c in range(n)}
+    for upto, stage in ((2, "masked-input"), (3, "unmask")):
+        times = []
+        for cid in range(0, n, max(1, n // 10)):
+            down = [b for way, c, b in report.transcript if way == "down" and c == cid]
+            history = [decode_server_message(b) for b in down[:upto]]
+            began = time.perf_counter()
+            rng_c = derive_rng(site_keys[cid], context=b"secagg|" + round_id)
+            SecAggClient.rebuild(cid, history, rng=rng_c)
+            times.append(time.perf_counter() - began)
+        print(f"  rebuild before the {stage} stage: {statistics.median(times) * 1e3:.2f} ms")
+
+
 def encoding_error(sites: int = 10, d: int = 100_000) -> None:
     """Error of the weighted mean for our encoding and for Flower's SecAgg+ quantisation."""
     configs = {
@@ -227,12 +297,24 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=32)
     parser.add_argument("--no-encoding", action="store_true")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-round split by stage and by kind of work, and rebuild cost, for --n/--d/--k",
+    )
+    parser.add_argument("--k", type=int, nargs="*", default=[0, 16], help="0: complete graph")
+    parser.add_argument(
         "--budget-gb",
         type=float,
         default=None,
         help="skip configurations whose clients would expand more keystream than this, in GB",
     )
     args = parser.parse_args()
+    if args.profile:
+        for n in args.n or [100]:
+            for d in args.d or [100_000]:
+                for k in args.k:
+                    profile_round(n, d, k)
+        return
     ns = args.n or ([10, 30] if args.quick else [10, 100, 500])
     ds = args.d or ([10_000, 100_000] if args.quick else [100_000, 1_000_000])
     graphs = ["complete", "harary"] if args.graph == "both" else [args.graph]
