@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from fedcore.config import from_run_config
 from fedcore.errors import BudgetExceededError, FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
-from fedcore.federation import secagg_site
+from fedcore.federation import secagg_registry, secagg_site
 from fedcore.federation.site import SiteDeclined, affordability, evaluate_round, train_round
 from fedcore.federation.site_data import site_data
 from fedcore.federation.site_privacy import site_state_dir
@@ -81,7 +81,14 @@ def secagg_mod(
 
         key = secagg_site.site_key(site_state_dir(settings, context.node_config), site.site_id)
         answer = secagg_site.answer_stage(
-            request, client_id=context.node_id, key=key, state=context.state, train=train_now
+            request,
+            client_id=context.node_id,
+            key=key,
+            state=context.state,
+            train=train_now,
+            registry=secagg_registry.registry_dir(settings, context.node_config)
+            if settings.secagg.mode == "active"
+            else None,
         )
     except FedcoreError as exc:
         return Message(

@@ -369,11 +369,6 @@ def flatten_mapping(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 def _cross_check(settings: Settings) -> None:
     if settings.secagg.enabled:
-        if settings.secagg.mode == "active":
-            raise ConfigError(
-                "setting 'secagg.mode' is 'active', which needs a registry of site signing keys that the "
-                "federation does not distribute yet; use 'semi-honest' (fedcore.secagg supports active mode)"
-            )
         if settings.sites < 2:
             raise ConfigError(
                 f"secure aggregation needs at least 2 sites, got sites={settings.sites}"

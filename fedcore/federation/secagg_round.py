@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from fedcore.config import Settings
 from fedcore.errors import ConfigError, FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
+from fedcore.federation import secagg_registry
 from fedcore.federation.dp_server import DPFedAvgRound
 from fedcore.federation.driver import (
     Exchange,
@@ -58,7 +59,7 @@ from fedcore.federation.secagg_dp import (
     ring_clip_norm,
     session_length,
 )
-from fedcore.federation.secagg_site import SECAGG, request_record
+from fedcore.federation.secagg_site import ENROL, SECAGG, request_record
 from fedcore.privacy.dpfedavg import Clipping, poisson_sample, release_clipped_sum
 from fedcore.secagg import (
     EncodingConfig,
@@ -147,11 +148,16 @@ class SecAggTrainRound:
             else SiteClipping(dp.clip_norm, dp.config.clipping is Clipping.ADAPTIVE)
         )
         dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
+        stats = _Stats()
+        mode = Mode.ACTIVE if self.settings.secagg.mode == "active" else Mode.SEMI_HONEST
+        registry = None
+        if mode is Mode.ACTIVE:
+            registry = self._enrol(grid, nodes, stats)
+            nodes = tuple(n for n in nodes if n in registry)
         neighbors = neighbors_of(self.settings, len(nodes))
         threshold = self.settings.secagg.threshold or (
-            default_threshold(len(nodes), neighbors=neighbors) if len(nodes) >= 2 else 2
+            default_threshold(len(nodes), neighbors=neighbors, mode=mode) if len(nodes) >= 2 else 2
         )
-        stats = _Stats()
         if len(nodes) < 2 or threshold > len(nodes):
             why = (
                 f"secure aggregation needs at least max(2, threshold={threshold}) sampled sites, "
@@ -169,7 +175,7 @@ class SecAggTrainRound:
             length=session_length(dim, clipping),
             bits=self.settings.secagg.bits,
             neighbors=neighbors,
-            mode=Mode.SEMI_HONEST,
+            mode=mode,
         )
         if clipping is None:
             encoding = EncodingConfig(
@@ -182,11 +188,14 @@ class SecAggTrainRound:
                 bits=session.bits, clip_range=self.settings.secagg.clip_range, sites=len(nodes)
             )
             ring_clip_norm(clipping.clip_norm, dim=dim, config=encoding)  # refuse before sending
-        server = SecAggServer(session)
+        server = SecAggServer(session, registry=registry)
         requests = server.start()
         result = None
+        stages = ["advertise", "share", "masked_input", "unmask"]
+        if mode is Mode.ACTIVE:
+            stages.insert(3, "consistency")
         try:
-            for stage in ("advertise", "share", "masked_input", "unmask"):
+            for stage in stages:
                 started = time.perf_counter()
                 outgoing = [
                     self._message(
@@ -273,6 +282,31 @@ class SecAggTrainRound:
             server_epsilon=released.epsilon,
             clip_norm=released.clip_norm,
         )
+
+    def _enrol(self, grid: Grid, nodes: tuple[int, ...], stats: _Stats) -> dict[int, bytes]:
+        """ACTIVE mode: the registry of site signing keys, after asking the sampled sites that have
+        no entry yet to publish theirs (they write it; the server only reads the folder). A site
+        still without an entry is a failure of this round."""
+        folder = secagg_registry.registry_dir(self.settings, {})
+        registry = secagg_registry.load_registry(folder)
+        missing = [n for n in nodes if n not in registry]
+        if missing:
+            started = time.perf_counter()
+            outgoing = [
+                self._message(n, ENROL, ENROL.encode(), RecordDict(), None, None) for n in missing
+            ]
+            stats.add(
+                ENROL,
+                exchange(
+                    grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
+                ),
+            )
+            registry = secagg_registry.load_registry(folder)
+            stats.stage_seconds[ENROL] = time.perf_counter() - started
+        for node in nodes:
+            if node not in registry:
+                stats.failures.setdefault(str(node), "enrol: no signing key in the registry")
+        return registry
 
     def _outcome(
         self,

@@ -40,6 +40,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedcore.crypto import CryptoRng
 from fedcore.crypto.agreement import derive_rng
 from fedcore.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from fedcore.federation import secagg_registry
 from fedcore.federation.secagg_dp import SiteClipping, encode_clipped_update
 from fedcore.secagg import (
     EncodingConfig,
@@ -48,9 +49,11 @@ from fedcore.secagg import (
     encode,
     encode_update,
 )
+from fedcore.secagg.config import Mode
 from fedcore.secagg.messages import AdvertiseRequest, MaskedInputRequest, UnmaskRequest
 
 SECAGG = "secagg"  # the record that carries a protocol stage, in requests and replies
+ENROL = "enrol"  # ACTIVE mode: publish the site's signing key in the registry
 UNMASKED = "secagg-unmasked"  # every round id this node answered an unmask request for
 KEY_BYTES = 32
 
@@ -148,17 +151,36 @@ def answer_stage(
     key: bytes,
     state: RecordDict,
     train: Callable[[], TrainedUpdate],
+    registry: Path | None = None,
 ) -> bytes:
     """Answer one protocol stage; return the reply payload (wire bytes).
 
     ``state`` is the node's Flower ``context.state``; only public data is written to it. ``train``
-    is called at the masked-input stage only. Raises RemoteProtocolError / InvalidMessage for a
-    request that breaks the protocol, LocalProtocolError for a second unmask request of a round.
+    is called at the masked-input stage only. ``registry`` is the folder of site signing keys: set,
+    the site runs ACTIVE mode (enrols, signs, checks signatures) and refuses a round the server
+    offers in SEMI_HONEST mode; None, the site runs SEMI_HONEST mode and refuses ACTIVE rounds.
+    Raises RemoteProtocolError / InvalidMessage for a request that breaks the protocol,
+    LocalProtocolError for a second unmask request of a round.
     """
+    if request.get("stage") == ENROL:
+        if registry is None:
+            raise RemoteProtocolError(
+                "asked to enrol a signing key, but this site runs semi-honest mode"
+            )
+        # The reply echoes the public key for the record; the server trusts only the folder.
+        return secagg_registry.publish(registry, client_id, key)
     payload = request.get("payload")
     if not isinstance(payload, bytes):
         raise RemoteProtocolError("a secagg request needs a bytes 'payload'")
     message = decode_server_message(payload)
+    mode = Mode.SEMI_HONEST if registry is None else Mode.ACTIVE
+    if isinstance(message, AdvertiseRequest):
+        if message.config.mode is not mode:
+            raise RemoteProtocolError(  # a server must not downgrade (or upgrade) the threat model
+                f"the server asks for {message.config.mode.name} mode; this site runs {mode.name}"
+            )
+        if registry is not None:  # a clear refusal if the registry holds another key for this node
+            secagg_registry.publish(registry, client_id, key)
     round_id = (
         message.config.round_id if isinstance(message, AdvertiseRequest) else message.round_id
     )
@@ -166,7 +188,13 @@ def answer_stage(
     rng = derive_rng(key, context=b"secagg|" + round_id)
     if transcript.unmasked or round_id in _unmasked_rounds(state):
         raise LocalProtocolError("this site already answered an unmask request for this round")
-    client = SecAggClient.rebuild(client_id, transcript.messages(), rng=rng)
+    client = SecAggClient.rebuild(
+        client_id,
+        transcript.messages(),
+        rng=rng,
+        signing_key=None if registry is None else secagg_registry.signing_seed(key),
+        registry=None if registry is None else secagg_registry.load_registry(registry),
+    )
     vector = None
     if isinstance(message, MaskedInputRequest):
         trained = train()

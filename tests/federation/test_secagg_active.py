@@ -1,0 +1,104 @@
+"""ACTIVE-mode secure aggregation inside the federation: sites enrol their signing keys in a
+registry the server only reads, sign adverts and survivor sets, and refuse a downgraded round."""
+
+import json
+
+import pytest
+
+from fedcore.config import resolve
+from fedcore.crypto import CryptoRng
+from fedcore.errors import ConfigError, RemoteProtocolError
+from fedcore.federation import secagg_registry, secagg_site
+from fedcore.federation.server import run_server
+from fedcore.secagg import SessionConfig, default_threshold, encode
+from fedcore.secagg.config import Mode
+from fedcore.secagg.messages import AdvertiseRequest
+from tests.federation.conftest import FakeGrid, honest
+
+FIVE = (101, 102, 103, 104, 105)
+ACTIVE = [
+    "sites=5",
+    "rounds=2",
+    "local_epochs=1",
+    "secagg.timeout=5",
+    "secagg.enabled=true",
+    "secagg.mode=active",
+]
+
+
+def _run(tmp_path, overrides, *, before=None):
+    out = tmp_path / "run"
+    settings = resolve(overrides=[*overrides, f"out={out}"])
+    if before is not None:
+        before(out / "sites" / secagg_registry.FOLDER)
+    grid = FakeGrid(settings, {node: honest for node in FIVE})
+    run_server(grid, settings, out)
+    return out, [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_an_active_round_enrols_signs_and_completes(tmp_path):
+    out, rows = _run(tmp_path, ACTIVE)
+    assert [r["sites_replied"] for r in rows] == [5, 5]
+    assert rows[0]["secagg"]["threshold"] == default_threshold(5, mode=Mode.ACTIVE) == 4
+    # Enrolment happens once; every later round only reads the registry.
+    assert "enrol" in rows[0]["secagg"]["stage_seconds"]
+    assert "enrol" not in rows[1]["secagg"]["stage_seconds"]
+    assert "consistency" in rows[1]["secagg"]["stage_seconds"]
+    registry = secagg_registry.load_registry(out / "sites" / secagg_registry.FOLDER)
+    assert sorted(registry) == list(FIVE)
+    for site, key in zip(range(5), [registry[n] for n in FIVE], strict=True):
+        site_key = (out / "sites" / f"site-{site}.secagg.key").read_bytes()
+        seed = secagg_registry.signing_seed(site_key)
+        from fedcore.crypto.signing import verify_key_of
+
+        assert verify_key_of(seed) == key
+    assert rows[1]["eval_accuracy"] > rows[0]["eval_accuracy"] * 0.5
+
+
+def test_a_forged_registry_entry_costs_only_that_site(tmp_path):
+    forged = CryptoRng.from_seed(3).bytes(32)
+
+    def forge(folder):  # someone wrote node 102's entry before it could enrol
+        folder.mkdir(parents=True)
+        (folder / f"102{secagg_registry.SUFFIX}").write_text(forged.hex())
+
+    out, rows = _run(tmp_path, ACTIVE, before=forge)
+    for row in rows:
+        assert set(row["secagg"]["survivors"]) == {101, 103, 104, 105}
+        assert "102" in row["failures"]
+        # The site itself refuses to advertise under a registry entry that is not its key.
+        assert "another site's key" in row["failures"]["102"]
+    # The entry was not overwritten.
+    assert (out / "sites" / secagg_registry.FOLDER / "102.ed25519.pub").read_text() == forged.hex()
+
+
+def test_publishing_is_write_once(tmp_path):
+    key = CryptoRng.from_seed(1).bytes(32)
+    public = secagg_registry.publish(tmp_path, 7, key)
+    assert secagg_registry.publish(tmp_path, 7, key) == public
+    with pytest.raises(ConfigError, match="another site's key"):
+        secagg_registry.publish(tmp_path, 7, CryptoRng.from_seed(2).bytes(32))
+    assert secagg_registry.load_registry(tmp_path) == {7: public}
+
+
+@pytest.mark.parametrize(
+    ("site_mode", "server_mode"), [(Mode.ACTIVE, Mode.SEMI_HONEST), (Mode.SEMI_HONEST, Mode.ACTIVE)]
+)
+def test_a_site_refuses_a_round_in_another_mode(tmp_path, site_mode, server_mode):
+    from flwr.app import RecordDict
+
+    config = SessionConfig(
+        round_id=b"r" * 16, clients=(1, 2, 3), threshold=2, length=4, mode=server_mode
+    )
+    request = secagg_site.request_record(
+        stage="advertise", payload=encode(AdvertiseRequest(1, config))
+    )
+    with pytest.raises(RemoteProtocolError, match=f"asks for {server_mode.name} mode"):
+        secagg_site.answer_stage(
+            request,
+            client_id=1,
+            key=bytes(32),
+            state=RecordDict(),
+            train=lambda: None,
+            registry=tmp_path if site_mode is Mode.ACTIVE else None,
+        )
