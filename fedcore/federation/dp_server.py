@@ -46,9 +46,11 @@ from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind, calibrate_n
 from fedcore.privacy.dpfedavg import (
     Clipping,
     ServerDPConfig,
+    ServerRound,
     SiteSampling,
     dp_fedavg_round,
     poisson_sample,
+    release_clipped_sum,
 )
 
 LEDGER_FILE = "federation.ledger.json"
@@ -105,6 +107,30 @@ class DPFedAvgRound:
     ) -> DPFedAvgRound:
         config = server_dp_config(settings)
         return cls(config=config, ledger=ledger, rng=rng or CryptoRng(), clip_norm=config.clip_norm)
+
+    def release(
+        self,
+        clipped_sum: np.ndarray,
+        *,
+        contributors: int,
+        unclipped: int | None,
+        server_round: int,
+    ) -> ServerRound:
+        """Charge, noise and scale a sum of clipped updates that was formed elsewhere (under secure
+        aggregation, by the sites and the protocol); the next round's clip norm is kept."""
+        released = release_clipped_sum(
+            [clipped_sum],
+            contributors=contributors,
+            unclipped=unclipped,
+            config=self.config,
+            clip_norm=self.clip_norm,
+            ledger=self.ledger,
+            rng=self.rng,
+            round_number=server_round,
+            dtype=np.float64,
+        )
+        self.clip_norm = released.next_clip_norm
+        return released
 
     def __call__(
         self,

@@ -60,7 +60,7 @@ from fedcore.federation.secagg_dp import (
     session_length,
 )
 from fedcore.federation.secagg_site import ENROL, SECAGG, request_record
-from fedcore.privacy.dpfedavg import Clipping, poisson_sample, release_clipped_sum
+from fedcore.privacy.dpfedavg import Clipping, poisson_sample
 from fedcore.secagg import (
     EncodingConfig,
     SecAggServer,
@@ -253,18 +253,12 @@ class SecAggTrainRound:
                 survivors=survivors,
             )
         clipped = decode_clipped_sum(result.total, clipping=clipping, config=encoding)
-        released = release_clipped_sum(
-            [clipped.total],
+        released = dp.release(
+            clipped.total,
             contributors=clipped.contributors,
             unclipped=clipped.unclipped,
-            config=dp.config,
-            clip_norm=dp.clip_norm,
-            ledger=dp.ledger,
-            rng=dp.rng,
-            round_number=server_round,
-            dtype=np.float64,
+            server_round=server_round,
         )
-        dp.clip_norm = released.next_clip_norm
         aggregated = hand_to_strategy(
             strategy,
             server_round,
