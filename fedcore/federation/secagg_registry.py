@@ -59,16 +59,19 @@ def publish(folder: Path, node_id: int, site_key: bytes) -> bytes:
     """
     public = verify_key_of(signing_seed(site_key))
     path = folder / f"{int(node_id)}{SUFFIX}"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(public.hex())
-        try:
-            os.link(tmp, path)  # fails if another process published first: no overwrite, ever
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+    try:
+        if not path.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(public.hex())
+            try:
+                os.link(tmp, path)  # fails if another process published first: no overwrite
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot publish to the secagg registry {str(folder)!r}: {exc}") from exc
     if _read(path) != public:
         raise ConfigError(f"registry entry {str(path)!r} holds another site's key; not overwritten")
     return public

@@ -100,24 +100,49 @@ def test_two_sites_two_rounds_end_to_end_through_flower_simulation(tmp_path):
 
 
 @pytest.mark.slow
-def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_path):
+@pytest.mark.parametrize("stacked", [False, True], ids=["semi-honest", "active+server-dp"])
+def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_path, stacked):
+    """Through real Ray workers: secure aggregation with DP-SGD at the sites and, stacked, ACTIVE
+    mode (the sites' registry folder shared on this machine) and DP-FedAvg on the unmasked sum."""
+    from fedcore.secagg import default_threshold
+    from fedcore.secagg.config import Mode
+
     out = tmp_path / "run"
+    extra = ["secagg.mode=active", "dp.server.epsilon=20", "dp.server.noise_multiplier=0.7"]
     result = fedcore(
         "simulate",
         *("--set", "sites=3", "--set", "rounds=2", "--set", "local_epochs=1"),
-        *("--set", "secagg.enabled=true", "--set", "dp.site.epsilon=8", "--set", "dp.site.noise_multiplier=1.0"),
+        *(
+            "--set",
+            "secagg.enabled=true",
+            "--set",
+            "dp.site.epsilon=8",
+            "--set",
+            "dp.site.noise_multiplier=1.0",
+        ),
+        *(a for kv in (extra if stacked else []) for a in ("--set", kv)),
         *("--out", str(out)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(rows) == 2
+    mode = Mode.ACTIVE if stacked else Mode.SEMI_HONEST
     for row in rows:
-        assert row["sites_replied"] == 3 and row["secagg"]["survivors"] and row["secagg"]["threshold"] == 2
+        assert row["sites_replied"] == 3 and len(row["secagg"]["survivors"]) == 3
+        assert row["secagg"]["threshold"] == default_threshold(3, mode=mode)
+        assert ("consistency" in row["secagg"]["stage_seconds"]) == stacked
         assert set(row["site_epsilon"]) == {"0", "1", "2"}
         assert all(0 < eps <= 8 for eps in row["site_epsilon"].values())
+        assert (row["server_epsilon"] is not None) == stacked
     assert rows[1]["site_epsilon"]["0"] > rows[0]["site_epsilon"]["0"]
     privacy = json.loads((out / "privacy.json").read_text())
     assert set(privacy["sites"]) == {"0", "1", "2"}
-    assert sorted(p.name for p in (out / "sites").iterdir()) == [
+    site_files = sorted(p.name for p in (out / "sites").iterdir() if p.is_file())
+    assert site_files == [
         f"site-{i}.{kind}" for i in range(3) for kind in ("ledger.json", "secagg.key")
     ]
+    if stacked:
+        assert 0 < rows[0]["server_epsilon"] < rows[1]["server_epsilon"] <= 20
+        assert len(privacy["federation"]["entries"]) == 2
+        registry = sorted((out / "sites" / "secagg-registry").glob("*.ed25519.pub"))
+        assert len(registry) == 3

@@ -79,6 +79,10 @@ def test_publishing_is_write_once(tmp_path):
     with pytest.raises(ConfigError, match="another site's key"):
         secagg_registry.publish(tmp_path, 7, CryptoRng.from_seed(2).bytes(32))
     assert secagg_registry.load_registry(tmp_path) == {7: public}
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    with pytest.raises(ConfigError, match="cannot publish"):
+        secagg_registry.publish(blocked, 8, key)
 
 
 @pytest.mark.parametrize(
