@@ -6,7 +6,11 @@ Theory of operation. One training round runs the stages of :class:`fedcore.secag
 each a ``train`` message carrying a ``secagg`` record (stage name and wire payload) and each with
 its own deadline (``secagg.timeout``; Flower's own default is to wait forever):
 
-    advertise keys -> share keys -> masked input (the sites train here) -> unmask
+    [enrol] -> advertise keys -> share keys -> masked input (the sites train here)
+            -> [consistency] -> unmask
+
+(the bracketed stages in ``secagg.mode = active`` only: enrol asks sites without an entry in the
+registry of signing keys to publish theirs, consistency collects signatures on the survivor set).
 
 A site that does not answer a stage in time, answers with an error, or sends something the
 protocol refuses, is a dropout from that stage on; the server machine recovers it while at least

@@ -19,10 +19,16 @@ may be stored in Flower's general-purpose ``context.state``. Therefore:
   kept for the whole run), so a server that replays a different history to a fresh process
   (forking the client to learn both shares of a peer), now or in a later round, is refused.
 
+In ACTIVE mode (``registry`` given) the site also signs with an Ed25519 key derived from the same
+site key, publishes its public half in the registry folder (:mod:`fedcore.federation.secagg_registry`)
+when asked to enrol and before advertising, checks every signature against that folder, and
+refuses a round the server offers in the other mode (no silent downgrade).
+
 At the masked-input stage the site trains (the wrapped train handler), forms its update (new
 weights minus global weights, flattened in the global record's key order), and encodes weight x
 update together with the weight (:func:`fedcore.secagg.encode_update`), so the server can form the
-exact weighted mean from the sum alone.
+exact weighted mean from the sum alone. With site-level DP at the server, the request carries the L2 clip norm:
+the site clips before masking and weighs 1 (:mod:`fedcore.federation.secagg_dp`).
 """
 
 from __future__ import annotations
