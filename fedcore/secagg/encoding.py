@@ -32,6 +32,7 @@ Integer interface (public, for the distributed-DP layer that produces integers i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,19 +88,40 @@ class EncodingConfig:
 # ----------------------------------------------------------------------------- integer interface
 
 
+_BLOCK = 1 << 16  # values per block: the temporaries of one block stay in the L2 cache
+
+
 def stochastic_round(values: np.ndarray, *, rng: CryptoRng) -> np.ndarray:
     """Unbiased rounding to int64: floor(z) + Bernoulli(z - floor(z)), coins from ``rng``.
 
-    Raises LocalProtocolError for non-finite values or magnitudes of 2**62 or more.
+    The coin of each value is a 53-bit uniform ``u = w * 2**-53`` (``w``: the top 53 bits of one
+    64-bit keystream word, as :meth:`CryptoRng.uniform` draws it), and the value rounds up iff
+    ``u < z - floor(z)``; the comparison is made as ``w < (z - floor(z)) * 2**53``, which is the
+    same test exactly (both sides are scaled by a power of two). Values are taken in blocks that
+    fit in the L2 cache, drawing the coins block after block: the same keystream, in the same order,
+    as one draw for all. Raises LocalProtocolError for non-finite values or magnitudes of 2**62 or
+    more; nothing is drawn from ``rng`` then.
     """
     z = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(z)):
-        raise LocalProtocolError("cannot round NaN or infinite values")
-    if z.size and float(np.max(np.abs(z))) >= 2.0**62:
-        raise LocalProtocolError("values of magnitude 2**62 or more do not fit in int64")
-    low = np.floor(z)
-    up = rng.uniform(z.size).reshape(z.shape) < (z - low)
-    return low.astype(np.int64) + up
+    flat = z.reshape(-1)
+    for start in range(0, flat.size, _BLOCK):
+        peak = float(np.max(np.abs(flat[start : start + _BLOCK])))  # NaN if the block holds one
+        if not math.isfinite(peak):
+            raise LocalProtocolError("cannot round NaN or infinite values")
+        if peak >= 2.0**62:
+            raise LocalProtocolError("values of magnitude 2**62 or more do not fit in int64")
+    out = np.empty(flat.size, dtype=np.int64)
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start : start + _BLOCK]
+        low = np.floor(block)
+        frac = block - low
+        frac *= 2.0**53
+        words = rng.uint64(block.size)
+        words >>= np.uint64(11)
+        target = out[start : start + _BLOCK]
+        target[...] = low
+        target += words < frac
+    return out.reshape(z.shape)
 
 
 def to_ring(values: np.ndarray, *, bits: int) -> np.ndarray:
@@ -109,8 +131,12 @@ def to_ring(values: np.ndarray, *, bits: int) -> np.ndarray:
     v = np.asarray(values)
     if v.dtype.kind not in "iu":
         raise LocalProtocolError(f"to_ring takes integers, got dtype {v.dtype}")
-    mask = np.uint64((1 << bits) - 1)
-    return (v.astype(np.int64).view(np.uint64) & mask).astype(ring_dtype(bits))
+    dtype = np.dtype(ring_dtype(bits))
+    # Narrowing to an unsigned type keeps the low bits: reduction modulo 2**(8 * itemsize).
+    ring = v.astype(np.int64, copy=False).view(np.uint64).astype(dtype)
+    if bits < 8 * dtype.itemsize:
+        ring &= dtype.type((1 << bits) - 1)
+    return ring
 
 
 def from_ring(values: np.ndarray, *, bits: int) -> np.ndarray:
@@ -147,9 +173,10 @@ def encode_update(
         raise LocalProtocolError(
             f"weight must be in 0..{config.max_total_weight}, got {int(weight)}"
         )
-    clipped = np.clip(x.astype(np.float64), -config.clip, config.clip)
-    q = stochastic_round(clipped * (float(weight) * config.scale), rng=rng)
-    return to_ring(np.append(q, np.int64(weight)), bits=config.bits)
+    scaled = np.clip(x, -config.clip, config.clip, dtype=np.float64)
+    scaled *= float(weight) * config.scale
+    ring = to_ring(stochastic_round(scaled, rng=rng), bits=config.bits)
+    return np.append(ring, ring.dtype.type(weight))
 
 
 def decode_sum(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray, int]:

@@ -134,3 +134,23 @@ def test_config_is_validated() -> None:
     for kwargs in ({"bits": 7}, {"clip": 0.0}, {"clip": float("nan")}, {"max_total_weight": 0}):
         with pytest.raises(ConfigError):
             EncodingConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(0,), (7,), (3, 5), ((1 << 16) + 3,)])
+def test_stochastic_rounding_draws_exactly_the_documented_coins(shape: tuple[int, ...]) -> None:
+    """floor(z) + [u < z - floor(z)] with u = (64-bit word >> 11) * 2**-53, the words drawn in order
+    from the generator: the blocked implementation must give exactly this, block edges included."""
+    z = np.random.default_rng(3).normal(size=shape) * np.float64(1e6)
+    z.reshape(-1)[:3] = [0.5, -2.0, 2.0**61] if z.size >= 3 else z.reshape(-1)[:3]
+    got = stochastic_round(z, rng=CryptoRng.from_seed(9))
+    low = np.floor(z)
+    coins = CryptoRng.from_seed(9).uniform(z.size).reshape(shape)
+    assert got.dtype == np.int64 and got.shape == shape
+    assert np.array_equal(got, low.astype(np.int64) + (coins < z - low))
+
+
+def test_rounding_refuses_before_drawing() -> None:
+    rng = CryptoRng.from_seed(4)
+    with pytest.raises(LocalProtocolError, match="NaN or infinite"):
+        stochastic_round(np.array([1.0] * (1 << 17) + [np.nan]), rng=rng)
+    assert np.array_equal(rng.uint64(4), CryptoRng.from_seed(4).uint64(4))  # nothing was drawn
