@@ -66,6 +66,7 @@ from fedcore.federation.secagg_dp import (
 from fedcore.federation.secagg_site import ENROL, SECAGG, request_record
 from fedcore.privacy.dpfedavg import Clipping, poisson_sample
 from fedcore.secagg import (
+    AggregateResult,
     EncodingConfig,
     SecAggServer,
     SessionConfig,
@@ -154,6 +155,7 @@ class SecAggTrainRound:
         dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
         stats = _Stats()
         mode = Mode.ACTIVE if self.settings.secagg.mode == "active" else Mode.SEMI_HONEST
+        sampled = len(nodes)
         registry = None
         if mode is Mode.ACTIVE:
             registry = self._enrol(grid, nodes, stats)
@@ -164,12 +166,13 @@ class SecAggTrainRound:
         )
         if len(nodes) < 2 or threshold > len(nodes):
             why = (
-                f"secure aggregation needs at least max(2, threshold={threshold}) sampled sites, "
-                f"got {len(nodes)}"
+                f"secure aggregation needs at least max(2, threshold={threshold}) sites, "
+                f"got {len(nodes)} of {sampled} sampled"
             )
-            if dp is None:
+            if dp is None and len(nodes) == sampled:  # the settings cannot work: stop the run
                 raise ConfigError(why)
-            # Poisson sampling drew too few: skip the round, release (and charge) nothing.
+            # Poisson sampling drew too few, or sites failed to enrol: skip the round; nothing
+            # is revealed, released or charged.
             stats.failures["round"] = f"{why}; nothing released"
             return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
         session = SessionConfig(
@@ -192,48 +195,18 @@ class SecAggTrainRound:
                 bits=session.bits, clip_range=self.settings.secagg.clip_range, sites=len(nodes)
             )
             ring_clip_norm(clipping.clip_norm, dim=dim, config=encoding)  # refuse before sending
-        server = SecAggServer(session, registry=registry)
-        requests = server.start()
-        result = None
         stages = ["advertise", "share", "masked_input", "unmask"]
         if mode is Mode.ACTIVE:
             stages.insert(3, "consistency")
-        try:
-            for stage in stages:
-                started = time.perf_counter()
-                outgoing = [
-                    self._message(
-                        node,
-                        stage,
-                        encode(req),
-                        content,
-                        encoding if stage == "masked_input" else None,
-                        clipping,
-                    )
-                    for node, req in requests.items()
-                ]
-                replies = exchange(
-                    grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
-                )
-                stats.add(stage, replies)
-                for reply in replies.valid:
-                    node = reply.metadata.src_node_id
-                    stats.bytes_by_site[str(node)] = stats.bytes_by_site.get(
-                        str(node), 0
-                    ) + m.content_bytes(reply)
-                    try:
-                        server.receive_bytes(node, _payload(reply))
-                    except FedcoreError as exc:
-                        if server.error is not None:
-                            raise
-                        stats.failures[str(node)] = f"{stage}: {exc}"
-                if stage == "unmask":
-                    result = server.finish(no_answer=server.pending)
-                else:
-                    requests = server.advance(no_answer=server.pending)
-                stats.stage_seconds[stage] = time.perf_counter() - started
-        except TooFewSurvivors as exc:
-            stats.failures["round"] = f"secure aggregation aborted, nothing revealed: {exc}"
+        result = self._run_stages(
+            grid,
+            SecAggServer(session, registry=registry),
+            stages,
+            content=content,
+            encoding=encoding,
+            clipping=clipping,
+            stats=stats,
+        )
         if result is None:
             return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
         reply_to = Message(content=content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)
@@ -280,6 +253,59 @@ class SecAggTrainRound:
             server_epsilon=released.epsilon,
             clip_norm=released.clip_norm,
         )
+
+    def _run_stages(
+        self,
+        grid: Grid,
+        server: SecAggServer,
+        stages: Sequence[str],
+        *,
+        content: RecordDict,
+        encoding: EncodingConfig,
+        clipping: SiteClipping | None,
+        stats: _Stats,
+    ) -> AggregateResult | None:
+        """Each protocol stage as one exchange with its deadline; the unmasked sum, or None when
+        too few sites remained (nothing revealed, the reason in ``stats.failures``)."""
+        requests = server.start()
+        try:
+            for stage in stages:
+                started = time.perf_counter()
+                outgoing = [
+                    self._message(
+                        node,
+                        stage,
+                        encode(req),
+                        content,
+                        encoding if stage == "masked_input" else None,
+                        clipping,
+                    )
+                    for node, req in requests.items()
+                ]
+                replies = exchange(
+                    grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
+                )
+                stats.add(stage, replies)
+                for reply in replies.valid:
+                    node = reply.metadata.src_node_id
+                    stats.bytes_by_site[str(node)] = stats.bytes_by_site.get(
+                        str(node), 0
+                    ) + m.content_bytes(reply)
+                    try:
+                        server.receive_bytes(node, _payload(reply))
+                    except FedcoreError as exc:
+                        if server.error is not None:
+                            raise
+                        stats.failures[str(node)] = f"{stage}: {exc}"
+                if stage == "unmask":
+                    result = server.finish(no_answer=server.pending)
+                    stats.stage_seconds[stage] = time.perf_counter() - started
+                    return result
+                requests = server.advance(no_answer=server.pending)
+                stats.stage_seconds[stage] = time.perf_counter() - started
+        except TooFewSurvivors as exc:
+            stats.failures["round"] = f"secure aggregation aborted, nothing revealed: {exc}"
+        return None
 
     def _enrol(self, grid: Grid, nodes: tuple[int, ...], stats: _Stats) -> dict[int, bytes]:
         """ACTIVE mode: the registry of site signing keys, after asking the sampled sites that have

@@ -106,3 +106,16 @@ def test_a_site_refuses_a_round_in_another_mode(tmp_path, site_mode, server_mode
             train=lambda: None,
             registry=tmp_path if site_mode is Mode.ACTIVE else None,
         )
+
+
+def test_a_round_whose_sites_cannot_enrol_is_skipped_not_fatal(tmp_path):
+    def block(folder):  # the registry folder cannot be created: every enrolment fails
+        folder.parent.mkdir(parents=True)
+        folder.write_text("not a folder")
+
+    _, rows = _run(tmp_path, ACTIVE, before=block)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["sites_replied"] == 0 and row["secagg"]["survivors"] == []
+        assert "got 0 of 5 sampled; nothing released" in row["failures"]["round"]
+        assert "cannot publish" in row["failures"]["101"]

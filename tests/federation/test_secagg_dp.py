@@ -6,9 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError, LocalProtocolError
 from fedcore.federation import dp_server, secagg_site
@@ -20,13 +18,11 @@ from fedcore.federation.secagg_dp import (
     ring_clip_norm,
     session_length,
 )
-from fedcore.federation.server import run_server
 from fedcore.privacy import PrivacyLedger
 from fedcore.secagg import to_ring
-from tests.federation.conftest import FakeGrid, honest
+from tests.federation.conftest import honest
+from tests.federation.test_secagg_rounds import _run as run_federation
 from tests.federation.test_secagg_rounds import failing_at
-
-NODES = (101, 102, 103, 104)
 
 
 def _sum_ring(vectors, bits):
@@ -79,14 +75,11 @@ def test_an_out_of_range_unclipped_count_is_refused():
 
 
 def _run(tmp_path, monkeypatch, name, overrides, behaviours=None):
-    """run_server with the DP round's generator seeded, so two runs draw the same noise."""
+    """The federation run of test_secagg_rounds with the DP round's generator seeded, so two runs
+    draw the same noise."""
     monkeypatch.setattr(dp_server, "CryptoRng", lambda: CryptoRng.from_seed(5, purpose="test"))
-    out = tmp_path / name
-    settings = resolve(overrides=[*overrides, f"out={out}"])
-    grid = FakeGrid(settings, behaviours or {node: honest for node in NODES})
-    run_server(grid, settings, out)
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
-    return out, grid, rows, torch.load(out / "model.pt")
+    _, grid, rows, model = run_federation(tmp_path, name, overrides, behaviours)
+    return tmp_path / name, grid, rows, model
 
 
 DP = [
