@@ -351,6 +351,7 @@ class SecAggTrainRound:
                 "threshold": threshold,
                 "neighbors": neighbors,
                 "bits": self.settings.secagg.bits,
+                "mode": self.settings.secagg.mode,
                 "survivors": list(survivors),
                 "bytes_up_by_site": dict(stats.bytes_by_site),  # this round only
                 "stage_seconds": dict(stats.stage_seconds),

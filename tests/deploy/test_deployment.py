@@ -63,7 +63,10 @@ def _history(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("secagg", SECAGG)
 def test_three_sites_tls_node_auth_two_rounds(tmp_path, secagg):
-    settings = resolve(overrides=[*SMALL, *([f"{SECAGG_KEY}=true"] if secagg else [])])
+    # Secure aggregation in ACTIVE mode: each site is a fresh flwr-clientapp process per message,
+    # so this also checks that the registry of signing keys works through the sites' state-dir.
+    secure = [f"{SECAGG_KEY}=true", "secagg.mode=active"] if secagg else []
+    settings = resolve(overrides=[*SMALL, *secure])
     out = tmp_path / "run"
     shown: list[str] = []
     deployment = LocalDeployment(
@@ -114,6 +117,9 @@ def test_three_sites_tls_node_auth_two_rounds(tmp_path, secagg):
     )
     assert rows[-1]["eval_accuracy"] > initial + 0.1, (initial, rows)
     assert "completed" in summary
+    if secagg:
+        assert all(r["secagg"]["mode"] == "active" and len(r["secagg"]["survivors"]) == 3 for r in rows)
+        assert len(list((out / "sites" / "secagg-registry").glob("*.ed25519.pub"))) == 3
     assert any(line.startswith("round   2/2") for line in shown)
 
 

@@ -40,6 +40,7 @@ def test_an_active_round_enrols_signs_and_completes(tmp_path):
     out, rows = _run(tmp_path, ACTIVE)
     assert [r["sites_replied"] for r in rows] == [5, 5]
     assert rows[0]["secagg"]["threshold"] == default_threshold(5, mode=Mode.ACTIVE) == 4
+    assert {r["secagg"]["mode"] for r in rows} == {"active"}
     # Enrolment happens once; every later round only reads the registry.
     assert "enrol" in rows[0]["secagg"]["stage_seconds"]
     assert "enrol" not in rows[1]["secagg"]["stage_seconds"]
