@@ -17,8 +17,12 @@ What fedcore replaces, and why:
 - *Sampling*: batches are Poisson draws from a :class:`~fedcore.crypto.stream.CryptoRng`, not
   from Opacus's ``DPDataLoader`` (which would use torch's global generator). Empty batches still
   take a noise-only step, as the analysis assumes.
-- *Noise*: the DP optimiser's ``add_noise`` draws from the ``CryptoRng``; Opacus's
-  ``secure_mode`` would need torchcsprng, which is not installable here.
+- *Noise*: the DP optimiser's ``add_noise`` releases the summed clipped gradient with the discrete
+  Gaussian on a fine grid (:mod:`fedcore.privacy.noise`; Canonne, Kamath and Steinke 2020) drawn
+  from the ``CryptoRng``: the noised sum is computed exactly in float64 on a power-of-two grid, so
+  its low-order bits do not leak the gradient (Mironov 2012; Jin et al. 2022); the cast to
+  float32 is post-processing. Opacus's ``secure_mode`` would need torchcsprng, which is not
+  installable here.
 - *Accounting*: no ``PrivacyEngine`` and no Opacus accountant. The site's ledger is its only
   accountant, across rounds; a round's event is checked against it before training and
   committed to it before the trained weights are returned.
@@ -53,6 +57,7 @@ from fedcore.errors import ConfigError
 from fedcore.privacy.accountant import calibrate_noise_multiplier
 from fedcore.privacy.events import PoissonSubsampledGaussian
 from fedcore.privacy.ledger import PrivacyLedger, ScopeKind
+from fedcore.privacy.noise import add_grid_gaussian
 
 
 class GradSampleMode(enum.Enum):
@@ -271,12 +276,17 @@ class _CryptoNoise:
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         sizes = [p.numel() for p in self.params]
-        noise = self._rng.normal(sum(sizes), std=std).astype(np.float32)
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
+        flat = np.concatenate(
+            [p.summed_grad.detach().to("cpu", torch.float64).reshape(-1).numpy() for p in self.params]  # type: ignore[attr-defined]
+        )
+        # One grid over all parameters: the L2 sensitivity of the sum is max_grad_norm.
+        noised, _ = add_grid_gaussian(flat, std=std, sensitivity=self.max_grad_norm, rng=self._rng)
         offset = 0
         for p, size in zip(self.params, sizes, strict=True):
-            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
-            chunk = torch.from_numpy(noise[offset : offset + size]).view_as(p)
-            p.grad = p.summed_grad.view_as(p) + chunk.to(p.device, p.dtype)  # type: ignore[attr-defined]
+            chunk = torch.from_numpy(noised[offset : offset + size]).view_as(p)
+            p.grad = chunk.to(p.device, p.dtype)
             _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
             offset += size
 

@@ -8,8 +8,10 @@ for one unit's contribution, *given the sensitivity the caller states*.
 
 - :func:`clip_to_norm` bounds one contribution's L2 norm by ``C`` (Abadi et al. 2016, eq. in
   Alg. 1: ``x * min(1, C / ||x||)``); it releases nothing: :class:`NoPrivacyLoss`.
-- :func:`add_gaussian_noise` adds N(0, std^2 I); for an L2 sensitivity ``s`` it is the Gaussian
-  mechanism with noise multiplier ``std / s``.
+- :func:`add_gaussian_noise` adds Gaussian noise of standard deviation ``std``; for an L2
+  sensitivity ``s`` it is the Gaussian mechanism with noise multiplier ``std / s``. The noise is
+  the discrete Gaussian on a fine grid (:mod:`fedcore.privacy.noise`, Canonne, Kamath and Steinke
+  2020), so the output's low-order bits do not leak the input (Mironov 2012).
 - :func:`noisy_clipped_count` is the private quantile estimate of Andrew et al. (NeurIPS 2021,
   Alg. 1 and Sec. 3): the sum of ``b_i - 1/2`` with ``b_i = 1[||x_i|| <= C]`` plus N(0, sigma_b^2);
   each summand moves by at most 1/2 under add/remove, so the noise multiplier is ``2 sigma_b``.
@@ -33,6 +35,7 @@ import numpy as np
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import ConfigError, InvalidMessage
 from fedcore.privacy.events import GaussianEvent, NoPrivacyLoss, PrivacyEvent
+from fedcore.privacy.noise import add_grid_gaussian
 
 T = TypeVar("T")
 Update = list[np.ndarray]
@@ -92,9 +95,10 @@ def sum_updates(
 def add_gaussian_noise(
     update: Sequence[np.ndarray], *, std: float, sensitivity: float, rng: CryptoRng
 ) -> Transformed[Update]:
-    """Add N(0, std^2) to every coordinate, drawn from ``rng``.
+    """Add noise of standard deviation ``std`` to every coordinate, drawn from ``rng``.
 
-    The event is :class:`GaussianEvent` with noise multiplier ``std / sensitivity``, where
+    The noise is :func:`fedcore.privacy.noise.add_grid_gaussian` over the whole update (one grid
+    for all arrays): every output coordinate is a multiple of a power of two. The event is :class:`GaussianEvent` with noise multiplier ``std / sensitivity``, where
     ``sensitivity`` is the L2 bound the caller guarantees on one unit's effect on ``update``.
     """
     std = _positive("std", std)
@@ -102,12 +106,16 @@ def add_gaussian_noise(
     if not isinstance(rng, CryptoRng):
         raise ConfigError(f"noise must come from a CryptoRng, got {type(rng).__name__}")
     sizes = [int(np.size(a)) for a in update]
-    noise = rng.normal(sum(sizes), std=std)
+    flat = (
+        np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in update])
+        if update
+        else np.zeros(0)
+    )
+    noised, _ = add_grid_gaussian(flat, std=std, sensitivity=sensitivity, rng=rng)
     out: Update = []
     offset = 0
     for arr, size in zip(update, sizes, strict=True):
-        chunk = noise[offset : offset + size].reshape(np.shape(arr))
-        out.append(np.asarray(arr, dtype=np.float64) + chunk)
+        out.append(noised[offset : offset + size].reshape(np.shape(arr)))
         offset += size
     return Transformed(out, GaussianEvent(noise_multiplier=std / sensitivity))
 
@@ -141,7 +149,10 @@ def noisy_count(centred: float, *, noise_std: float, rng: CryptoRng) -> Transfor
     noise_std = _positive("noise_std", noise_std)
     if not isinstance(rng, CryptoRng):
         raise ConfigError(f"noise must come from a CryptoRng, got {type(rng).__name__}")
-    noisy = float(centred) + float(rng.normal(1, std=noise_std)[0])
+    noised, _ = add_grid_gaussian(
+        np.array([float(centred)]), std=noise_std, sensitivity=0.5, rng=rng
+    )
+    noisy = float(noised[0])
     return Transformed(noisy, GaussianEvent(noise_multiplier=2.0 * noise_std))
 
 
