@@ -7,6 +7,7 @@ catch all of them in one clause::
     ├── ProtocolError            (never raised directly)
     │   ├── LocalProtocolError   the caller used the API wrongly
     │   └── RemoteProtocolError  a peer sent something illegal
+    │       └── ImplausibleSumError  a decoded aggregate no honest sites could produce
     ├── InvalidMessage           any failure to decrypt, authenticate or parse
     ├── ConfigError              a bad setting, named with the value that was given
     └── BudgetExceededError      a privacy charge that would pass the budget
@@ -45,3 +46,8 @@ class ConfigError(FedcoreError):
 
 class BudgetExceededError(FedcoreError):
     """A privacy charge would take a ledger past its budget; nothing was charged."""
+
+
+class ImplausibleSumError(RemoteProtocolError):
+    """A decoded aggregate cannot be the sum of honest contributions (under DP: its norm passes
+    contributors x clip norm); the round is discarded with this reason, nothing is released."""

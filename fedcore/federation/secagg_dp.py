@@ -9,10 +9,24 @@ an individual update, and what it releases is the same mechanism as without secu
 What makes the claim exact here is the encoding (:mod:`fedcore.secagg.encoding`): a site sends
 ``SR(s x) / s`` rather than ``x``, and stochastic rounding moves each coordinate by less than
 ``1 / s``. So a site clips to ``C_ring = C - sqrt(d) / s`` (:func:`ring_clip_norm`) and its decoded
-contribution has L2 norm below ``C``; per-coordinate clipping to ``[-r, r]`` only shrinks it further.
-All sites weigh the same (weight 1, as DP-FedAvg requires: weighting by examples would let one
-site's influence exceed ``C``), so the weight coordinate sums to the number of contributors, and
-the ring must hold only ``sites * r``: ``max_total_weight`` is the number of sampled sites.
+contribution has L2 norm below ``C``. All sites weigh the same (weight 1, as DP-FedAvg requires:
+weighting by examples would let one site's influence exceed ``C``), so the weight coordinate sums
+to the number of contributors.
+
+No wrap-around (:func:`dp_encoding`). The per-coordinate clip follows from the L2 clip: an update
+of L2 norm at most ``C`` has ``|x_i| <= C``, so ``secagg.clip_range`` plays no part under DP (it
+could cut a coordinate, or be passed by adaptive clipping, and then the sum would wrap). With ``n``
+sites and ``M = 2**(b-1) - 1``, the scale is ``s = (M - 2n) / (n C)``: each site's coordinate is
+at most ``C s = M/n - 2`` before rounding and at most ``M/n - 1`` after, so the sum of ``n`` of them
+stays within ``M`` for *every* input, saturating ones included, and the decoded sum equals the sum
+of the contributions. In :class:`EncodingConfig` terms this is ``clip = C / (1 - 2n/M)`` and
+``max_total_weight = n``. A ring where ``M - 2n <= n sqrt(d)`` leaves no room for ``C`` after the
+rounding margin: :func:`check_dp_ring` refuses it before the run.
+
+Plausibility (issue 10, point 6). Every decoded contribution has norm at most ``C``, so a decoded
+sum whose norm passes ``contributors * C`` (or whose unclipped count is out of range) means a site
+did not follow the protocol: :func:`decode_clipped_sum` raises :class:`ImplausibleSumError` and the
+round is discarded with its reason before anything is charged or released.
 
 Adaptive clipping (Andrew et al., NeurIPS 2021, Alg. 1) needs the count of sites whose update norm
 was at most ``C``; each site appends its bit ``1[||x|| <= C]`` as one more ring coordinate, exact
@@ -32,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedcore.crypto import CryptoRng
-from fedcore.errors import ConfigError, LocalProtocolError
+from fedcore.errors import ConfigError, ImplausibleSumError
 from fedcore.privacy.transforms import clip_to_norm
 from fedcore.secagg import EncodingConfig, decode_sum, encode_update, from_ring, to_ring
 
@@ -46,9 +60,32 @@ class SiteClipping:
     count_unclipped: bool
 
 
-def dp_encoding(*, bits: int, clip_range: float, sites: int) -> EncodingConfig:
-    """The ring encoding of a DP round: equal weights, so the total weight is at most ``sites``."""
-    return EncodingConfig(bits=bits, clip=clip_range, max_total_weight=max(1, sites))
+def dp_encoding(*, bits: int, clip_norm: float, sites: int) -> EncodingConfig:
+    """The ring encoding of a DP round of ``sites`` sites clipped to L2 norm ``clip_norm``.
+
+    Equal weights (total weight at most ``sites``) and per-coordinate clip ``C / (1 - 2n/M)``, so
+    the scale is ``(M - 2n) / (n C)`` and no sum of ``n`` rounded contributions can wrap (module
+    docstring). Raises ConfigError when ``M <= 2n`` (then raise ``secagg.bits``).
+    """
+    n = max(1, int(sites))
+    ceiling = (1 << (bits - 1)) - 1
+    if not ceiling > 2 * n:
+        raise ConfigError(
+            f"a {bits}-bit ring cannot hold the rounded sum of {n} sites; raise 'secagg.bits'"
+        )
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ConfigError(f"dp.server.clip_norm must be finite and > 0, got {clip_norm!r}")
+    return EncodingConfig(bits=bits, clip=clip_norm / (1 - 2 * n / ceiling), max_total_weight=n)
+
+
+def check_dp_ring(*, bits: int, sites: int, dim: int) -> None:
+    """Refuse, before a run, a ring in which ``sites`` DP contributions of ``dim`` coordinates do
+    not fit with their rounding margin (whatever the clip norm: the condition does not depend on it).
+
+    Raises :class:`ConfigError` naming ``secagg.bits``.
+    """
+    config = dp_encoding(bits=bits, clip_norm=1.0, sites=sites)
+    ring_clip_norm(1.0, dim=dim, config=config)
 
 
 def ring_clip_norm(clip_norm: float, *, dim: int, config: EncodingConfig) -> float:
@@ -81,6 +118,13 @@ def encode_clipped_update(
     update :func:`fedcore.secagg.encode_update` refuses (nothing is drawn from ``rng`` then).
     """
     x = np.asarray(update)
+    if not config.clip >= clipping.clip_norm:
+        # |x_i| <= C after the L2 clip: a smaller coordinate range would cut the update, and a
+        # server that offers one is not running the DP encoding (it could make the sum wrap).
+        raise ConfigError(
+            f"the encoding's coordinate range {config.clip:g} is below the clip norm "
+            f"{clipping.clip_norm:g}; refusing to encode a DP contribution with it"
+        )
     target = ring_clip_norm(clipping.clip_norm, dim=x.size, config=config)
     clipped = clip_to_norm([x], clip_norm=target).value[0]
     vector = encode_update(clipped, weight=1, config=config, rng=rng)
@@ -106,7 +150,10 @@ def decode_clipped_sum(
 ) -> ClippedSum:
     """Split the unmasked ring sum of :func:`encode_clipped_update` contributions.
 
-    Raises LocalProtocolError when a count is out of range (the sum wrapped, or a site lied).
+    Raises :class:`ImplausibleSumError` (a RemoteProtocolError) when the unclipped count is out of
+    range or the decoded sum's norm exceeds ``contributors * C``: each honest contribution decodes
+    to norm at most ``C`` (rounding margin included), so some site did not follow the protocol.
+    LocalProtocolError (from :func:`decode_sum`) for a total weight outside the encoding's range.
     """
     v = np.asarray(total)
     unclipped = None
@@ -115,7 +162,14 @@ def decode_clipped_sum(
         v = v[:-1]
     summed, contributors = decode_sum(v, config=config)
     if unclipped is not None and not 0 <= unclipped <= contributors:
-        raise LocalProtocolError(
+        raise ImplausibleSumError(
             f"the sites' unclipped count is {unclipped}, outside 0..{contributors} contributors"
+        )
+    norm = float(np.linalg.norm(summed))
+    bound = contributors * clipping.clip_norm
+    if not norm <= bound * (1 + 1e-9):
+        raise ImplausibleSumError(
+            f"the decoded sum has norm {norm:.6g}, above {contributors} contributors x clip norm "
+            f"{clipping.clip_norm:g} = {bound:.6g}: a site did not clip; round discarded"
         )
     return ClippedSum(total=summed, contributors=contributors, unclipped=unclipped)

@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedcore.config import Settings
-from fedcore.errors import ConfigError, FedcoreError, RemoteProtocolError
+from fedcore.errors import ConfigError, FedcoreError, ImplausibleSumError, RemoteProtocolError
 from fedcore.federation import messages as m
 from fedcore.federation import secagg_registry
 from fedcore.federation.dp_server import DPFedAvgRound
@@ -191,9 +191,7 @@ class SecAggTrainRound:
                 max_total_weight=_weight_budget(session.bits),
             )
         else:
-            encoding = dp_encoding(
-                bits=session.bits, clip_range=self.settings.secagg.clip_range, sites=len(nodes)
-            )
+            encoding = dp_encoding(bits=session.bits, clip_norm=clipping.clip_norm, sites=len(nodes))
             ring_clip_norm(clipping.clip_norm, dim=dim, config=encoding)  # refuse before sending
         stages = ["advertise", "share", "masked_input", "unmask"]
         if mode is Mode.ACTIVE:
@@ -229,7 +227,11 @@ class SecAggTrainRound:
                 num_examples=total_weight,
                 survivors=survivors,
             )
-        clipped = decode_clipped_sum(result.total, clipping=clipping, config=encoding)
+        try:
+            clipped = decode_clipped_sum(result.total, clipping=clipping, config=encoding)
+        except ImplausibleSumError as exc:  # nothing charged, nothing released
+            stats.failures["round"] = f"decoded sum discarded: {exc}"
+            return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
         released = dp.release(
             clipped.total,
             contributors=clipped.contributors,

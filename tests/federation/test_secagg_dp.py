@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedcore.crypto import CryptoRng
-from fedcore.errors import ConfigError, LocalProtocolError
+from fedcore.errors import ConfigError, ImplausibleSumError
 from fedcore.federation import dp_server, secagg_site
 from fedcore.federation.secagg_dp import (
     SiteClipping,
@@ -37,7 +37,7 @@ def _sum_ring(vectors, bits):
 def test_an_encoded_contribution_stays_within_the_clip_norm(bits, scale):
     rng = np.random.default_rng(int(scale * 1000) + bits)
     dim, sites, clip = 2000, 3, 1.0
-    config = dp_encoding(bits=bits, clip_range=4.0, sites=sites)
+    config = dp_encoding(bits=bits, clip_norm=clip, sites=sites)
     clipping = SiteClipping(clip_norm=clip, count_unclipped=True)
     updates = [rng.normal(size=dim) * scale / np.sqrt(dim) for _ in range(sites)]
     vectors = [
@@ -58,19 +58,19 @@ def test_an_encoded_contribution_stays_within_the_clip_norm(bits, scale):
 
 
 def test_a_ring_too_coarse_for_the_clip_norm_is_refused():
-    config = dp_encoding(bits=8, clip_range=4.0, sites=10)
+    config = dp_encoding(bits=8, clip_norm=1.0, sites=10)
     with pytest.raises(ConfigError, match="raise 'secagg.bits'"):
         ring_clip_norm(1.0, dim=10_000, config=config)
 
 
 def test_an_out_of_range_unclipped_count_is_refused():
-    config = dp_encoding(bits=32, clip_range=4.0, sites=3)
+    config = dp_encoding(bits=32, clip_norm=1.0, sites=3)
     clipping = SiteClipping(clip_norm=1.0, count_unclipped=True)
     vector = encode_clipped_update(
         np.zeros(5), clipping=clipping, config=config, rng=CryptoRng.from_seed(0)
     )
     vector[-1] = 2  # one contributor cannot count two unclipped sites
-    with pytest.raises(LocalProtocolError, match="unclipped count is 2"):
+    with pytest.raises(ImplausibleSumError, match="unclipped count is 2"):
         decode_clipped_sum(vector, clipping=clipping, config=config)
 
 
