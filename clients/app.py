@@ -19,7 +19,7 @@ from fedcore.federation import messages as m
 from fedcore.federation import secagg_registry, secagg_site
 from fedcore.federation.site import SiteDeclined, affordability, evaluate_round, train_round
 from fedcore.federation.site_data import site_data
-from fedcore.federation.site_privacy import site_state_dir
+from fedcore.federation.site_privacy import site_ledger, site_state_dir
 
 # Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
 FEDCORE_ERROR_CODE = 700
@@ -55,6 +55,10 @@ def secagg_mod(
     try:
         settings = from_run_config(context.run_config)
         site = site_data(settings, context.node_config)
+        if settings.dp.site.epsilon is not None and request.get("stage") == secagg_site.ENROL:
+            # Open (or create) the ledger before enrolment creates the key: a key without a ledger
+            # is a lost ledger (LedgerLostError), so a new site must make its ledger first.
+            site_ledger(settings, site_id=site.site_id, node_config=context.node_config)
         if request.get("stage") == "advertise":
             declined = affordability(settings, site, node_config=context.node_config)
             if declined is not None:

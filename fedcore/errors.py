@@ -10,6 +10,7 @@ catch all of them in one clause::
     │       └── ImplausibleSumError  a decoded aggregate no honest sites could produce
     ├── InvalidMessage           any failure to decrypt, authenticate or parse
     ├── ConfigError              a bad setting, named with the value that was given
+    │   └── LedgerLostError      a ledger is missing or older than what its scope released
     └── BudgetExceededError      a privacy charge that would pass the budget
 
 Input from a peer never surfaces as a bare ``KeyError``, ``TypeError``, ``IndexError`` or
@@ -51,3 +52,8 @@ class BudgetExceededError(FedcoreError):
 class ImplausibleSumError(RemoteProtocolError):
     """A decoded aggregate cannot be the sum of honest contributions (under DP: its norm passes
     contributors x clip norm); the round is discarded with this reason, nothing is released."""
+
+
+class LedgerLostError(ConfigError):
+    """A privacy ledger is missing, or older than what its scope has released; nothing is released
+    until an operator resets it (``fedcore ledger reset``), which the ledger records."""

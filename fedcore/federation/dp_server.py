@@ -53,7 +53,7 @@ from fedcore.privacy.dpfedavg import (
     release_clipped_sum,
 )
 
-LEDGER_FILE = "federation.ledger.json"
+from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
 
 
 def federation_ledger(settings: Settings, path) -> PrivacyLedger:  # noqa: ANN001 - a path

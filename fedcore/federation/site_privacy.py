@@ -5,7 +5,9 @@ short-lived (a fresh process per message in deployment), so it lives on the site
 privacy engine rebuilt every round: ``<state-dir>/site-<id>.ledger.json``, where ``state-dir`` is
 the node config's ``state-dir`` (a site's own directory in deployment) or, in simulation, where
 every site shares this machine, ``<run record>/sites``. Each charge is written atomically before it
-takes effect (:class:`~fedcore.privacy.PrivacyLedger`).
+takes effect (:class:`~fedcore.privacy.PrivacyLedger`), under the ledger's OS lock, followed by
+its seal; a ledger that is missing while the site's key or round journal exists, or older than its
+seal, refuses to open (:class:`~fedcore.errors.LedgerLostError`) until ``fedcore ledger reset``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcore.config import Settings
 from fedcore.errors import ConfigError
+from fedcore.federation.site_store import SiteStore
 
 if TYPE_CHECKING:
     from fedcore.privacy import PrivacyLedger
@@ -39,7 +42,8 @@ def site_ledger(
     """Open (or create) site ``site_id``'s record-level ledger with the run's budget.
 
     Raises :class:`ConfigError` if the file holds another budget or accountant,
-    :class:`~fedcore.privacy.CorruptLedgerError` for a damaged file (left untouched).
+    :class:`~fedcore.privacy.CorruptLedgerError` for a damaged file (left untouched),
+    :class:`~fedcore.errors.LedgerLostError` for a lost or rolled-back ledger.
     """
     # Imported here: dp-accounting (through scipy) costs seconds, and in deployment every message
     # to a site starts a fresh ClientApp process; only sites with record-level DP pay for it.
@@ -48,11 +52,11 @@ def site_ledger(
     dp = settings.dp.site
     if dp.epsilon is None:
         raise ConfigError("setting 'dp.site.epsilon' is unset: record-level DP is off")
-    folder = site_state_dir(settings, node_config)
-    folder.mkdir(parents=True, exist_ok=True)
+    store = SiteStore(site_state_dir(settings, node_config), site_id).ensure()
     return PrivacyLedger.open(
-        folder / f"site-{site_id}.ledger.json",
+        store.ledger_path,
         scope=Scope(ScopeKind.SITE_RECORDS, f"site-{site_id}"),
         budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
         accountant=settings.dp.accountant,
+        released=store.has_released(),
     )

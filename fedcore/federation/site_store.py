@@ -116,6 +116,18 @@ def create_exclusive(path: Path, data: bytes, *, mode: int = PRIVATE_MODE) -> bo
     return True
 
 
+@contextlib.contextmanager
+def lock_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock (``fcntl.flock``) on ``path``, created 0600 if needed; waits for
+    another holder. Closing the descriptor on leaving releases it, also when a process dies."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True, slots=True)
 class SiteStore:
     """The folder ``root`` that holds site ``site_id``'s persistent state, and the name of each file.
@@ -164,13 +176,14 @@ class SiteStore:
         round journal exists. A ledger missing beside either has been lost, not never made."""
         return self.key_path.exists() or self.journal_path.exists()
 
+    @property
+    def ledger_seal_path(self) -> Path:
+        """The seal beside the ledger: how many charges it held when last written (issue 11)."""
+        return self.root / f"site-{self.site_id}.ledger.seal"
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """Hold an exclusive OS lock named ``name`` for this site (waits for another holder)."""
         self.ensure()
-        fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with lock_file(self.lock_path(name)):
             yield
-        finally:
-            os.close(fd)  # closing releases the lock

@@ -18,8 +18,24 @@ A ledger opened on a file is durable: every charge is written to disk (temporary
 rename over the old file, fsync of the directory) before the in-memory ledger changes and before
 ``charge`` returns. A crash leaves either the old or the new file, never a torn one. A file that
 does not parse, fails its SHA-256 checksum or holds malformed events raises
-:class:`CorruptLedgerError` and is left untouched. A ledger is not safe for concurrent writers
-(two processes charging one file): give each scope one owner.
+:class:`CorruptLedgerError` and is left untouched.
+
+A ledger cannot lose a charge (issue 11, point 5):
+
+- *One writer at a time.* A charge holds an OS lock (``fcntl.flock`` on ``.<name>.lock`` beside
+  the file, :func:`fedcore.federation.site_store.lock_file`), re-reads the file under it, adopts
+  charges another process committed meanwhile, checks the budget against the full history, and
+  only then writes. Two processes charging one file both end up in it, or one is refused.
+- *A seal beside the ledger.* Every write is followed by the *seal* (``<name>.seal``): the number
+  of charges and the digest of the ledger just written. Opening a ledger whose seal records more
+  charges than the file holds (an older copy put back), or whose file is gone while its seal (or,
+  for a site, its secure-aggregation key or round journal) remains, raises
+  :class:`~fedcore.errors.LedgerLostError`: the scope refuses to release anything until an
+  operator runs :func:`reset_ledger` (``fedcore ledger reset``), which the ledger records as an
+  entry. The ledger is written before its seal, so a crash between the two leaves a ledger newer
+  than its seal, which opens (and the seal is brought up to date). What the seal does not catch:
+  the ledger and its seal removed or restored *together* where nothing else marks the scope as
+  used; keep the state folder where only the operator writes.
 """
 
 from __future__ import annotations
@@ -29,12 +45,12 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import BudgetExceededError, ConfigError, InvalidMessage
+from fedcore.errors import BudgetExceededError, ConfigError, InvalidMessage, LedgerLostError
+from fedcore.federation.site_store import atomic_write, lock_file
 from fedcore.privacy.accountant import (
     DEFAULT_ACCOUNTANT,
     AccountantKind,
@@ -42,10 +58,25 @@ from fedcore.privacy.accountant import (
     epsilon,
     parse_accountant,
 )
-from fedcore.privacy.events import PrivacyEvent, event_from_json, event_to_json
+from fedcore.privacy.events import NoPrivacyLoss, PrivacyEvent, event_from_json, event_to_json
 
 FORMAT = "fedcore.privacy.ledger"
 VERSION = 1
+SEAL_FORMAT = "fedcore.privacy.ledger-seal"
+# The federation ledger's file in its state folder (dp.server.state_dir, or the run record).
+FEDERATION_LEDGER_FILE = "federation.ledger.json"
+
+
+def seal_path_of(path: str | os.PathLike[str]) -> Path:
+    """The seal beside ledger ``path``: ``site-3.ledger.json`` -> ``site-3.ledger.seal``."""
+    p = Path(path)
+    return p.with_name(p.name.removesuffix(".json") + ".seal")
+
+
+def lock_path_of(path: str | os.PathLike[str]) -> Path:
+    """The lock file beside ledger ``path``: ``site-3.ledger.json`` -> ``.site-3.ledger.lock``."""
+    p = Path(path)
+    return p.with_name("." + p.name.removesuffix(".json") + ".lock")
 
 
 class CorruptLedgerError(InvalidMessage):
@@ -201,15 +232,46 @@ class PrivacyLedger:
             isinstance(round_number, bool) or not isinstance(round_number, int)
         ):
             raise ConfigError(f"round_number must be an integer or None, got {round_number!r}")
-        after = self.check(event)
-        entry = LedgerEntry(
-            event=event, round_number=round_number, label=str(label), epsilon_after=after
-        )
-        entries = (*self._entries, entry)
-        if self._path is not None:
-            _atomic_write(self._path, self._document(entries))
-        self._entries = entries
+        if self._path is None:
+            after = self.check(event)
+            entry = LedgerEntry(
+                event=event, round_number=round_number, label=str(label), epsilon_after=after
+            )
+            self._entries = (*self._entries, entry)
+            return entry
+        with lock_file(lock_path_of(self._path)):
+            self._sync_from_disk()
+            after = self.check(event)
+            entry = LedgerEntry(
+                event=event, round_number=round_number, label=str(label), epsilon_after=after
+            )
+            entries = (*self._entries, entry)
+            self._write(entries)
+            self._entries = entries
         return entry
+
+    def _sync_from_disk(self) -> None:
+        """Adopt charges another process committed to this file (call with the lock held)."""
+        assert self._path is not None
+        if not self._path.exists():
+            raise LedgerLostError(
+                f"ledger {str(self._path)!r} disappeared while in use; nothing was charged. "
+                "Run `fedcore ledger reset` once you know what it held"
+            )
+        disk = PrivacyLedger.load(self._path)
+        if disk.entries[: len(self._entries)] != self._entries:
+            raise CorruptLedgerError(
+                f"ledger {str(self._path)!r} was rewritten by another process with a different "
+                "history; nothing was charged"
+            )
+        self._entries = disk.entries
+
+    def _write(self, entries: tuple[LedgerEntry, ...]) -> None:
+        """The ledger, then its seal (call with the lock held)."""
+        assert self._path is not None
+        doc = self._document(entries)
+        _atomic_write(self._path, doc)
+        _write_seal(self._path, charges=len(entries), digest=doc["sha256"])
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the ledger to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
@@ -287,26 +349,71 @@ class PrivacyLedger:
         scope: Scope,
         budget: Budget,
         accountant: AccountantKind | str = DEFAULT_ACCOUNTANT,
+        released: bool = False,
     ) -> PrivacyLedger:
         """Load the ledger at ``path``, or create it there (empty) if there is no file.
 
         An existing file must have the same scope, budget and accountant: a budget is never
         silently changed. Raises :class:`ConfigError` on a mismatch, :class:`CorruptLedgerError`
-        for a bad file.
+        for a bad file, :class:`~fedcore.errors.LedgerLostError` when the file is missing or older
+        than its seal records, or missing while ``released`` says the scope has released data
+        before (a site's key or round journal exists). Holds the ledger's lock while it looks.
         """
-        if Path(path).exists():
-            ledger = cls.load(path)
-            wanted = (scope, budget, parse_accountant(accountant))
-            found = (ledger.scope, ledger.budget, ledger.accountant)
-            if wanted != found:
-                raise ConfigError(
-                    f"ledger {str(path)!r} holds scope/budget/accountant {found}, "
-                    f"but {wanted} was asked for"
+        path = Path(path)
+        with lock_file(lock_path_of(path)):
+            seal = _read_seal(path)
+            if path.exists():
+                ledger = cls.load(path)
+                wanted = (scope, budget, parse_accountant(accountant))
+                found = (ledger.scope, ledger.budget, ledger.accountant)
+                if wanted != found:
+                    raise ConfigError(
+                        f"ledger {str(path)!r} holds scope/budget/accountant {found}, "
+                        f"but {wanted} was asked for"
+                    )
+                if seal is not None and (
+                    len(ledger.entries) < seal["charges"]
+                    or (
+                        len(ledger.entries) == seal["charges"]
+                        and ledger.to_json()["sha256"] != seal["ledger_sha256"]
+                    )
+                ):
+                    raise LedgerLostError(
+                        f"ledger {str(path)!r} holds {len(ledger.entries)} charges but its seal "
+                        f"records {seal['charges']}: it is older than what this scope has "
+                        "released (a copy put back?). Nothing is released until an operator runs "
+                        f"`fedcore ledger reset` for {scope.name!r} with a reason"
+                    )
+                if seal is None or len(ledger.entries) > seal["charges"]:
+                    doc = ledger.to_json()
+                    _write_seal(path, charges=len(ledger.entries), digest=doc["sha256"])
+                return ledger
+            pending = None if seal is None else seal.get("pending_reset")
+            if pending is None and (released or (seal is not None and seal["charges"] > 0)):
+                why = (
+                    f"its seal records {seal['charges']} charges"
+                    if seal is not None and seal["charges"] > 0
+                    else "it has released data before (its key or round journal exists)"
                 )
+                raise LedgerLostError(
+                    f"ledger {str(path)!r} is missing but {why}: its spend would restart at 0. "
+                    f"Nothing is released until an operator runs `fedcore ledger reset` for "
+                    f"{scope.name!r} with a reason"
+                )
+            ledger = cls(scope=scope, budget=budget, accountant=accountant, path=path)
+            entries: tuple[LedgerEntry, ...] = ()
+            if pending is not None:
+                entries = (
+                    LedgerEntry(
+                        event=NoPrivacyLoss(),
+                        round_number=None,
+                        label=str(pending),
+                        epsilon_after=0.0,
+                    ),
+                )
+            ledger._write(entries)
+            ledger._entries = entries
             return ledger
-        ledger = cls(scope=scope, budget=budget, accountant=accountant, path=path)
-        ledger.save(path)
-        return ledger
 
     def __repr__(self) -> str:
         return (
@@ -336,23 +443,80 @@ def _digest(body: dict[str, Any]) -> str:
 
 def _atomic_write(path: Path, doc: dict[str, Any]) -> None:
     """Write ``doc`` to ``path`` so that a reader sees the old file or the new, never a mix."""
-    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    atomic_write(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def _read_seal(path: Path) -> dict[str, Any] | None:
+    """The seal of ledger ``path`` (None if there is none); CorruptLedgerError if unreadable."""
+    seal = seal_path_of(path)
+    if not seal.exists():
+        return None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        doc = json.loads(seal.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptLedgerError(f"ledger seal {str(seal)!r} is unreadable: {exc}") from None
+    charges = doc.get("charges") if isinstance(doc, dict) else None
+    if (
+        doc.get("format") != SEAL_FORMAT
+        or isinstance(charges, bool)
+        or not isinstance(charges, int)
+        or charges < 0
+    ):
+        raise CorruptLedgerError(f"ledger seal {str(seal)!r} is malformed: {doc!r:.200}")
+    return doc
+
+
+def _write_seal(
+    path: Path, *, charges: int, digest: str | None, pending_reset: str | None = None
+) -> None:
+    doc: dict[str, Any] = {"format": SEAL_FORMAT, "charges": charges, "ledger_sha256": digest}
+    if pending_reset is not None:
+        doc["pending_reset"] = pending_reset
+    atomic_write(seal_path_of(path), (json.dumps(doc, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def reset_ledger(path: str | os.PathLike[str], *, reason: str) -> str:
+    """An operator's explicit reset of a ledger that refuses to open (:class:`LedgerLostError`).
+
+    With the lock held: a ledger file that loads gets a :class:`NoPrivacyLoss` entry labelled with
+    the reset, the reason and how many charges the seal had recorded, and a new seal. A file that
+    does not load is moved aside (``<name>.corrupt``); with no file, the seal is set to a pending
+    reset, and the next :meth:`PrivacyLedger.open` creates the ledger with that entry first.
+    Returns a one-line account of what was done. Raises :class:`ConfigError` without a reason.
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise ConfigError("a ledger reset needs a reason (--reason), which the ledger records")
+    path = Path(path)
+    import datetime as dt
+
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    with lock_file(lock_path_of(path)):
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+            seal = _read_seal(path)
+        except CorruptLedgerError:
+            seal = None
+        sealed = 0 if seal is None else seal["charges"]
+        if path.exists():
+            try:
+                ledger = PrivacyLedger.load(path)
+            except CorruptLedgerError:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            else:
+                label = (
+                    f"operator reset at {when}: {reason.strip()} (the seal recorded {sealed} "
+                    f"charges; this ledger holds {len(ledger.entries)})"
+                )
+                entry = LedgerEntry(
+                    event=NoPrivacyLoss(),
+                    round_number=None,
+                    label=label,
+                    epsilon_after=ledger.epsilon(),
+                )
+                ledger._write((*ledger.entries, entry))
+                return f"{path}: recorded '{label}'"
+        label = (
+            f"operator reset at {when}: {reason.strip()} (the ledger was missing or unreadable; "
+            f"the seal recorded {sealed} charges)"
+        )
+        _write_seal(path, charges=0, digest=None, pending_reset=label)
+        return f"{path}: the ledger is created at its next use with the entry '{label}'"

@@ -102,7 +102,8 @@ def test_save_and_load_give_the_same_epsilon_and_refusals(tmp_path):
     assert again.entries == led.entries
     with pytest.raises(BudgetExceededError):
         again.charge(EVENTS[0])
-    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]  # no temp files left
+    # no temp files left: the ledger, its seal and its lock file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ledger.lock", "ledger.json", "ledger.seal"]
 
 
 def test_open_refuses_a_different_budget(tmp_path):
@@ -154,7 +155,8 @@ def test_a_failed_write_leaves_ledger_and_file_unchanged(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         led.charge(EVENTS[2])
     assert snapshot(led) == before and path.read_bytes() == on_disk
-    assert [p.name for p in tmp_path.iterdir()] == ["l.json"]
+    # no temporary file is left; the seal still matches the (unchanged) ledger
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".l.lock", "l.json", "l.seal"]
 
 
 def test_restart_in_a_separate_process(tmp_path):
