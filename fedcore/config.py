@@ -39,6 +39,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Clipping = Literal["fixed", "adaptive"]
 Accountant = Literal["pld", "rdp"]
 SecAggMode = Literal["semi-honest", "active"]
+BudgetAgainst = Literal["observers", "sample-known"]
 
 Scalar = bool | int | float | str
 
@@ -94,6 +95,17 @@ class ServerDPSettings:
     )
     clipping: Clipping = field(
         default="fixed", metadata=_doc("fixed, or adaptive (Andrew et al. 2021)")
+    )
+    budget_against: BudgetAgainst = field(
+        default="observers",
+        metadata=_doc(
+            "which epsilon the budget binds: observers (who do not know the sample) or "
+            "sample-known (who know which sites took part)"
+        ),
+    )
+    state_dir: str = field(
+        default="",
+        metadata=_doc("folder of the federation ledger, kept across runs; empty: the run record"),
     )
 
 
@@ -377,6 +389,14 @@ def _cross_check(settings: Settings) -> None:
             raise ConfigError(
                 f"strategy {settings.strategy!r} needs every site's individual update, which secure "
                 "aggregation hides; use a linear strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)"
+            )
+    for group in ("site", "server"):
+        dp = getattr(settings.dp, group)
+        if dp.noise_multiplier is not None and dp.epsilon is None:
+            raise ConfigError(
+                f"setting 'dp.{group}.noise_multiplier' is {dp.noise_multiplier:g} but "
+                f"'dp.{group}.epsilon' is unset, so DP would be off and the noise ignored; "
+                f"set 'dp.{group}.epsilon' (the budget the run may spend) or drop the noise multiplier"
             )
     if settings.dp.site.epsilon is not None and settings.strategy == "fedprox":
         raise ConfigError(

@@ -44,11 +44,16 @@ def preflight(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
     from fedcore.federation.site_data import data_settings
     from fedcore.models import build_model
 
+    from fedcore.federation.dp_server import check_before_run
+    from fedcore.federation.site_privacy import check_site_round
+
     data = data_settings(settings)
     _, input_shape, num_classes = load_holdout(data)
     for site_id in range(settings.sites):
-        load_site(data, site_id)
-    build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
+        site = load_site(data, site_id)
+        check_site_round(settings, num_examples=len(site.train.y), site_id=site_id)
+    model = build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
+    check_before_run(settings, dim=sum(int(v.numel()) for v in model.state_dict().values()))
     return input_shape, num_classes
 
 

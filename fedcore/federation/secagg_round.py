@@ -137,7 +137,7 @@ class SecAggTrainRound:
         check_linear(strategy)
         dp = self.dp
         if dp is not None:
-            dp.ledger.check(dp.config.round_event())  # stop before the round, not after
+            dp.check_round()  # stop before the round, not after
         template, content = instruction_for(strategy, server_round, arrays, config, grid)
         if dp is None:
             nodes = tuple(sorted({msg.metadata.dst_node_id for msg in template}))
@@ -237,6 +237,7 @@ class SecAggTrainRound:
             contributors=clipped.contributors,
             unclipped=clipped.unclipped,
             server_round=server_round,
+            participants=survivors,
         )
         aggregated = hand_to_strategy(
             strategy,
@@ -361,6 +362,8 @@ class SecAggTrainRound:
         }
         if clip_norm is not None:
             extra["clip_norm"] = clip_norm
+        if self.dp is not None and server_epsilon is not None:
+            extra.update(self.dp.round_fields())
         return TrainOutcome(
             aggregated=aggregated,
             sent=len(nodes),

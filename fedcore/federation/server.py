@@ -17,7 +17,12 @@ from flwr.serverapp import Grid
 from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.federation import messages as m
-from fedcore.federation.dp_server import LEDGER_FILE, DPFedAvgRound, federation_ledger
+from fedcore.federation.dp_server import (
+    LEDGER_FILE,
+    DPFedAvgRound,
+    check_before_run,
+    federation_ledger,
+)
 from fedcore.federation.driver import (
     NullReporter,
     Reporter,
@@ -63,6 +68,8 @@ def run_server(
     train_round: TrainRound = plain_train_round
     ledger, dp_round = None, None
     if settings.dp.server.epsilon is not None:
+        dim = sum(int(p.numel()) for p in model.state_dict().values())
+        check_before_run(settings, dim=dim, record_dir=record.path)
         ledger = federation_ledger(settings, record.path / LEDGER_FILE)
         train_round = dp_round = DPFedAvgRound.create(settings, ledger)
     if settings.secagg.enabled:

@@ -23,6 +23,10 @@ from fedcore.models import build_model
 from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
 
 
+# The weight a site with record-level DP reports instead of its example count (point 3 of issue 11).
+RECORD_DP_WEIGHT = 1
+
+
 def round_seed(seed: int, site_id: int, server_round: int) -> int:
     """A per-site, per-round seed for batch order (not for any privacy noise)."""
     digest = hashlib.sha256(f"fedcore.batches|{seed}|{site_id}|{server_round}".encode()).digest()
@@ -127,7 +131,7 @@ def affordability(
     from fedcore.privacy.dpsgd import plan_round
 
     ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
-    plan = plan_round(_dp_config(settings), num_examples=len(site.train.y), ledger=ledger)
+    plan = plan_round(dp_config(settings), num_examples=len(site.train.y), ledger=ledger)
     try:
         ledger.check(plan.event)
     except BudgetExceededError as exc:
@@ -135,7 +139,7 @@ def affordability(
     return None
 
 
-def _dp_config(settings: Settings):  # noqa: ANN202 - SiteDPConfig, imported lazily (Opacus)
+def dp_config(settings: Settings):  # noqa: ANN202 - SiteDPConfig, imported lazily (Opacus)
     from fedcore.privacy.dpsgd import SiteDPConfig
 
     dp = settings.dp.site
@@ -160,7 +164,7 @@ def _train_dp(
     from fedcore.privacy.dpsgd import train_dp_sgd
 
     ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
-    config = _dp_config(settings)
+    config = dp_config(settings)
     try:
         result = train_dp_sgd(
             model,
@@ -173,9 +177,12 @@ def _train_dp(
         )
     except BudgetExceededError as exc:
         return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))
+    # The example count stays at the site (issue 11, point 3): the accounting is add/remove-one
+    # with q = B / n, which holds only while n is not released, so every DP-SGD site reports a
+    # weight of 1 and the sites weigh equally.
     return SiteUpdate(
         state=result.state,
-        num_examples=len(site.train.y),
+        num_examples=RECORD_DP_WEIGHT,
         train_loss=None,
         site_epsilon=result.epsilon,
     )

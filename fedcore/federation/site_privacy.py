@@ -60,3 +60,29 @@ def site_ledger(
         accountant=settings.dp.accountant,
         released=store.has_released(),
     )
+
+
+def check_site_round(settings: Settings, *, num_examples: int, site_id: int) -> None:
+    """Refuse before the run a record-level budget that one round cannot afford (issue 11,
+    point 6), with the cost of one round in the message. A calibrated noise multiplier always
+    affords its planned rounds; an explicit one may not. Raises :class:`ConfigError`."""
+    dp = settings.dp.site
+    if dp.epsilon is None or num_examples < 1:
+        return
+    from fedcore.federation.site import dp_config
+    from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind, epsilon
+    from fedcore.privacy.dpsgd import plan_round
+
+    ledger = PrivacyLedger(
+        scope=Scope(ScopeKind.SITE_RECORDS, f"site-{site_id}"),
+        budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
+        accountant=settings.dp.accountant,
+    )
+    plan = plan_round(dp_config(settings), num_examples=num_examples, ledger=ledger)
+    cost = epsilon([plan.event], delta=dp.delta, accountant=settings.dp.accountant)
+    if not cost <= dp.epsilon:
+        raise ConfigError(
+            f"dp.site.epsilon={dp.epsilon:g} cannot afford one round at site {site_id}: one round "
+            f"({plan.steps} DP-SGD steps at sampling rate {plan.sample_rate:.4g}, noise multiplier "
+            f"{plan.noise_multiplier:.4g}) costs epsilon {cost:.4g}; raise the budget or the noise"
+        )

@@ -157,6 +157,13 @@ class ServerDPConfig:
             return z
         return (z**-2 - (2 * self.count_std) ** -2) ** -0.5
 
+    def sample_known_event(self) -> GaussianEvent:
+        """A round's event for one participating site against an observer who knows the sample:
+        the Gaussian mechanism without amplification (sensitivity ``2C`` under fixed-size sampling,
+        as :class:`FixedSizeSubsampledGaussian` explains)."""
+        z = float(self.noise_multiplier)
+        return GaussianEvent(noise_multiplier=z if self.sampling is SiteSampling.POISSON else z / 2)
+
     def round_event(self) -> PrivacyEvent:
         """The event one round charges to the federation ledger (the same every round)."""
         z = float(self.noise_multiplier)
