@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedcore.runrecord import withheld_fields
+
 if TYPE_CHECKING:
     from fedcore.runrecord import RunRecord, Status
 
@@ -40,13 +42,16 @@ def write_accuracy_plot(record: RunRecord, path: Path) -> None:
     loss = [record.initial_loss] + [r.eval_loss for r in record.rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     ax_acc.plot(rounds, accuracy, marker="o", label="central (held-out)")
-    if any(math.isfinite(r.site_eval_accuracy) for r in record.rows):
+    withheld = withheld_fields(record.settings)
+    if "site_eval_accuracy" not in withheld and any(
+        math.isfinite(r.site_eval_accuracy) for r in record.rows
+    ):
         ax_acc.plot(
             [r.round for r in record.rows],
             [r.site_eval_accuracy for r in record.rows],
             marker=".",
             linestyle="--",
-            label="sites' test splits",
+            label="sites' test splits" + (" (outside DP)" if has_privacy(record) else ""),
         )
     ax_acc.set(
         xlabel="round", ylabel="accuracy", title="Accuracy of the global model", ylim=(0, 1.02)
@@ -55,7 +60,7 @@ def write_accuracy_plot(record: RunRecord, path: Path) -> None:
     ax_acc.legend(loc="lower right")
     ax_loss.plot(rounds, loss, marker="o", color="tab:red", label="central eval loss")
     train = [r.train_loss for r in record.rows]
-    if any(math.isfinite(v) for v in train):
+    if "train_loss" not in withheld and any(math.isfinite(v) for v in train):
         ax_loss.plot(
             [r.round for r in record.rows],
             train,
@@ -94,7 +99,13 @@ def write_privacy_plot(record: RunRecord, path: Path) -> None:
     dp = record.settings.dp
     fig, ax = plt.subplots(figsize=(7, 4))
     rounds = [r.round for r in record.rows]
-    sites = sorted({site for r in record.rows for site in r.site_epsilon}, key=int)
+    # Which site reported in which round would reveal the sample under site-level DP.
+    withheld = withheld_fields(record.settings)
+    sites = (
+        []
+        if "site_epsilon" in withheld
+        else sorted({site for r in record.rows for site in r.site_epsilon}, key=int)
+    )
     for i, site in enumerate(sites):
         ax.plot(
             [r.round for r in record.rows if site in r.site_epsilon],
@@ -117,13 +128,20 @@ def write_privacy_plot(record: RunRecord, path: Path) -> None:
             [r.server_epsilon for r in record.rows],
             color="tab:red",
             marker="o",
-            label="federation (site level)",
+            label="site level, observers who do not know the sample",
+        )
+        ax.plot(
+            rounds,
+            [sample_known(r) for r in record.rows],
+            color="tab:purple",
+            marker="s",
+            label="site level, observers who know the sample",
         )
         ax.axhline(
             dp.server.epsilon,
             color="tab:red",
             linestyle="--",
-            label=f"federation budget {dp.server.epsilon:g}",
+            label=f"federation budget {dp.server.epsilon:g} (binds {dp.server.budget_against})",
         )
     ax.set(
         xlabel="round",
@@ -132,7 +150,9 @@ def write_privacy_plot(record: RunRecord, path: Path) -> None:
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     budgets = [b for b in (dp.site.epsilon, dp.server.epsilon) if b is not None]
-    ax.set_ylim(bottom=0, top=1.15 * max(budgets))
+    known = [sample_known(r) for r in record.rows] if dp.server.epsilon is not None else []
+    top = max([*budgets, *(k for k in known if math.isfinite(k))])
+    ax.set_ylim(bottom=0, top=1.15 * top)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -140,27 +160,95 @@ def write_privacy_plot(record: RunRecord, path: Path) -> None:
     plt.close(fig)
 
 
+def sample_known(row) -> float:  # noqa: ANN001 - a RoundRow
+    """A row's ``server_epsilon_sample_known`` (NaN where the round released nothing)."""
+    value = row.extra.get("server_epsilon_sample_known")
+    return math.nan if value is None else float(value)
+
+
 def _privacy_lines(record: RunRecord) -> list[str]:
     if not has_privacy(record):
         return []
     dp = record.settings.dp
     last = record.rows[-1] if record.rows else None
+    withheld = withheld_fields(record.settings)
     lines = []
     if dp.site.epsilon is not None:
-        spent = list(last.site_epsilon.values()) if last else []
-        top = f"{max(spent):.3f}" if spent else "-"
-        declined = sum(r.sites_declined for r in record.rows)
+        if "site_epsilon" in withheld:
+            spend = "per-site spends are in `operator.jsonl` (they would reveal the sample)"
+        else:
+            spent = [e for r in record.rows for e in r.site_epsilon.values()]
+            top = f"{max(spent):.3f}" if spent else "-"
+            declined = sum(r.sites_declined for r in record.rows)
+            spend = f"largest spend reported {top}; {declined} site-rounds declined"
         lines.append(
-            f"- **Record-level DP (DP-SGD)**: budget epsilon {dp.site.epsilon:g} at delta {dp.site.delta:g} per site; "
-            f"largest spend reported in the last round {top}; {declined} site-rounds declined"
+            f"- **Record-level DP (DP-SGD)**: budget epsilon {dp.site.epsilon:g} at delta "
+            f"{dp.site.delta:g} per site; {spend}. Each site's epsilon covers one training record "
+            "of that site (add or remove one record; the site sends weight 1, not its example "
+            "count) against anyone who sees its updates or anything derived from them, the server "
+            "included; the sites' evaluation on their own test splits (`site_eval_*`) is outside it."
         )
     if dp.server.epsilon is not None:
-        spent_server = _fmt(last.server_epsilon, ".3f") if last else "-"
+        known = [sample_known(r) for r in record.rows if math.isfinite(sample_known(r))]
         lines.append(
-            f"- **Site-level DP (DP-FedAvg)**: budget epsilon {dp.server.epsilon:g} at delta {dp.server.delta:g}; "
-            f"spent {spent_server}"
+            f"- **Site-level DP (DP-FedAvg)**: budget epsilon {dp.server.epsilon:g} at delta "
+            f"{dp.server.delta:g}, binding the `{dp.server.budget_against}` epsilon. "
+            f"`server_epsilon` {_fmt(last.server_epsilon if last else math.nan, '.3f')} covers one "
+            "whole site (add or remove a site) against anyone who sees the released models but "
+            "not which sites took part (amplification by sampling). "
+            f"`server_epsilon_sample_known` {_fmt(known[-1] if known else math.nan, '.3f')} covers "
+            "one whole site against anyone who also knows which sites took part (the participants "
+            "under secure aggregation, the operator), over the rounds the most-sampled site took "
+            "part in. Neither holds against the server, which sees every update (under secure "
+            "aggregation, the exact sum) before the noise."
+        )
+    if withheld:
+        lines.append(
+            "- **Withheld**: the per-round diagnostics these guarantees do not cover ("
+            + ", ".join(f"`{k}`" for k in withheld)
+            + ") are in `operator.jsonl` (mode 0600, for the operator), not in this record's "
+            "public files."
         )
     return [*lines, "", "![privacy](privacy.png)", ""]
+
+
+def _traffic(record: RunRecord) -> str:
+    if "bytes_down" in withheld_fields(record.settings):
+        return "- **Traffic**: withheld under site-level DP (it counts the sampled sites)"
+    rows = record.rows
+    return (
+        f"- **Traffic**: {_bytes(sum(r.bytes_down for r in rows))} down, "
+        f"{_bytes(sum(r.bytes_up for r in rows))} up"
+    )
+
+
+# Round-table columns: (header, history field it shows or None, how to format a row).
+_COLUMNS = (
+    ("sampled", "sites_sampled", lambda r: str(r.sites_sampled)),
+    ("replied", "sites_replied", lambda r: str(r.sites_replied)),
+    ("failed", "sites_failed", lambda r: str(r.sites_failed)),
+    ("train loss", "train_loss", lambda r: _fmt(r.train_loss)),
+    ("eval loss", None, lambda r: _fmt(r.eval_loss)),
+    ("eval acc", None, lambda r: _fmt(r.eval_accuracy)),
+    ("site acc", "site_eval_accuracy", lambda r: _fmt(r.site_eval_accuracy)),
+    ("seconds", None, lambda r: f"{r.seconds:.2f}"),
+)
+
+
+def _round_table(record: RunRecord) -> list[str]:
+    withheld = withheld_fields(record.settings)
+    columns = [c for c in _COLUMNS if c[1] not in withheld]
+    headers = [
+        f"{name} (outside DP)" if key == "site_eval_accuracy" and has_privacy(record) else name
+        for name, key, _ in columns
+    ]
+    lines = [
+        "| round | " + " | ".join(headers) + " |",
+        "|---:|" + "---:|" * len(columns),
+    ]
+    for r in record.rows:
+        lines.append(f"| {r.round} | " + " | ".join(f(r) for _, _, f in columns) + " |")
+    return lines
 
 
 def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str) -> None:
@@ -176,27 +264,23 @@ def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str)
         f"- **Rounds**: {len(rows)} of {s.rounds}, in {elapsed:.1f} s",
         f"- **Central accuracy**: {_fmt(record.initial_accuracy)} initially, "
         f"**{_fmt(record.final_accuracy)}** at the end",
-        f"- **Traffic**: {_bytes(sum(r.bytes_down for r in rows))} down, "
-        f"{_bytes(sum(r.bytes_up for r in rows))} up",
+        _traffic(record),
         "",
         *_privacy_lines(record),
         "![accuracy](accuracy.png)",
         "",
-        "| round | sampled | replied | failed | train loss | eval loss | eval acc | site acc | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *_round_table(record),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r.round} | {r.sites_sampled} | {r.sites_replied} | {r.sites_failed} | {_fmt(r.train_loss)} "
-            f"| {_fmt(r.eval_loss)} | {_fmt(r.eval_accuracy)} | {_fmt(r.site_eval_accuracy)} | {r.seconds:.2f} |"
-        )
     failures = [(r.round, node, why) for r in rows for node, why in r.failures.items()]
+    if "failures" in withheld_fields(s):
+        failures = []  # node ids and reasons would reveal the sample: operator.jsonl only
     if failures:
         lines += ["", "## Site failures", ""]
         lines += [f"- round {rnd}, node {node}: {why}" for rnd, node, why in failures]
     lines += [
         "",
-        "Files: `config.json` (settings), `history.jsonl` (one line per round), `model.pt` (final state_dict).",
+        "Files: `config.json` (settings), `history.jsonl` (one line per round), `model.pt` (final state_dict)"
+        + (", `operator.jsonl` (withheld diagnostics, mode 0600: not for publication)." if withheld_fields(s) else "."),
         "",
     ]
     path.write_text("\n".join(lines))

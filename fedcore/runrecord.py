@@ -5,7 +5,11 @@
   that crashes keeps every finished round;
 - ``model.pt``: the final global model's ``state_dict`` (written atomically);
 - ``summary.md`` and ``accuracy.png``: what a person looks at first;
-- with DP on, ``privacy.json`` (the ledgers and every round's epsilons) and ``privacy.png``.
+- with DP on, ``privacy.json`` (the ledgers and every round's epsilons) and ``privacy.png``;
+- with DP on, ``operator.jsonl`` (mode 0600): per round, the diagnostics the privacy guarantee does
+  not cover and that are therefore kept out of ``history.jsonl`` and ``summary.md``
+  (:func:`withheld_fields`). It is for the operator, who already sees them; publish it and the
+  epsilons no longer hold as stated.
 
 Round 0 in memory is the initial model's central evaluation; it is shown in the summary and the
 plot but not written to ``history.jsonl``, whose rows are rounds 1..R.
@@ -82,6 +86,64 @@ class RoundRow:
         }
 
 
+OPERATOR_FILE = "operator.jsonl"
+
+# With site-level DP (DP-FedAvg): who was sampled, how many, what they sent or measured. Each is a
+# function of the secret sample (amplification assumes nobody learns it) or a non-private per-site
+# statistic; the epsilon covers neither (issue 11, point 2).
+SITE_LEVEL_WITHHELD = (
+    "sites_sampled",
+    "sites_replied",
+    "sites_failed",
+    "sites_declined",
+    "train_loss",
+    "num_examples",
+    "site_eval_loss",
+    "site_eval_accuracy",
+    "failures",
+    "site_epsilon",
+    "bytes_down",
+    "bytes_up",
+    "secagg",
+)
+# With record-level DP only (DP-SGD): what is computed from training records without noise. A
+# site's evaluation on its own test split stays, labelled as outside the guarantee.
+RECORD_LEVEL_WITHHELD = ("train_loss", "num_examples")
+
+
+def withheld_fields(settings: Settings) -> tuple[str, ...]:
+    """The history fields that go to ``operator.jsonl`` instead of ``history.jsonl``."""
+    if settings.dp.server.epsilon is not None:
+        return SITE_LEVEL_WITHHELD
+    if settings.dp.site.epsilon is not None:
+        return RECORD_LEVEL_WITHHELD
+    return ()
+
+
+def read_rows(out_dir: str | Path, *, operator: bool = False) -> list[dict[str, Any]]:
+    """The rows of ``history.jsonl``; with ``operator``, merged with ``operator.jsonl``'s."""
+    path = Path(out_dir)
+    rows = [json.loads(x) for x in (path / "history.jsonl").read_text().splitlines() if x.strip()]
+    extra = path / OPERATOR_FILE
+    if operator and extra.exists():
+        by_round = {
+            doc["round"]: doc
+            for doc in (json.loads(x) for x in extra.read_text().splitlines() if x.strip())
+            if "round" in doc
+        }
+        rows = [{**row, **by_round.get(row["round"], {})} for row in rows]
+    return rows
+
+
+def _append_private(path: Path, doc: Mapping[str, Any]) -> None:
+    """Append one JSON line to ``path``, created with mode 0600; flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as fh:
+        fh.write(json.dumps(doc) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def default_out_dir(root: str | Path = "runs") -> Path:
     return Path(root) / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -136,12 +198,23 @@ class RunRecord:
         self.initial_loss, self.initial_accuracy = loss, accuracy
 
     def append(self, row: RoundRow) -> None:
-        """Append one round to ``history.jsonl`` and flush it to disk."""
+        """Append one round to ``history.jsonl`` and flush it to disk; the fields the privacy
+        guarantee does not cover (:func:`withheld_fields`) go to ``operator.jsonl`` instead."""
         self.rows.append(row)
+        doc = row.to_json()
+        withheld = withheld_fields(self.settings)
+        public = {k: v for k, v in doc.items() if k not in withheld}
         with open(self.path / "history.jsonl", "a") as fh:
-            fh.write(json.dumps(row.to_json()) + "\n")
+            fh.write(json.dumps(public) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if withheld:
+            private = {k: v for k, v in doc.items() if k in withheld}
+            self.write_operator({"round": row.round, **private})
+
+    def write_operator(self, doc: Mapping[str, Any]) -> None:
+        """Append one line to ``operator.jsonl`` (mode 0600): diagnostics kept out of the record."""
+        _append_private(self.path / OPERATOR_FILE, doc)
 
     def write_json(self, name: str, doc: Mapping[str, Any]) -> None:
         """Write ``doc`` as ``name`` in the record, atomically."""

@@ -105,32 +105,57 @@ def run_server(
 
 def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger | None) -> None:
     """``privacy.json``: the federation's ledger, the sites' ledgers where this machine holds them
-    (simulation), and what every site reported each round. Written only when some DP is on."""
+    (simulation), what every site reported each round, both site-level epsilons, the neighbouring
+    relation of each mechanism and the noise. Written only when some DP is on. Under site-level DP
+    the sites' ledgers and per-round reports (which reveal who was sampled) go to ``operator.jsonl``."""
     if settings.dp.site.epsilon is None and ledger is None:
         return
+    from fedcore.privacy.noise import MECHANISM
+
     sites: dict[str, object] = {}
     if settings.dp.site.epsilon is not None:
         folder = site_state_dir(settings, {})
         for path in sorted(folder.glob("site-*.ledger.json")) if folder.is_dir() else []:
             sites[path.name.split(".")[0].removeprefix("site-")] = json.loads(path.read_text())
+    per_site = [
+        {
+            "round": row.round,
+            "site_epsilon": dict(row.site_epsilon),
+            "sites_declined": row.sites_declined,
+        }
+        for row in record.rows
+    ]
+    sample_hidden = ledger is not None
+    if sample_hidden and settings.dp.site.epsilon is not None:
+        record.write_operator({"privacy_sites": sites, "rounds": per_site})
     doc = {
         "accountant": settings.dp.accountant,
+        "noise": MECHANISM,
         "site_budget": None
         if settings.dp.site.epsilon is None
         else {"epsilon": settings.dp.site.epsilon, "delta": settings.dp.site.delta},
+        "site_neighbouring_relation": None
+        if settings.dp.site.epsilon is None
+        else "add or remove one training record of a site (the site reports weight 1, not its "
+        "example count)",
         "server_budget": None
         if ledger is None
-        else {"epsilon": ledger.budget.epsilon, "delta": ledger.budget.delta},
+        else {
+            "epsilon": ledger.budget.epsilon,
+            "delta": ledger.budget.delta,
+            "binds": settings.dp.server.budget_against,
+        },
+        "server_neighbouring_relation": None if ledger is None else "add or remove one whole site",
         "federation": None if ledger is None else ledger.to_json(),
-        "sites": sites,
+        "sites": {} if sample_hidden else sites,
         "rounds": [
             {
                 "round": row.round,
                 "server_epsilon": None if ledger is None else row.server_epsilon,
-                "site_epsilon": dict(row.site_epsilon),
-                "sites_declined": row.sites_declined,
+                "server_epsilon_sample_known": row.extra.get("server_epsilon_sample_known"),
+                **({} if sample_hidden else {k: v for k, v in per.items() if k != "round"}),
             }
-            for row in record.rows
+            for row, per in zip(record.rows, per_site, strict=True)
         ],
     }
     record.write_json("privacy.json", doc)

@@ -8,11 +8,13 @@ from fedcore.config import resolve
 from fedcore.errors import BudgetExceededError
 from fedcore.federation.server import run_server
 from fedcore.privacy import PoissonSubsampledGaussian, PrivacyLedger, epsilon
+from fedcore.runrecord import read_rows
 from tests.federation.conftest import FakeGrid, honest, nan_update
 
 
 def _rows(path):
-    return [json.loads(line) for line in (path / "history.jsonl").read_text().splitlines()]
+    """history.jsonl merged with operator.jsonl (the diagnostics DP keeps out of the record)."""
+    return read_rows(path, operator=True)
 
 
 def test_sites_with_a_small_budget_train_some_rounds_then_decline(tmp_path):

@@ -15,6 +15,7 @@ from fedcore.federation import secagg_site
 from fedcore.federation.secagg_round import check_linear
 from fedcore.federation.server import run_server
 from fedcore.secagg import EncodingConfig
+from fedcore.runrecord import read_rows
 from tests.federation.conftest import FakeGrid, honest
 
 NODES = (101, 102, 103, 104)
@@ -45,7 +46,7 @@ def _run(tmp_path, name, overrides, behaviours=None):
     settings = resolve(overrides=[*overrides, f"out={out}"])
     grid = FakeGrid(settings, behaviours or {node: honest for node in NODES})
     run_server(grid, settings, out)
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    rows = read_rows(out, operator=True)  # with DP, the diagnostics are in operator.jsonl
     return settings, grid, rows, torch.load(out / "model.pt")
 
 
