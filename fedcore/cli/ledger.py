@@ -18,6 +18,7 @@ from typing import Any
 
 from fedcore.errors import ConfigError
 
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "ledger",
@@ -25,7 +26,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
-    reset = actions.add_parser("reset", help="record an operator reset of a ledger that refuses to open")
+    reset = actions.add_parser(
+        "reset", help="record an operator reset of a ledger that refuses to open"
+    )
     reset.add_argument("--state-dir", metavar="DIR", help="the folder holding the ledger")
     which = reset.add_mutually_exclusive_group()
     which.add_argument("--site", metavar="N", help="a site's record-level ledger")
@@ -58,7 +61,9 @@ def ledger_path(state_dir: str, *, site: str | None, federation: bool) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "action", None) != "reset":
-        raise ConfigError("usage: fedcore ledger reset --state-dir DIR (--site N | --federation) --reason TEXT")
+        raise ConfigError(
+            "usage: fedcore ledger reset --state-dir DIR (--site N | --federation) --reason TEXT"
+        )
     from fedcore.privacy.ledger import reset_ledger
 
     path = ledger_path(args.state_dir, site=args.site, federation=args.federation)

@@ -41,11 +41,10 @@ def preflight(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
     Returns ``(input_shape, num_classes)``; raises :class:`ConfigError`.
     """
     from fedcore.data import load_holdout, load_site
-    from fedcore.federation.site_data import data_settings
-    from fedcore.models import build_model
-
     from fedcore.federation.dp_server import check_before_run
+    from fedcore.federation.site_data import data_settings
     from fedcore.federation.site_privacy import check_site_round
+    from fedcore.models import build_model
 
     data = data_settings(settings)
     _, input_shape, num_classes = load_holdout(data)

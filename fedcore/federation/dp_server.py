@@ -56,9 +56,9 @@ from flwr.serverapp.strategy import Strategy
 from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.errors import BudgetExceededError, ConfigError
-from fedcore.federation.secagg_dp import check_dp_ring
 from fedcore.federation import messages as m
 from fedcore.federation.driver import TrainOutcome, exchange, hand_to_strategy, instruction_for
+from fedcore.federation.secagg_dp import check_dp_ring
 from fedcore.privacy import (
     Budget,
     PrivacyLedger,
@@ -76,7 +76,6 @@ from fedcore.privacy.dpfedavg import (
     poisson_sample,
     release_clipped_sum,
 )
-
 from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
 from fedcore.privacy.sample_known import TALLY_FILE, ParticipationTally, sample_known_epsilon
 

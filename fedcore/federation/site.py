@@ -22,7 +22,6 @@ from fedcore.federation.site_privacy import site_ledger
 from fedcore.models import build_model
 from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
 
-
 # The weight a site with record-level DP reports instead of its example count (point 3 of issue 11).
 RECORD_DP_WEIGHT = 1
 

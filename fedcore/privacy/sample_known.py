@@ -82,7 +82,9 @@ def sample_known_epsilon(
     """Epsilon of ``rounds`` rounds of ``per_round`` (0.0 for none)."""
     if rounds <= 0:
         return 0.0
-    return epsilon([SelfComposedEvent(event=per_round, count=rounds)], delta=delta, accountant=accountant)
+    return epsilon(
+        [SelfComposedEvent(event=per_round, count=rounds)], delta=delta, accountant=accountant
+    )
 
 
 def _read(path: Path) -> dict[str, dict[str, int]]:
@@ -91,7 +93,9 @@ def _read(path: Path) -> dict[str, dict[str, int]]:
     try:
         doc: Any = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptLedgerError(f"participation tally {str(path)!r} is unreadable: {exc}") from None
+        raise CorruptLedgerError(
+            f"participation tally {str(path)!r} is unreadable: {exc}"
+        ) from None
     runs = doc.get("runs") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
     if not isinstance(runs, dict) or not all(
         isinstance(c, dict) and all(isinstance(v, int) and v >= 0 for v in c.values())
@@ -99,4 +103,3 @@ def _read(path: Path) -> dict[str, dict[str, int]]:
     ):
         raise CorruptLedgerError(f"participation tally {str(path)!r} is malformed")
     return runs
-

@@ -14,8 +14,8 @@ from fedcore.errors import ConfigError, LocalProtocolError
 from fedcore.federation import secagg_site
 from fedcore.federation.secagg_round import check_linear
 from fedcore.federation.server import run_server
-from fedcore.secagg import EncodingConfig
 from fedcore.runrecord import read_rows
+from fedcore.secagg import EncodingConfig
 from tests.federation.conftest import FakeGrid, honest
 
 NODES = (101, 102, 103, 104)

@@ -65,7 +65,9 @@ def test_a_site_with_a_key_and_no_ledger_refuses_until_reset(tmp_path):
     store.key_path.write_bytes(b"k" * 32)
     with pytest.raises(LedgerLostError, match="fedcore ledger reset"):
         site_ledger(settings, site_id=3, node_config={"state-dir": str(state)})
-    code = cli(["ledger", "reset", "--state-dir", str(state), "--site", "3", "--reason", "new disk"])
+    code = cli(
+        ["ledger", "reset", "--state-dir", str(state), "--site", "3", "--reason", "new disk"]
+    )
     assert code == 0
     ledger = site_ledger(settings, site_id=3, node_config={"state-dir": str(state)})
     assert len(ledger.entries) == 1 and isinstance(ledger.entries[0].event, NoPrivacyLoss)
