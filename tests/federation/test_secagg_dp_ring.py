@@ -100,3 +100,42 @@ def test_an_unclipped_site_makes_the_round_implausible():
         decode_clipped_sum(_sum_ring([*honest, bad], bits), clipping=clipping, config=config)
     # the honest sites alone pass
     decode_clipped_sum(_sum_ring(honest, bits), clipping=clipping, config=config)
+
+
+def test_a_poisoned_sum_discards_the_round_through_the_real_path(tmp_path, monkeypatch):
+    """One site skips clipping inside the real secure-aggregation round: the server discards the
+    round with its reason, charges nothing and releases nothing; the run goes on."""
+    from fedcore.federation import secagg_site
+    from fedcore.privacy import PrivacyLedger
+    from fedcore.runrecord import read_rows
+    from tests.federation.test_secagg_rounds import _run
+
+    honest_encode = secagg_site.encode_clipped_update
+    calls = {"n": 0}
+
+    def poisoning(update, *, clipping, config, rng):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first site of round 1 sends every coordinate at the range
+            return encode_update(
+                np.full(np.size(update), config.clip), weight=1, config=config, rng=rng
+            )
+        return honest_encode(update, clipping=clipping, config=config, rng=rng)
+
+    monkeypatch.setattr(secagg_site, "encode_clipped_update", poisoning)
+    overrides = [
+        "sites=4",
+        "local_epochs=1",
+        "rounds=2",
+        "secagg.timeout=5",
+        "secagg.enabled=true",
+        "dp.server.epsilon=30",
+        "dp.server.noise_multiplier=1.0",
+    ]
+    _, _, rows, _ = _run(tmp_path, "run", overrides)
+    out = tmp_path / "run"
+    assert "decoded sum discarded" in rows[0]["failures"]["round"]
+    assert rows[0]["server_epsilon"] is None and rows[1]["server_epsilon"] > 0
+    assert [e.round_number for e in PrivacyLedger.load(out / "federation.ledger.json").entries] == [
+        2
+    ]
+    assert "failures" not in read_rows(out)[0]  # the reason is for the operator
