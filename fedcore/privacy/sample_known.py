@@ -13,7 +13,9 @@ Gaussian curve), and the record reports the maximum over sites: ``server_epsilon
 Across runs over the same federation the tally lives beside the federation ledger (in
 ``dp.server.state_dir``). Flower may give a site a new node id in each run, so the tally does not
 match sites across runs: it adds, for every earlier run, the largest number of rounds any site took
-part in. That is an upper bound on any one site's count, never an underestimate.
+part in. That is an upper bound on any one site's count, never an underestimate. Only those maxima
+are written (the file says no more than ``server_epsilon_sample_known`` does); the per-site counts
+of the current run stay in memory.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class ParticipationTally:
     path: Path | None
     run_id: str
     carried: int = 0  # sum over earlier runs of the most rounds any one site took part in
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # this run, in memory only
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None) -> ParticipationTally:
@@ -55,7 +57,7 @@ class ParticipationTally:
             return cls(path=None, run_id=run_id)
         path = Path(path)
         runs = _read(path)
-        carried = sum(max(counts.values(), default=0) for counts in runs.values())
+        carried = sum(runs.values())
         return cls(path=path, run_id=run_id, carried=carried)
 
     def max_rounds(self, *, extra: int = 0) -> int:
@@ -71,7 +73,7 @@ class ParticipationTally:
             return
         with lock_file(self.path.with_name(f".{self.path.name}.lock")):
             runs = _read(self.path)
-            runs[self.run_id] = dict(self.counts)
+            runs[self.run_id] = max(self.counts.values(), default=0)
             doc = {"format": FORMAT, "runs": runs}
             atomic_write(self.path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
@@ -87,7 +89,7 @@ def sample_known_epsilon(
     )
 
 
-def _read(path: Path) -> dict[str, dict[str, int]]:
+def _read(path: Path) -> dict[str, int]:
     if not path.exists():
         return {}
     try:
@@ -98,8 +100,7 @@ def _read(path: Path) -> dict[str, dict[str, int]]:
         ) from None
     runs = doc.get("runs") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
     if not isinstance(runs, dict) or not all(
-        isinstance(c, dict) and all(isinstance(v, int) and v >= 0 for v in c.values())
-        for c in runs.values()
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in runs.values()
     ):
         raise CorruptLedgerError(f"participation tally {str(path)!r} is malformed")
     return runs
