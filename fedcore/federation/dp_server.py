@@ -105,6 +105,8 @@ def federation_ledger(settings: Settings, path) -> PrivacyLedger:  # noqa: ANN00
         scope=Scope(ScopeKind.FEDERATION_SITES, "federation"),
         budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
         accountant=settings.dp.accountant,
+        # a participation tally means rounds were released here: a missing ledger is a lost one
+        released=(folder / TALLY_FILE).exists(),
     )
 
 

@@ -393,7 +393,7 @@ class PrivacyLedger:
                 why = (
                     f"its seal records {seal['charges']} charges"
                     if seal is not None and seal["charges"] > 0
-                    else "it has released data before (its key or round journal exists)"
+                    else "it has released data before (a site key, round journal or participation tally exists)"
                 )
                 raise LedgerLostError(
                     f"ledger {str(path)!r} is missing but {why}: its spend would restart at 0. "

@@ -118,10 +118,19 @@ def test_the_federation_ledger_composes_across_runs_in_its_state_dir(tmp_path):
     assert second[-1]["server_epsilon"] == pytest.approx(ledger.epsilon())
     assert second[0]["server_epsilon"] > read_rows(tmp_path / "one")[-1]["server_epsilon"]
     assert second[-1]["server_epsilon_sample_known"] == pytest.approx(_known(2.0, 4))
-    # A deleted federation ledger does not restart at 0.
+    # A deleted federation ledger does not restart at 0, even with its seal deleted too (the
+    # participation tally says rounds were released); the operator's reset is recorded.
     (state / "federation.ledger.json").unlink()
-    with pytest.raises(LedgerLostError):
+    with pytest.raises(LedgerLostError, match="seal records 4 charges"):
         _run(tmp_path / "three", common)
+    (state / "federation.ledger.seal").unlink()
+    with pytest.raises(LedgerLostError, match="has released data before"):
+        _run(tmp_path / "four", common)
+    reset = ["ledger", "reset", "--state-dir", str(state), "--federation", "--reason", "moved"]
+    assert cli(reset) == 0
+    _run(tmp_path / "five", [*common, "rounds=1"])
+    entries = PrivacyLedger.load(state / "federation.ledger.json").entries
+    assert len(entries) == 2 and "moved" in entries[0].label
 
 
 def test_record_level_dp_keeps_the_count_at_the_site(tmp_path):
