@@ -124,7 +124,9 @@ def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_pa
         *("--out", str(out)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    from fedcore.runrecord import read_rows
+
+    rows = read_rows(out, operator=True)  # with DP, the per-site diagnostics are in operator.jsonl
     assert len(rows) == 2
     mode = Mode.ACTIVE if stacked else Mode.SEMI_HONEST
     for row in rows:
@@ -136,10 +138,13 @@ def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_pa
         assert (row["server_epsilon"] is not None) == stacked
     assert rows[1]["site_epsilon"]["0"] > rows[0]["site_epsilon"]["0"]
     privacy = json.loads((out / "privacy.json").read_text())
-    assert set(privacy["sites"]) == {"0", "1", "2"}
-    site_files = sorted(p.name for p in (out / "sites").iterdir() if p.is_file())
+    # Under site-level DP the site ledgers would reveal who took part: operator.jsonl only.
+    assert set(privacy["sites"]) == (set() if stacked else {"0", "1", "2"})
+    site_files = sorted(
+        p.name for p in (out / "sites").iterdir() if p.is_file() and not p.name.startswith(".")
+    )
     assert site_files == [
-        f"site-{i}.{kind}" for i in range(3) for kind in ("ledger.json", "secagg.key")
+        f"site-{i}.{kind}" for i in range(3) for kind in ("ledger.json", "ledger.seal", "secagg.key")
     ]
     if stacked:
         assert 0 < rows[0]["server_epsilon"] < rows[1]["server_epsilon"] <= 20
