@@ -144,7 +144,9 @@ def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_pa
         p.name for p in (out / "sites").iterdir() if p.is_file() and not p.name.startswith(".")
     )
     assert site_files == [
-        f"site-{i}.{kind}" for i in range(3) for kind in ("ledger.json", "ledger.seal", "secagg.key")
+        f"site-{i}.{kind}"
+        for i in range(3)
+        for kind in ("ledger.json", "ledger.seal", "secagg.key")
     ]
     if stacked:
         assert 0 < rows[0]["server_epsilon"] < rows[1]["server_epsilon"] <= 20
