@@ -45,3 +45,8 @@ class ConfigError(FedcoreError):
 
 class BudgetExceededError(FedcoreError):
     """A privacy charge would take a ledger past its budget; nothing was charged."""
+
+
+class CorruptJournalError(ConfigError):
+    """A site's secure-aggregation round journal is missing beside its key, or damaged; the site
+    refuses to take part rather than forget which rounds it already answered (file left as is)."""

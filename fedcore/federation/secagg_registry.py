@@ -34,7 +34,7 @@ from fedcore.config import Settings
 from fedcore.crypto.agreement import derive_key
 from fedcore.crypto.signing import PUBLIC_BYTES, verify_key_of
 from fedcore.errors import ConfigError
-from fedcore.federation.site_privacy import site_state_dir
+from fedcore.federation.site_privacy import run_sites_dir, site_state_dir
 
 FOLDER = "secagg-registry"
 SUFFIX = ".ed25519.pub"
@@ -45,6 +45,11 @@ def registry_dir(settings: Settings, node_config: Mapping[str, Any]) -> Path:
     if folder := node_config.get("secagg-registry"):
         return Path(str(folder))
     return site_state_dir(settings, node_config) / FOLDER
+
+
+def server_registry_dir(settings: Settings) -> Path:
+    """Where the server reads the registry: ``<run record>/sites/secagg-registry``."""
+    return run_sites_dir(settings) / FOLDER
 
 
 def signing_seed(site_key: bytes) -> bytes:

@@ -86,29 +86,6 @@ def test_publishing_is_write_once(tmp_path):
         secagg_registry.publish(blocked, 8, key)
 
 
-@pytest.mark.parametrize(
-    ("site_mode", "server_mode"), [(Mode.ACTIVE, Mode.SEMI_HONEST), (Mode.SEMI_HONEST, Mode.ACTIVE)]
-)
-def test_a_site_refuses_a_round_in_another_mode(tmp_path, site_mode, server_mode):
-    from flwr.app import RecordDict
-
-    config = SessionConfig(
-        round_id=b"r" * 16, clients=(1, 2, 3), threshold=2, length=4, mode=server_mode
-    )
-    request = secagg_site.request_record(
-        stage="advertise", payload=encode(AdvertiseRequest(1, config))
-    )
-    with pytest.raises(RemoteProtocolError, match=f"asks for {server_mode.name} mode"):
-        secagg_site.answer_stage(
-            request,
-            client_id=1,
-            key=bytes(32),
-            state=RecordDict(),
-            train=lambda: None,
-            registry=tmp_path if site_mode is Mode.ACTIVE else None,
-        )
-
-
 def test_a_round_whose_sites_cannot_enrol_is_skipped_not_fatal(tmp_path):
     def block(folder):  # the registry folder cannot be created: every enrolment fails
         folder.parent.mkdir(parents=True)
