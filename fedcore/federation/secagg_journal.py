@@ -204,8 +204,9 @@ class RoundJournal:
             check_session(current, session)
             for kind in ("masked", "signed", "unmasked"):
                 if done.get(kind) and getattr(current, kind):
-                    raise LocalProtocolError(f"refused: this site already sent its {kind} answer "
-                                             "for this round id")
+                    raise LocalProtocolError(
+                        f"refused: this site already sent its {kind} answer for this round id"
+                    )
             after = replace(current, **done)
             if set(after.seed_shares_of) & set(after.key_shares_of):
                 raise LocalProtocolError(

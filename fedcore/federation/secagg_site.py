@@ -46,7 +46,6 @@ L2 clip norm: the site clips before masking and weighs 1 (:mod:`fedcore.federati
 
 from __future__ import annotations
 
-import math
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -242,7 +241,9 @@ def _entry_for(journal: RoundJournal, message: Any) -> RoundEntry:
     if entry is None:
         raise LocalProtocolError("refused: the round journal has no such round id")
     if entry.unmasked:
-        raise LocalProtocolError("refused: this site already answered an unmask request for this round")
+        raise LocalProtocolError(
+            "refused: this site already answered an unmask request for this round"
+        )
     if isinstance(message, MaskedInputRequest) and entry.masked:
         raise LocalProtocolError("refused: this site already sent its masked input for this round")
     if isinstance(message, ConsistencyRequest) and entry.signed:
@@ -324,7 +325,9 @@ class _Transcript:
         """The session config of the round: its first message, the advertise request."""
         first = decode_server_message(self.payloads[0]) if self.payloads else None
         if not isinstance(first, AdvertiseRequest):
-            raise LocalProtocolError("refused: the round's transcript does not start with its advert")
+            raise LocalProtocolError(
+                "refused: the round's transcript does not start with its advert"
+            )
         return first.config
 
     def append(self, state: RecordDict, payload: bytes, *, session_id: bytes | None) -> None:

@@ -103,7 +103,6 @@ from fedcore.secagg.session import (
     survivors_signed_bytes,
 )
 
-
 # The input of the masked-input stage: the ring vector, or a function computing it after the checks.
 InputVector = np.ndarray | Callable[[], np.ndarray]
 

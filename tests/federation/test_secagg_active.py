@@ -7,12 +7,11 @@ import pytest
 
 from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
-from fedcore.errors import ConfigError, RemoteProtocolError
-from fedcore.federation import secagg_registry, secagg_site
+from fedcore.errors import ConfigError
+from fedcore.federation import secagg_registry
 from fedcore.federation.server import run_server
-from fedcore.secagg import SessionConfig, default_threshold, encode
+from fedcore.secagg import default_threshold
 from fedcore.secagg.config import Mode
-from fedcore.secagg.messages import AdvertiseRequest
 from tests.federation.conftest import FakeGrid, honest
 
 FIVE = (101, 102, 103, 104, 105)

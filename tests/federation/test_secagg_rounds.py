@@ -6,11 +6,11 @@ import stat
 
 import pytest
 import torch
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
 from fedcore.config import resolve
-from fedcore.errors import ConfigError, LocalProtocolError
+from fedcore.errors import ConfigError
 from fedcore.federation import secagg_site
 from fedcore.federation.secagg_round import check_linear
 from fedcore.federation.server import run_server
