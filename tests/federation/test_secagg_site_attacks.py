@@ -22,7 +22,6 @@ from fedcore.config import resolve
 from fedcore.errors import ConfigError, CorruptJournalError
 from fedcore.federation.secagg_journal import RoundJournal
 from fedcore.federation.site_privacy import SIMULATION_MARKER
-from fedcore.federation.site_store import SiteStore
 from fedcore.secagg import SessionEncoding
 from fedcore.secagg.config import Mode
 from fedcore.secagg.floors import Floors
