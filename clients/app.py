@@ -80,10 +80,11 @@ def secagg_mod(
                 m.arrays_of(reply), global_arrays, reply.content.metric_records[m.METRICS]
             )
 
+        store = SiteStore(site_state_dir(settings, context.node_config), site.site_id)
         answer = secagg_site.answer_stage(
             request,
             client_id=context.node_id,
-            store=SiteStore(site_state_dir(settings, context.node_config), site.site_id),
+            store=store,
             state=context.state,
             train=train_now,
             registry=secagg_registry.registry_dir(settings, context.node_config),
@@ -91,6 +92,7 @@ def secagg_mod(
                 context.node_config,
                 allow_unsafe=settings.secagg.allow_unsafe and is_simulated(context.node_config),
             ),
+            identity=secagg_registry.site_identity(settings, context.node_config, store),
         )
     except FedcoreError as exc:
         return Message(

@@ -310,7 +310,7 @@ class SecAggTrainRound:
         no entry yet to publish theirs (they write it; the server only reads the folder). A site
         still without an entry is a failure of this round."""
         folder = secagg_registry.server_registry_dir(self.settings)
-        registry = secagg_registry.load_registry(folder)
+        registry = secagg_registry.load_registry(folder, ca=secagg_registry.folder_ca(folder))
         missing = [n for n in nodes if n not in registry]
         if missing:
             started = time.perf_counter()
@@ -323,7 +323,7 @@ class SecAggTrainRound:
                     grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
                 ),
             )
-            registry = secagg_registry.load_registry(folder)
+            registry = secagg_registry.load_registry(folder, ca=secagg_registry.folder_ca(folder))
             stats.stage_seconds[ENROL] = time.perf_counter() - started
         for node in nodes:
             if node not in registry:

@@ -157,13 +157,15 @@ def answer_stage(
     train: Callable[[], TrainedUpdate],
     registry: Path,
     floors: Floors,
+    identity: secagg_registry.SiteIdentity | None = None,
 ) -> bytes:
     """Answer one protocol stage; return the reply payload (wire bytes).
 
     ``store``: the site's files (key and round journal). ``state``: the node's Flower
     ``context.state``; only public data is written to it. ``train`` is called at the masked-input
     stage only, after every check of the request. ``registry``: the folder of site signing keys
-    (used in ACTIVE mode). ``floors``: the weakest offer this site accepts.
+    (used in ACTIVE mode). ``floors``: the weakest offer this site accepts. ``identity``: the
+    federation CA and this site's certificate (ACTIVE mode; without it ACTIVE rounds are refused).
 
     Raises RemoteProtocolError / InvalidMessage for a request that breaks the protocol or offers
     less than the floors, LocalProtocolError for a request the journal refuses (a replayed round
@@ -174,7 +176,7 @@ def answer_stage(
     if request.get("stage") == ENROL:
         key, _ = RoundJournal.open_site(store)
         # The reply echoes the public key for the record; the server trusts only the folder.
-        return secagg_registry.publish(registry, client_id, key)
+        return _publish(registry, client_id, key, identity)
     payload = request.get("payload")
     if not isinstance(payload, bytes):
         raise RemoteProtocolError("a secagg request needs a bytes 'payload'")
@@ -188,7 +190,7 @@ def answer_stage(
                 "refused: the session does not bind how sites encode their updates"
             )
         if config.mode is Mode.ACTIVE:  # a clear refusal if the registry holds another key
-            secagg_registry.publish(registry, client_id, key)
+            _publish(registry, client_id, key, identity)
         transcript = _Transcript(config.round_id, [])
         entry = journal.begin(config.round_id)  # refuses a round id the site ever served
     else:
@@ -201,7 +203,7 @@ def answer_stage(
         transcript.messages(),
         rng=derive_rng(key, context=b"secagg|" + config.round_id + b"|" + entry.nonce),
         signing_key=secagg_registry.signing_seed(key) if active else None,
-        registry=secagg_registry.load_registry(registry) if active else None,
+        registry=_certified(registry, identity) if active else None,
     )
     round_id = config.round_id
     if isinstance(message, AdvertiseRequest | ShareKeysRequest):
@@ -233,6 +235,21 @@ def answer_stage(
     if not isinstance(message, UnmaskRequest):
         transcript.append(state, payload, session_id=sid)
     return encode(answer)
+
+
+def _publish(
+    registry: Path, client_id: int, key: bytes, identity: secagg_registry.SiteIdentity | None
+) -> bytes:
+    if identity is None:
+        raise ConfigError("this site has no secure-aggregation identity (CA and certificate)")
+    return secagg_registry.publish(registry, client_id, key, identity.site_certificate(key))
+
+
+def _certified(registry: Path, identity: secagg_registry.SiteIdentity | None) -> dict[int, bytes]:
+    """The peers this site accepts: registry entries with a valid certificate from its own CA."""
+    if identity is None:
+        raise ConfigError("this site has no secure-aggregation identity (CA and certificate)")
+    return secagg_registry.load_registry(registry, ca=identity.ca_certificate())
 
 
 def _entry_for(journal: RoundJournal, message: Any) -> RoundEntry:

@@ -21,7 +21,7 @@ from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.errors import FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
-from fedcore.federation import secagg_site
+from fedcore.federation import secagg_registry, secagg_site
 from fedcore.federation.secagg_site import SECAGG, TrainedUpdate
 from fedcore.federation.site_store import SiteStore
 from fedcore.secagg import SecAggClient, SecAggServer, SessionConfig, SessionEncoding, encode
@@ -92,6 +92,7 @@ class HandlerSite:
     root: Path
     node: int = 1
     floors: Floors = field(default_factory=Floors)
+    identity: secagg_registry.SiteIdentity | None = None
     weight: int = 3
     length: int = 8  # the session length the stub trainer produces an update for
     state: RecordDict = field(default_factory=RecordDict)
@@ -123,6 +124,7 @@ class HandlerSite:
                 train=self.train(self.length),
                 registry=self.root / "registry",
                 floors=self.floors,
+                identity=self.identity,
             )
         except FedcoreError as exc:
             raise Refused(f"{type(exc).__name__}: {exc}") from exc
@@ -201,12 +203,26 @@ class Round:
     reached through ``ask``. :meth:`step` runs one stage; what the site was sent is kept."""
 
     def __init__(
-        self, config: SessionConfig, target: int, ask: Callable[[object], bytes], seed: int
+        self,
+        config: SessionConfig,
+        target: int,
+        ask: Callable[[object], bytes],
+        seed: int,
+        *,
+        signing: dict[int, bytes] | None = None,
+        registry: dict[int, bytes] | None = None,
     ):
+        """ACTIVE mode: ``signing`` holds the peers' Ed25519 seeds and ``registry`` every public
+        key the server (and the peers) believe in."""
         self.config, self.target, self.ask = config, target, ask
-        self.server = SecAggServer(config)
+        self.server = SecAggServer(config, registry=registry)
         self.peers = {
-            c: SecAggClient(c, rng=CryptoRng.from_seed(seed * 1000 + i))
+            c: SecAggClient(
+                c,
+                rng=CryptoRng.from_seed(seed * 1000 + i),
+                signing_key=None if signing is None else signing[c],
+                registry=registry,
+            )
             for i, c in enumerate(config.clients)
             if c != target
         }

@@ -20,6 +20,9 @@ from hypothesis import strategies as st
 import clients.app as client_app
 from fedcore.config import resolve
 from fedcore.errors import ConfigError, CorruptJournalError
+from fedcore.crypto.certs import issue_signing_certificate, make_ca
+from fedcore.crypto.signing import verify_key_of
+from fedcore.federation import secagg_registry
 from fedcore.federation.secagg_journal import RoundJournal
 from fedcore.federation.site_privacy import SIMULATION_MARKER
 from fedcore.secagg import SessionEncoding
@@ -205,6 +208,86 @@ def test_a_session_without_a_bound_encoding_is_refused(tmp_path):
     site = HandlerSite(tmp_path)
     with pytest.raises(Refused, match="does not bind how sites encode"):
         site.ask(session_request(R, encoding=None))
+
+
+# ----------------------------------------------------------------------------- certified registry
+
+
+def _certified_federation(tmp_path, *, forge=None):
+    """Site 1 (the real handler) and peers 2, 3, 4 in ACTIVE mode, every entry certified by one
+    federation CA; ``forge(folder, ca, seeds)`` then tampers with the shared registry folder."""
+    ca = make_ca()
+    (tmp_path / "ca.crt").write_bytes(ca.certificate)
+    site = HandlerSite(tmp_path / "site")
+    folder = site.root / "registry"
+    store = site.store
+    key, _ = RoundJournal.open_site(store)
+    public = verify_key_of(secagg_registry.signing_seed(key))
+    store.certificate_path.write_bytes(
+        issue_signing_certificate(ca, site="hospital-1", public_key=public)
+    )
+    site.identity = secagg_registry.SiteIdentity(tmp_path / "ca.crt", store.certificate_path)
+    seeds = {c: bytes([c]) * 32 for c in (2, 3, 4)}
+    folder.mkdir(parents=True)
+    for c, seed in seeds.items():
+        peer = verify_key_of(seed)
+        (folder / f"{c}{secagg_registry.SUFFIX}").write_text(peer.hex())
+        (folder / f"{c}{secagg_registry.CERT_SUFFIX}").write_bytes(
+            issue_signing_certificate(ca, site=f"hospital-{c}", public_key=peer)
+        )
+    if forge is not None:
+        forge(folder, seeds)
+    registry = {c: verify_key_of(s) for c, s in seeds.items()} | {1: public}
+    return site, seeds, registry
+
+
+def _uncertified(folder, seeds):
+    """Peer 3's entry was written by someone without the CA (the key file alone)."""
+    (folder / f"3{secagg_registry.CERT_SUFFIX}").unlink()
+
+
+def _other_ca(folder, seeds):
+    """Peer 3's certificate comes from a CA of the attacker's own."""
+    (folder / f"3{secagg_registry.CERT_SUFFIX}").write_bytes(
+        issue_signing_certificate(make_ca(), site="hospital-3", public_key=verify_key_of(seeds[3]))
+    )
+
+
+def _sybil(folder, seeds):
+    """Peer 3 copies its own certificate and key to node 4's entry: two nodes, one site."""
+    for suffix in (secagg_registry.SUFFIX, secagg_registry.CERT_SUFFIX):
+        (folder / f"4{suffix}").write_bytes((folder / f"3{suffix}").read_bytes())
+    seeds[4] = seeds[3]
+
+
+def test_a_round_of_certified_sites_completes(tmp_path):
+    site, seeds, registry = _certified_federation(tmp_path)
+    config = session(FOUR, round_id=R, mode=Mode.ACTIVE)
+    round_ = Round(config, 1, site.ask, seed=1, signing=seeds, registry=registry)
+    round_.run()
+    assert round_.refusals == [] and isinstance(round_.answers[-1], UnmaskShares)
+
+
+@pytest.mark.parametrize("forge", [_uncertified, _other_ca, _sybil])
+def test_a_registry_entry_without_a_valid_certificate_is_not_a_peer(tmp_path, forge):
+    site, seeds, registry = _certified_federation(tmp_path, forge=forge)
+    registry[4] = verify_key_of(seeds[4])
+    config = session(FOUR, round_id=R, mode=Mode.ACTIVE)
+    round_ = Round(config, 1, site.ask, seed=1, signing=seeds, registry=registry)
+    round_.run()
+    assert site.trained == 0 and not any(isinstance(a, MaskedInput) for a in round_.answers)
+    assert round_.refusals, "stopped by the certificate check of the registry entries"
+    accepted = secagg_registry.load_registry(
+        site.root / "registry", ca=(tmp_path / "ca.crt").read_bytes()
+    )
+    assert 3 not in accepted and 2 in accepted
+
+
+def test_a_site_without_a_certificate_refuses_and_tells_its_key(tmp_path):
+    site, _, _ = _certified_federation(tmp_path)
+    site.store.certificate_path.unlink()
+    with pytest.raises(Refused, match="--signing-key [0-9a-f]{64}"):
+        site.ask(session_request(R, mode=Mode.ACTIVE, threshold=3))
 
 
 # ----------------------------------------------------------------------------- validate, then work
