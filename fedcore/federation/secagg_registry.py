@@ -199,7 +199,9 @@ class SiteIdentity:
         ca = self.ca_certificate()
         if not self.certificate.exists() and self.issuer is not None:
             issued = issue_signing_certificate(
-                simulation_ca(self.issuer), site=self.certificate.name.split(".")[0], public_key=public
+                simulation_ca(self.issuer),
+                site=self.certificate.name.split(".")[0],
+                public_key=public,
             )
             try:
                 create_exclusive(self.certificate, issued, mode=0o644)
@@ -259,5 +261,28 @@ def simulation_ca(path: Path) -> Pem:
             registry.mkdir(parents=True, exist_ok=True)
             create_exclusive(registry / CA_FILE, ca.certificate, mode=0o644)
     except OSError as exc:
-        raise ConfigError(f"cannot publish to the secagg registry {str(registry)!r}: {exc}") from exc
+        raise ConfigError(
+            f"cannot publish to the secagg registry {str(registry)!r}: {exc}"
+        ) from exc
     return ca
+
+
+def signing_public_key(store: SiteStore) -> bytes:
+    """The site's public signing key (its key and journal are created if this is its first use):
+    what the federation CA certifies for the site."""
+    from fedcore.federation.secagg_journal import RoundJournal
+
+    key, _ = RoundJournal.open_site(store)
+    return verify_key_of(signing_seed(key))
+
+
+def certify_site(store: SiteStore, ca: Pem, *, site: str) -> Path:
+    """Issue site ``site`` its certificate from ``ca`` and store it at the store's certificate
+    path (never replacing one); for an operator who holds the CA and the site's state folder on
+    one machine (``fedcore deploy-local``). Returns the path. Raises ConfigError."""
+    certificate = issue_signing_certificate(ca, site=site, public_key=signing_public_key(store))
+    try:
+        create_exclusive(store.certificate_path, certificate, mode=0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot store the site's certificate: {exc}") from exc
+    return store.certificate_path
