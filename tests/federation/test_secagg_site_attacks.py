@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import clients.app as client_app
 from fedcore.config import resolve
-from fedcore.errors import ConfigError, CorruptJournalError
 from fedcore.crypto.certs import issue_signing_certificate, make_ca
 from fedcore.crypto.signing import verify_key_of
+from fedcore.errors import ConfigError, CorruptJournalError
 from fedcore.federation import secagg_registry
 from fedcore.federation.secagg_journal import RoundJournal
 from fedcore.federation.site_privacy import SIMULATION_MARKER
