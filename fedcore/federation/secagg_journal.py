@@ -3,9 +3,14 @@
 Theory of operation. Flower keeps a ClientApp's ``context.state`` per run and a SuperNode restart
 loses it, while the site's key outlives both. Every rule that keeps a site from revealing more
 than the protocol allows is therefore checked against a file on the site's own disk
-(:attr:`SiteStore.journal_path`, mode 0600), written and fsynced before the answer it permits
-leaves the site (:func:`fedcore.federation.site_store.atomic_write`), under the site's OS lock. Per
-round id it holds:
+(:attr:`SiteStore.journal_path`, mode 0600), appended to before the answer it permits leaves the
+site, under the site's OS lock: one JSON line per event, nothing rewritten (a line torn by a crash
+mid-append belonged to an answer that never left, and is cut off before the next append). The
+answers whose repetition would leak (the masked input, the survivor signature, the unmask answer)
+leave only after an fsync of the file, which makes every earlier line of it durable too; the
+advert and share answers are appended without one (every later process of the site sees them): a
+crash that loses those lines loses the round's nonce with them, hence the round's secrets, so the
+round can only be abandoned, never repeated. Per round id it holds:
 
 - ``nonce``: 32 fresh bytes from the OS CSPRNG, drawn when the site first sees the round id. Every
   per-round secret is drawn from ``derive_rng(site key, "secagg|" + round id + "|" + nonce)``, so
@@ -19,8 +24,11 @@ round id it holds:
 A round id the journal already holds is never started again, so the same round id cannot be run
 twice, in one run (after the transcript in ``context.state`` was evicted), in another run, or after
 a restart. The journal is created before the key and never recreated: a key without its journal,
-or a journal that does not parse, is refused with :class:`~fedcore.errors.CorruptJournalError`
-(the operator must restore it; a site that forgot its history could be replayed).
+a journal without its header, or a line of the round in question that does not parse or breaks the
+order above (an event before the round began, a round begun twice) is refused with
+:class:`~fedcore.errors.CorruptJournalError` (the operator must restore it; a site that forgot its
+history could be replayed). Only the lines of the round in question are parsed at each stage, so a
+stage costs one read and one append (and at most one fsync) whatever the site's history.
 """
 
 from __future__ import annotations
@@ -32,16 +40,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fedcore.errors import ConfigError, CorruptJournalError, LocalProtocolError
-from fedcore.federation.site_store import SiteStore, atomic_write, create_exclusive, read_private
+from fedcore.federation.site_store import SiteStore, create_exclusive, read_private
 
 FORMAT = "fedcore.secagg.journal/1"
+HEADER = json.dumps({"format": FORMAT}).encode() + b"\n"
 KEY_BYTES = 32
 NONCE_BYTES = 32
+_ONCE = ("masked", "signed", "unmasked")
 
 
 @dataclass(frozen=True, slots=True)
 class RoundEntry:
-    """What a site did in one round (see the module docstring)."""
+    """What a site did in one round (see the module docstring): the fold of the round's lines."""
 
     nonce: bytes
     session: bytes | None = None
@@ -51,39 +61,44 @@ class RoundEntry:
     seed_shares_of: tuple[int, ...] = ()
     key_shares_of: tuple[int, ...] = ()
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "nonce": self.nonce.hex(),
-            "session": None if self.session is None else self.session.hex(),
-            "masked": self.masked,
-            "signed": self.signed,
-            "unmasked": self.unmasked,
-            "seed-shares-of": list(self.seed_shares_of),
-            "key-shares-of": list(self.key_shares_of),
-        }
 
-    @classmethod
-    def from_json(cls, doc: Any) -> RoundEntry:
-        """Raises ValueError / TypeError / KeyError on a malformed entry (the caller wraps them)."""
-        session = doc["session"]
-        entry = cls(
-            nonce=bytes.fromhex(doc["nonce"]),
-            session=None if session is None else bytes.fromhex(session),
-            masked=_flag(doc["masked"]),
-            signed=_flag(doc["signed"]),
-            unmasked=_flag(doc["unmasked"]),
-            seed_shares_of=tuple(_peer(p) for p in doc["seed-shares-of"]),
-            key_shares_of=tuple(_peer(p) for p in doc["key-shares-of"]),
-        )
-        if len(entry.nonce) != NONCE_BYTES:
+def _apply(entry: RoundEntry | None, record: dict[str, Any]) -> RoundEntry:
+    """``entry`` after one journal line. Raises ValueError / TypeError / KeyError when the line is
+    malformed or out of order (the caller reports a damaged journal)."""
+    if "nonce" in record:
+        if entry is not None:
+            raise ValueError("a round begun twice")
+        nonce = bytes.fromhex(record["nonce"])
+        if len(nonce) != NONCE_BYTES:
             raise ValueError("bad nonce")
-        return entry
+        return RoundEntry(nonce=nonce)
+    if entry is None:
+        raise ValueError("an event before the round began")
+    if "session" in record:
+        return replace(entry, session=bytes.fromhex(record["session"]))
+    kinds = [k for k in _ONCE if record.get(k) is True]
+    if len(kinds) != 1:
+        raise ValueError(f"unknown event {sorted(record)}")
+    if kinds == ["unmasked"]:
+        return replace(
+            entry,
+            unmasked=True,
+            seed_shares_of=tuple(_peer(p) for p in record["seed-shares-of"]),
+            key_shares_of=tuple(_peer(p) for p in record["key-shares-of"]),
+        )
+    return replace(entry, **{kinds[0]: True})
 
 
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected a boolean, got {value!r}")
-    return value
+def _lines_with(data: bytes, marker: bytes) -> list[bytes]:
+    """The lines of ``data`` that contain ``marker`` (a scan with ``find``, not a split)."""
+    found = []
+    pos = data.find(marker, len(HEADER))
+    while pos >= 0:
+        start = data.rfind(b"\n", 0, pos) + 1
+        end = data.find(b"\n", pos)
+        found.append(data[start:end])
+        pos = data.find(marker, end)
+    return found
 
 
 def _peer(value: Any) -> int:
@@ -95,7 +110,7 @@ def _peer(value: Any) -> int:
 class RoundJournal:
     """The journal file of one site. Every method reads the file afresh (another process of the
     site may have written it); every change is made under the site's lock and is durable when the
-    method returns."""
+    method returns. A refusal leaves the file unchanged."""
 
     def __init__(self, store: SiteStore) -> None:
         self.store = store
@@ -107,9 +122,9 @@ class RoundJournal:
         """The site's secure-aggregation key and its journal, both created on first use.
 
         The journal is created before the key, so a key always has one. Raises
-        :class:`CorruptJournalError` for a key without a journal or a damaged journal,
-        :class:`ConfigError` for a key file that is not private (a symbolic link, another owner,
-        readable by others) or of the wrong size. Nothing is overwritten.
+        :class:`CorruptJournalError` for a key without a journal or a journal without its header,
+        :class:`ConfigError` for a key or journal file that is not private (a symbolic link,
+        another owner, readable by others) or a key of the wrong size. Nothing is overwritten.
         """
         store.ensure()
         journal = cls(store)
@@ -119,11 +134,11 @@ class RoundJournal:
                 if key_exists:
                     raise CorruptJournalError(
                         f"the round journal {str(store.journal_path)!r} is missing beside the "
-                        "site's secure-aggregation key; refusing to take part (restore the journal: "
-                        "a site that forgot its rounds could be replayed)"
+                        "site's secure-aggregation key; refusing to take part (restore the "
+                        "journal: a site that forgot its rounds could be replayed)"
                     )
-                atomic_write(store.journal_path, _dump({}))
-            journal._load()  # refuses a damaged journal before the key is used or created
+                create_exclusive(store.journal_path, HEADER)
+            journal._read()  # refuses a foreign or damaged file before the key is used or made
             if not key_exists:
                 create_exclusive(store.key_path, os.urandom(KEY_BYTES))
         key = read_private(store.key_path)
@@ -137,84 +152,124 @@ class RoundJournal:
 
     def entry(self, round_id: bytes) -> RoundEntry | None:
         """The entry of ``round_id``, None if the site never saw it."""
-        return self._load().get(round_id.hex())
+        return self._entry(self._read(), round_id)
 
-    def _load(self) -> dict[str, RoundEntry]:
+    def _read(self) -> bytes:
+        """The file's complete lines (a torn last line is left out); refuses a missing header."""
         path = self.store.journal_path
         data = read_private(path)  # ConfigError for a link, another owner, a readable file
-        try:
-            doc = json.loads(data)
-            if doc.get("format") != FORMAT:
-                raise ValueError(f"format {doc.get('format')!r}")
-            rounds = {str(rid): RoundEntry.from_json(e) for rid, e in doc["rounds"].items()}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise CorruptJournalError(
-                f"the round journal {str(path)!r} is damaged ({type(exc).__name__}: {exc}); "
-                "refusing to take part (the file is left as it is)"
-            ) from None
-        return rounds
+        if not data.startswith(HEADER):
+            raise self._damaged("no journal header")
+        return data[: data.rfind(b"\n") + 1]
+
+    def _entry(self, lines: bytes, round_id: bytes) -> RoundEntry | None:
+        wanted = round_id.hex()
+        marker = f'"round":"{wanted}"'.encode()
+        entry = None
+        for line in _lines_with(lines, marker):  # another round's lines are not parsed here
+            try:
+                record = json.loads(line)
+                if record.get("round") == wanted:
+                    entry = _apply(entry, record)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise self._damaged(f"{type(exc).__name__}: {exc}") from None
+        return entry
+
+    def _damaged(self, why: str) -> CorruptJournalError:
+        return CorruptJournalError(
+            f"the round journal {str(self.store.journal_path)!r} is damaged ({why}); refusing to "
+            "take part (the file is left as it is)"
+        )
 
     # ------------------------------------------------------------------ changing
+
+    def _commit(
+        self,
+        round_id: bytes,
+        event: Callable[[RoundEntry | None], dict[str, Any]],
+        *,
+        durable: bool,
+    ) -> RoundEntry:
+        """Under the site's lock: read the round's entry, let ``event`` check it (it raises to
+        refuse) and name the line to add, append that line (and with ``durable``, fsync the file:
+        every earlier line with it); return the new entry."""
+        with self.store.lock("journal"):
+            lines = self._read()
+            entry = self._entry(lines, round_id)
+            record = {"round": round_id.hex(), **event(entry)}
+            after = _apply(entry, record)
+            line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+            fd = os.open(self.store.journal_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_size != len(lines):
+                    os.ftruncate(fd, len(lines))  # cut a line torn by a crash mid-append
+                os.write(fd, line)
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        return after
 
     def begin(self, round_id: bytes) -> RoundEntry:
         """Start ``round_id`` with a fresh nonce. Raises LocalProtocolError if the journal already
         holds it: a round id is served once, ever."""
 
-        def start(entry: RoundEntry | None) -> RoundEntry:
+        def start(entry: RoundEntry | None) -> dict[str, Any]:
             if entry is not None:
                 raise LocalProtocolError(
                     "refused: this site already took part in a round with this round id "
                     "(a replayed round id; the round journal keeps every round id it served)"
                 )
-            return RoundEntry(nonce=os.urandom(NONCE_BYTES))
+            return {"nonce": os.urandom(NONCE_BYTES).hex()}
 
-        return self.update(round_id, start)
-
-    def update(
-        self, round_id: bytes, change: Callable[[RoundEntry | None], RoundEntry]
-    ) -> RoundEntry:
-        """Under the site's lock: read the entry, apply ``change`` (which raises to refuse), write
-        the journal durably, return the new entry. A refusal leaves the file unchanged."""
-        with self.store.lock("journal"):
-            rounds = self._load()
-            entry = change(rounds.get(round_id.hex()))
-            rounds[round_id.hex()] = entry
-            atomic_write(self.store.journal_path, _dump(rounds))
-        return entry
+        return self._commit(round_id, start, durable=False)
 
     def bind_session(self, round_id: bytes, session: bytes) -> RoundEntry:
         """Record the session answered at the share-keys stage; refuse a second, different one."""
 
-        def bind(entry: RoundEntry | None) -> RoundEntry:
+        def bind(entry: RoundEntry | None) -> dict[str, Any]:
             current = _started(entry)
             if current.session is not None and current.session != session:
                 raise LocalProtocolError(
                     "refused: this site already serves another session under this round id"
                 )
-            return replace(current, session=session)
+            return {"session": session.hex()}
 
-        return self.update(round_id, bind)
+        return self._commit(round_id, bind, durable=False)
 
-    def mark(self, round_id: bytes, session: bytes | None, **done: Any) -> RoundEntry:
-        """Record that an answer of a once-only kind (``masked``, ``signed``, ``unmasked``) is
-        about to leave; refuse if it already left or the session differs."""
+    def mark(
+        self,
+        round_id: bytes,
+        session: bytes | None,
+        kind: str,
+        *,
+        seed_shares_of: tuple[int, ...] = (),
+        key_shares_of: tuple[int, ...] = (),
+    ) -> RoundEntry:
+        """Record that an answer of a once-only ``kind`` (``masked``, ``signed``, ``unmasked``;
+        with the last, whose seed shares and whose key shares it reveals) is about to leave;
+        refuse if it already left, the session differs, or it would reveal both shares of a peer."""
+        if kind not in _ONCE:
+            raise LocalProtocolError(f"unknown journal event {kind!r}")
 
-        def apply(entry: RoundEntry | None) -> RoundEntry:
+        def once(entry: RoundEntry | None) -> dict[str, Any]:
             current = _started(entry)
             check_session(current, session)
-            for kind in ("masked", "signed", "unmasked"):
-                if done.get(kind) and getattr(current, kind):
-                    raise LocalProtocolError(
-                        f"refused: this site already sent its {kind} answer for this round id"
-                    )
-            after = replace(current, **done)
-            if set(after.seed_shares_of) & set(after.key_shares_of):
+            if getattr(current, kind):
                 raise LocalProtocolError(
-                    "refused: this answer would reveal both shares of one peer"
+                    f"refused: this site already sent its {kind} answer for this round id"
                 )
-            return after
+            if kind != "unmasked":
+                return {kind: True}
+            if set(seed_shares_of) & set(key_shares_of):
+                raise LocalProtocolError("refused: this answer would reveal both shares of one peer")
+            return {
+                "unmasked": True,
+                "seed-shares-of": list(seed_shares_of),
+                "key-shares-of": list(key_shares_of),
+            }
 
-        return self.update(round_id, apply)
+        return self._commit(round_id, once, durable=True)
 
 
 def _started(entry: RoundEntry | None) -> RoundEntry:
@@ -230,8 +285,3 @@ def check_session(entry: RoundEntry, session: bytes | None) -> None:
             "refused: this request belongs to another session than the one this site joined "
             "under this round id"
         )
-
-
-def _dump(rounds: dict[str, RoundEntry]) -> bytes:
-    doc = {"format": FORMAT, "rounds": {rid: e.to_json() for rid, e in rounds.items()}}
-    return json.dumps(doc, separators=(",", ":")).encode()

@@ -221,14 +221,14 @@ def answer_stage(
             raise LocalProtocolError("no session id after the share-keys stage")
         journal.bind_session(round_id, sid)
     elif isinstance(message, MaskedInputRequest):
-        journal.mark(round_id, sid, masked=True)
+        journal.mark(round_id, sid, "masked")
     elif isinstance(message, ConsistencyRequest):
-        journal.mark(round_id, sid, signed=True)
+        journal.mark(round_id, sid, "signed")
     elif isinstance(message, UnmaskRequest) and isinstance(answer, UnmaskShares):
         journal.mark(
             round_id,
             sid,
-            unmasked=True,
+            "unmasked",
             seed_shares_of=tuple(s.owner for s in answer.seed_shares),
             key_shares_of=tuple(s.owner for s in answer.key_shares),
         )

@@ -52,7 +52,11 @@ def _through(round_: Round, stage: str) -> None:
 
 
 def _journal(site: HandlerSite) -> dict:
-    return json.loads(site.store.journal_path.read_text())["rounds"]
+    """Round id (hex) to its journal entry, for every round the journal names."""
+    journal = RoundJournal(site.store)
+    lines = site.store.journal_path.read_text().splitlines()[1:]
+    rids = {json.loads(line)["round"] for line in lines}
+    return {rid: journal.entry(bytes.fromhex(rid)) for rid in rids}
 
 
 # ----------------------------------------------------------------------------- replays
@@ -118,7 +122,7 @@ def test_a_second_unmask_request_is_refused_even_with_another_split(tmp_path):
         site.ask(UnmaskRequest(1, R, alive=(1, 3, 4), dropped=(2,)))
     assert site.store.journal_path.read_bytes() == before, "stopped by the round journal"
     (entry,) = _journal(site).values()
-    assert entry["unmasked"] and entry["key-shares-of"] == []
+    assert entry.unmasked and entry.key_shares_of == () and set(entry.seed_shares_of) == set(FOUR)
 
 
 # ----------------------------------------------------------------------------- the journal itself
@@ -143,6 +147,21 @@ def test_a_damaged_journal_is_refused_and_left_as_it_is(tmp_path):
     with pytest.raises(Refused, match="CorruptJournalError"):
         site.ask(session_request(b"T" * 16))
     assert site.store.journal_path.read_bytes().endswith(b"[")
+
+
+def test_a_damaged_line_of_the_round_is_refused_and_a_torn_tail_is_cut(tmp_path):
+    site = HandlerSite(tmp_path)
+    round_ = Round(session(FOUR, round_id=R), 1, site.ask, seed=1)
+    _through(round_, "ShareKeysRequest")
+    path = site.store.journal_path
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"round":"' + R.hex().encode() + b'","mas')  # a crash mid-append
+    _through(round_, "MaskedInputRequest")  # the torn line is cut; the answer is journaled
+    assert round_.refusals == [] and _journal(site)[R.hex()].masked
+    assert path.read_bytes().count(b"\n") == whole.count(b"\n") + 1
+    path.write_bytes(path.read_bytes().replace(b'"masked":true', b'"masked":7'))
+    with pytest.raises(Refused, match="CorruptJournalError: .*damaged"):
+        site.ask(round_.requests[1])
 
 
 @pytest.mark.parametrize("plant", ["world-readable", "symlink"])
@@ -307,7 +326,7 @@ def test_junk_masked_input_requests_do_not_train(tmp_path):
     with pytest.raises(Refused):
         site.ask(tampered)
     assert site.trained == 0, "stopped by the client's checks, which run before training"
-    assert not _journal(site)[R.hex()]["masked"]
+    assert not _journal(site)[R.hex()].masked
 
 
 def test_a_second_masked_input_for_a_round_is_refused_without_training(tmp_path):
