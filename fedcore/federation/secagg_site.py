@@ -170,8 +170,10 @@ def answer_stage(
     Raises RemoteProtocolError / InvalidMessage for a request that breaks the protocol or offers
     less than the floors, LocalProtocolError for a request the journal refuses (a replayed round
     id, a second session, a second answer of a once-only kind), ConfigError /
-    CorruptJournalError for a site whose files are not usable. A refused request leaves the
-    journal unchanged; an accepted one is recorded durably before this returns.
+    CorruptJournalError for a site whose files are not usable. A request refused before its round
+    began (a weaker offer, a replayed round id) leaves the journal unchanged; once begun, a round id
+    stays used even if the round then fails. An accepted answer is journaled before this returns
+    (fsynced for the masked input, the survivor signature and the unmask answer).
     """
     if request.get("stage") == ENROL:
         key, _ = RoundJournal.open_site(store)
