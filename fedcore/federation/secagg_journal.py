@@ -86,7 +86,9 @@ def _apply(entry: RoundEntry | None, record: dict[str, Any]) -> RoundEntry:
             seed_shares_of=tuple(_peer(p) for p in record["seed-shares-of"]),
             key_shares_of=tuple(_peer(p) for p in record["key-shares-of"]),
         )
-    return replace(entry, **{kinds[0]: True})
+    if kinds == ["masked"]:
+        return replace(entry, masked=True)
+    return replace(entry, signed=True)
 
 
 def _lines_with(data: bytes, marker: bytes) -> list[bytes]:
