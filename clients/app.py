@@ -19,7 +19,8 @@ from fedcore.federation import messages as m
 from fedcore.federation import secagg_registry, secagg_site
 from fedcore.federation.site import SiteDeclined, affordability, evaluate_round, train_round
 from fedcore.federation.site_data import site_data
-from fedcore.federation.site_privacy import site_ledger, site_state_dir
+from fedcore.federation.site_privacy import is_simulated, site_ledger, site_state_dir
+from fedcore.federation.site_store import SiteStore
 
 # Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
 FEDCORE_ERROR_CODE = 700
@@ -83,16 +84,19 @@ def secagg_mod(
                 m.arrays_of(reply), global_arrays, reply.content.metric_records[m.METRICS]
             )
 
-        key = secagg_site.site_key(site_state_dir(settings, context.node_config), site.site_id)
+        store = SiteStore(site_state_dir(settings, context.node_config), site.site_id)
         answer = secagg_site.answer_stage(
             request,
             client_id=context.node_id,
-            key=key,
+            store=store,
             state=context.state,
             train=train_now,
-            registry=secagg_registry.registry_dir(settings, context.node_config)
-            if settings.secagg.mode == "active"
-            else None,
+            registry=secagg_registry.registry_dir(settings, context.node_config),
+            floors=secagg_site.site_floors(
+                context.node_config,
+                allow_unsafe=settings.secagg.allow_unsafe and is_simulated(context.node_config),
+            ),
+            identity=secagg_registry.site_identity(settings, context.node_config, store),
         )
     except FedcoreError as exc:
         return Message(

@@ -142,6 +142,13 @@ class SecAggSettings:
         default="semi-honest",
         metadata=_doc("semi-honest, or active (signed adverts, consistency check)"),
     )
+    allow_unsafe: bool = field(
+        default=False,
+        metadata=_doc(
+            "accept a threshold or graph below the protocol's safe rules (experiments only; "
+            "deployed sites still enforce their own floors)"
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +417,8 @@ def _cross_check(settings: Settings) -> None:
             "setting 'secagg.neighbors' must be 'complete' or an even integer >= 2 "
             f"(the degree of a Harary graph), got {neighbors!r}"
         )
+    if settings.secagg.enabled and not settings.secagg.allow_unsafe:
+        _check_secagg_safety(settings)
     if settings.device == "cuda":
         import torch
 
@@ -421,6 +430,32 @@ def _cross_check(settings: Settings) -> None:
                 f"setting 'classes_per_site' is {settings.classes_per_site}, more than the "
                 f"{settings.synthetic.classes} classes of the synthetic dataset"
             )
+
+
+def _check_secagg_safety(settings: Settings) -> None:
+    """``secagg.threshold`` and ``secagg.neighbors`` against the protocol's safe rules for a round
+    of all ``sites`` (:mod:`fedcore.secagg.floors`, the rules every site enforces by default)."""
+    from fedcore.secagg.config import Mode
+    from fedcore.secagg.floors import safe_threshold
+
+    n = settings.sites
+    k = 0 if settings.secagg.neighbors == "complete" else int(settings.secagg.neighbors)
+    k = 0 if k >= n - 1 else k
+    mode = Mode.ACTIVE if settings.secagg.mode == "active" else Mode.SEMI_HONEST
+    try:
+        floor = safe_threshold(n, neighbors=k, mode=mode)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"setting 'secagg.neighbors' is {settings.secagg.neighbors!r}: {exc} "
+            "(set 'secagg.allow_unsafe=true' to run it anyway, for experiments)"
+        ) from None
+    threshold = settings.secagg.threshold
+    if threshold is not None and threshold < floor:
+        raise ConfigError(
+            f"setting 'secagg.threshold' is {threshold}, below the safe {floor} for {n} sites "
+            f"({'complete graph' if k == 0 else f'{k} neighbours'}, {settings.secagg.mode} mode); "
+            "sites refuse such a round (set 'secagg.allow_unsafe=true' for experiments)"
+        )
 
 
 def resolve(

@@ -57,3 +57,8 @@ class ImplausibleSumError(RemoteProtocolError):
 class LedgerLostError(ConfigError):
     """A privacy ledger is missing, or older than what its scope has released; nothing is released
     until an operator resets it (``fedcore ledger reset``), which the ledger records."""
+
+
+class CorruptJournalError(ConfigError):
+    """A site's secure-aggregation round journal is missing beside its key, or damaged; the site
+    refuses to take part rather than forget which rounds it already answered (file left as is)."""

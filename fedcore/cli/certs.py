@@ -1,9 +1,14 @@
 """``fedcore certs``: a CA, the SuperLink's TLS certificate and one key pair per site.
 
     fedcore certs DIR [--san NAME_OR_IP ...] [--sites N | --site NAME ...] [--port PORT]
+    fedcore certs DIR --issue NAME --signing-key HEX          (the CA holder, ACTIVE mode)
+    fedcore certs STATE_DIR --show-signing-key --site-id I    (on a site, ACTIVE mode)
 
 Writes the files of :mod:`fedcore.deploy.pki` into ``DIR`` (never overwriting) and prints the
-commands that start the SuperLink, register the sites and start each site's SuperNode.
+commands that start the SuperLink, register the sites and start each site's SuperNode. For
+ACTIVE-mode secure aggregation, a site prints its public signing key (creating its key and round
+journal in its ``state-dir`` if needed) and the CA holder issues the certificate that binds it to
+the site's name (:mod:`fedcore.federation.secagg_registry`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from fedcore.errors import ConfigError
 
 DEFAULT_PORT = 9092
+STATE_DIR = "/var/lib/fedcore"  # the site's own folder for its keys, round journal and ledger
 CONNECTION = "fedcore"
 
 
@@ -56,13 +62,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help=f"SuperLink port in the printed commands (default {DEFAULT_PORT})",
     )
     parser.add_argument(
-        "--valid-days", type=int, default=825, help="SuperLink certificate lifetime (default 825)"
+        "--valid-days", type=int, default=825, help="certificate lifetime (default 825)"
+    )
+    secagg = parser.add_argument_group("ACTIVE-mode secure aggregation")
+    secagg.add_argument(
+        "--issue",
+        metavar="NAME",
+        help="certify site NAME's signing key with the CA in DIR (writes DIR/sites/NAME.secagg.crt)",
+    )
+    secagg.add_argument("--signing-key", metavar="HEX", help="the key --issue certifies")
+    secagg.add_argument(
+        "--show-signing-key",
+        action="store_true",
+        help="on a site: print its public signing key; DIR is the site's state-dir",
+    )
+    secagg.add_argument(
+        "--site-id", type=int, default=None, help="with --show-signing-key: the site's partition id"
     )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedcore.deploy.pki import site_names, write_certs
+    from fedcore.deploy.pki import issue_secagg_certificate, site_names, write_certs
+
+    if args.show_signing_key:
+        from fedcore.federation.secagg_registry import signing_public_key
+        from fedcore.federation.site_store import SiteStore
+
+        if args.site_id is None:
+            raise ConfigError("--show-signing-key needs --site-id (the site's partition id)")
+        print(signing_public_key(SiteStore(Path(args.directory), args.site_id)).hex())
+        return 0
+    if args.issue is not None:
+        if not args.signing_key:
+            raise ConfigError("--issue needs --signing-key HEX (what the site printed)")
+        path = issue_secagg_certificate(
+            Path(args.directory),
+            name=args.issue,
+            signing_key=args.signing_key,
+            valid_days=args.valid_days,
+        )
+        print(
+            f"Wrote {path}. Copy it to the site as the file its node config's "
+            "'secagg-certificate' names (default <state-dir>/site-<partition id>.secagg.cert.pem)."
+        )
+        return 0
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
@@ -119,14 +163,29 @@ def instructions(files, *, host: str, port: int) -> str:  # noqa: ANN001 - a Cer
             superlink=address,
             root_certificates=Path("ca.crt"),
             private_key=Path(site.private_key.name),
-            node_config={"partition-id": i, "num-partitions": len(files.sites)},
+            node_config={
+                "partition-id": i,
+                "num-partitions": len(files.sites),
+                "state-dir": STATE_DIR,
+            },
             port=9094,
         )
         lines.append(
             f"   # {site.name}: partition {i} of the run's dataset; for the site's own file use "
-            '--node-config \'data-path="/data/site.npz" state-dir="/var/lib/fedcore"\''
+            f'--node-config \'data-path="/data/site.npz" state-dir="{STATE_DIR}"\''
         )
         lines.append("   " + cmd.shell_line(node))
+    lines += [
+        "",
+        "   ACTIVE-mode secure aggregation (secagg.mode=active): on each site print its signing key,",
+        f"     fedcore certs {STATE_DIR} --show-signing-key --site-id I",
+        "   the CA holder certifies it (writes sites/NAME.secagg.crt; copy it to the site as "
+        f"{STATE_DIR}/site-I.secagg.cert.pem),",
+        f"     fedcore certs {d} --issue NAME --signing-key HEX",
+        "   and each site adds to its --node-config: "
+        f'secagg-mode="active" secagg-ca="{STATE_DIR}/ca.crt" secagg-registry="/shared/registry"',
+        "   (copy ca.crt there; the registry folder is shared by the sites, see docs/deployment.md).",
+    ]
     lines += [
         "",
         "5. Start a run (the operator, in the fedcore checkout):",

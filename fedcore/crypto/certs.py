@@ -13,6 +13,11 @@ Theory of operation. Flower 1.41's deployment engine secures two things separate
   ``flwr supernode register``; a SuperLink started with ``--enable-supernode-auth`` admits only
   nodes that sign with a registered private key.
 
+- **Secure-aggregation identity** (ACTIVE mode). Each site's Ed25519 signing key (derived on the
+  site from its secure-aggregation key) is bound to the site's name by a certificate the same CA
+  issues (:func:`issue_signing_certificate`, an extendedKeyUsage of its own); sites accept a peer's
+  key only through such a certificate, so a shared registry folder grants nothing by itself.
+
 Every key comes from the operating system's CSPRNG (``cryptography``'s default). Verification
 raises :class:`~fedcore.errors.InvalidMessage`; it never returns a bool. Bad input (a SAN that is
 neither a host name nor an IP address, a file that is not a PEM certificate) raises
@@ -43,10 +48,12 @@ __all__ = [
     "certificate_sans",
     "check_auth_private_key",
     "check_auth_public_key",
+    "issue_signing_certificate",
     "make_ca",
     "make_server_certificate",
     "parse_san",
     "verify_certificate",
+    "verify_signing_certificate",
 ]
 
 LOOPBACK_SANS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -326,3 +333,88 @@ def _require_nist_ec(key: object) -> None:
         raise ConfigError(f"node keys must be EC keys on a NIST curve, got {type(key).__name__}")
     if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
         raise ConfigError(f"node keys must be on a NIST curve, got {key.curve.name}")
+
+
+# ----------------------------------------------------------------------------- secure aggregation
+
+SECAGG_SIGNING_USAGE = x509.ObjectIdentifier("2.25.203113567498411329914395823212546093377")
+"""extendedKeyUsage of a site's secure-aggregation certificate (an OID under the UUID arc 2.25,
+so it needs no registration): the key signs SecAgg adverts and survivor sets, nothing else."""
+
+
+def issue_signing_certificate(
+    ca: Pem, *, site: str, public_key: bytes, valid_days: int = 825
+) -> bytes:
+    """A certificate, signed by ``ca``, binding the site name ``site`` (its subject's common name)
+    to the site's Ed25519 secure-aggregation public key (its subject key), for that use only.
+
+    Raises :class:`ConfigError` for a public key that is not 32 bytes, an empty site name, a CA
+    that does not load, or a bad ``valid_days``.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if valid_days < 1:
+        raise ConfigError(f"valid_days must be >= 1, got {valid_days}")
+    if not site:
+        raise ConfigError("a secure-aggregation certificate needs a site name")
+    try:
+        subject_key = Ed25519PublicKey.from_public_bytes(public_key)
+    except ValueError as exc:
+        raise ConfigError(f"an Ed25519 public key is 32 bytes, got {len(public_key)}") from exc
+    ca_key = _load_ec_key(ca.key, "the CA key")
+    ca_cert = _load_certificate(ca.certificate, "the CA certificate")
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(subject_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=valid_days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([SECAGG_SIGNING_USAGE]), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def verify_signing_certificate(ca_certificate: bytes, certificate: bytes) -> tuple[str, bytes]:
+    """The site name and Ed25519 public key a secure-aggregation certificate binds, after checking
+    that ``ca_certificate`` signed it, that it is valid now and made for this use.
+
+    Raises :class:`InvalidMessage` for a certificate that fails any check (or does not parse: it
+    comes from a shared folder), :class:`ConfigError` for a CA certificate that does not load.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    ca = _load_certificate(ca_certificate, "the CA certificate")
+    try:
+        cert = x509.load_pem_x509_certificate(certificate)
+    except ValueError as exc:
+        raise InvalidMessage(f"not a PEM certificate: {exc}") from exc
+    if cert.issuer != ca.subject:
+        raise InvalidMessage("certificate was not issued by the federation CA")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise InvalidMessage("certificate was not signed by the federation CA") from exc
+    now = _now()
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise InvalidMessage("certificate is not valid now")
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise InvalidMessage("certificate is not for secure-aggregation signing") from exc
+    if SECAGG_SIGNING_USAGE not in usages:
+        raise InvalidMessage("certificate is not for secure-aggregation signing")
+    key = cert.public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise InvalidMessage("certificate does not hold an Ed25519 key")
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not str(names[0].value):
+        raise InvalidMessage("certificate names no site")
+    return str(names[0].value), key.public_bytes_raw()

@@ -243,8 +243,16 @@ class LocalDeployment:
                 # Where the site keeps its privacy ledger and secure-aggregation key (as
                 # `fedcore simulate` does, under the run record).
                 "state-dir": str(self.out_dir / "sites"),
+                # ACTIVE mode: the trust root, and the site's certificate issued below.
+                "secagg-ca": str(certs.ca_certificate),
             }
         )
+        if (
+            node_config is None
+            and self.settings.secagg.enabled
+            and self.settings.secagg.mode == "active"
+        ):
+            self._certify_secagg(index, name)
         process = self.supervisor.start(
             f"supernode {name}",
             cmd.supernode_argv(
@@ -261,6 +269,20 @@ class LocalDeployment:
             log_path=self.logs / f"supernode-{name}.log",
         )
         return process
+
+    def _certify_secagg(self, index: int, name: str) -> None:
+        """Issue site ``index`` its secure-aggregation certificate from this deployment's CA (one
+        operator holds the CA and every site's folder here; across hosts the CA holder runs
+        ``fedcore certs DIR --issue``)."""
+        from fedcore.crypto.certs import Pem
+        from fedcore.federation.secagg_registry import certify_site
+        from fedcore.federation.site_store import SiteStore
+
+        certs = self._need_certs()
+        store = SiteStore(self.out_dir / "sites", index)
+        if not store.certificate_path.exists():
+            ca = Pem(key=certs.ca_key.read_bytes(), certificate=certs.ca_certificate.read_bytes())
+            certify_site(store, ca, site=name)
 
     def start_supernodes(self) -> list[ManagedProcess]:
         """Start one SuperNode per site and wait until each has been admitted by the SuperLink."""

@@ -9,6 +9,12 @@
     DIR/sites/NAME.key       a site's node-authentication private key (OpenSSH): that site only
     DIR/sites/NAME.pub       its public key: registered with `flwr supernode register`
 
+With ACTIVE-mode secure aggregation, each site's secure-aggregation certificate (binding the site
+name to its Ed25519 signing key, which only the site holds) is issued later, once the site has told
+its public key (``fedcore certs STATE_DIR --show-signing-key --site-id I`` on the site)::
+
+    DIR/sites/NAME.secagg.crt   written by `fedcore certs DIR --issue NAME --signing-key HEX`
+
 Private keys are written with mode 0600. The keys themselves are made by
 :mod:`fedcore.crypto.certs` (``fedcore.crypto`` is the only package that imports
 ``cryptography.hazmat``).
@@ -22,7 +28,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcore.crypto.certs import auth_keypair, make_ca, make_server_certificate
+from fedcore.crypto.certs import (
+    Pem,
+    auth_keypair,
+    issue_signing_certificate,
+    make_ca,
+    make_server_certificate,
+)
 from fedcore.deploy.commands import TlsFiles
 from fedcore.errors import ConfigError
 
@@ -138,3 +150,26 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
     os.chmod(path, mode)  # whatever the umask
+
+
+def issue_secagg_certificate(
+    directory: Path, *, name: str, signing_key: str, valid_days: int = 825
+) -> Path:
+    """``DIR/sites/NAME.secagg.crt``: the CA of ``directory`` certifies that site ``name`` holds the
+    Ed25519 key ``signing_key`` (64 hex digits). Never overwrites. Raises :class:`ConfigError`."""
+    files = layout(directory, [name])
+    try:
+        ca = Pem(key=files.ca_key.read_bytes(), certificate=files.ca_certificate.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the CA in {files.directory}: {exc}") from None
+    try:
+        public = bytes.fromhex(signing_key)
+    except ValueError:
+        raise ConfigError(f"--signing-key must be hex, got {signing_key!r}") from None
+    certificate = issue_signing_certificate(ca, site=name, public_key=public, valid_days=valid_days)
+    path = files.directory / "sites" / f"{name}.secagg.crt"
+    if path.exists():
+        raise ConfigError(f"{path} already exists; `fedcore certs` never overwrites")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, certificate, private=False)
+    return path

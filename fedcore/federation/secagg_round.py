@@ -70,6 +70,7 @@ from fedcore.secagg import (
     EncodingConfig,
     SecAggServer,
     SessionConfig,
+    SessionEncoding,
     TooFewSurvivors,
     decode_mean,
     default_threshold,
@@ -175,6 +176,17 @@ class SecAggTrainRound:
             # is revealed, released or charged.
             stats.failures["round"] = f"{why}; nothing released"
             return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
+        if clipping is None:
+            encoding = EncodingConfig(
+                bits=self.settings.secagg.bits,
+                clip=self.settings.secagg.clip_range,
+                max_total_weight=_weight_budget(self.settings.secagg.bits),
+            )
+        else:
+            encoding = dp_encoding(
+                bits=self.settings.secagg.bits, clip_norm=clipping.clip_norm, sites=len(nodes)
+            )
+            ring_clip_norm(clipping.clip_norm, dim=dim, config=encoding)  # refuse before sending
         session = SessionConfig(
             round_id=os.urandom(16),
             clients=nodes,
@@ -183,16 +195,13 @@ class SecAggTrainRound:
             bits=self.settings.secagg.bits,
             neighbors=neighbors,
             mode=mode,
+            encoding=SessionEncoding(  # every parameter that changes what a site sends
+                clip=encoding.clip,
+                max_total_weight=encoding.max_total_weight,
+                dp_clip_norm=0.0 if clipping is None else clipping.clip_norm,
+                count_unclipped=clipping is not None and clipping.count_unclipped,
+            ),
         )
-        if clipping is None:
-            encoding = EncodingConfig(
-                bits=session.bits,
-                clip=self.settings.secagg.clip_range,
-                max_total_weight=_weight_budget(session.bits),
-            )
-        else:
-            encoding = dp_encoding(bits=session.bits, clip_norm=clipping.clip_norm, sites=len(nodes))
-            ring_clip_norm(clipping.clip_norm, dim=dim, config=encoding)  # refuse before sending
         stages = ["advertise", "share", "masked_input", "unmask"]
         if mode is Mode.ACTIVE:
             stages.insert(3, "consistency")
@@ -201,8 +210,6 @@ class SecAggTrainRound:
             SecAggServer(session, registry=registry),
             stages,
             content=content,
-            encoding=encoding,
-            clipping=clipping,
             stats=stats,
         )
         if result is None:
@@ -264,8 +271,6 @@ class SecAggTrainRound:
         stages: Sequence[str],
         *,
         content: RecordDict,
-        encoding: EncodingConfig,
-        clipping: SiteClipping | None,
         stats: _Stats,
     ) -> AggregateResult | None:
         """Each protocol stage as one exchange with its deadline; the unmasked sum, or None when
@@ -275,14 +280,7 @@ class SecAggTrainRound:
             for stage in stages:
                 started = time.perf_counter()
                 outgoing = [
-                    self._message(
-                        node,
-                        stage,
-                        encode(req),
-                        content,
-                        encoding if stage == "masked_input" else None,
-                        clipping,
-                    )
+                    self._message(node, stage, encode(req), content)
                     for node, req in requests.items()
                 ]
                 replies = exchange(
@@ -314,13 +312,13 @@ class SecAggTrainRound:
         """ACTIVE mode: the registry of site signing keys, after asking the sampled sites that have
         no entry yet to publish theirs (they write it; the server only reads the folder). A site
         still without an entry is a failure of this round."""
-        folder = secagg_registry.registry_dir(self.settings, {})
-        registry = secagg_registry.load_registry(folder)
+        folder = secagg_registry.server_registry_dir(self.settings)
+        registry = secagg_registry.load_registry(folder, ca=secagg_registry.folder_ca(folder))
         missing = [n for n in nodes if n not in registry]
         if missing:
             started = time.perf_counter()
             outgoing = [
-                self._message(n, ENROL, ENROL.encode(), RecordDict(), None, None) for n in missing
+                self._message(n, ENROL, ENROL.encode(), RecordDict()) for n in missing
             ]
             stats.add(
                 ENROL,
@@ -328,7 +326,7 @@ class SecAggTrainRound:
                     grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
                 ),
             )
-            registry = secagg_registry.load_registry(folder)
+            registry = secagg_registry.load_registry(folder, ca=secagg_registry.folder_ca(folder))
             stats.stage_seconds[ENROL] = time.perf_counter() - started
         for node in nodes:
             if node not in registry:
@@ -381,25 +379,8 @@ class SecAggTrainRound:
             extra=extra,
         )
 
-    def _message(
-        self,
-        node: int,
-        stage: str,
-        payload: bytes,
-        content: RecordDict,
-        encoding: EncodingConfig | None,
-        clipping: SiteClipping | None,
-    ) -> Message:
-        record = RecordDict(
-            {
-                SECAGG: request_record(
-                    stage=stage,
-                    payload=payload,
-                    encoding=encoding,
-                    clipping=clipping if encoding is not None else None,
-                )
-            }
-        )
+    def _message(self, node: int, stage: str, payload: bytes, content: RecordDict) -> Message:
+        record = RecordDict({SECAGG: request_record(stage=stage, payload=payload)})
         if stage == "masked_input":  # the sites train now: they need the model and the config
             record[m.ARRAYS] = content.array_records[m.ARRAYS]
             record[m.CONFIG] = content.config_records[m.CONFIG]

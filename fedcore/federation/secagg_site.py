@@ -2,39 +2,51 @@
 
 Theory of operation. The protocol itself is :class:`fedcore.secagg.SecAggClient` (Bonawitz et al.,
 CCS 2017; Bell et al., CCS 2020). This module runs one stage of it per Flower message, and solves
-the one problem Flower adds: a ClientApp may be a fresh process for every message (always in
-deployment), so nothing secret can live in memory from one stage to the next, and nothing secret
-may be stored in Flower's general-purpose ``context.state``. Therefore:
+the problems Flower adds: a ClientApp may be a fresh process for every message (always in
+deployment), Flower's ``context.state`` lives for one run only (a SuperNode restart loses it), and
+the server writes the run config. So nothing secret lives in memory from one stage to the next or
+in ``context.state``, and nothing the site's safety rests on comes from the run config:
 
-- A *site key* (32 random bytes) lives on the site's disk, ``<state-dir>/site-<id>.secagg.key``,
-  created once with mode 0600. Every secret of a round (both X25519 key pairs, the self-mask seed,
-  the share coins) is drawn from ``derive_rng(site_key, "secagg|" + round_id)`` in a fixed order,
-  so any process of the site re-creates the same client.
-- ``context.state`` keeps only public data: the round id, the server messages received in that
-  round (they travelled in the clear) and the session id the site answered.
-- Each stage rebuilds the client by replaying that transcript
-  (:meth:`~fedcore.secagg.SecAggClient.rebuild`), answers the new message, and appends it.
-- A site answers one unmask request per round id, ever, and only for the session it joined:
-  before answering, the round id joins the node's list of unmasked rounds (``secagg-unmasked``,
-  kept for the whole run), so a server that replays a different history to a fresh process
-  (forking the client to learn both shares of a peer), now or in a later round, is refused.
+- The site's files live in its :class:`~fedcore.federation.site_store.SiteStore` (the node config's
+  ``state-dir``; in simulation only, ``<run record>/sites``): a *site key* (32 random bytes, mode
+  0600, refused if it is a link, another user's, or readable by others) and the *round journal*
+  (:mod:`fedcore.federation.secagg_journal`), written and fsynced before each answer leaves.
+- Every secret of a round (both X25519 key pairs, the self-mask seed, the share coins) is drawn
+  from ``derive_rng(site_key, "secagg|" + round_id + "|" + nonce)`` in a fixed order, where
+  ``nonce`` is fresh CSPRNG output the journal stores for that round id; any process of the site
+  re-creates the same client for the round, and a server that replays a round id gets nothing back:
+  the journal refuses a round id it already holds.
+- ``context.state`` keeps only public data: the round id, the server messages received in the round
+  (they travelled in the clear) and the session id the site answered. Each stage rebuilds the client
+  by replaying that transcript (:meth:`~fedcore.secagg.SecAggClient.rebuild`), answers, appends.
+- The journal holds, per round id, the one session the site serves, and whether the masked input,
+  the survivor signature and the unmask answer left (each at most once, ever); with the unmask
+  answer, whose seed shares and whose key shares were revealed (never both for one peer).
+- Every parameter that changes what the site sends (participants, threshold, graph, mode, ring,
+  clip range, weight budget, DP clip norm) comes from the session config in the advertise request,
+  which the session id hashes; the request record carries only the stage and its payload.
+- Before joining, the site checks the offer against its floors (:mod:`fedcore.secagg.floors`): the
+  protocol's safe rules and the node config's ``secagg-mode``, ``secagg-min-threshold``,
+  ``secagg-min-neighbors`` and ``secagg-min-participants`` (:func:`site_floors`).
+- Validate, then work: at the masked-input stage the transcript, the journal, the session and every
+  check of the request run before the site trains (and, with record-level DP, charges its ledger).
+- An error text may travel back to the server: nothing data-dependent goes into it (the site's
+  weight, norms, training errors are logged here, and the reply says only what kind of step failed).
 
-In ACTIVE mode (``registry`` given) the site also signs with an Ed25519 key derived from the same
-site key, publishes its public half in the registry folder (:mod:`fedcore.federation.secagg_registry`)
-when asked to enrol and before advertising, checks every signature against that folder, and
-refuses a round the server offers in the other mode (no silent downgrade).
+In ACTIVE mode the site also signs with an Ed25519 key derived from the same site key, publishes
+its public half in the registry folder (:mod:`fedcore.federation.secagg_registry`) when asked to
+enrol and before advertising, and checks every signature against that folder.
 
 At the masked-input stage the site trains (the wrapped train handler), forms its update (new
 weights minus global weights, flattened in the global record's key order), and encodes weight x
 update together with the weight (:func:`fedcore.secagg.encode_update`), so the server can form the
-exact weighted mean from the sum alone. With site-level DP at the server, the request carries the L2 clip norm:
-the site clips before masking and weighs 1 (:mod:`fedcore.federation.secagg_dp`).
+exact weighted mean from the sum alone. With site-level DP at the server, the session carries the
+L2 clip norm: the site clips before masking and weighs 1 (:mod:`fedcore.federation.secagg_dp`).
 """
 
 from __future__ import annotations
 
-import math
-import os
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +57,11 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedcore.crypto import CryptoRng
 from fedcore.crypto.agreement import derive_rng
-from fedcore.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from fedcore.errors import ConfigError, FedcoreError, LocalProtocolError, RemoteProtocolError
 from fedcore.federation import secagg_registry
 from fedcore.federation.secagg_dp import SiteClipping, encode_clipped_update
+from fedcore.federation.secagg_journal import RoundEntry, RoundJournal, check_session
+from fedcore.federation.site_store import SiteStore
 from fedcore.secagg import (
     EncodingConfig,
     SecAggClient,
@@ -55,13 +69,28 @@ from fedcore.secagg import (
     encode,
     encode_update,
 )
-from fedcore.secagg.config import Mode
-from fedcore.secagg.messages import AdvertiseRequest, MaskedInputRequest, UnmaskRequest
+from fedcore.secagg.config import Mode, SessionConfig
+from fedcore.secagg.floors import Floors
+from fedcore.secagg.messages import (
+    AdvertiseRequest,
+    ConsistencyRequest,
+    MaskedInputRequest,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskShares,
+)
 
 SECAGG = "secagg"  # the record that carries a protocol stage, in requests and replies
 ENROL = "enrol"  # ACTIVE mode: publish the site's signing key in the registry
-UNMASKED = "secagg-unmasked"  # every round id this node answered an unmask request for
 KEY_BYTES = 32
+
+# The node config's floors (the operator's, never the run config's).
+NODE_MODE = "secagg-mode"
+NODE_MIN_THRESHOLD = "secagg-min-threshold"
+NODE_MIN_NEIGHBORS = "secagg-min-neighbors"
+NODE_MIN_PARTICIPANTS = "secagg-min-participants"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,74 +99,6 @@ class TrainedUpdate:
 
     update: np.ndarray
     weight: int
-
-
-def site_key(state_dir: Path, site_id: int) -> bytes:
-    """The site's secagg key, created (0600) on first use. Raises ConfigError if unreadable."""
-    path = state_dir / f"site-{site_id}.secagg.key"
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process of the site created it first
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(os.urandom(KEY_BYTES))
-                fh.flush()
-                os.fsync(fh.fileno())
-    key = path.read_bytes()
-    if len(key) != KEY_BYTES:
-        raise ConfigError(f"secagg key {str(path)!r} holds {len(key)} bytes, expected {KEY_BYTES}")
-    return key
-
-
-def request_record(
-    *,
-    stage: str,
-    payload: bytes,
-    encoding: EncodingConfig | None = None,
-    clipping: SiteClipping | None = None,
-) -> ConfigRecord:
-    """A stage request; the masked-input stage also carries the encoding, and with site-level DP
-    the L2 clip norm each site applies before masking (public parameters, no secret)."""
-    record = ConfigRecord({"stage": stage, "payload": payload})
-    if encoding is not None:
-        record["bits"] = encoding.bits
-        record["clip"] = encoding.clip
-        record["max-total-weight"] = encoding.max_total_weight
-    if clipping is not None:
-        record["l2-clip"] = clipping.clip_norm
-        record["count-unclipped"] = clipping.count_unclipped
-    return record
-
-
-def _encoding(request: ConfigRecord) -> EncodingConfig:
-    try:
-        return EncodingConfig(
-            bits=int(request["bits"]),  # type: ignore[arg-type]
-            clip=float(request["clip"]),  # type: ignore[arg-type]
-            max_total_weight=int(request["max-total-weight"]),  # type: ignore[arg-type]
-        )
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise RemoteProtocolError(f"masked-input request lacks a valid encoding: {exc}") from exc
-
-
-def _clipping(request: ConfigRecord) -> SiteClipping | None:
-    """The DP clipping a masked-input request asks for (None: no site-level DP this round)."""
-    if "l2-clip" not in request:
-        return None
-    clip, count = request["l2-clip"], request.get("count-unclipped", False)
-    if (
-        isinstance(clip, bool)
-        or not isinstance(clip, int | float)
-        or not (math.isfinite(clip) and clip > 0)
-        or not isinstance(count, bool)
-    ):
-        raise RemoteProtocolError(
-            f"masked-input request has a bad l2-clip {clip!r} or count-unclipped {count!r}"
-        )
-    return SiteClipping(clip_norm=float(clip), count_unclipped=count)
 
 
 def flat_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
@@ -150,120 +111,250 @@ def flat_update(new: ArrayRecord, old: ArrayRecord) -> np.ndarray:
     )
 
 
+def request_record(*, stage: str, payload: bytes) -> ConfigRecord:
+    """A stage request: the stage name and the wire payload, nothing else (every parameter of the
+    round travels inside the session config, which the session id hashes)."""
+    return ConfigRecord({"stage": stage, "payload": payload})
+
+
+def site_floors(node_config: Mapping[str, Any], *, allow_unsafe: bool = False) -> Floors:
+    """The floors of this site, from the operator's node config (see :mod:`fedcore.secagg.floors`).
+
+    ``allow_unsafe`` drops the protocol's safe rules (the node config's own floors still hold); the
+    caller passes it only in simulation, where the run config's ``secagg.allow_unsafe`` is the
+    same person's choice. Raises ConfigError naming a bad node-config value.
+    """
+    mode_name = node_config.get(NODE_MODE, "semi-honest")
+    modes = {"semi-honest": Mode.SEMI_HONEST, "active": Mode.ACTIVE}
+    if mode_name not in modes:
+        raise ConfigError(
+            f"node config {NODE_MODE!r} must be 'semi-honest' or 'active', got {mode_name!r}"
+        )
+
+    def count(key: str, default: int, least: int) -> int:
+        value = node_config.get(key, default)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"node config {key!r} must be an integer >= {least}, got {value!r}")
+        return value
+
+    return Floors(
+        mode=modes[mode_name],
+        min_threshold=count(NODE_MIN_THRESHOLD, 2, 2),
+        min_neighbors=count(NODE_MIN_NEIGHBORS, 0, 0),
+        min_clients=count(NODE_MIN_PARTICIPANTS, 2, 2),
+        safe_rules=not allow_unsafe,
+    )
+
+
 def answer_stage(
     request: ConfigRecord,
     *,
     client_id: int,
-    key: bytes,
+    store: SiteStore,
     state: RecordDict,
     train: Callable[[], TrainedUpdate],
-    registry: Path | None = None,
+    registry: Path,
+    floors: Floors,
+    identity: secagg_registry.SiteIdentity | None = None,
 ) -> bytes:
     """Answer one protocol stage; return the reply payload (wire bytes).
 
-    ``state`` is the node's Flower ``context.state``; only public data is written to it. ``train``
-    is called at the masked-input stage only. ``registry`` is the folder of site signing keys: set,
-    the site runs ACTIVE mode (enrols, signs, checks signatures) and refuses a round the server
-    offers in SEMI_HONEST mode; None, the site runs SEMI_HONEST mode and refuses ACTIVE rounds.
-    Raises RemoteProtocolError / InvalidMessage for a request that breaks the protocol,
-    LocalProtocolError for a second unmask request of a round.
+    ``store``: the site's files (key and round journal). ``state``: the node's Flower
+    ``context.state``; only public data is written to it. ``train`` is called at the masked-input
+    stage only, after every check of the request. ``registry``: the folder of site signing keys
+    (used in ACTIVE mode). ``floors``: the weakest offer this site accepts. ``identity``: the
+    federation CA and this site's certificate (ACTIVE mode; without it ACTIVE rounds are refused).
+
+    Raises RemoteProtocolError / InvalidMessage for a request that breaks the protocol or offers
+    less than the floors, LocalProtocolError for a request the journal refuses (a replayed round
+    id, a second session, a second answer of a once-only kind), ConfigError /
+    CorruptJournalError for a site whose files are not usable. A request refused before its round
+    began (a weaker offer, a replayed round id) leaves the journal unchanged; once begun, a round id
+    stays used even if the round then fails. An accepted answer is journaled before this returns
+    (fsynced for the masked input, the survivor signature and the unmask answer).
     """
     if request.get("stage") == ENROL:
-        if registry is None:
-            raise RemoteProtocolError(
-                "asked to enrol a signing key, but this site runs semi-honest mode"
-            )
+        key, _ = RoundJournal.open_site(store)
         # The reply echoes the public key for the record; the server trusts only the folder.
-        return secagg_registry.publish(registry, client_id, key)
+        return _publish(registry, client_id, key, identity)
     payload = request.get("payload")
     if not isinstance(payload, bytes):
         raise RemoteProtocolError("a secagg request needs a bytes 'payload'")
     message = decode_server_message(payload)
-    mode = Mode.SEMI_HONEST if registry is None else Mode.ACTIVE
+    key, journal = RoundJournal.open_site(store)
     if isinstance(message, AdvertiseRequest):
-        if message.config.mode is not mode:
-            raise RemoteProtocolError(  # a server must not downgrade (or upgrade) the threat model
-                f"the server asks for {message.config.mode.name} mode; this site runs {mode.name}"
+        config = message.config
+        floors.check(config)  # a weaker offer is refused before anything is recorded or sent
+        if config.encoding is None:
+            raise RemoteProtocolError(
+                "refused: the session does not bind how sites encode their updates"
             )
-        if registry is not None:  # a clear refusal if the registry holds another key for this node
-            secagg_registry.publish(registry, client_id, key)
-    round_id = (
-        message.config.round_id if isinstance(message, AdvertiseRequest) else message.round_id
-    )
-    transcript = _Transcript.load(state, round_id)
-    rng = derive_rng(key, context=b"secagg|" + round_id)
-    if transcript.unmasked or round_id in _unmasked_rounds(state):
-        raise LocalProtocolError("this site already answered an unmask request for this round")
+        if config.mode is Mode.ACTIVE:  # a clear refusal if the registry holds another key
+            _publish(registry, client_id, key, identity)
+        transcript = _Transcript(config.round_id, [])
+        entry = journal.begin(config.round_id)  # refuses a round id the site ever served
+    else:
+        transcript = _Transcript.load(state, message.round_id)
+        config = transcript.config()
+        entry = _entry_for(journal, message)
+    active = config.mode is Mode.ACTIVE
     client = SecAggClient.rebuild(
         client_id,
         transcript.messages(),
-        rng=rng,
-        signing_key=None if registry is None else secagg_registry.signing_seed(key),
-        registry=None if registry is None else secagg_registry.load_registry(registry),
+        rng=derive_rng(key, context=b"secagg|" + config.round_id + b"|" + entry.nonce),
+        signing_key=secagg_registry.signing_seed(key) if active else None,
+        registry=_certified(registry, identity) if active else None,
     )
-    vector = None
-    if isinstance(message, MaskedInputRequest):
-        trained = train()
-        clipping = _clipping(request)
-        if clipping is None:
-            vector = encode_update(
-                trained.update, weight=trained.weight, config=_encoding(request), rng=CryptoRng()
-            )
-        else:  # site-level DP: clip here, before masking; every site weighs the same
-            vector = encode_clipped_update(
-                trained.update, clipping=clipping, config=_encoding(request), rng=CryptoRng()
-            )
-    if isinstance(message, UnmaskRequest):
-        transcript.mark_unmasked(state)  # before answering: at most one answer, ever
-    answer = encode(client.receive(message, vector=vector))
+    round_id = config.round_id
+    if isinstance(message, AdvertiseRequest | ShareKeysRequest):
+        answer = client.receive(message)
+    else:
+        check_session(entry, client.session_id)
+        if isinstance(message, MaskedInputRequest):
+            answer = client.receive(message, vector=lambda: _input_vector(train, config))
+        else:
+            answer = client.receive(message)
+    sid = client.session_id
+    # The journal, durably, before the answer leaves.
+    if isinstance(message, ShareKeysRequest):
+        if sid is None:  # pragma: no cover - the client sets it when it answers this stage
+            raise LocalProtocolError("no session id after the share-keys stage")
+        journal.bind_session(round_id, sid)
+    elif isinstance(message, MaskedInputRequest):
+        journal.mark(round_id, sid, "masked")
+    elif isinstance(message, ConsistencyRequest):
+        journal.mark(round_id, sid, "signed")
+    elif isinstance(message, UnmaskRequest) and isinstance(answer, UnmaskShares):
+        journal.mark(
+            round_id,
+            sid,
+            "unmasked",
+            seed_shares_of=tuple(s.owner for s in answer.seed_shares),
+            key_shares_of=tuple(s.owner for s in answer.key_shares),
+        )
     if not isinstance(message, UnmaskRequest):
-        transcript.append(state, payload, session_id=client.session_id)
-    return answer
+        transcript.append(state, payload, session_id=sid)
+    return encode(answer)
+
+
+def _publish(
+    registry: Path, client_id: int, key: bytes, identity: secagg_registry.SiteIdentity | None
+) -> bytes:
+    if identity is None:
+        raise ConfigError("this site has no secure-aggregation identity (CA and certificate)")
+    return secagg_registry.publish(registry, client_id, key, identity.site_certificate(key))
+
+
+def _certified(registry: Path, identity: secagg_registry.SiteIdentity | None) -> dict[int, bytes]:
+    """The peers this site accepts: registry entries with a valid certificate from its own CA."""
+    if identity is None:
+        raise ConfigError("this site has no secure-aggregation identity (CA and certificate)")
+    return secagg_registry.load_registry(registry, ca=identity.ca_certificate())
+
+
+def _entry_for(journal: RoundJournal, message: Any) -> RoundEntry:
+    """The journal entry of a round in progress; refuses what the journal says already left."""
+    entry = journal.entry(message.round_id)
+    if entry is None:
+        raise LocalProtocolError("refused: the round journal has no such round id")
+    if entry.unmasked:
+        raise LocalProtocolError(
+            "refused: this site already answered an unmask request for this round"
+        )
+    if isinstance(message, MaskedInputRequest) and entry.masked:
+        raise LocalProtocolError("refused: this site already sent its masked input for this round")
+    if isinstance(message, ConsistencyRequest) and entry.signed:
+        raise LocalProtocolError("refused: this site already signed a survivor set for this round")
+    return entry
+
+
+def session_encoding(config: SessionConfig) -> tuple[EncodingConfig, SiteClipping | None]:
+    """The ring encoding and (with site-level DP) the clipping that ``config`` binds."""
+    bound = config.encoding
+    if bound is None:
+        raise RemoteProtocolError("refused: the session does not bind how sites encode updates")
+    encoding = EncodingConfig(
+        bits=config.bits, clip=bound.clip, max_total_weight=bound.max_total_weight
+    )
+    if bound.dp_clip_norm == 0:
+        return encoding, None
+    return encoding, SiteClipping(bound.dp_clip_norm, bound.count_unclipped)
+
+
+def _input_vector(train: Callable[[], TrainedUpdate], config: SessionConfig) -> np.ndarray:
+    """Train, then encode under the session's encoding. Nothing data-dependent leaves in an error:
+    the detail goes to the site's log, the raised error says which step failed."""
+    encoding, clipping = session_encoding(config)
+    try:
+        trained = train()
+    except FedcoreError as exc:
+        _log.warning("secagg: local training failed: %s", exc)
+        if isinstance(exc, ConfigError | LocalProtocolError | RemoteProtocolError):
+            raise LocalProtocolError("local training failed (details in the site's log)") from None
+        raise  # BudgetExceededError: the site declines, as without secure aggregation
+    except Exception as exc:  # noqa: BLE001 - a training bug must not leak its text either
+        _log.exception("secagg: local training failed")
+        raise LocalProtocolError("local training failed (details in the site's log)") from exc
+    try:
+        if clipping is None:
+            return encode_update(
+                trained.update, weight=trained.weight, config=encoding, rng=CryptoRng()
+            )
+        # site-level DP: clip here, before masking; every site weighs the same
+        return encode_clipped_update(
+            trained.update, clipping=clipping, config=encoding, rng=CryptoRng()
+        )
+    except FedcoreError as exc:
+        _log.warning(
+            "secagg: cannot encode the update (weight %d, %d values): %s",
+            trained.weight,
+            trained.update.size,
+            exc,
+        )
+        raise LocalProtocolError(
+            "this site's update does not fit the session's encoding (details in the site's log)"
+        ) from None
 
 
 class _Transcript:
     """The public record of one round at a site, kept in ``context.state`` under ``secagg``."""
 
-    def __init__(self, round_id: bytes, payloads: list[bytes], unmasked: bool) -> None:
-        self.round_id, self.payloads, self.unmasked = round_id, payloads, unmasked
+    def __init__(self, round_id: bytes, payloads: list[bytes]) -> None:
+        self.round_id, self.payloads = round_id, payloads
 
     @classmethod
     def load(cls, state: RecordDict, round_id: bytes) -> _Transcript:
+        """The transcript of ``round_id``; LocalProtocolError if this run's state holds another
+        round's (a new round replaced it) or none (a new run, a restarted site)."""
         record = state.config_records.get(SECAGG)
-        if record is None or record.get("round-id") != round_id:
-            return cls(round_id, [], False)  # a new round replaces the old transcript
-        payloads = record.get("payloads", [])
-        return cls(
-            round_id,
-            [p for p in payloads if isinstance(p, bytes)] if isinstance(payloads, list) else [],
-            bool(record.get("unmasked")),
-        )
+        payloads = None if record is None else record.get("payloads")
+        if record is None or record.get("round-id") != round_id or not isinstance(payloads, list):
+            raise LocalProtocolError(
+                "refused: this site holds no transcript of this round in this run (another round "
+                "replaced it, or the run or the site restarted); a round cannot be resumed"
+            )
+        return cls(round_id, [p for p in payloads if isinstance(p, bytes)])
 
     def messages(self) -> list[Any]:
         return [decode_server_message(p) for p in self.payloads]
 
-    def _save(self, state: RecordDict, session_id: bytes | None) -> None:
-        record = ConfigRecord(
-            {"round-id": self.round_id, "payloads": list(self.payloads), "unmasked": self.unmasked}
-        )
-        if session_id is not None:
-            record["session-id"] = session_id
-        state[SECAGG] = record
+    def config(self) -> SessionConfig:
+        """The session config of the round: its first message, the advertise request."""
+        first = decode_server_message(self.payloads[0]) if self.payloads else None
+        if not isinstance(first, AdvertiseRequest):
+            raise LocalProtocolError(
+                "refused: the round's transcript does not start with its advert"
+            )
+        return first.config
 
     def append(self, state: RecordDict, payload: bytes, *, session_id: bytes | None) -> None:
         self.payloads.append(payload)
-        self._save(state, session_id)
-
-    def mark_unmasked(self, state: RecordDict) -> None:
-        self.unmasked = True
-        self._save(state, None)
-        state[UNMASKED] = ConfigRecord({"round-ids": [*_unmasked_rounds(state), self.round_id]})
-
-
-def _unmasked_rounds(state: RecordDict) -> list[bytes]:
-    record = state.config_records.get(UNMASKED)
-    ids = [] if record is None else record.get("round-ids", [])
-    return [i for i in ids if isinstance(i, bytes)] if isinstance(ids, list) else []
+        record = ConfigRecord({"round-id": self.round_id, "payloads": list(self.payloads)})
+        if session_id is not None:
+            record["session-id"] = session_id
+        state[SECAGG] = record
 
 
 def trained_update(
@@ -272,5 +363,5 @@ def trained_update(
     """The flat update and integer weight from a train handler's reply."""
     weight = metrics.get("num-examples")
     if not isinstance(weight, int | float) or int(weight) != weight or weight < 0:
-        raise RemoteProtocolError(f"train handler returned a bad num-examples {weight!r}")
+        raise RemoteProtocolError("train handler returned a bad num-examples")
     return TrainedUpdate(update=flat_update(reply_arrays, global_arrays), weight=int(weight))

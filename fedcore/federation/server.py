@@ -32,7 +32,7 @@ from fedcore.federation.driver import (
 )
 from fedcore.federation.secagg_round import SecAggTrainRound
 from fedcore.federation.site_data import data_settings
-from fedcore.federation.site_privacy import site_state_dir
+from fedcore.federation.site_privacy import run_sites_dir
 from fedcore.federation.strategies import build_strategy
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
@@ -114,7 +114,7 @@ def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger 
 
     sites: dict[str, object] = {}
     if settings.dp.site.epsilon is not None:
-        folder = site_state_dir(settings, {})
+        folder = run_sites_dir(settings)
         for path in sorted(folder.glob("site-*.ledger.json")) if folder.is_dir() else []:
             sites[path.name.split(".")[0].removeprefix("site-")] = json.loads(path.read_text())
     per_site = [

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fedcore.config import Settings
 from fedcore.errors import ConfigError
+from fedcore.federation.site_privacy import SIMULATION_MARKER
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
@@ -104,6 +105,7 @@ def run_app(
     """Run any Flower app (``module:attr`` references inside ``app_dir``) on the simulation engine,
     with ``run_config`` given to the ServerApp and every ClientApp."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ[SIMULATION_MARKER] = "1"  # sites may keep their state under the run record
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -12,6 +12,7 @@ seal, refuses to open (:class:`~fedcore.errors.LedgerLostError`) until ``fedcore
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,16 +25,40 @@ if TYPE_CHECKING:
     from fedcore.privacy import PrivacyLedger
 
 
+SIMULATION_MARKER = "FEDCORE_SIMULATION"  # set by fedcore's simulation, in its own process env
+SIMULATION_KEYS = frozenset({"partition-id", "num-partitions"})  # what Flower's simulation sets
+
+
+def is_simulated(node_config: Mapping[str, Any]) -> bool:
+    """Whether this site runs inside fedcore's simulation, where the server and every site share
+    one machine and one person: fedcore's simulation marked this process (the environment, which
+    the run config cannot reach) and the node config holds only the keys Flower's simulation
+    engine sets. A deployed SuperNode has the operator's node config and environment."""
+    return os.environ.get(SIMULATION_MARKER) == "1" and set(node_config) <= SIMULATION_KEYS
+
+
 def site_state_dir(settings: Settings, node_config: Mapping[str, Any]) -> Path:
-    """The directory that holds a site's privacy state. Raises :class:`ConfigError` if none is known."""
+    """The directory that holds a site's privacy state (secure-aggregation key and round journal,
+    record-level ledger): the node config's ``state-dir``. Only in simulation, where every site
+    shares this machine, ``<run record>/sites``; a deployed site never falls back to the run
+    config's ``out``, which the server chooses. Raises :class:`ConfigError` if none is known."""
     if state := node_config.get("state-dir"):
         return Path(str(state))
-    if settings.out:
-        return Path(settings.out) / "sites"
+    if is_simulated(node_config) and settings.out:
+        return run_sites_dir(settings)
     raise ConfigError(
-        "record-level DP needs a place for the site's privacy ledger: set the node config's "
-        "'state-dir' (deployment) or the 'out' setting (simulation)"
+        "a site with secure aggregation or record-level DP needs a place for its keys, round "
+        "journal and privacy ledger: set the node config's 'state-dir' (a folder on the site's "
+        "own disk)"
     )
+
+
+def run_sites_dir(settings: Settings) -> Path:
+    """``<run record>/sites``: the server's view of the sites' folder (simulation: the sites' own
+    state; deployment: the registry copy the server reads). Raises ConfigError without ``out``."""
+    if not settings.out:
+        raise ConfigError("the 'out' setting is empty: there is no run record folder")
+    return Path(settings.out) / "sites"
 
 
 def site_ledger(

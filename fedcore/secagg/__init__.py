@@ -14,7 +14,7 @@ Nothing here imports Flower, opens a socket or reads a clock.
 """
 
 from fedcore.secagg.client import ClientState, SecAggClient
-from fedcore.secagg.config import Mode, SessionConfig, Stage, default_threshold
+from fedcore.secagg.config import Mode, SessionConfig, SessionEncoding, Stage, default_threshold
 from fedcore.secagg.encoding import (
     EncodingConfig,
     decode_mean,
@@ -49,6 +49,7 @@ __all__ = [
     "SecAggServer",
     "ServerState",
     "SessionConfig",
+    "SessionEncoding",
     "Stage",
     "TooFewSurvivors",
     "aggregate_in_memory",

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -102,6 +102,9 @@ from fedcore.secagg.session import (
     share_key_from_secret,
     survivors_signed_bytes,
 )
+
+# The input of the masked-input stage: the ring vector, or a function computing it after the checks.
+InputVector = np.ndarray | Callable[[], np.ndarray]
 
 
 class ClientState(enum.Enum):
@@ -183,11 +186,12 @@ class SecAggClient:
         """The error that aborted the client, if any."""
         return self._error
 
-    def receive(self, message: ServerMessage, *, vector: np.ndarray | None = None) -> ClientMessage:
+    def receive(self, message: ServerMessage, *, vector: InputVector | None = None) -> ClientMessage:
         """Handle one server message and return the answer to send.
 
         ``vector`` (unsigned integers below 2**bits, of the session's length) is required with a
-        MaskedInputRequest and refused with anything else. Raises LocalProtocolError when the
+        MaskedInputRequest and refused with anything else; it may be a function that returns the
+        vector, called only after the request passed every check (a site trains only then). Raises LocalProtocolError when the
         message is not legal in the current state, RemoteProtocolError / InvalidMessage /
         TooFewSurvivors when the message breaks a protocol rule; on any exception the client is
         left ``ABORTED``.
@@ -235,7 +239,7 @@ class SecAggClient:
     # ------------------------------------------------------------------ dispatch
 
     def _step(
-        self, message: ServerMessage, *, vector: np.ndarray | None, replay: bool
+        self, message: ServerMessage, *, vector: InputVector | None, replay: bool
     ) -> ClientMessage | None:
         try:
             next_state = self._next_state(message)
@@ -408,7 +412,7 @@ class SecAggClient:
     # ------------------------------------------------------------------ stage 2: masked input
 
     def _on_masked_input(
-        self, message: MaskedInputRequest, vector: np.ndarray | None, *, replay: bool
+        self, message: MaskedInputRequest, vector: InputVector | None, *, replay: bool
     ) -> MaskedInput | None:
         config = self._check_addressing(message.recipient, message.round_id)
         graph, sid = self._session()
@@ -451,6 +455,8 @@ class SecAggClient:
             return None
         if vector is None:
             raise LocalProtocolError("a MaskedInputRequest needs the input vector")
+        if callable(vector):  # a site computes its input only now, after every check above
+            vector = vector()
         y = rules.ring_input(vector, config)
         adds: list[bytes] = [self_mask_key(self._seed, sid)]
         subtracts: list[bytes] = []

@@ -9,11 +9,14 @@ value given; the wire parser turns that into :class:`~fedcore.errors.InvalidMess
 from __future__ import annotations
 
 import enum
+import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedcore.errors import ConfigError
+from fedcore.errors import ConfigError, InvalidMessage
+from fedcore.secagg.wire import Reader, Writer
 
 MIN_BITS = 8
 MAX_BITS = 62
@@ -46,6 +49,55 @@ def ring_dtype(bits: int) -> type[np.unsignedinteger]:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionEncoding:
+    """How a site turns its float update into ring elements: every parameter that changes what a
+    site sends, bound into the session id (:func:`fedcore.secagg.session.session_id`), so a
+    replayed or re-routed request cannot change it.
+
+    ``clip``: each coordinate is clipped to [-clip, clip]. ``max_total_weight``: a bound on the
+    sum of the sites' weights (the scale of the encoding). ``dp_clip_norm``: with site-level DP,
+    the L2 norm each site clips its update to before masking (0: no site-level DP; every site then
+    weighs its examples). ``count_unclipped``: with adaptive clipping, each site adds its bit
+    ``1[norm <= C]`` as one more exact coordinate.
+    """
+
+    clip: float
+    max_total_weight: int
+    dp_clip_norm: float = 0.0
+    count_unclipped: bool = False
+
+    def check(self, bits: int) -> None:
+        """Raise ConfigError unless the encoding fits the ring Z/2**bits."""
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"clip must be finite and > 0, got {self.clip}")
+        if not 1 <= self.max_total_weight < 1 << (bits - 1):
+            raise ConfigError(
+                f"max_total_weight must be in 1..2**{bits - 1}-1, got {self.max_total_weight}"
+            )
+        if not (math.isfinite(self.dp_clip_norm) and self.dp_clip_norm >= 0):
+            raise ConfigError(f"dp_clip_norm must be finite and >= 0, got {self.dp_clip_norm}")
+        if self.count_unclipped and self.dp_clip_norm == 0:
+            raise ConfigError("count_unclipped needs a dp_clip_norm > 0")
+
+
+def write_encoding(w: Writer, encoding: SessionEncoding) -> Writer:
+    """The encoding's fields, in the order the session id hashes them and the wire carries them."""
+    w.raw(struct.pack("<d", encoding.clip)).u64(encoding.max_total_weight)
+    return w.raw(struct.pack("<d", encoding.dp_clip_norm)).u8(int(encoding.count_unclipped))
+
+
+def read_encoding(r: Reader) -> SessionEncoding:
+    """Inverse of :func:`write_encoding`; raises InvalidMessage on malformed input."""
+    clip = struct.unpack("<d", r.fixed(8))[0]
+    max_total_weight = r.u64()
+    dp_clip_norm = struct.unpack("<d", r.fixed(8))[0]
+    flag = r.u8()
+    if flag not in (0, 1):
+        raise InvalidMessage(f"count_unclipped must be 0 or 1, got {flag}")
+    return SessionEncoding(clip, max_total_weight, dp_clip_norm, bool(flag))
+
+
+@dataclass(frozen=True, slots=True)
 class SessionConfig:
     """One round's public parameters.
 
@@ -53,6 +105,8 @@ class SessionConfig:
     Shamir sharing; also the fewest survivors a stage may end with. ``bits``: the ring Z/2**bits the
     inputs live in. ``length``: the input vector length. ``neighbors``: 0 for the complete graph
     (Bonawitz et al.), or an even k for the k-regular Harary graph of SecAgg+ (Bell et al.).
+    ``encoding``: how sites encode a float update (:class:`SessionEncoding`); None for a session
+    over raw ring vectors (the in-memory harness), where the caller supplies the integers.
     """
 
     round_id: bytes
@@ -62,6 +116,7 @@ class SessionConfig:
     bits: int = 32
     neighbors: int = 0
     mode: Mode = Mode.SEMI_HONEST
+    encoding: SessionEncoding | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.round_id) <= MAX_ROUND_ID_BYTES:
@@ -85,6 +140,10 @@ class SessionConfig:
             )
         if not isinstance(self.mode, Mode):
             raise ConfigError(f"mode must be a Mode, got {self.mode!r}")
+        if self.encoding is not None:
+            if not isinstance(self.encoding, SessionEncoding):
+                raise ConfigError(f"encoding must be a SessionEncoding, got {self.encoding!r}")
+            self.encoding.check(self.bits)
         holders = self.share_holders(n)
         if not 2 <= self.threshold <= holders:
             raise ConfigError(

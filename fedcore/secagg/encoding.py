@@ -170,9 +170,9 @@ def encode_update(
     if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
         raise LocalProtocolError(f"weight must be an integer, got {type(weight).__name__}")
     if not 0 <= int(weight) <= config.max_total_weight:
-        raise LocalProtocolError(
-            f"weight must be in 0..{config.max_total_weight}, got {int(weight)}"
-        )
+        # The weight itself stays out of the message: it is the site's example count, which
+        # secure aggregation hides, and an error text may travel back to the server.
+        raise LocalProtocolError(f"weight is outside 0..max_total_weight={config.max_total_weight}")
     scaled = np.clip(x, -config.clip, config.clip, dtype=np.float64)
     scaled *= float(weight) * config.scale
     ring = to_ring(stochastic_round(scaled, rng=rng), bits=config.bits)

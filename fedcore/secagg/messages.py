@@ -22,7 +22,15 @@ from typing import TypeAlias
 import numpy as np
 
 from fedcore.errors import ConfigError, InvalidMessage
-from fedcore.secagg.config import MAX_BITS, MIN_BITS, Mode, SessionConfig, ring_dtype
+from fedcore.secagg.config import (
+    MAX_BITS,
+    MIN_BITS,
+    Mode,
+    SessionConfig,
+    read_encoding,
+    ring_dtype,
+    write_encoding,
+)
 from fedcore.secagg.wire import Reader, Writer
 
 VERSION = 1
@@ -247,6 +255,8 @@ def _encode_body(w: Writer, m: Message) -> None:
         c = m.config
         w.u64(m.recipient).blob(c.round_id).ids(c.clients)
         w.u32(c.threshold).u32(c.length).u8(c.bits).u32(c.neighbors).u8(c.mode.value)
+        if c.encoding is not None:  # a trailer: raw-vector sessions keep their old bytes
+            write_encoding(w, c.encoding)
     elif isinstance(m, KeyAdvert):
         _w_advert(w, m)
     elif isinstance(m, ShareKeysRequest):
@@ -314,6 +324,7 @@ def _r_values(r: Reader) -> tuple[ShareValue, ...]:
 def _p_advertise_request(r: Reader) -> AdvertiseRequest:
     recipient, rid, clients = r.u64(), _r_round(r), r.ids()
     threshold, length, bits, neighbors, mode = r.u32(), r.u32(), r.u8(), r.u32(), r.u8()
+    encoding = read_encoding(r) if r.remaining else None
     try:
         config = SessionConfig(
             round_id=rid,
@@ -323,6 +334,7 @@ def _p_advertise_request(r: Reader) -> AdvertiseRequest:
             bits=bits,
             neighbors=neighbors,
             mode=Mode(mode),
+            encoding=encoding,
         )
     except (ConfigError, ValueError) as exc:
         raise InvalidMessage(f"invalid session config: {exc}") from exc

@@ -204,3 +204,21 @@ class _Hypergeometric:
             cdf += pmf
             x += 1
         return x - 1
+
+
+def threshold_floor(
+    clients: int,
+    neighbors: int,
+    *,
+    corrupt_fraction: float,
+    dropout_fraction: float,
+    adversary: AdversaryClass = AdversaryClass.SEMI_HONEST,
+) -> int | None:
+    """The least threshold t that the finder accepts for a Harary graph of even degree
+    ``neighbors`` over ``clients``; None when that degree fails the security or correctness
+    condition at any t (too few neighbours for this many clients). Raises ConfigError for
+    out-of-range inputs."""
+    _check(clients, corrupt_fraction, dropout_fraction, adversary)
+    if neighbors < 2 or neighbors % 2 or neighbors >= clients - 1:
+        raise ConfigError(f"neighbors must be an even k in 2..{clients - 2}, got {neighbors}")
+    return _threshold_for(clients, neighbors, corrupt_fraction, dropout_fraction, adversary)

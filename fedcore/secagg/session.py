@@ -4,8 +4,10 @@ Theory of operation: all keys of a round descend from two X25519 agreements per 
 (Bonawitz et al., CCS 2017, section 4: ``c`` keys to encrypt shares, ``s`` keys to agree mask
 seeds) through HKDF-SHA256 with explicit domain separation (RFC 5869 section 3.2):
 
-- the *session id* is SHA-256 over the round's settings and every advertised key (the set U1), so
-  two clients shown different key sets derive different keys and nothing they exchange opens;
+- the *session id* is SHA-256 over the round's settings (participants, threshold, graph, mode,
+  ring, and how sites encode their updates: clip range, weight budget, DP clip norm) and every
+  advertised key (the set U1), so two clients shown different key sets or settings derive
+  different keys and nothing they exchange opens;
 - a *share key* is HKDF(agree(c_u, c_v^PK), salt = session id, info = "share-key" | u | v): one key
   per direction of each pair and session;
 - a *pairwise mask seed* is HKDF(agree(s_u, s_v^PK), salt = session id, info = "pairwise-mask" |
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 
 from fedcore.crypto.agreement import AgreementKey, agree, derive_key
 from fedcore.errors import InvalidMessage
-from fedcore.secagg.config import SessionConfig
+from fedcore.secagg.config import SessionConfig, write_encoding
 from fedcore.secagg.messages import SHARE_BYTES, KeyAdvert
 from fedcore.secagg.wire import Reader, Writer
 
@@ -35,6 +37,8 @@ def session_id(config: SessionConfig, adverts: Iterable[KeyAdvert]) -> bytes:
     w = Writer().raw(DOMAIN + b"session").blob(config.round_id).ids(config.clients)
     w.u32(config.threshold).u32(config.length).u8(config.bits).u32(config.neighbors)
     w.u8(config.mode.value)
+    if config.encoding is not None:  # absent only for raw ring vectors (the in-memory harness)
+        write_encoding(w, config.encoding)
     for a in sorted(adverts, key=lambda a: a.sender):
         w.u64(a.sender).raw(a.enc_public).raw(a.mask_public).raw(a.seed_commitment)
     return hashlib.sha256(w.getvalue()).digest()

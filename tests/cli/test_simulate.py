@@ -143,10 +143,16 @@ def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_pa
     site_files = sorted(
         p.name for p in (out / "sites").iterdir() if p.is_file() and not p.name.startswith(".")
     )
+    kinds = (
+        "ledger.json",
+        "ledger.seal",
+        *(("secagg.cert.pem",) if stacked else ()),
+        "secagg.journal",
+        "secagg.key",
+    )
     assert site_files == [
-        f"site-{i}.{kind}"
-        for i in range(3)
-        for kind in ("ledger.json", "ledger.seal", "secagg.key")
+        *(["secagg-ca.pem"] if stacked else []),
+        *(f"site-{i}.{kind}" for i in range(3) for kind in kinds),
     ]
     if stacked:
         assert 0 < rows[0]["server_epsilon"] < rows[1]["server_epsilon"] <= 20

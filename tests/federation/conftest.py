@@ -12,8 +12,16 @@ from flwr.supercore.task_identity import TaskIdentity
 import clients.app as client_app
 from fedcore.config import Settings, resolve
 from fedcore.federation import messages as m
+from fedcore.federation.site_privacy import SIMULATION_MARKER
 
 Behaviour = Callable[[Message, Context], Message | None]
+
+
+@pytest.fixture(autouse=True)
+def simulated_sites(monkeypatch):
+    """The in-memory grid stands for fedcore's simulation: sites may keep their state under the
+    run record (a deployed site needs the node config's ``state-dir``)."""
+    monkeypatch.setenv(SIMULATION_MARKER, "1")
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,11 @@ import stat
 
 import pytest
 import torch
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
 from fedcore.config import resolve
-from fedcore.errors import ConfigError, LocalProtocolError
+from fedcore.errors import ConfigError
 from fedcore.federation import secagg_site
 from fedcore.federation.secagg_round import check_linear
 from fedcore.federation.server import run_server
@@ -153,39 +153,22 @@ def test_site_keeps_only_public_data_between_stages(tmp_path):
     settings, grid, _, _ = _run(tmp_path, "run", [*BASE, "rounds=1", "secagg.enabled=true"])
     for context in grid.contexts.values():
         record = context.state.config_records[secagg_site.SECAGG]
-        assert set(record.keys()) <= {"round-id", "payloads", "unmasked", "session-id"}
-        assert record["unmasked"] is True
-        assert context.state.config_records[secagg_site.UNMASKED]["round-ids"] == [
-            record["round-id"]
-        ]
+        assert set(record.keys()) <= {"round-id", "payloads", "session-id"}
     keys = sorted((tmp_path / "run" / "sites").glob("site-*.secagg.key"))
-    assert len(keys) == 4
-    for path in keys:
+    journals = sorted((tmp_path / "run" / "sites").glob("site-*.secagg.journal"))
+    assert len(keys) == len(journals) == 4
+    for path in [*keys, *journals]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for path in journals:  # the round is in each site's journal, done once
+        events = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+        assert len({e["round"] for e in events}) == 1
+        assert [k for e in events for k in e if k != "round"][:3] == ["nonce", "session", "masked"]
+        assert events[-1]["unmasked"] is True
+    for path in keys:
         key = path.read_bytes()
         for context in grid.contexts.values():  # the key is nowhere in Flower's state
             blob = b"".join(p for p in context.state.config_records[secagg_site.SECAGG]["payloads"])
             assert key not in blob
-
-
-@pytest.mark.parametrize("later_round", [False, True])
-def test_a_site_answers_one_unmask_request_per_round(tmp_path, later_round):
-    state = RecordDict()
-    transcript = secagg_site._Transcript(b"r" * 16, [], False)
-    transcript.mark_unmasked(state)
-    if later_round:  # a later round replaced the transcript; the old round id is still refused
-        secagg_site._Transcript(b"s" * 16, [], False)._save(state, None)
-    from fedcore.secagg import SessionConfig, encode
-    from fedcore.secagg.messages import AdvertiseRequest
-
-    config = SessionConfig(round_id=b"r" * 16, clients=(1, 2, 3), threshold=2, length=4)
-    request = secagg_site.request_record(
-        stage="advertise", payload=encode(AdvertiseRequest(1, config))
-    )
-    with pytest.raises(LocalProtocolError, match="already answered an unmask"):
-        secagg_site.answer_stage(
-            request, client_id=1, key=bytes(32), state=state, train=lambda: None
-        )
 
 
 def test_record_level_dp_sites_decline_before_the_protocol_starts(tmp_path):

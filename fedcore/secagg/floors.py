@@ -1,0 +1,109 @@
+"""The weakest round a site agrees to join: its floors, and the protocol's safe rules behind them.
+
+Theory of operation. The server chooses a round's participants, threshold, neighbour graph and mode,
+and every one of them decides what a colluding server learns:
+
+- the complete graph (Bonawitz et al., CCS 2017, Theorem 6.2 and section 6): a server colluding
+  with fewer than t sites learns only the sum when t > n/2 (semi-honest); against an active server
+  that splits the survivors into two groups, t > 2n/3 (:func:`~fedcore.secagg.default_threshold`);
+  with t = 2 an active server unmasks every input;
+- the SecAgg+ Harary graph (Bell et al., CCS 2020, section 4.2): the degree k and threshold t must
+  pass the FCP finder (:mod:`fedcore.secagg.params`) for n clients, with 5% corrupt and 5% dropped
+  clients assumed (FCP's published operating point), against a semi-honest server in SEMI_HONEST
+  mode and a semi-malicious one in ACTIVE mode.
+
+A site applies these rules to every offer (:meth:`Floors.check`), and on top of them the floors its
+operator set in the node config (never the run config, which the server writes): the mode it
+requires, and the least threshold, degree and number of participants. A weaker offer is refused
+with its reason, before the site sends anything. ``safe_rules=False`` drops the protocol's rules
+(keeping the operator's floors); only a simulation whose user opted into unsafe settings
+(``secagg.allow_unsafe``) runs so, since there the server and the sites are the same person.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedcore.errors import ConfigError, RemoteProtocolError
+from fedcore.secagg.config import Mode, SessionConfig, default_threshold
+from fedcore.secagg.params import AdversaryClass, threshold_floor
+
+CORRUPT_FRACTION = 0.05
+DROPOUT_FRACTION = 0.05
+
+
+def safe_threshold(clients: int, *, neighbors: int, mode: Mode) -> int:
+    """The least threshold the protocol's safe rules allow for this round shape.
+
+    ``neighbors``: 0 (or >= clients - 1) for the complete graph, else the even SecAgg+ degree.
+    Raises ConfigError when no threshold is safe: a SecAgg+ degree too small for ``clients``.
+    """
+    if neighbors == 0 or neighbors >= clients - 1:
+        return default_threshold(clients, mode=mode)
+    adversary = AdversaryClass.SEMI_MALICIOUS if mode is Mode.ACTIVE else AdversaryClass.SEMI_HONEST
+    t = threshold_floor(
+        clients,
+        neighbors,
+        corrupt_fraction=CORRUPT_FRACTION,
+        dropout_fraction=DROPOUT_FRACTION,
+        adversary=adversary,
+    )
+    if t is None:
+        raise ConfigError(
+            f"a SecAgg+ graph of degree {neighbors} over {clients} clients is not safe in "
+            f"{mode.name} mode (Bell et al. 2020, section 4.2, with {CORRUPT_FRACTION:.0%} corrupt "
+            f"and {DROPOUT_FRACTION:.0%} dropped clients); use more neighbours or the complete graph"
+        )
+    return t
+
+
+@dataclass(frozen=True, slots=True)
+class Floors:
+    """The weakest offer a site accepts. ``mode``: the mode it requires (ACTIVE refuses a
+    SEMI_HONEST round; SEMI_HONEST accepts both). ``min_threshold``, ``min_neighbors`` (0: any
+    graph), ``min_clients``: the operator's own floors, on top of the safe rules unless
+    ``safe_rules`` is False."""
+
+    mode: Mode = Mode.SEMI_HONEST
+    min_threshold: int = 2
+    min_neighbors: int = 0
+    min_clients: int = 2
+    safe_rules: bool = True
+
+    def check(self, config: SessionConfig) -> None:
+        """Raise RemoteProtocolError, naming the floor, if ``config`` offers less than it."""
+        n = len(config.clients)
+        if self.mode is Mode.ACTIVE and config.mode is not Mode.ACTIVE:
+            raise RemoteProtocolError(
+                f"refused: the server offers a {config.mode.name} round; this site requires "
+                f"{self.mode.name} mode (node config 'secagg-mode')"
+            )
+        if n < self.min_clients:
+            raise RemoteProtocolError(
+                f"refused: the round has {n} participants; this site requires at least "
+                f"{self.min_clients} (node config 'secagg-min-participants')"
+            )
+        sparse = not config.complete and config.neighbors < n - 1
+        if sparse and config.neighbors < self.min_neighbors:
+            raise RemoteProtocolError(
+                f"refused: the round's graph gives each site {config.neighbors} neighbours; this "
+                f"site requires at least {self.min_neighbors} (node config 'secagg-min-neighbors')"
+            )
+        if config.threshold < self.min_threshold:
+            raise RemoteProtocolError(
+                f"refused: the round's threshold is {config.threshold}; this site requires at "
+                f"least {self.min_threshold} (node config 'secagg-min-threshold')"
+            )
+        if not self.safe_rules:
+            return
+        try:
+            floor = safe_threshold(n, neighbors=config.neighbors if sparse else 0, mode=config.mode)
+        except ConfigError as exc:
+            raise RemoteProtocolError(f"refused: {exc}") from None
+        if config.threshold < floor:
+            raise RemoteProtocolError(
+                f"refused: the round's threshold {config.threshold} is below the safe "
+                f"{floor} for {n} participants"
+                + (f" with {config.neighbors} neighbours" if sparse else " (complete graph)")
+                + f" in {config.mode.name} mode"
+            )
