@@ -163,6 +163,13 @@ def _privacy_lines(record: RunRecord) -> list[str]:
     return [*lines, "", "![privacy](privacy.png)", ""]
 
 
+def status_line(status: Status, reason: str, *, rounds: int) -> str:
+    """``completed``, ``failed: why``, or ``interrupted after round R (why)``."""
+    if status == "interrupted":
+        return f"interrupted after round {rounds}" + (f" ({reason})" if reason else "")
+    return f"{status}" + (f": {reason}" if reason else "")
+
+
 def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str) -> None:
     s = record.settings
     rows = record.rows
@@ -170,7 +177,7 @@ def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str)
     lines = [
         "# fedcore run",
         "",
-        f"- **Status**: {status}" + (f": {reason}" if reason else ""),
+        f"- **Status**: {status_line(status, reason, rounds=len(rows))}",
         f"- **Federation**: {s.sites} sites, dataset `{s.dataset}`, partition `{s.partition}`, "
         f"model `{s.model}`, strategy `{s.strategy}`, seed {s.seed}",
         f"- **Rounds**: {len(rows)} of {s.rounds}, in {elapsed:.1f} s",
