@@ -449,6 +449,17 @@ def resolve(
     return settings
 
 
+def parse_overrides(items: Iterable[str]) -> dict[str, Scalar | None]:
+    """``["key=value", ...]`` as typed ``{key: value}``, each checked alone (no cross-checks)."""
+    parsed: dict[str, Scalar | None] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        parsed[key.strip()] = _checked(key.strip(), text.strip(), from_text=True)
+    return parsed
+
+
 def _checked(key: str, value: Any, *, from_text: bool) -> Scalar | None:
     spec = SPECS.get(key)
     if spec is None:

@@ -19,12 +19,22 @@ Ray, deliberately:
   made rounds halt silently. A worker that dies anyway costs only its site: every exchange has a
   deadline (``round_timeout``) after which the driver counts the site as failed and goes on;
 - Flower's telemetry is off (``FLWR_TELEMETRY_ENABLED=0``) unless the user set it.
+
+``fedcore simulate`` runs all of this in a child process (:func:`child_argv`, ``python -m
+fedcore.federation.simulation``) in a session of its own, so that a signal reaches only the
+``fedcore`` process, which then stops the child and everything it started (Ray's daemons and
+workers are its descendants) and closes the run record itself. The child has the working
+directory on its import path, and hands it to Ray's workers through ``PYTHONPATH``, so a model
+given as ``package.module:callable`` next to the user's files is found as with ``python -m``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
+import sys
 import tomllib
 from pathlib import Path
 
@@ -142,3 +152,45 @@ def run_app(
         # As `flwr run` does: with is_app=False, Flower gives the ClientApps an empty run config.
         is_app=True,
     )
+
+
+def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]:
+    """The command that runs :func:`simulate` for ``settings`` in a child process."""
+    run_config = {**settings.to_run_config(), "out": str(out_dir)}
+    return [
+        sys.executable,
+        "-m",
+        "fedcore.federation.simulation",
+        json.dumps(run_config),
+        *(["--verbose"] if verbose else []),
+    ]
+
+
+def child_env(cwd: Path | None = None) -> dict[str, str]:
+    """The child's environment: the working directory first on ``PYTHONPATH`` (Ray's workers
+    inherit it), Flower's telemetry off unless set."""
+    env = dict(os.environ)
+    paths = [str((cwd or Path.cwd()).resolve())]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedcore.config import from_run_config
+
+    parser = argparse.ArgumentParser(prog="python -m fedcore.federation.simulation")
+    parser.add_argument("run_config", help="the run config as JSON (what child_argv writes)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    run_config = json.loads(args.run_config)
+    settings = from_run_config(run_config)
+    simulate(settings, out_dir=Path(run_config["out"]), verbose=args.verbose)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
