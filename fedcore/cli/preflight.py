@@ -42,8 +42,8 @@ def data_and_model(settings: cfg.Settings) -> tuple[tuple[int, ...], int, list[i
     import_path_has_cwd()
     data = data_settings(settings)
     _, input_shape, num_classes = load_holdout(data)
-    sizes = [len(load_site(data, site_id).train.y) for site_id in range(settings.sites)]
     build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
+    sizes = [len(load_site(data, site_id).train.y) for site_id in range(settings.sites)]
     return input_shape, num_classes, sizes
 
 
@@ -76,10 +76,11 @@ def secagg_threshold(settings: cfg.Settings) -> None:
 
 
 def dp_affords_one_round(settings: cfg.Settings, site_sizes: list[int]) -> None:
-    """With DP on, one round must fit in a fresh budget (nothing is charged)."""
+    """With DP on, one round must fit in a fresh budget (nothing is charged): the federation's
+    when ``site_sizes`` is empty, else every site's (its smallest site's)."""
     from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind
 
-    if settings.dp.server.epsilon is not None:
+    if settings.dp.server.epsilon is not None and not site_sizes:
         from fedcore.federation.dp_server import server_dp_config
 
         dp = settings.dp.server
@@ -163,6 +164,7 @@ def check(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
     """Every check but the out folder; returns ``(input_shape, num_classes)``."""
     gpus(settings)
     secagg_threshold(settings)
+    dp_affords_one_round(settings, [])  # the federation's budget: needs no data
     input_shape, num_classes, sizes = data_and_model(settings)
     dp_affords_one_round(settings, sizes)
     return input_shape, num_classes
