@@ -7,6 +7,8 @@
 - ``summary.md`` and ``accuracy.png``: what a person looks at first;
 - with DP on, ``privacy.json`` (the ledgers and every round's epsilons) and ``privacy.png``;
 - ``checkpoint.pt`` (:mod:`fedcore.federation.checkpoint`): what a resumed run continues from;
+- ``sites.json``: which Flower node id was which site (failures are keyed by node id,
+  ``site_epsilon`` by site id), as the sites reported it;
 - ``status.json``: how the run ended (``completed``, ``stopped``, ``failed``, ``interrupted``), its
   reason and the rounds completed, for programs (``fedcore simulate`` takes its exit status from it).
 
@@ -179,6 +181,27 @@ class RunRecord:
         text = "".join(json.dumps(r.to_json()) + "\n" for r in rows)
         atomic_write(record.path / "history.jsonl", lambda fh: fh.write(text.encode()))
         return record
+
+    SITES_FILE = "sites.json"
+
+    def note_sites(self, node_to_site: Mapping[str, int]) -> None:
+        """Remember which node id is which site; ``sites.json`` is rewritten when it learns more."""
+        known = getattr(self, "_sites", None)
+        if known is None:
+            known = self._sites = self._read_sites()
+        if all(known.get(k) == v for k, v in node_to_site.items()):
+            return
+        known.update(node_to_site)
+        self.write_json(
+            self.SITES_FILE,
+            {"node_to_site": dict(sorted(known.items(), key=lambda kv: (kv[1], kv[0])))},
+        )
+
+    def _read_sites(self) -> dict[str, int]:
+        try:
+            return dict(json.loads((self.path / self.SITES_FILE).read_text())["node_to_site"])
+        except (OSError, ValueError, KeyError):
+            return {}
 
     def set_initial(self, *, loss: float, accuracy: float) -> None:
         self.initial_loss, self.initial_accuracy = loss, accuracy

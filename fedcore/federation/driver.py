@@ -80,6 +80,7 @@ class Exchange:
     sent: int
     bytes_down: int
     bytes_up: int
+    sites: dict[str, int] = field(default_factory=dict)  # node id -> the site id it reported
 
 
 def exchange(
@@ -92,10 +93,13 @@ def exchange(
     declined: dict[str, str] = {}
     failures: dict[str, str] = {}
     reported: dict[int, float] = {}
+    sites: dict[str, int] = {}
     bytes_up = 0
     for reply in replies:
         node = str(reply.metadata.src_node_id)
         bytes_up += m.content_bytes(reply)
+        if (site := _site_of(reply)) is not None:
+            sites[node] = site
         if reply.has_error():
             failures[node] = f"error reply ({reply.error.code}): {reply.error.reason}"
             continue
@@ -124,15 +128,24 @@ def exchange(
         sent=len(outgoing),
         bytes_down=bytes_down,
         bytes_up=bytes_up,
+        sites=sites,
     )
+
+
+def _site_of(reply: Message) -> int | None:
+    """The site id a reply reports (None if it names none)."""
+    if reply.has_error():
+        return None
+    metrics = reply.content.metric_records.get(m.METRICS)
+    site = metrics.get(m.SITE_ID) if metrics is not None else None
+    return int(site) if isinstance(site, int | float) and not isinstance(site, bool) else None
 
 
 def _site_order(reply: Message) -> tuple[float, int]:
     """Replies in site-id order (node id where a reply names no site): node ids are drawn anew in
     every run, site ids are not."""
-    metrics = reply.content.metric_records.get(m.METRICS)
-    site = metrics.get(m.SITE_ID) if metrics is not None else None
-    return (float(site) if isinstance(site, int | float) else math.inf, reply.metadata.src_node_id)
+    site = _site_of(reply)
+    return (math.inf if site is None else float(site), reply.metadata.src_node_id)
 
 
 def wait_for_sites(
@@ -171,6 +184,7 @@ class TrainOutcome:
     server_epsilon: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     stop: str = ""  # non-empty: record this round, then stop the run for this reason
+    sites: Mapping[str, int] = field(default_factory=dict)  # node id -> site id, where reported
 
     @classmethod
     def from_exchange(
@@ -189,6 +203,7 @@ class TrainOutcome:
             num_examples=sum(int(m.metric(r, m.NUM_EXAMPLES)) for r in train.valid),
             site_epsilon=train.site_epsilon,
             stop=stop_when_all_declined(sent=train.sent, declined=len(train.declined)),
+            sites=train.sites,
             **fields,
         )
 
@@ -374,6 +389,7 @@ def run_rounds(
             ),
         )
         record.append(row)
+        record.note_sites({**evaluation.sites, **train.sites})
         if checkpoint is not None:
             checkpoint(server_round, arrays, strategy)
         reporter.round_done(row, rounds=rounds)

@@ -75,8 +75,16 @@ def run_server(
     if settings.resume:
         record, resumed = reopen(Path(out_dir), settings)
     else:
+        from fedcore.provenance import run_facts
+
         record = RunRecord(
-            out_dir, settings, extra={"input_shape": list(input_shape), "num_classes": num_classes}
+            out_dir,
+            settings,
+            extra={
+                "input_shape": list(input_shape),
+                "num_classes": num_classes,
+                **run_facts(settings, device=str(device)),
+            },
         )
 
     def central_eval(arrays: ArrayRecord) -> EvalResult:

@@ -1,0 +1,74 @@
+"""The run record says what ran: privacy mode, dataset identity, commit, device, node-to-site map."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fedcore.config import resolve
+from fedcore.federation.server import run_server
+from fedcore.provenance import content_sha256, dataset_identity
+from fedcore.report import privacy_mode
+from tests.federation.conftest import FakeGrid, honest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_record_names_device_commit_dataset_and_which_node_is_which_site(tmp_path, small_settings):
+    grid = FakeGrid(small_settings, {101: honest, 102: honest, 103: honest})
+    run_server(grid, small_settings, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["device"] == "cpu"
+    assert {"fedcore_commit", "dataset_path", "dataset_sha256"} <= config.keys()
+    assert config["dataset_path"] is None  # a built-in dataset: its name and seed identify it
+    sites = json.loads((tmp_path / "run" / "sites.json").read_text())["node_to_site"]
+    # The fake grid gives partition-id i to the i-th node.
+    assert sites == {"101": 0, "102": 1, "103": 2}
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "**Privacy**: no privacy protection" in summary
+
+
+def test_a_local_dataset_is_recorded_by_resolved_path_and_content_hash(tmp_path, monkeypatch):
+    import numpy as np
+
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 2)), y=np.array([0, 1, 0, 1]))
+    monkeypatch.chdir(tmp_path)
+    identity = dataset_identity(resolve(overrides=["dataset=data.npz"]))
+    assert identity["dataset_path"] == str((tmp_path / "data.npz").resolve())
+    before = identity["dataset_sha256"]
+    assert before == content_sha256(tmp_path / "data.npz") and len(before) == 64
+    np.savez(tmp_path / "data.npz", x=np.ones((4, 2)), y=np.array([0, 1, 0, 1]))
+    assert content_sha256(tmp_path / "data.npz") != before
+
+
+def test_privacy_mode_names_every_protection_and_its_parameters():
+    text = privacy_mode(
+        resolve(
+            overrides=[
+                "sites=3",
+                "secagg.enabled=true",
+                "secagg.mode=active",
+                "dp.site.epsilon=8",
+                "dp.site.noise_multiplier=1.1",
+                "dp.server.epsilon=20",
+                "dp.server.noise_multiplier=0.7",
+                "fraction_train=0.5",
+            ]
+        )
+    )
+    for fragment in (
+        "secure aggregation (active",
+        "DP-SGD (eps 8",
+        "noise 1.1",
+        "DP-FedAvg (eps 20",
+        "noise 0.7",
+        "sampling rate 0.5",
+    ):
+        assert fragment in text, text
+
+
+def test_version():
+    result = subprocess.run(
+        [sys.executable, "-m", "fedcore.cli", "--version"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0 and result.stdout.startswith("fedcore 0.")
