@@ -72,3 +72,30 @@ def test_version():
         [sys.executable, "-m", "fedcore.cli", "--version"], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0 and result.stdout.startswith("fedcore 0.")
+
+
+def test_waiting_for_sites_prints_a_line_every_few_seconds(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from fedcore.federation import progress
+    from fedcore.federation.driver import wait_for_sites
+
+    clock = iter(range(0, 1000))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: float(next(clock)))
+    out = io.StringIO()
+    reporter = progress.RichReporter(Console(file=out, width=120))
+
+    class Grid:
+        calls = 0
+
+        def get_node_ids(self):
+            Grid.calls += 1
+            return [1] if Grid.calls < 12 else [1, 2]
+
+    monkeypatch.setattr("fedcore.federation.driver.time.sleep", lambda s: None)
+    assert wait_for_sites(Grid(), expected=2, timeout=1e9, reporter=reporter) == 2
+    lines = [line for line in out.getvalue().splitlines() if "waiting for sites" in line]
+    assert lines and all(line == "waiting for sites: 1/2 connected" for line in lines)
+    assert 1 < len(lines) < 11  # throttled: not one per poll
