@@ -176,10 +176,14 @@ def interrupted(out_dir: Path, signum: int, *, resumed: bool) -> int:
     name = signal.Signals(signum).name
     rounds = close_interrupted(out_dir, reason=f"received {name}")
     if rounds is None:
+        # Nothing ran: no partial record. Only the files a record starts with are removed, never a
+        # site's key or ledger (none exists before round 1, whose checkpoint-0 precedes it).
+        started_with = {"config.json", "history.jsonl", "summary.md", "accuracy.png", "status.json"}
         if not resumed and out_dir.is_dir():
-            import shutil
+            if {p.name for p in out_dir.iterdir()} <= started_with:
+                import shutil
 
-            shutil.rmtree(out_dir, ignore_errors=True)  # nothing ran: no partial record
+                shutil.rmtree(out_dir, ignore_errors=True)
         print(f"fedcore: {name}: stopped before the first round; no run record kept", file=sys.stderr)
     else:
         print(

@@ -73,12 +73,15 @@ def _declares_app(folder: Path) -> bool:
     return components.get("serverapp") == SERVER_APP and components.get("clientapp") == CLIENT_APP
 
 
-def backend_config(settings: Settings) -> dict:
+def backend_config(settings: Settings, *, verbose: bool = False) -> dict:
+    """Ray's resources; the workers' output reaches the console only with ``verbose`` (Flower's
+    and absl's warnings from every worker otherwise bury the progress lines)."""
     return {
         "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
         "init_args": {
             "num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus)),
             "include_dashboard": False,
+            "log_to_driver": verbose,
         },
     }
 
@@ -96,7 +99,7 @@ def simulate(
         client_app=CLIENT_APP,
         run_config={**settings.to_run_config(), "out": str(out_dir)},
         sites=settings.sites,
-        backend=backend_config(settings),
+        backend=backend_config(settings, verbose=verbose),
         verbose=verbose,
     )
 

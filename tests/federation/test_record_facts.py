@@ -99,3 +99,31 @@ def test_waiting_for_sites_prints_a_line_every_few_seconds(monkeypatch):
     lines = [line for line in out.getvalue().splitlines() if "waiting for sites" in line]
     assert lines and all(line == "waiting for sites: 1/2 connected" for line in lines)
     assert 1 < len(lines) < 11  # throttled: not one per poll
+
+
+def test_a_site_logs_its_own_failure_with_the_reason_it_sends(caplog, small_settings):
+    import logging
+
+    from tests.federation.conftest import raises_config_error_in_train
+
+    grid = FakeGrid(small_settings, {101: raises_config_error_in_train})
+    from fedcore.federation import messages as m
+    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.common import MessageType
+
+    content = RecordDict(
+        {
+            m.ARRAYS: ArrayRecord({}),
+            m.CONFIG: m.train_config(server_round=1, num_classes=10, input_shape=(64,)),
+        }
+    )
+    msg = Message(content=content, dst_node_id=101, message_type=MessageType.TRAIN)
+    flwr_logger = logging.getLogger("flwr")
+    saved, flwr_logger.propagate = flwr_logger.propagate, True
+    try:
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            (reply,) = grid.send_and_receive([msg], timeout=5)
+    finally:
+        flwr_logger.propagate = saved
+    assert reply.has_error()
+    assert any(reply.error.reason in rec.getMessage() for rec in caplog.records), caplog.text
