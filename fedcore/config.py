@@ -177,7 +177,10 @@ class Settings:
     )
     max_failed_rounds: int = field(
         default=3,
-        metadata=_doc("stop the run as failed after this many rounds in a row in which every site failed", min=1),
+        metadata=_doc(
+            "stop the run as failed after this many rounds in a row in which every site failed",
+            min=1,
+        ),
     )
     seed: int = field(default=0, metadata=_doc("seed for data, partitioning, initial model"))
     device: Device = field(

@@ -24,9 +24,7 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-from fedcore import config as cfg
 from fedcore.cli import add_settings_arguments
 from fedcore.cli.simulate import add_resume_argument
 from fedcore.errors import ConfigError

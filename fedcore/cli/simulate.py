@@ -184,7 +184,9 @@ def interrupted(out_dir: Path, signum: int, *, resumed: bool) -> int:
                 import shutil
 
                 shutil.rmtree(out_dir, ignore_errors=True)
-        print(f"fedcore: {name}: stopped before the first round; no run record kept", file=sys.stderr)
+        print(
+            f"fedcore: {name}: stopped before the first round; no run record kept", file=sys.stderr
+        )
     else:
         print(
             f"fedcore: {name}: stopped; every process it started is stopped; the record is closed "
@@ -226,7 +228,9 @@ def report(out_dir: Path, settings: cfg.Settings, *, returncode: int = 0) -> int
         )
         return EXIT_FAILED
     if status["status"] == "stopped":
-        print(f"fedcore: the run stopped after {len(rows)} of {settings.rounds} rounds: {status['reason']}")
+        print(
+            f"fedcore: the run stopped after {len(rows)} of {settings.rounds} rounds: {status['reason']}"
+        )
     print(f"final accuracy {shown} on the held-out set after {len(rows)} rounds")
     print(f"run record: {out_dir}")
     return EXIT_COMPLETED

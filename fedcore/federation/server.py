@@ -23,8 +23,8 @@ from flwr.serverapp import Grid
 
 from fedcore.config import Settings
 from fedcore.data import load_holdout
+from fedcore.errors import ConfigError
 from fedcore.federation import messages as m
-from fedcore.federation.dp_server import LEDGER_FILE, DPFedAvgRound, federation_ledger
 from fedcore.federation.checkpoint import (
     Checkpoint,
     capture_random_state,
@@ -32,6 +32,7 @@ from fedcore.federation.checkpoint import (
     restore_random_state,
     write_checkpoint,
 )
+from fedcore.federation.dp_server import LEDGER_FILE, DPFedAvgRound, federation_ledger
 from fedcore.federation.driver import (
     NullReporter,
     Reporter,
@@ -47,7 +48,6 @@ from fedcore.federation.strategies import (
     restore_strategy_state,
     strategy_state,
 )
-from fedcore.errors import ConfigError
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
 from fedcore.runrecord import RoundRow, RunRecord
@@ -206,9 +206,9 @@ def resume_settings(out_dir: Path, overrides: dict[str, Any]) -> Settings:
             f"what the federation computes (recorded: "
             f"{', '.join(f'{k}={before.get(k)!r}' for k in refused)}); start a new run instead"
         )
-    calibrated = (recorded.dp.site.epsilon is not None and recorded.dp.site.noise_multiplier is None) or (
-        recorded.dp.server.epsilon is not None and recorded.dp.server.noise_multiplier is None
-    )
+    calibrated = (
+        recorded.dp.site.epsilon is not None and recorded.dp.site.noise_multiplier is None
+    ) or (recorded.dp.server.epsilon is not None and recorded.dp.server.noise_multiplier is None)
     if "rounds" in changed and calibrated:
         raise ConfigError(
             "cannot resume with a different 'rounds': the DP noise multiplier was calibrated over "
@@ -226,7 +226,9 @@ def reopen(out_dir: Path, settings: Settings) -> tuple[RunRecord, Checkpoint]:
     checkpoint."""
     recorded = recorded_settings(out_dir).to_dict()
     differ = sorted(
-        k for k, v in settings.to_dict().items() if recorded.get(k) != v and k not in RESUMABLE_CHANGES
+        k
+        for k, v in settings.to_dict().items()
+        if recorded.get(k) != v and k not in RESUMABLE_CHANGES
     )
     if differ:
         raise ConfigError(

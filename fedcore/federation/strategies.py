@@ -64,7 +64,11 @@ def server_lr(settings: Settings) -> float | None:
     """The server learning rate the run uses (None for strategies without one)."""
     if settings.strategy not in DEFAULT_SERVER_LR:
         return None
-    return settings.server_lr if settings.server_lr is not None else DEFAULT_SERVER_LR[settings.strategy]
+    return (
+        settings.server_lr
+        if settings.server_lr is not None
+        else DEFAULT_SERVER_LR[settings.strategy]
+    )
 
 
 def build_strategy(settings: Settings) -> Strategy:
@@ -116,7 +120,9 @@ def _from_tensors(value: Any) -> Any:
         return value.numpy()
     if isinstance(value, dict):
         if set(value) == {"__arrayrecord__"}:
-            return ArrayRecord({k: Array(_from_tensors(a)) for k, a in value["__arrayrecord__"].items()})
+            return ArrayRecord(
+                {k: Array(_from_tensors(a)) for k, a in value["__arrayrecord__"].items()}
+            )
         return {k: _from_tensors(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_from_tensors(v) for v in value]

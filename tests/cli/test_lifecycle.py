@@ -57,7 +57,9 @@ def test_a_signal_stops_the_run_closes_the_record_and_leaves_no_process(tmp_path
     process = start("simulate", *LONG, "--out", str(out))
     wait_for_rounds(process, out, 2)
     started = tree(process.pid)
-    assert len(started) >= 3  # the child, Ray's daemons and workers: the check below means something
+    assert (
+        len(started) >= 3
+    )  # the child, Ray's daemons and workers: the check below means something
     process.send_signal(signum)
     sent = time.monotonic()
     _, err = process.communicate(timeout=60)
@@ -80,7 +82,16 @@ def test_a_signal_stops_the_run_closes_the_record_and_leaves_no_process(tmp_path
 
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path):
-    settings = ["--set", "sites=2", "--set", "rounds=5", "--set", "local_epochs=2", "--set", "seed=3"]
+    settings = [
+        "--set",
+        "sites=2",
+        "--set",
+        "rounds=5",
+        "--set",
+        "local_epochs=2",
+        "--set",
+        "seed=3",
+    ]
     whole = tmp_path / "whole"
     process = start("simulate", *settings, "--out", str(whole))
     assert process.wait(timeout=300) == 0, process.communicate()

@@ -63,7 +63,10 @@ def test_out_folder_in_a_read_only_folder(tmp_path):
     [
         (["client_gpus=0.5"], "no GPU is visible"),
         (["sites=3", "secagg.enabled=true", "secagg.threshold=5"], "more than the 3 sites"),
-        (["sites=4", "fraction_train=0.5", "secagg.enabled=true", "secagg.threshold=3"], "more than the 2 sites"),
+        (
+            ["sites=4", "fraction_train=0.5", "secagg.enabled=true", "secagg.threshold=3"],
+            "more than the 2 sites",
+        ),
         (["model=not_a_module_here:Net"], "could not be loaded"),
         (
             ["sites=3", "dp.server.epsilon=0.01", "dp.server.noise_multiplier=0.3"],

@@ -29,7 +29,13 @@ STRATEGIES = ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_runs_three_rounds_learns_and_keeps_float32(tmp_path, strategy):
     settings = resolve(
-        overrides=["sites=3", "rounds=3", "local_epochs=1", "round_timeout=5", f"strategy={strategy}"]
+        overrides=[
+            "sites=3",
+            "rounds=3",
+            "local_epochs=1",
+            "round_timeout=5",
+            f"strategy={strategy}",
+        ]
     )
     grid = FakeGrid(settings, {101: honest, 102: honest, 103: honest})
     record = run_server(grid, settings, tmp_path / "run")
@@ -46,14 +52,22 @@ def test_every_strategy_runs_three_rounds_learns_and_keeps_float32(tmp_path, str
 def test_server_lr_defaults_are_flowers_and_the_key_still_overrides():
     assert server_lr(resolve(overrides=["strategy=fedavgm"])) == 1.0
     assert build_strategy(resolve(overrides=["strategy=fedavgm"])).server_learning_rate == 1.0
-    assert build_strategy(resolve(overrides=["strategy=fedyogi"])).eta == DEFAULT_SERVER_LR["fedyogi"]
+    assert (
+        build_strategy(resolve(overrides=["strategy=fedyogi"])).eta == DEFAULT_SERVER_LR["fedyogi"]
+    )
     assert build_strategy(resolve(overrides=["strategy=fedadam", "server_lr=0.3"])).eta == 0.3
     assert server_lr(resolve(overrides=["strategy=fedavg"])) is None
 
 
 def test_a_run_whose_last_k_rounds_all_fail_stops_as_failed_naming_the_reason(tmp_path):
     settings = resolve(
-        overrides=["sites=2", "rounds=6", "local_epochs=1", "round_timeout=5", "max_failed_rounds=2"]
+        overrides=[
+            "sites=2",
+            "rounds=6",
+            "local_epochs=1",
+            "round_timeout=5",
+            "max_failed_rounds=2",
+        ]
     )
     bad = raises_config_error_in_train
     record = run_server(FakeGrid(settings, {101: bad, 102: bad}), settings, tmp_path / "run")
@@ -69,7 +83,13 @@ def test_a_run_whose_last_k_rounds_all_fail_stops_as_failed_naming_the_reason(tm
 
 def test_one_failing_site_is_not_a_failed_round(tmp_path):
     settings = resolve(
-        overrides=["sites=2", "rounds=2", "local_epochs=1", "round_timeout=5", "max_failed_rounds=1"]
+        overrides=[
+            "sites=2",
+            "rounds=2",
+            "local_epochs=1",
+            "round_timeout=5",
+            "max_failed_rounds=1",
+        ]
     )
     grid = FakeGrid(settings, {101: honest, 102: raises_config_error_in_train})
     run_server(grid, settings, tmp_path / "run")
@@ -112,7 +132,9 @@ def test_killed_then_resumed_ends_with_the_uninterrupted_model(tmp_path, strateg
     resumed = resume_settings(tmp_path / "cut", {})
     assert resumed.resume and resumed.out == str(tmp_path / "cut")
     # Fresh sites (new processes, new node ids): the resumed run depends on nothing in memory.
-    run_server(FakeGrid(resumed, {201: honest, 202: honest, 203: honest}), resumed, tmp_path / "cut")
+    run_server(
+        FakeGrid(resumed, {201: honest, 202: honest, 203: honest}), resumed, tmp_path / "cut"
+    )
 
     rows = _history(tmp_path / "cut")
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
@@ -120,18 +142,26 @@ def test_killed_then_resumed_ends_with_the_uninterrupted_model(tmp_path, strateg
     cut = torch.load(tmp_path / "cut" / "model.pt")
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
     assert _status(tmp_path / "cut")["status"] == "completed"
-    assert [r["eval_accuracy"] for r in rows] == [r["eval_accuracy"] for r in _history(tmp_path / "whole")]
+    assert [r["eval_accuracy"] for r in rows] == [
+        r["eval_accuracy"] for r in _history(tmp_path / "whole")
+    ]
 
 
 def test_resume_refuses_settings_that_change_the_federation(tmp_path, small_settings):
-    run_server(FakeGrid(small_settings, {101: honest, 102: honest, 103: honest}), small_settings, tmp_path / "run")
+    run_server(
+        FakeGrid(small_settings, {101: honest, 102: honest, 103: honest}),
+        small_settings,
+        tmp_path / "run",
+    )
     with pytest.raises(ConfigError, match="lr=0.5"):
         resume_settings(tmp_path / "run", {"lr": 0.5})
     assert resume_settings(tmp_path / "run", {"round_timeout": 9.0, "rounds": 3}).rounds == 3
     with pytest.raises(ConfigError, match="no run record"):
         resume_settings(tmp_path / "nothing", {})
     # A different run's settings cannot be pointed at this record.
-    other = resolve(overrides=["sites=3", "rounds=3", "seed=7", "resume=true", f"out={tmp_path / 'run'}"])
+    other = resolve(
+        overrides=["sites=3", "rounds=3", "seed=7", "resume=true", f"out={tmp_path / 'run'}"]
+    )
     with pytest.raises(ConfigError, match="seed"):
         run_server(FakeGrid(other, {101: honest}), other, tmp_path / "run")
 
@@ -139,12 +169,18 @@ def test_resume_refuses_settings_that_change_the_federation(tmp_path, small_sett
 def test_close_interrupted_writes_last_round_model_and_status(tmp_path, small_settings):
     sites = {101: honest, 102: honest, 103: honest}
     with pytest.raises(_Killed):
-        run_server(_DiesAfter(small_settings, sites, die_in_round=2), small_settings, tmp_path / "run")
+        run_server(
+            _DiesAfter(small_settings, sites, die_in_round=2), small_settings, tmp_path / "run"
+        )
     assert close_interrupted(tmp_path / "run", reason="SIGINT") == 1
     checkpoint = read_checkpoint(tmp_path / "run")
     model = torch.load(tmp_path / "run" / "model.pt")
     assert all(torch.equal(model[k], checkpoint.arrays[k]) for k in model)
-    assert _status(tmp_path / "run") == {"status": "interrupted", "reason": "SIGINT", "rounds_completed": 1}
+    assert _status(tmp_path / "run") == {
+        "status": "interrupted",
+        "reason": "SIGINT",
+        "rounds_completed": 1,
+    }
     assert "interrupted after round 1" in (tmp_path / "run" / "summary.md").read_text()
     assert [r["round"] for r in _history(tmp_path / "run")] == [1]
     assert (tmp_path / "run" / CHECKPOINT_FILE).exists()
@@ -153,7 +189,11 @@ def test_close_interrupted_writes_last_round_model_and_status(tmp_path, small_se
 def test_checkpoint_keeps_the_servers_random_state(tmp_path, small_settings):
     import random
 
-    run_server(FakeGrid(small_settings, {101: honest, 102: honest, 103: honest}), small_settings, tmp_path / "run")
+    run_server(
+        FakeGrid(small_settings, {101: honest, 102: honest, 103: honest}),
+        small_settings,
+        tmp_path / "run",
+    )
     from fedcore.federation.checkpoint import restore_random_state
 
     checkpoint = read_checkpoint(tmp_path / "run")

@@ -107,9 +107,10 @@ def test_a_site_logs_its_own_failure_with_the_reason_it_sends(caplog, small_sett
     from tests.federation.conftest import raises_config_error_in_train
 
     grid = FakeGrid(small_settings, {101: raises_config_error_in_train})
-    from fedcore.federation import messages as m
     from flwr.app import ArrayRecord, Message, RecordDict
     from flwr.common import MessageType
+
+    from fedcore.federation import messages as m
 
     content = RecordDict(
         {
