@@ -201,3 +201,54 @@ def test_checkpoint_keeps_the_servers_random_state(tmp_path, small_settings):
     a = (random.random(), np.random.random())
     restore_random_state(checkpoint.random_state)
     assert (random.random(), np.random.random()) == a
+
+
+class _DiesInEvaluate(FakeGrid):
+    """The server dies after round ``r``'s training was released (and charged), before the round
+    completed."""
+
+    def __init__(self, settings, behaviours, *, die_in_round):
+        super().__init__(settings, behaviours)
+        self.die_in_round = die_in_round
+        self.trained = 0
+
+    def send_and_receive(self, messages, *, timeout):
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else ""
+        if kind == "train":
+            self.trained += 1
+        elif kind == "evaluate" and self.trained == self.die_in_round:
+            raise _Killed
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_round_charged_but_not_completed_stays_charged_and_its_retry_is_a_new_charge(tmp_path):
+    from fedcore.federation.dp_server import LEDGER_FILE
+    from fedcore.privacy import PrivacyLedger
+
+    out = tmp_path / "run"
+    settings = resolve(
+        overrides=[
+            "sites=3",
+            "rounds=3",
+            "local_epochs=1",
+            "round_timeout=5",
+            "dp.server.epsilon=50",
+            "dp.server.noise_multiplier=1.0",
+            "dp.server.clipping=adaptive",
+        ]
+    )
+    sites = {101: honest, 102: honest, 103: honest}
+    with pytest.raises(_Killed):
+        run_server(_DiesInEvaluate(settings, sites, die_in_round=2), settings, out)
+    assert len(PrivacyLedger.load(out / LEDGER_FILE).entries) == 2  # round 2 was released
+    checkpoint = read_checkpoint(out)
+    assert checkpoint.round == 1 and checkpoint.clip_norm is not None
+    resumed = resume_settings(out, {})
+    run_server(FakeGrid(resumed, sites), resumed, out)
+    ledger = PrivacyLedger.load(out / LEDGER_FILE)
+    # Never rolled back: the lost release of round 2, then rounds 2 and 3 again.
+    assert len(ledger.entries) == 4
+    rows = _history(out)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["server_epsilon"] == pytest.approx(ledger.epsilon())
