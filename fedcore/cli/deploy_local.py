@@ -61,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
     from fedcore.cli import preflight as checks
     from fedcore.cli.simulate import (
         Stopped,
+        close_crashed,
         interrupted,
         preflight,
         report,
         resolve_run,
+        run_status,
         signals_stop,
     )
     from fedcore.deploy.local import deploy_local
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         f"deploy: every process stopped; {time.monotonic() - start:.0f} s in all, "
         f"the run {outcome.seconds:.0f} s"
     )
+    if run_status(out_dir) is None:  # the ServerApp died without closing the record
+        close_crashed(out_dir, returncode=outcome.returncode, resumed=settings.resume)
     if not (out_dir / "history.jsonl").exists():
         echo(f"fedcore: the run wrote no run record (flwr run exited with {outcome.returncode})")
         return 1

@@ -166,7 +166,32 @@ def supervise(settings: cfg.Settings, *, out_dir: Path, verbose: bool) -> int:
             return interrupted(out_dir, stop.signum, resumed=settings.resume)
     finally:
         supervisor.stop_all()
+    if run_status(out_dir) is None:  # the child died without closing the record
+        close_crashed(out_dir, returncode=returncode, resumed=settings.resume)
     return report(out_dir, settings, returncode=returncode)
+
+
+STARTING_FILES = {"config.json", "history.jsonl", "summary.md", "accuracy.png", "status.json"}
+
+
+def remove_if_nothing_ran(out_dir: Path, *, resumed: bool) -> None:
+    """Remove a record that holds only the files a run starts with: nothing ran, so no partial
+    record is kept. Never a site's key or ledger (none exists before round 1, and round 1 comes
+    after the first checkpoint), never a resumed record."""
+    if not resumed and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= STARTING_FILES:
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def close_crashed(out_dir: Path, *, returncode: int, resumed: bool) -> None:
+    """The simulation process ended without closing the record: close it as failed as of its
+    last checkpoint, or remove it if no round ran."""
+    from fedcore.federation.server import close_interrupted
+
+    reason = f"the simulation process exited with status {returncode} (see the output above)"
+    if close_interrupted(out_dir, reason=reason, status="failed") is None:
+        remove_if_nothing_ran(out_dir, resumed=resumed)
 
 
 def interrupted(out_dir: Path, signum: int, *, resumed: bool) -> int:
@@ -176,14 +201,7 @@ def interrupted(out_dir: Path, signum: int, *, resumed: bool) -> int:
     name = signal.Signals(signum).name
     rounds = close_interrupted(out_dir, reason=f"received {name}")
     if rounds is None:
-        # Nothing ran: no partial record. Only the files a record starts with are removed, never a
-        # site's key or ledger (none exists before round 1, whose checkpoint-0 precedes it).
-        started_with = {"config.json", "history.jsonl", "summary.md", "accuracy.png", "status.json"}
-        if not resumed and out_dir.is_dir():
-            if {p.name for p in out_dir.iterdir()} <= started_with:
-                import shutil
-
-                shutil.rmtree(out_dir, ignore_errors=True)
+        remove_if_nothing_ran(out_dir, resumed=resumed)
         print(
             f"fedcore: {name}: stopped before the first round; no run record kept", file=sys.stderr
         )
@@ -209,8 +227,8 @@ def report(out_dir: Path, settings: cfg.Settings, *, returncode: int = 0) -> int
     status = run_status(out_dir)
     if status is None:
         print(
-            f"fedcore: the run ended (exit status {returncode}) without closing its record; "
-            f"see {out_dir}",
+            f"fedcore: the run failed before its first round (exit status {returncode}); "
+            "no run record kept",
             file=sys.stderr,
         )
         return EXIT_FAILED

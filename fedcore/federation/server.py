@@ -50,7 +50,7 @@ from fedcore.federation.strategies import (
 )
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
-from fedcore.runrecord import RoundRow, RunRecord
+from fedcore.runrecord import RoundRow, RunRecord, Status
 from fedcore.training import EvalResult, evaluate, pick_device
 
 
@@ -247,9 +247,10 @@ def reopen(out_dir: Path, settings: Settings) -> tuple[RunRecord, Checkpoint]:
     return record, checkpoint
 
 
-def close_interrupted(out_dir: Path, *, reason: str) -> int | None:
-    """Close the record of a run that was stopped from outside (a signal): ``history.jsonl`` and
-    ``model.pt`` as of the last completed round, plots, summary ``interrupted after round R``.
+def close_interrupted(out_dir: Path, *, reason: str, status: Status = "interrupted") -> int | None:
+    """Close the record of a run that was stopped from outside (a signal; ``status="failed"`` for
+    a server process that died): ``history.jsonl`` and ``model.pt`` as of the last completed
+    round, plots, summary ``interrupted after round R``.
 
     Returns R, or None if the run had not written its first checkpoint (nothing to close)."""
     checkpoint = read_checkpoint(out_dir)
@@ -268,7 +269,7 @@ def close_interrupted(out_dir: Path, *, reason: str) -> int | None:
         ledger = federation_ledger(settings, out_dir / LEDGER_FILE)
     _write_privacy(record, settings, ledger)
     record.save_model(checkpoint.arrays)
-    record.finish(status="interrupted", reason=reason)
+    record.finish(status=status, reason=reason)
     return checkpoint.round
 
 

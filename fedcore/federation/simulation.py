@@ -48,7 +48,8 @@ CLIENT_APP = "clients.app:app"
 def find_app_dir(start: Path | None = None) -> Path:
     """The fedcore app directory: ``$FEDCORE_APP_DIR``, else the checkout this library lives in,
     else the first folder from ``start`` (default: the working directory) upwards whose
-    ``pyproject.toml`` declares fedcore's components."""
+    ``pyproject.toml`` declares fedcore's components, else the app installed with fedcore
+    (:func:`installed_app_dir`)."""
     candidates: list[Path] = []
     if env := os.environ.get("FEDCORE_APP_DIR"):
         candidates.append(Path(env))
@@ -58,10 +59,44 @@ def find_app_dir(start: Path | None = None) -> Path:
     for folder in candidates:
         if _declares_app(folder):
             return folder
+    if (installed := installed_app_dir()) is not None:
+        return installed
     raise ConfigError(
         "cannot find the fedcore app directory (a pyproject.toml declaring "
         f"serverapp = {SERVER_APP!r}); run from the fedcore checkout or set FEDCORE_APP_DIR"
     )
+
+
+def installed_app_dir() -> Path | None:
+    """An app directory for an installed fedcore, or None in a checkout.
+
+    setup.py installs the checkout's ``clients`` and ``server`` packages as ``fedcore/_app/``.
+    Flower wants them in a folder with a ``pyproject.toml`` declaring the app, so this makes one,
+    temporary (removed when this process exits): links to the two packages and a pyproject whose
+    ``[tool.flwr.app.config]`` is :class:`Settings`' defaults.
+    """
+    installed = Path(__file__).resolve().parents[1] / "_app"
+    if not all((installed / part / "app.py").is_file() for part in ("server", "clients")):
+        return None
+    import atexit
+    import shutil
+    import tempfile
+
+    from fedcore.deploy.flwr_home import write_run_config
+
+    folder = Path(tempfile.mkdtemp(prefix="fedcore-app-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for part in ("server", "clients"):
+        (folder / part).symlink_to(installed / part, target_is_directory=True)
+    config = {f"tool.flwr.app.config.{k}": v for k, v in Settings().to_run_config().items()}
+    write_run_config(folder / "config.toml", config)
+    head = (
+        '[project]\nname = "fedcore-app"\nversion = "0.1.0"\n\n[tool.flwr.app]\n'
+        'publisher = "fedcore"\n\n[tool.flwr.app.components]\n'
+        f'serverapp = "{SERVER_APP}"\nclientapp = "{CLIENT_APP}"\n\n'
+    )
+    (folder / "pyproject.toml").write_text(head + (folder / "config.toml").read_text())
+    return folder
 
 
 def _declares_app(folder: Path) -> bool:

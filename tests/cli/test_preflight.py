@@ -127,3 +127,31 @@ def test_parse_overrides_checks_each_key():
     assert parse_overrides(["rounds=7", "round_timeout=3"]) == {"rounds": 7, "round_timeout": 3.0}
     with pytest.raises(ConfigError, match="unknown setting"):
         parse_overrides(["colour=blue"])
+
+
+from tests.federation.conftest import flower_identity  # noqa: E402,F401 - a fixture
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_a_crashed_run_is_closed_as_failed_or_removed_if_nothing_ran(tmp_path):
+    import json
+
+    from fedcore.cli.simulate import close_crashed, report
+    from fedcore.federation.server import run_server
+    from tests.federation.conftest import FakeGrid, honest
+
+    settings = resolve(overrides=["sites=2", "rounds=1", "local_epochs=1", "round_timeout=5"])
+    out = tmp_path / "run"
+    run_server(FakeGrid(settings, {1: honest, 2: honest}), settings, out)
+    (out / "status.json").unlink()  # as if the server process had died before closing
+    close_crashed(out, returncode=-9, resumed=False)
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "failed" and "exited with status -9" in status["reason"]
+    assert report(out, settings, returncode=-9) == 1
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    (bare / "history.jsonl").write_text("")
+    close_crashed(bare, returncode=1, resumed=False)
+    assert not bare.exists()
