@@ -29,6 +29,43 @@ def dataset_identity(settings: Settings) -> dict[str, Any]:
     return {"dataset_path": str(path), "dataset_sha256": content_sha256(path)}
 
 
+def label_mapping(settings: Settings) -> dict[str, str] | None:
+    """``{class index: original label}`` for a local ``.npz``/``.csv``/``.parquet`` dataset whose
+    labels are not already ``0..K-1`` (string labels, or numbers with gaps); None otherwise.
+
+    The order is the one :func:`fedcore.data.arrays.encode_labels` gives (sorted unique values),
+    read again from the label column only."""
+    import numpy as np
+
+    name = settings.dataset
+    if name in BUILTIN or name.startswith(HUB_PREFIX):
+        return None
+    path = Path(name).expanduser()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                labels = np.asarray(archive["y"])
+        elif suffix in (".csv", ".parquet"):
+            import pandas as pd
+
+            column = settings.label_column
+            frame = (
+                pd.read_csv(path, usecols=[column])
+                if suffix == ".csv"
+                else pd.read_parquet(path, columns=[column])
+            )
+            labels = frame[column].to_numpy()
+        else:
+            return None
+        classes = np.unique(labels)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if classes.dtype.kind in "iu" and np.array_equal(classes, np.arange(len(classes))):
+        return None
+    return {str(i): str(c) for i, c in enumerate(classes.tolist())}
+
+
 def content_sha256(path: Path) -> str | None:
     """SHA-256 of a file's bytes, or of a folder's files (relative path and bytes, sorted)."""
     digest = hashlib.sha256()
@@ -80,4 +117,9 @@ def fedcore_commit() -> str | None:
 
 def run_facts(settings: Settings, *, device: str) -> dict[str, Any]:
     """The facts :class:`~fedcore.runrecord.RunRecord` adds to ``config.json``."""
-    return {**dataset_identity(settings), "fedcore_commit": fedcore_commit(), "device": device}
+    return {
+        **dataset_identity(settings),
+        "label_mapping": label_mapping(settings),
+        "fedcore_commit": fedcore_commit(),
+        "device": device,
+    }

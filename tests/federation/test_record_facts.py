@@ -128,3 +128,21 @@ def test_a_site_logs_its_own_failure_with_the_reason_it_sends(caplog, small_sett
         flwr_logger.propagate = saved
     assert reply.has_error()
     assert any(reply.error.reason in rec.getMessage() for rec in caplog.records), caplog.text
+
+
+def test_string_labels_are_recorded_with_their_class_index(tmp_path):
+    import pandas as pd
+
+    from fedcore.provenance import label_mapping
+
+    frame = pd.DataFrame({"a": [0.0, 1.0, 2.0, 3.0], "label": ["dog", "cat", "dog", "emu"]})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    settings = resolve(overrides=[f"dataset={tmp_path / 'd.csv'}"])
+    assert label_mapping(settings) == {"0": "cat", "1": "dog", "2": "emu"}
+    # The same order the loader encodes with: sorted unique values.
+    from fedcore.data.arrays import encode_labels
+
+    codes, classes = encode_labels(frame["label"].to_numpy(), source="t")
+    assert [label_mapping(settings)[str(c)] for c in codes] == list(frame["label"])
+    frame.assign(label=[0, 1, 0, 1]).to_csv(tmp_path / "n.csv", index=False)
+    assert label_mapping(resolve(overrides=[f"dataset={tmp_path / 'n.csv'}"])) is None
