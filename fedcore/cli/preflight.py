@@ -84,6 +84,7 @@ def dp_affords_one_round(settings: cfg.Settings, site_sizes: list[int]) -> None:
         from fedcore.federation.dp_server import server_dp_config
 
         dp = settings.dp.server
+        assert dp.epsilon is not None  # for mypy: checked just above
         ledger = PrivacyLedger(
             scope=Scope(ScopeKind.FEDERATION_SITES, "federation"),
             budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
@@ -101,6 +102,7 @@ def dp_affords_one_round(settings: cfg.Settings, site_sizes: list[int]) -> None:
         from fedcore.privacy.dpsgd import plan_round
 
         dp_site = settings.dp.site
+        assert dp_site.epsilon is not None  # for mypy: checked just above
         smallest = min(site_sizes)
         ledger = PrivacyLedger(
             scope=Scope(ScopeKind.SITE_RECORDS, "preflight"),

@@ -74,13 +74,14 @@ def server_lr(settings: Settings) -> float | None:
 def build_strategy(settings: Settings) -> Strategy:
     """The strategy named by ``settings.strategy``, with its server-side hyper-parameters."""
     lr = server_lr(settings)
-    options: dict[str, Any] = {
+    by_strategy: dict[str, dict[str, Any]] = {
         "fedprox": {"proximal_mu": settings.proximal_mu},
         "fedavgm": {"server_learning_rate": lr, "server_momentum": settings.server_momentum},
         "fedadam": {"eta": lr, "eta_l": settings.lr},
         "fedyogi": {"eta": lr, "eta_l": settings.lr},
         "fedadagrad": {"eta": lr, "eta_l": settings.lr},
-    }.get(settings.strategy, {})
+    }
+    options = by_strategy.get(settings.strategy, {})
     return _STRATEGIES[settings.strategy](
         fraction_train=settings.fraction_train,
         min_train_nodes=1,
