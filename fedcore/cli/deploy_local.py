@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     settings, out_dir = resolve_run(args)
     out_dir = out_dir.expanduser().resolve()
     preflight(settings)  # bad data or model settings fail here, before any process starts
+    if settings.resume:  # how the last attempt ended is no longer true
+        (out_dir / "status.json").unlink(missing_ok=True)
     with checks.out_folder(out_dir, existing_ok=settings.resume):
         pass
 

@@ -135,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
     from fedcore.cli import preflight as checks
 
+    if settings.resume:  # how the last attempt ended is no longer true
+        (out_dir / "status.json").unlink(missing_ok=True)
     with checks.out_folder(out_dir, existing_ok=settings.resume):
         what = "resuming" if settings.resume else "run record:"
         print(
