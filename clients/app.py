@@ -9,9 +9,11 @@ reply for this one site, so the round goes on with the others.
 from __future__ import annotations
 
 from collections.abc import Callable
+from logging import WARNING
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from fedcore.config import from_run_config
 from fedcore.errors import BudgetExceededError, FedcoreError, RemoteProtocolError
@@ -30,14 +32,19 @@ app = ClientApp()
 Handler = Callable[[Message, Context], Message]
 
 
+def _error_reply(msg: Message, exc: FedcoreError) -> Message:
+    """The error reply for ``exc``, logged on this site's own console with the reason it sends."""
+    reason = f"{type(exc).__name__}: {exc}"
+    log(WARNING, "fedcore site: %s request refused: %s", msg.metadata.message_type, reason)
+    return Message(Error(code=FEDCORE_ERROR_CODE, reason=reason), reply_to=msg)
+
+
 def _replies_with_errors(handler: Handler) -> Handler:
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
         except FedcoreError as exc:
-            return Message(
-                Error(code=FEDCORE_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg
-            )
+            return _error_reply(msg, exc)
 
     return wrapped
 
@@ -99,9 +106,7 @@ def secagg_mod(
             identity=secagg_registry.site_identity(settings, context.node_config, store),
         )
     except FedcoreError as exc:
-        return Message(
-            Error(code=FEDCORE_ERROR_CODE, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg
-        )
+        return _error_reply(msg, exc)
     content = RecordDict({secagg_site.SECAGG: ConfigRecord({"payload": answer})})
     if reported:
         content[m.METRICS] = MetricRecord(

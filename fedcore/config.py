@@ -176,9 +176,13 @@ class Settings:
     batch_size: int = field(default=16, metadata=_doc("local batch size", min=1))
     lr: float = field(default=0.2, metadata=_doc("local learning rate (SGD)", gt=0))
     strategy: StrategyName = field(default="fedavg", metadata=_doc("server strategy"))
-    server_lr: float = field(
-        default=0.01,
-        metadata=_doc("server learning rate (fedadam, fedyogi, fedadagrad, fedavgm)", gt=0),
+    server_lr: float | None = field(
+        default=None,
+        metadata=_doc(
+            "server learning rate (fedavgm, fedadam, fedyogi, fedadagrad); unset: Flower's "
+            "default for the strategy (fedavgm 1.0, fedadam 0.1, fedyogi 0.01, fedadagrad 0.1)",
+            gt=0,
+        ),
     )
     server_momentum: float = field(
         default=0.9, metadata=_doc("server momentum (fedavgm)", ge=0, lt=1)
@@ -189,6 +193,13 @@ class Settings:
     )
     round_timeout: float = field(
         default=600.0, metadata=_doc("seconds to wait for sites' replies in each exchange", gt=0)
+    )
+    max_failed_rounds: int = field(
+        default=3,
+        metadata=_doc(
+            "stop the run as failed after this many rounds in a row in which every site failed",
+            min=1,
+        ),
     )
     seed: int = field(default=0, metadata=_doc("seed for data, partitioning, initial model"))
     device: Device = field(
@@ -207,6 +218,10 @@ class Settings:
         metadata=_doc("share of the data kept by the server for central evaluation", gt=0, lt=1),
     )
     out: str = field(default="", metadata=_doc("run record directory; empty: runs/<timestamp>"))
+    resume: bool = field(
+        default=False,
+        metadata=_doc("continue the run record in 'out' from its last completed round"),
+    )
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
     dp: DPSettings = field(default_factory=DPSettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
@@ -490,6 +505,17 @@ def resolve(
     settings = _build(Settings, merged)
     _cross_check(settings)
     return settings
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Scalar | None]:
+    """``["key=value", ...]`` as typed ``{key: value}``, each checked alone (no cross-checks)."""
+    parsed: dict[str, Scalar | None] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        parsed[key.strip()] = _checked(key.strip(), text.strip(), from_text=True)
+    return parsed
 
 
 def _checked(key: str, value: Any, *, from_text: bool) -> Scalar | None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from fedcore.runrecord import withheld_fields
 
 if TYPE_CHECKING:
+    from fedcore.config import Settings
     from fedcore.runrecord import RunRecord, Status
 
 
@@ -27,6 +28,33 @@ def _bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+def privacy_mode(settings: Settings) -> str:
+    """The privacy protections of a run and their key parameters, in one line (summary and plots)."""
+    parts = []
+    sa = settings.secagg
+    if sa.enabled:
+        threshold = "default" if sa.threshold is None else str(sa.threshold)
+        parts.append(
+            f"secure aggregation ({sa.mode}, neighbors {sa.neighbors}, threshold {threshold}, "
+            f"{sa.bits} bits)"
+        )
+    site = settings.dp.site
+    if site.epsilon is not None:
+        noise = "calibrated" if site.noise_multiplier is None else f"{site.noise_multiplier:g}"
+        parts.append(
+            f"record-level DP-SGD (eps {site.epsilon:g}, delta {site.delta:g}, noise {noise}, "
+            f"clip {site.max_grad_norm:g})"
+        )
+    server = settings.dp.server
+    if server.epsilon is not None:
+        noise = "calibrated" if server.noise_multiplier is None else f"{server.noise_multiplier:g}"
+        parts.append(
+            f"site-level DP-FedAvg (eps {server.epsilon:g}, delta {server.delta:g}, noise {noise}, "
+            f"{server.clipping} clip {server.clip_norm:g}, sampling rate {settings.fraction_train:g})"
+        )
+    return "; ".join(parts) if parts else "no privacy protection (plain federated averaging)"
 
 
 def write_accuracy_plot(record: RunRecord, path: Path) -> None:
@@ -75,7 +103,10 @@ def write_accuracy_plot(record: RunRecord, path: Path) -> None:
     s = record.settings
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"{s.dataset}, {s.sites} sites ({s.partition}), {s.model}, {s.strategy}")
+    fig.suptitle(
+        f"{s.dataset}, {s.sites} sites ({s.partition}), {s.model}, {s.strategy}\n{privacy_mode(s)}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,6 +179,7 @@ def write_privacy_plot(record: RunRecord, path: Path) -> None:
         ylabel="epsilon spent",
         title=f"Privacy spent (delta as budgeted, {dp.accountant} accountant)",
     )
+    fig.suptitle(privacy_mode(record.settings), fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     budgets = [b for b in (dp.site.epsilon, dp.server.epsilon) if b is not None]
     known = [sample_known(r) for r in record.rows] if dp.server.epsilon is not None else []
@@ -251,6 +283,13 @@ def _round_table(record: RunRecord) -> list[str]:
     return lines
 
 
+def status_line(status: Status, reason: str, *, rounds: int) -> str:
+    """``completed``, ``failed: why``, or ``interrupted after round R (why)``."""
+    if status == "interrupted":
+        return f"interrupted after round {rounds}" + (f" ({reason})" if reason else "")
+    return f"{status}" + (f": {reason}" if reason else "")
+
+
 def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str) -> None:
     s = record.settings
     rows = record.rows
@@ -258,9 +297,10 @@ def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str)
     lines = [
         "# fedcore run",
         "",
-        f"- **Status**: {status}" + (f": {reason}" if reason else ""),
+        f"- **Status**: {status_line(status, reason, rounds=len(rows))}",
         f"- **Federation**: {s.sites} sites, dataset `{s.dataset}`, partition `{s.partition}`, "
         f"model `{s.model}`, strategy `{s.strategy}`, seed {s.seed}",
+        f"- **Privacy**: {privacy_mode(s)}",
         f"- **Rounds**: {len(rows)} of {s.rounds}, in {elapsed:.1f} s",
         f"- **Central accuracy**: {_fmt(record.initial_accuracy)} initially, "
         f"**{_fmt(record.final_accuracy)}** at the end",

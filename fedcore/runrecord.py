@@ -10,6 +10,11 @@
   not cover and that are therefore kept out of ``history.jsonl`` and ``summary.md``
   (:func:`withheld_fields`). It is for the operator, who already sees them; publish it and the
   epsilons no longer hold as stated.
+- ``checkpoint.pt`` (:mod:`fedcore.federation.checkpoint`): what a resumed run continues from;
+- ``sites.json``: which Flower node id was which site (failures are keyed by node id,
+  ``site_epsilon`` by site id), as the sites reported it;
+- ``status.json``: how the run ended (``completed``, ``stopped``, ``failed``, ``interrupted``), its
+  reason and the rounds completed, for programs (``fedcore simulate`` takes its exit status from it).
 
 Round 0 in memory is the initial model's central evaluation; it is shown in the summary and the
 plot but not written to ``history.jsonl``, whose rows are rounds 1..R.
@@ -17,6 +22,7 @@ plot but not written to ``history.jsonl``, whose rows are rounds 1..R.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -33,7 +39,8 @@ from fedcore import __version__
 from fedcore.config import Settings
 from fedcore.errors import ConfigError
 
-Status = Literal["completed", "stopped", "failed"]
+Status = Literal["completed", "stopped", "failed", "interrupted"]
+STATUS_FILE = "status.json"
 
 HISTORY_FIELDS = (
     "round",
@@ -74,6 +81,7 @@ class RoundRow:
     )  # site id -> record-level epsilon
     server_epsilon: float = math.nan  # the federation's site-level epsilon (DP-FedAvg); null if off
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields added by privacy layers
+    round_failed: bool = False  # every site asked to train failed (none replied, none declined)
 
     def to_json(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k != "extra"}
@@ -84,6 +92,18 @@ class RoundRow:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in row.items()
         }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RoundRow:
+        """The row :meth:`to_json` wrote (``null`` metrics back to NaN; unknown keys to ``extra``)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in doc and f.name != "extra":
+                value = doc[f.name]
+                kwargs[f.name] = math.nan if value is None and f.type in ("float", float) else value
+        kwargs["extra"] = {k: v for k, v in doc.items() if k not in names}
+        return cls(**kwargs)
 
 
 OPERATOR_FILE = "operator.jsonl"
@@ -148,13 +168,17 @@ def default_out_dir(root: str | Path = "runs") -> Path:
     return Path(root) / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Write ``path`` through ``write(fh)`` into a temporary file, fsync it, then rename it."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
         write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+_atomic_write = atomic_write
 
 
 class RunRecord:
@@ -194,6 +218,53 @@ class RunRecord:
         )
         (self.path / "history.jsonl").touch()
 
+    @classmethod
+    def reopen(
+        cls,
+        out_dir: str | Path,
+        settings: Settings,
+        *,
+        rows: list[RoundRow],
+        initial_loss: float,
+        initial_accuracy: float,
+    ) -> RunRecord:
+        """The record in ``out_dir`` as of a checkpoint: ``history.jsonl`` is rewritten to exactly
+        ``rows`` (a round appended after the checkpoint is dropped, to be run again)."""
+        record = cls.__new__(cls)
+        record.path = Path(out_dir)
+        record.settings = settings
+        record.rows = list(rows)
+        record.initial_loss, record.initial_accuracy = initial_loss, initial_accuracy
+        try:
+            config = json.loads((record.path / "config.json").read_text())
+            record.started = dt.datetime.fromisoformat(config["started_at"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{str(record.path)!r} holds no readable run record: {exc}") from exc
+        text = "".join(json.dumps(r.to_json()) + "\n" for r in rows)
+        atomic_write(record.path / "history.jsonl", lambda fh: fh.write(text.encode()))
+        return record
+
+    SITES_FILE = "sites.json"
+
+    def note_sites(self, node_to_site: Mapping[str, int]) -> None:
+        """Remember which node id is which site; ``sites.json`` is rewritten when it learns more."""
+        known = getattr(self, "_sites", None)
+        if known is None:
+            known = self._sites = self._read_sites()
+        if all(known.get(k) == v for k, v in node_to_site.items()):
+            return
+        known.update(node_to_site)
+        self.write_json(
+            self.SITES_FILE,
+            {"node_to_site": dict(sorted(known.items(), key=lambda kv: (kv[1], kv[0])))},
+        )
+
+    def _read_sites(self) -> dict[str, int]:
+        try:
+            return dict(json.loads((self.path / self.SITES_FILE).read_text())["node_to_site"])
+        except (OSError, ValueError, KeyError):
+            return {}
+
     def set_initial(self, *, loss: float, accuracy: float) -> None:
         self.initial_loss, self.initial_accuracy = loss, accuracy
 
@@ -230,6 +301,10 @@ class RunRecord:
         write_accuracy_plot(self, self.path / "accuracy.png")
         write_privacy_plot(self, self.path / "privacy.png")
         write_summary(self, self.path / "summary.md", status=status, reason=reason)
+        self.write_json(
+            STATUS_FILE,
+            {"status": status, "reason": reason, "rounds_completed": len(self.rows)},
+        )
 
     @property
     def final_accuracy(self) -> float:

@@ -51,6 +51,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser, *, verbose_help: str
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
 
 
+def version_line() -> str:
+    """``fedcore X.Y.Z`` and, in a git checkout, its commit."""
+    from fedcore import __version__
+    from fedcore.provenance import fedcore_commit
+
+    commit = fedcore_commit()
+    return f"fedcore {__version__}" + (f" (commit {commit})" if commit else "")
+
+
 def _load(name: str):  # noqa: ANN202 - a module
     return importlib.import_module(SUBCOMMANDS[name])
 
@@ -59,6 +68,7 @@ def build_parser(names: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedcore", description="Privacy-preserving federated learning on Flower."
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in names:
         _load(name).add_parser(sub)

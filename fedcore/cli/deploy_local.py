@@ -2,14 +2,20 @@
 
     fedcore deploy-local --sites N [--rounds R] [--config FILE.toml] [--set key=value ...]
                          [--out DIR]
+    fedcore deploy-local --sites N --resume DIR [--rounds R] [--set key=value ...]
 
 Starts a SuperLink and N SuperNodes on 127.0.0.1 (fresh certificates and site keys, free ports,
 a private FLWR_HOME), registers the sites, runs the fedcore app with ``flwr run . CONNECTION
 --stream``, shows each round, writes the run record into ``DIR`` (default ``runs/<timestamp>``)
 and stops every process it started, by process id, also on Ctrl-C, SIGTERM or a failed run.
 
-Exit status: 0 when every round ran; 1 when the run did not complete; 2 for bad input or a step
-that failed before the run; 130 on Ctrl-C, 143 on SIGTERM.
+On the first Ctrl-C or SIGTERM every process is stopped and the record closed as of the last
+completed round ("interrupted after round R", that round's ``model.pt``); ``--resume DIR``
+continues it (the ServerApp reads the ``resume`` setting, which ``flwr run --run-config`` can set
+too).
+
+Exit status: 0 when every round ran (or a privacy budget was spent); 1 when the run failed; 2 for
+bad input or a step that failed before the run; 130 on Ctrl-C, 143 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -18,10 +24,9 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-from fedcore import config as cfg
 from fedcore.cli import add_settings_arguments
+from fedcore.cli.simulate import add_resume_argument
 from fedcore.errors import ConfigError
 
 
@@ -41,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--rounds", type=int, metavar="R", help="federated rounds (the setting 'rounds')"
     )
     add_settings_arguments(parser, verbose_help="show Flower's INFO logs of the run")
+    add_resume_argument(parser)
     return parser
 
 
@@ -51,17 +57,28 @@ def run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, f"sites={args.sites}"]
     if args.rounds is not None:
         overrides.append(f"rounds={args.rounds}")
-    settings = cfg.resolve(file=args.config, overrides=overrides)
-
-    from fedcore.cli.simulate import preflight, report
+    args.overrides = overrides
+    from fedcore.cli import preflight as checks
+    from fedcore.cli.simulate import (
+        Stopped,
+        close_crashed,
+        interrupted,
+        preflight,
+        report,
+        resolve_run,
+        run_status,
+        signals_stop,
+    )
     from fedcore.deploy.local import deploy_local
-    from fedcore.deploy.processes import Terminated, terminate_as_exception
-    from fedcore.runrecord import default_out_dir
+    from fedcore.deploy.processes import signals_deferred
 
-    out_dir = Path(args.out or settings.out or default_out_dir()).expanduser().resolve()
-    if (out_dir / "history.jsonl").exists():
-        raise ConfigError(f"output directory {str(out_dir)!r} already holds a run record")
+    settings, out_dir = resolve_run(args)
+    out_dir = out_dir.expanduser().resolve()
     preflight(settings)  # bad data or model settings fail here, before any process starts
+    if settings.resume:  # how the last attempt ended is no longer true
+        (out_dir / "status.json").unlink(missing_ok=True)
+    with checks.out_folder(out_dir, existing_ok=settings.resume):
+        pass
 
     def echo(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -73,16 +90,18 @@ def run(args: argparse.Namespace) -> int:
     )
     start = time.monotonic()
     try:
-        with terminate_as_exception():
+        with signals_stop():
             outcome = deploy_local(settings, out_dir=out_dir, echo=echo, verbose=args.verbose)
-    except Terminated as exc:
-        echo(f"fedcore deploy-local: {exc}; every process stopped")
-        return 143
+    except Stopped as stop:  # deploy_local has stopped every process on the way out
+        with signals_deferred():
+            return interrupted(out_dir, stop.signum, resumed=settings.resume)
     echo(
         f"deploy: every process stopped; {time.monotonic() - start:.0f} s in all, "
         f"the run {outcome.seconds:.0f} s"
     )
+    if run_status(out_dir) is None:  # the ServerApp died without closing the record
+        close_crashed(out_dir, returncode=outcome.returncode, resumed=settings.resume)
     if not (out_dir / "history.jsonl").exists():
         echo(f"fedcore: the run wrote no run record (flwr run exited with {outcome.returncode})")
         return 1
-    return report(out_dir, settings)
+    return report(out_dir, settings, returncode=outcome.returncode)

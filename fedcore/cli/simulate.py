@@ -1,10 +1,20 @@
-"""``fedcore simulate``: a federation on Flower's simulation engine, in this process.
+"""``fedcore simulate``: a federation on Flower's simulation engine.
 
     fedcore simulate [--config FILE.toml] [--set key=value ...] [--out DIR]
+    fedcore simulate --resume DIR [--set key=value ...]
 
-Settings are checked, and the data and model loaded once, before Ray starts, so a bad setting
-fails in a second with one line and exit status 2. The run record goes into exactly ``DIR``
-(default ``runs/<timestamp>``).
+Settings are checked, and the data and model loaded once, before Ray starts
+(:mod:`fedcore.cli.preflight`), so a bad setting fails in a second with one line, exit status 2 and
+no run record. The run record goes into exactly ``DIR`` (default ``runs/<timestamp>``).
+
+The federation runs in a child process in a session of its own
+(:func:`fedcore.federation.simulation.child_argv`). The first SIGINT (Ctrl-C) or SIGTERM stops it:
+the round in flight is abandoned, the child and every process it started (Ray) are stopped by
+process id, and the record is closed as of the last completed round (``model.pt``, plots, summary
+"interrupted after round R"). ``--resume DIR`` continues such a record from its checkpoint.
+
+Exit status: 0 when the run completed, or stopped because a privacy budget is spent; 1 when it
+failed; 2 when it was refused before starting; 130 on SIGINT, 143 on SIGTERM (129 on SIGHUP).
 """
 
 from __future__ import annotations
@@ -13,12 +23,20 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from fedcore import config as cfg
 from fedcore.cli import add_settings_arguments
 from fedcore.errors import ConfigError
+
+EXIT_COMPLETED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+# A signal ends fedcore with 128 + its number, as a shell reports a process killed by it.
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,31 +47,81 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         epilog="Without arguments: the main job, digits over 10 sites. `--help-settings` lists every key.",
     )
     add_settings_arguments(parser, verbose_help="show Flower's and Ray's logs")
+    add_resume_argument(parser)
     parser.add_argument(
         "--help-settings", action="store_true", help="list every setting with its default and exit"
     )
     return parser
 
 
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run record DIR from its last completed round, with its settings "
+        "(--set may change only how it runs: rounds, round_timeout, client_cpus, ...)",
+    )
+
+
 def preflight(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
-    """Load the data and build the model once, so bad input fails before Ray starts.
+    """Every check before Ray starts but the out folder; returns ``(input_shape, num_classes)``.
 
-    Returns ``(input_shape, num_classes)``; raises :class:`ConfigError`.
+    Raises :class:`ConfigError`.
     """
-    from fedcore.data import load_holdout, load_site
-    from fedcore.federation.dp_server import check_before_run
-    from fedcore.federation.site_data import data_settings
-    from fedcore.federation.site_privacy import check_site_round
-    from fedcore.models import build_model
+    from fedcore.cli import preflight as checks
 
-    data = data_settings(settings)
-    _, input_shape, num_classes = load_holdout(data)
-    for site_id in range(settings.sites):
-        site = load_site(data, site_id)
-        check_site_round(settings, num_examples=len(site.train.y), site_id=site_id)
-    model = build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
-    check_before_run(settings, dim=sum(int(v.numel()) for v in model.state_dict().values()))
-    return input_shape, num_classes
+    return checks.check(settings)
+
+
+class Stopped(BaseException):
+    """A signal asked fedcore to stop (raised in the main thread by :func:`signals_stop`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_stop() -> Iterator[None]:
+    """Inside, SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in EXIT_SIGNAL}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[cfg.Settings, Path]:
+    """The settings and out folder of a new run, or of the record ``--resume`` names."""
+    if args.resume is None:
+        settings = cfg.resolve(file=args.config, overrides=args.overrides)
+        from fedcore.runrecord import default_out_dir
+
+        return settings, Path(args.out or settings.out or default_out_dir())
+    if args.config is not None or args.out is not None:
+        raise ConfigError(
+            "--resume takes its settings and folder from DIR/config.json; "
+            "give only --set for what may change (rounds, round_timeout, client_cpus, ...)"
+        )
+    from fedcore.federation.checkpoint import read_checkpoint
+    from fedcore.federation.server import resume_settings
+
+    out_dir = Path(args.resume)
+    settings = resume_settings(out_dir, cfg.parse_overrides(args.overrides))
+    checkpoint = read_checkpoint(out_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{str(out_dir)!r} has no checkpoint: it stopped before its first round")
+    if checkpoint.round >= settings.rounds:
+        raise ConfigError(
+            f"{str(out_dir)!r} already ran {checkpoint.round} of {settings.rounds} rounds "
+            "(--set rounds=N continues it to round N)"
+        )
+    return settings, out_dir
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,39 +130,127 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # Before flwr / flwr_datasets are imported: both send telemetry unless told not to.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    settings = cfg.resolve(file=args.config, overrides=args.overrides)
-    from fedcore.runrecord import default_out_dir
-
-    out_dir = Path(args.out or settings.out or default_out_dir())
-    if (out_dir / "history.jsonl").exists():
-        raise ConfigError(f"output directory {str(out_dir)!r} already holds a run record")
+    settings, out_dir = resolve_run(args)
     preflight(settings)
 
-    from fedcore.federation.simulation import simulate
+    from fedcore.cli import preflight as checks
 
-    print(
-        f"fedcore: {settings.sites} sites, {settings.rounds} rounds, dataset {settings.dataset!r}, "
-        f"model {settings.model!r}, strategy {settings.strategy!r}; run record: {out_dir}",
-        file=sys.stderr,
-    )
-    simulate(settings, out_dir=out_dir, verbose=args.verbose)
-    return report(out_dir, settings)
+    if settings.resume:  # how the last attempt ended is no longer true
+        (out_dir / "status.json").unlink(missing_ok=True)
+    with checks.out_folder(out_dir, existing_ok=settings.resume):
+        what = "resuming" if settings.resume else "run record:"
+        print(
+            f"fedcore: {settings.sites} sites, {settings.rounds} rounds, dataset {settings.dataset!r}, "
+            f"model {settings.model!r}, strategy {settings.strategy!r}; {what} {out_dir}",
+            file=sys.stderr,
+        )
+    return supervise(settings, out_dir=out_dir, verbose=args.verbose)
 
 
-def report(out_dir: Path, settings: cfg.Settings) -> int:
-    """Print the final accuracy from the run record; exit 1 if the run did not complete."""
+def supervise(settings: cfg.Settings, *, out_dir: Path, verbose: bool) -> int:
+    """Run the federation in a child process until it ends or a signal stops it; exit status."""
+    from fedcore.deploy.processes import ProcessSupervisor, signals_deferred
+    from fedcore.federation.simulation import child_argv, child_env
+
+    supervisor = ProcessSupervisor(grace=3.0)
+    try:
+        with signals_stop():
+            child = supervisor.start(
+                "simulation",
+                child_argv(settings, out_dir=out_dir, verbose=verbose),
+                env=child_env(),
+                die_with_parent=True,
+            )
+            returncode = child.popen.wait()
+    except Stopped as stop:
+        with signals_deferred():
+            supervisor.stop_all()
+            return interrupted(out_dir, stop.signum, resumed=settings.resume)
+    finally:
+        supervisor.stop_all()
+    if run_status(out_dir) is None:  # the child died without closing the record
+        close_crashed(out_dir, returncode=returncode, resumed=settings.resume)
+    return report(out_dir, settings, returncode=returncode)
+
+
+STARTING_FILES = {"config.json", "history.jsonl", "summary.md", "accuracy.png", "status.json"}
+
+
+def remove_if_nothing_ran(out_dir: Path, *, resumed: bool) -> None:
+    """Remove a record that holds only the files a run starts with: nothing ran, so no partial
+    record is kept. Never a site's key or ledger (none exists before round 1, and round 1 comes
+    after the first checkpoint), never a resumed record."""
+    if not resumed and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= STARTING_FILES:
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def close_crashed(out_dir: Path, *, returncode: int, resumed: bool) -> None:
+    """The simulation process ended without closing the record: close it as failed as of its
+    last checkpoint, or remove it if no round ran."""
+    from fedcore.federation.server import close_interrupted
+
+    reason = f"the simulation process exited with status {returncode} (see the output above)"
+    if close_interrupted(out_dir, reason=reason, status="failed") is None:
+        remove_if_nothing_ran(out_dir, resumed=resumed)
+
+
+def interrupted(out_dir: Path, signum: int, *, resumed: bool) -> int:
+    """Close the record of a run stopped by ``signum``; the exit status for it."""
+    from fedcore.federation.server import close_interrupted
+
+    name = signal.Signals(signum).name
+    rounds = close_interrupted(out_dir, reason=f"received {name}")
+    if rounds is None:
+        remove_if_nothing_ran(out_dir, resumed=resumed)
+        print(
+            f"fedcore: {name}: stopped before the first round; no run record kept", file=sys.stderr
+        )
+    else:
+        print(
+            f"fedcore: {name}: stopped; every process it started is stopped; the record is closed "
+            f"after round {rounds}: {out_dir} (continue with `fedcore simulate --resume {out_dir}`)",
+            file=sys.stderr,
+        )
+    return EXIT_SIGNAL.get(signal.Signals(signum), 128 + signum)
+
+
+def run_status(out_dir: Path) -> dict | None:
+    """``status.json`` of the record (None if the run wrote none)."""
+    try:
+        return json.loads((out_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def report(out_dir: Path, settings: cfg.Settings, *, returncode: int = 0) -> int:
+    """Print how the run ended from its record; 0 completed (or budget spent), 1 failed."""
+    status = run_status(out_dir)
+    if status is None:
+        print(
+            f"fedcore: the run failed before its first round (exit status {returncode}); "
+            "no run record kept",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     rows = [
         json.loads(line)
         for line in (out_dir / "history.jsonl").read_text().splitlines()
         if line.strip()
     ]
-    if len(rows) < settings.rounds or not (out_dir / "model.pt").exists():
-        print(
-            f"fedcore: the run stopped after {len(rows)} of {settings.rounds} rounds; see {out_dir / 'summary.md'}"
-        )
-        return 1
-    accuracy = rows[-1]["eval_accuracy"]
+    accuracy = rows[-1]["eval_accuracy"] if rows else None
     shown = "n/a" if accuracy is None or not math.isfinite(accuracy) else f"{accuracy:.4f}"
+    if status["status"] == "failed":
+        print(
+            f"fedcore: the run failed after {len(rows)} of {settings.rounds} rounds: "
+            f"{status['reason']}; see {out_dir / 'summary.md'}"
+        )
+        return EXIT_FAILED
+    if status["status"] == "stopped":
+        print(
+            f"fedcore: the run stopped after {len(rows)} of {settings.rounds} rounds: {status['reason']}"
+        )
     print(f"final accuracy {shown} on the held-out set after {len(rows)} rounds")
     print(f"run record: {out_dir}")
-    return 0
+    return EXIT_COMPLETED

@@ -122,8 +122,13 @@ class ProcessSupervisor:
         cwd: str | Path | None = None,
         log_path: Path | None = None,
         stdout: int | IO[bytes] | None = None,
+        die_with_parent: bool = False,
     ) -> ManagedProcess:
-        """Start ``argv`` in a new session; output goes to ``log_path`` (or ``stdout``, e.g. PIPE).
+        """Start ``argv`` in a new session; output goes to ``log_path`` (or ``stdout``, e.g. PIPE;
+        with neither, to this process's stdout and stderr).
+
+        With ``die_with_parent`` (Linux), the kernel kills the process when this one dies, even by
+        SIGKILL, so a killed ``fedcore`` leaves no run going on behind it.
 
         Raises :class:`ConfigError` if the program cannot be started or the supervisor was
         already stopped; nothing is left running then.
@@ -143,6 +148,7 @@ class ProcessSupervisor:
                 stdout=log_file if log_file is not None else stdout,
                 stderr=subprocess.STDOUT if (log_file is not None or stdout is not None) else None,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if die_with_parent else None,
             )
         except OSError as exc:
             raise ConfigError(f"cannot start {name} ({argv[0]}): {exc}") from exc
@@ -247,7 +253,7 @@ def terminate_as_exception() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM/SIGHUP back while clean-up runs (main thread only; elsewhere a no-op)."""
     import threading
 
@@ -260,6 +266,17 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_signals_deferred = signals_deferred
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask the kernel for SIGKILL when the parent dies (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _stop_ids(ids: set[ProcessId], *, grace: float) -> None:

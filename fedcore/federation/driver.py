@@ -11,8 +11,16 @@ strategy methods itself (``configure_train``, ``aggregate_train``, ``configure_e
   infinite or wrongly shaped update is dropped with its reason, never averaged in;
 - central evaluation, bytes in each direction, timing, and one row of the run record.
 
-If no site of a round replies usably, the model is left as it was and the run goes on; the row
-records why.
+If no site of a round replies usably, the model is left as it was and the round is a *failed
+round* (``round_failed`` in its row); the run goes on, unless the last ``max_failed_rounds`` rounds
+all failed: then it stops as failed, naming the reason seen most often.
+
+Every aggregate is cast back to the global model's dtypes (:func:`~fedcore.federation.strategies.keep_dtypes`),
+and usable replies are ordered by site id before the strategy sees them, so a round's aggregate does
+not depend on the order in which replies arrived (a resumed run ends with the same model).
+
+``run_rounds`` can start at any round (``first_round``) from a model and strategy restored from a
+checkpoint, and calls ``checkpoint`` after the initial evaluation (round 0) and after every round.
 
 How a round's training turns into one aggregate is a :class:`TrainRound`: :func:`plain_train_round`
 sends the global model and lets the strategy average the replies; privacy layers (site-level DP at
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +44,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcore.errors import BudgetExceededError, FedcoreError
 from fedcore.federation import messages as m
+from fedcore.federation.strategies import keep_dtypes
 from fedcore.runrecord import RoundRow, RunRecord
 from fedcore.training import EvalResult
 
@@ -70,6 +80,7 @@ class Exchange:
     sent: int
     bytes_down: int
     bytes_up: int
+    sites: dict[str, int] = field(default_factory=dict)  # node id -> the site id it reported
 
 
 def exchange(
@@ -82,10 +93,13 @@ def exchange(
     declined: dict[str, str] = {}
     failures: dict[str, str] = {}
     reported: dict[int, float] = {}
+    sites: dict[str, int] = {}
     bytes_up = 0
     for reply in replies:
         node = str(reply.metadata.src_node_id)
         bytes_up += m.content_bytes(reply)
+        if (site := _site_of(reply)) is not None:
+            sites[node] = site
         if reply.has_error():
             failures[node] = f"error reply ({reply.error.code}): {reply.error.reason}"
             continue
@@ -100,6 +114,7 @@ def exchange(
             failures[node] = str(exc)
             continue
         valid.append(reply)
+    valid.sort(key=_site_order)
     answered = {str(r.metadata.src_node_id) for r in replies}
     for msg in outgoing:
         node = str(msg.metadata.dst_node_id)
@@ -113,7 +128,24 @@ def exchange(
         sent=len(outgoing),
         bytes_down=bytes_down,
         bytes_up=bytes_up,
+        sites=sites,
     )
+
+
+def _site_of(reply: Message) -> int | None:
+    """The site id a reply reports (None if it names none)."""
+    if reply.has_error():
+        return None
+    metrics = reply.content.metric_records.get(m.METRICS)
+    site = metrics.get(m.SITE_ID) if metrics is not None else None
+    return int(site) if isinstance(site, int | float) and not isinstance(site, bool) else None
+
+
+def _site_order(reply: Message) -> tuple[float, int]:
+    """Replies in site-id order (node id where a reply names no site): node ids are drawn anew in
+    every run, site ids are not."""
+    site = _site_of(reply)
+    return (math.inf if site is None else float(site), reply.metadata.src_node_id)
 
 
 def wait_for_sites(
@@ -152,6 +184,7 @@ class TrainOutcome:
     server_epsilon: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     stop: str = ""  # non-empty: record this round, then stop the run for this reason
+    sites: Mapping[str, int] = field(default_factory=dict)  # node id -> site id, where reported
 
     @classmethod
     def from_exchange(
@@ -170,6 +203,7 @@ class TrainOutcome:
             num_examples=sum(int(m.metric(r, m.NUM_EXAMPLES)) for r in train.valid),
             site_epsilon=train.site_epsilon,
             stop=stop_when_all_declined(sent=train.sent, declined=len(train.declined)),
+            sites=train.sites,
             **fields,
         )
 
@@ -238,6 +272,24 @@ def hand_to_strategy(
 class RunOutcome:
     arrays: ArrayRecord
     stopped: str = ""  # why the run stopped before its last round; empty if it completed
+    failed: str = ""  # why the run failed (its last max_failed_rounds rounds all failed)
+
+
+Checkpoint = Callable[[int, ArrayRecord, Strategy], None]
+
+
+def is_failed_round(*, sent: int, replied: int, declined: int) -> bool:
+    """A round in which every site asked to train failed (none replied usably, none declined)."""
+    return replied == 0 and sent - declined > 0
+
+
+def failure_reason(rows: list[RoundRow]) -> str:
+    """The failure reason seen most often in ``rows`` (a site's node id left out)."""
+    reasons = Counter(why for row in rows for why in row.failures.values())
+    if not reasons:
+        return "no site replied"
+    reason, count = reasons.most_common(1)[0]
+    return f"{reason} ({count} of {sum(reasons.values())} site failures)"
 
 
 def _weighted(replies: list[Message], key: str) -> float:
@@ -262,18 +314,31 @@ def run_rounds(
     record: RunRecord,
     reporter: Reporter,
     train_round: TrainRound = plain_train_round,
+    first_round: int = 1,
+    max_failed_rounds: int = 3,
+    checkpoint: Checkpoint | None = None,
 ) -> RunOutcome:
-    """Run up to ``rounds`` rounds of ``strategy`` from ``initial``.
+    """Run rounds ``first_round``..``rounds`` of ``strategy`` from ``initial``.
 
     ``config(round)`` builds the train/evaluate config record of a round. Each round's row is
-    appended to ``record`` as soon as the round ends. Returns the final global arrays, and why the
-    run stopped early if ``train_round`` refused a round with :class:`BudgetExceededError`.
+    appended to ``record`` as soon as the round ends, then ``checkpoint(round, arrays, strategy)``
+    is called. Returns the final global arrays, and why the run stopped early if ``train_round``
+    refused a round with :class:`BudgetExceededError`, or why it failed if its last
+    ``max_failed_rounds`` rounds all failed. From ``first_round`` 1 the initial model is evaluated
+    first (round 0); a resumed run (``first_round`` > 1) keeps the record's round 0.
     """
-    first = central_eval(initial)
-    record.set_initial(loss=first.loss, accuracy=first.accuracy)
+    if first_round == 1:
+        first = central_eval(initial)
+        record.set_initial(loss=first.loss, accuracy=first.accuracy)
+        if checkpoint is not None:
+            checkpoint(0, initial, strategy)
+    else:
+        first = EvalResult(
+            loss=record.initial_loss, accuracy=record.initial_accuracy, num_examples=0
+        )
     reporter.started(rounds=rounds, initial=first)
     arrays = initial
-    for server_round in range(1, rounds + 1):
+    for server_round in range(first_round, rounds + 1):
         start = time.perf_counter()
         wait_for_sites(grid, expected=expected_sites, timeout=timeout, reporter=reporter)
         try:
@@ -288,7 +353,7 @@ def run_rounds(
         except BudgetExceededError as exc:
             return RunOutcome(arrays=arrays, stopped=f"round {server_round} not run: {exc}")
         if train.aggregated is not None:
-            arrays = train.aggregated
+            arrays = keep_dtypes(train.aggregated, arrays)
         evaluation = exchange(
             grid,
             strategy.configure_evaluate(server_round, arrays, config(server_round), grid),
@@ -319,9 +384,21 @@ def run_rounds(
             site_epsilon={str(k): v for k, v in sorted(train.site_epsilon.items())},
             server_epsilon=math.nan if train.server_epsilon is None else train.server_epsilon,
             extra=dict(train.extra),
+            round_failed=is_failed_round(
+                sent=train.sent, replied=train.replied, declined=train.declined
+            ),
         )
         record.append(row)
+        record.note_sites({**evaluation.sites, **train.sites})
+        if checkpoint is not None:
+            checkpoint(server_round, arrays, strategy)
         reporter.round_done(row, rounds=rounds)
+        recent = record.rows[-max_failed_rounds:]
+        if len(recent) == max_failed_rounds and all(r.round_failed for r in recent):
+            return RunOutcome(
+                arrays=arrays,
+                failed=f"the last {max_failed_rounds} rounds all failed: {failure_reason(recent)}",
+            )
         if train.stop:
             return RunOutcome(
                 arrays=arrays, stopped=f"stopped after round {server_round}: {train.stop}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 from rich.console import Console
 from rich.progress import (
@@ -37,6 +38,9 @@ class RichReporter:
             transient=False,
         )
         self.task: TaskID | None = None
+        self._last_waiting = -math.inf
+
+    WAITING_EVERY = 5.0  # seconds between "waiting for sites" lines
 
     def started(self, *, rounds: int, initial: EvalResult) -> None:
         self.console.print(
@@ -46,10 +50,14 @@ class RichReporter:
         self.task = self.progress.add_task("rounds", total=rounds, status="")
 
     def waiting(self, *, connected: int, expected: int) -> None:
+        """A line every few seconds (``flwr run --stream`` shows lines, not the bar's status)."""
+        status = f"waiting for sites: {connected}/{expected} connected"
         if self.task is not None:
-            self.progress.update(
-                self.task, status=f"waiting for sites: {connected}/{expected} connected"
-            )
+            self.progress.update(self.task, status=status)
+        now = time.monotonic()
+        if now - self._last_waiting >= self.WAITING_EVERY:
+            self._last_waiting = now
+            self.progress.console.print(status, soft_wrap=True)
 
     def round_done(self, row: RoundRow, *, rounds: int) -> None:
         failed = f", [red]{row.sites_failed} failed[/red]" if row.sites_failed else ""

@@ -3,12 +3,19 @@
 It loads the server's held-out set for central evaluation, builds the initial model (seeded), the
 strategy and the run record, runs the rounds, saves the final model and writes the summary. The run
 record is finished (summary and plot) also when a round raises, with the status ``failed``.
+
+After the initial evaluation and after every round it writes ``checkpoint.pt``
+(:mod:`fedcore.federation.checkpoint`). With ``resume`` set, it continues the record in ``out``
+from that checkpoint instead of starting one: same settings (checked against ``config.json`` by
+:func:`resume_settings`), model, strategy memory, clip norm and random state. A run stopped by a
+signal is closed from outside by :func:`close_interrupted`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -16,7 +23,15 @@ from flwr.serverapp import Grid
 
 from fedcore.config import Settings
 from fedcore.data import load_holdout
+from fedcore.errors import ConfigError
 from fedcore.federation import messages as m
+from fedcore.federation.checkpoint import (
+    Checkpoint,
+    capture_random_state,
+    read_checkpoint,
+    restore_random_state,
+    write_checkpoint,
+)
 from fedcore.federation.dp_server import (
     LEDGER_FILE,
     DPFedAvgRound,
@@ -33,10 +48,14 @@ from fedcore.federation.driver import (
 from fedcore.federation.secagg_round import SecAggTrainRound
 from fedcore.federation.site_data import data_settings
 from fedcore.federation.site_privacy import run_sites_dir
-from fedcore.federation.strategies import build_strategy
+from fedcore.federation.strategies import (
+    build_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
-from fedcore.runrecord import RunRecord
+from fedcore.runrecord import RoundRow, RunRecord, Status
 from fedcore.training import EvalResult, evaluate, pick_device
 
 
@@ -57,9 +76,21 @@ def run_server(
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
     model = initial_model(settings, input_shape=input_shape, num_classes=num_classes)
     device = pick_device(settings.device)
-    record = RunRecord(
-        out_dir, settings, extra={"input_shape": list(input_shape), "num_classes": num_classes}
-    )
+    resumed: Checkpoint | None = None
+    if settings.resume:
+        record, resumed = reopen(Path(out_dir), settings)
+    else:
+        from fedcore.provenance import run_facts
+
+        record = RunRecord(
+            out_dir,
+            settings,
+            extra={
+                "input_shape": list(input_shape),
+                "num_classes": num_classes,
+                **run_facts(settings, device=str(device)),
+            },
+        )
 
     def central_eval(arrays: ArrayRecord) -> EvalResult:
         model.load_state_dict(m.record_to_state(arrays))
@@ -74,11 +105,40 @@ def run_server(
         train_round = dp_round = DPFedAvgRound.create(settings, ledger)
     if settings.secagg.enabled:
         train_round = SecAggTrainRound(settings, dp=dp_round)
+    strategy = build_strategy(settings)
+    initial = m.state_to_record(model.state_dict())
+    resumes = 0
+    if resumed is not None:
+        # Secure aggregation needs nothing here: every round draws a fresh random round id, so a
+        # resumed round is a new session in which the sites train afresh.
+        initial = m.state_to_record(resumed.arrays)
+        restore_strategy_state(strategy, resumed.strategy)
+        restore_random_state(resumed.random_state)
+        if dp_round is not None and resumed.clip_norm is not None:
+            dp_round.clip_norm = resumed.clip_norm
+        resumes = resumed.resumes + 1
+
+    def checkpoint(server_round: int, arrays: ArrayRecord, strategy: Any) -> None:
+        write_checkpoint(
+            record.path,
+            Checkpoint(
+                round=server_round,
+                arrays=m.record_to_state(arrays),
+                history=[row.to_json() for row in record.rows],
+                initial_loss=record.initial_loss,
+                initial_accuracy=record.initial_accuracy,
+                strategy=strategy_state(strategy),
+                clip_norm=None if dp_round is None else dp_round.clip_norm,
+                random_state=capture_random_state(),
+                resumes=resumes,
+            ),
+        )
+
     try:
         outcome = run_rounds(
             grid,
-            build_strategy(settings),
-            initial=m.state_to_record(model.state_dict()),
+            strategy,
+            initial=initial,
             rounds=settings.rounds,
             expected_sites=settings.sites,
             timeout=settings.round_timeout,
@@ -89,6 +149,9 @@ def run_server(
             record=record,
             reporter=reporter,
             train_round=train_round,
+            first_round=1 if resumed is None else resumed.round + 1,
+            max_failed_rounds=settings.max_failed_rounds,
+            checkpoint=checkpoint,
         )
     except BaseException as exc:
         _write_privacy(record, settings, ledger)
@@ -96,11 +159,125 @@ def run_server(
         raise
     _write_privacy(record, settings, ledger)
     record.save_model(m.record_to_state(outcome.arrays))
-    if outcome.stopped:
+    if outcome.failed:
+        record.finish(status="failed", reason=outcome.failed)
+    elif outcome.stopped:
         record.finish(status="stopped", reason=outcome.stopped)
     else:
         record.finish(status="completed")
     return record
+
+
+# Settings a resumed run may change: how it runs here, not what the federation computes.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "round_timeout",
+        "client_cpus",
+        "client_gpus",
+        "device",
+        "max_failed_rounds",
+        "secagg.timeout",
+        "out",
+        "resume",
+        "rounds",
+    }
+)
+
+
+def recorded_settings(out_dir: Path) -> Settings:
+    """The settings in ``out_dir/config.json``; :class:`ConfigError` if there is no readable record."""
+    from fedcore.config import resolve
+
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+        values = config["settings"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{str(out_dir)!r} holds no run record to resume ({exc})") from exc
+    return resolve(values={k: v for k, v in values.items() if k != "resume"})
+
+
+def resume_settings(out_dir: Path, overrides: dict[str, Any]) -> Settings:
+    """The settings of the record in ``out_dir`` with ``overrides`` (flat ``{key: value}``) applied,
+    ``resume`` and ``out`` set. Raises :class:`ConfigError` for an override that would change what
+    the federation computes, and for growing ``rounds`` when a noise multiplier is calibrated over
+    the rounds."""
+    from fedcore.config import resolve
+
+    recorded = recorded_settings(out_dir)
+    before = recorded.to_dict()
+    changed = {k: v for k, v in overrides.items() if before.get(k) != v}
+    refused = sorted(set(changed) - RESUMABLE_CHANGES)
+    if refused:
+        raise ConfigError(
+            f"cannot resume with {', '.join(f'{k}={changed[k]!r}' for k in refused)}: it changes "
+            f"what the federation computes (recorded: "
+            f"{', '.join(f'{k}={before.get(k)!r}' for k in refused)}); start a new run instead"
+        )
+    calibrated = (
+        recorded.dp.site.epsilon is not None and recorded.dp.site.noise_multiplier is None
+    ) or (recorded.dp.server.epsilon is not None and recorded.dp.server.noise_multiplier is None)
+    if "rounds" in changed and calibrated:
+        raise ConfigError(
+            "cannot resume with a different 'rounds': the DP noise multiplier was calibrated over "
+            f"{recorded.rounds} rounds"
+        )
+    values = {k: v for k, v in before.items() if v is not None}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({"out": str(out_dir), "resume": True})
+    return resolve(values=values)
+
+
+def reopen(out_dir: Path, settings: Settings) -> tuple[RunRecord, Checkpoint]:
+    """The record in ``out_dir`` as of its checkpoint, and the checkpoint; :class:`ConfigError` if
+    the record's settings differ from ``settings`` beyond :data:`RESUMABLE_CHANGES` or it has no
+    checkpoint."""
+    recorded = recorded_settings(out_dir).to_dict()
+    differ = sorted(
+        k
+        for k, v in settings.to_dict().items()
+        if recorded.get(k) != v and k not in RESUMABLE_CHANGES
+    )
+    if differ:
+        raise ConfigError(
+            f"cannot resume {str(out_dir)!r}: settings {', '.join(differ)} differ from its config.json"
+        )
+    checkpoint = read_checkpoint(out_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{str(out_dir)!r} has no checkpoint to resume from")
+    record = RunRecord.reopen(
+        out_dir,
+        settings,
+        rows=[RoundRow.from_json(row) for row in checkpoint.history],
+        initial_loss=checkpoint.initial_loss,
+        initial_accuracy=checkpoint.initial_accuracy,
+    )
+    return record, checkpoint
+
+
+def close_interrupted(out_dir: Path, *, reason: str, status: Status = "interrupted") -> int | None:
+    """Close the record of a run that was stopped from outside (a signal; ``status="failed"`` for
+    a server process that died): ``history.jsonl`` and ``model.pt`` as of the last completed
+    round, plots, summary ``interrupted after round R``.
+
+    Returns R, or None if the run had not written its first checkpoint (nothing to close)."""
+    checkpoint = read_checkpoint(out_dir)
+    if checkpoint is None:
+        return None
+    settings = recorded_settings(out_dir)
+    record = RunRecord.reopen(
+        out_dir,
+        settings,
+        rows=[RoundRow.from_json(row) for row in checkpoint.history],
+        initial_loss=checkpoint.initial_loss,
+        initial_accuracy=checkpoint.initial_accuracy,
+    )
+    ledger = None
+    if settings.dp.server.epsilon is not None and (out_dir / LEDGER_FILE).exists():
+        ledger = federation_ledger(settings, out_dir / LEDGER_FILE)
+    _write_privacy(record, settings, ledger)
+    record.save_model(checkpoint.arrays)
+    record.finish(status=status, reason=reason)
+    return checkpoint.round
 
 
 def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger | None) -> None:

@@ -19,12 +19,22 @@ Ray, deliberately:
   made rounds halt silently. A worker that dies anyway costs only its site: every exchange has a
   deadline (``round_timeout``) after which the driver counts the site as failed and goes on;
 - Flower's telemetry is off (``FLWR_TELEMETRY_ENABLED=0``) unless the user set it.
+
+``fedcore simulate`` runs all of this in a child process (:func:`child_argv`, ``python -m
+fedcore.federation.simulation``) in a session of its own, so that a signal reaches only the
+``fedcore`` process, which then stops the child and everything it started (Ray's daemons and
+workers are its descendants) and closes the run record itself. The child has the working
+directory on its import path, and hands it to Ray's workers through ``PYTHONPATH``, so a model
+given as ``package.module:callable`` next to the user's files is found as with ``python -m``.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
+import sys
 import tomllib
 from pathlib import Path
 
@@ -39,7 +49,8 @@ CLIENT_APP = "clients.app:app"
 def find_app_dir(start: Path | None = None) -> Path:
     """The fedcore app directory: ``$FEDCORE_APP_DIR``, else the checkout this library lives in,
     else the first folder from ``start`` (default: the working directory) upwards whose
-    ``pyproject.toml`` declares fedcore's components."""
+    ``pyproject.toml`` declares fedcore's components, else the app installed with fedcore
+    (:func:`installed_app_dir`)."""
     candidates: list[Path] = []
     if env := os.environ.get("FEDCORE_APP_DIR"):
         candidates.append(Path(env))
@@ -49,10 +60,44 @@ def find_app_dir(start: Path | None = None) -> Path:
     for folder in candidates:
         if _declares_app(folder):
             return folder
+    if (installed := installed_app_dir()) is not None:
+        return installed
     raise ConfigError(
         "cannot find the fedcore app directory (a pyproject.toml declaring "
         f"serverapp = {SERVER_APP!r}); run from the fedcore checkout or set FEDCORE_APP_DIR"
     )
+
+
+def installed_app_dir() -> Path | None:
+    """An app directory for an installed fedcore, or None in a checkout.
+
+    setup.py installs the checkout's ``clients`` and ``server`` packages as ``fedcore/_app/``.
+    Flower wants them in a folder with a ``pyproject.toml`` declaring the app, so this makes one,
+    temporary (removed when this process exits): links to the two packages and a pyproject whose
+    ``[tool.flwr.app.config]`` is :class:`Settings`' defaults.
+    """
+    installed = Path(__file__).resolve().parents[1] / "_app"
+    if not all((installed / part / "app.py").is_file() for part in ("server", "clients")):
+        return None
+    import atexit
+    import shutil
+    import tempfile
+
+    from fedcore.deploy.flwr_home import write_run_config
+
+    folder = Path(tempfile.mkdtemp(prefix="fedcore-app-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for part in ("server", "clients"):
+        (folder / part).symlink_to(installed / part, target_is_directory=True)
+    config = {f"tool.flwr.app.config.{k}": v for k, v in Settings().to_run_config().items()}
+    write_run_config(folder / "config.toml", config)
+    head = (
+        '[project]\nname = "fedcore-app"\nversion = "0.1.0"\n\n[tool.flwr.app]\n'
+        'publisher = "fedcore"\n\n[tool.flwr.app.components]\n'
+        f'serverapp = "{SERVER_APP}"\nclientapp = "{CLIENT_APP}"\n\n'
+    )
+    (folder / "pyproject.toml").write_text(head + (folder / "config.toml").read_text())
+    return folder
 
 
 def _declares_app(folder: Path) -> bool:
@@ -64,12 +109,15 @@ def _declares_app(folder: Path) -> bool:
     return components.get("serverapp") == SERVER_APP and components.get("clientapp") == CLIENT_APP
 
 
-def backend_config(settings: Settings) -> dict:
+def backend_config(settings: Settings, *, verbose: bool = False) -> dict:
+    """Ray's resources; the workers' output reaches the console only with ``verbose`` (Flower's
+    and absl's warnings from every worker otherwise bury the progress lines)."""
     return {
         "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
         "init_args": {
             "num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus)),
             "include_dashboard": False,
+            "log_to_driver": verbose,
         },
     }
 
@@ -87,7 +135,7 @@ def simulate(
         client_app=CLIENT_APP,
         run_config={**settings.to_run_config(), "out": str(out_dir)},
         sites=settings.sites,
-        backend=backend_config(settings),
+        backend=backend_config(settings, verbose=verbose),
         verbose=verbose,
     )
 
@@ -144,3 +192,45 @@ def run_app(
         # As `flwr run` does: with is_app=False, Flower gives the ClientApps an empty run config.
         is_app=True,
     )
+
+
+def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]:
+    """The command that runs :func:`simulate` for ``settings`` in a child process."""
+    run_config = {**settings.to_run_config(), "out": str(out_dir)}
+    return [
+        sys.executable,
+        "-m",
+        "fedcore.federation.simulation",
+        json.dumps(run_config),
+        *(["--verbose"] if verbose else []),
+    ]
+
+
+def child_env(cwd: Path | None = None) -> dict[str, str]:
+    """The child's environment: the working directory first on ``PYTHONPATH`` (Ray's workers
+    inherit it), Flower's telemetry off unless set."""
+    env = dict(os.environ)
+    paths = [str((cwd or Path.cwd()).resolve())]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedcore.config import from_run_config
+
+    parser = argparse.ArgumentParser(prog="python -m fedcore.federation.simulation")
+    parser.add_argument("run_config", help="the run config as JSON (what child_argv writes)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    run_config = json.loads(args.run_config)
+    settings = from_run_config(run_config)
+    simulate(settings, out_dir=Path(run_config["out"]), verbose=args.verbose)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

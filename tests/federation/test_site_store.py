@@ -8,7 +8,13 @@ import threading
 import pytest
 
 from fedcore.errors import ConfigError
-from fedcore.federation.site_store import SiteStore, atomic_write, check_private, create_exclusive, read_private
+from fedcore.federation.site_store import (
+    SiteStore,
+    atomic_write,
+    check_private,
+    create_exclusive,
+    read_private,
+)
 
 
 def test_atomic_write_is_private_and_replaces(tmp_path):

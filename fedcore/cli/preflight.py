@@ -1,0 +1,147 @@
+"""Everything that can be known before Ray (or a deployment) starts, checked before it starts.
+
+Each check raises :class:`~fedcore.errors.ConfigError` with one line; the command then exits with
+status 2 and leaves no run record behind (the out folder is checked last, and removed again if this
+check created it and a later step refuses the run).
+
+- the data loads for the server and every site, and the model builds (the working directory on the
+  import path, as for ``python -m``, so ``model = "mymodels:Net"`` next to the user's files works);
+- a GPU exists when ``client_gpus > 0`` (``device = "cuda"`` is checked with the settings);
+- secure aggregation's threshold is not above the number of sites a round samples;
+- with DP on, the budget affords at least one round (DP-FedAvg at the server, DP-SGD at each site);
+- the out folder can be created and written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from fedcore import config as cfg
+from fedcore.errors import ConfigError
+
+
+def import_path_has_cwd() -> None:
+    """Put the working directory first on ``sys.path`` (``python -m`` does; an installed script
+    does not)."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def data_and_model(settings: cfg.Settings) -> tuple[tuple[int, ...], int, int, list[int]]:
+    """Load the data and build the model once; returns ``(input_shape, num_classes, number of
+    model parameters, site sizes)``."""
+    from fedcore.data import load_holdout, load_site
+    from fedcore.federation.site_data import data_settings
+    from fedcore.models import build_model
+
+    import_path_has_cwd()
+    data = data_settings(settings)
+    _, input_shape, num_classes = load_holdout(data)
+    model = build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
+    dim = sum(int(v.numel()) for v in model.state_dict().values())
+    sizes = [len(load_site(data, site_id).train.y) for site_id in range(settings.sites)]
+    return input_shape, num_classes, dim, sizes
+
+
+def gpus(settings: cfg.Settings) -> None:
+    if settings.client_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            raise ConfigError(
+                f"setting 'client_gpus' is {settings.client_gpus:g}, but no GPU is visible here "
+                "(set client_gpus=0 to train on CPUs)"
+            )
+
+
+def sites_per_round(settings: cfg.Settings) -> int:
+    """How many sites a round asks to train (Flower's sampler: the fraction, rounded down, >= 1)."""
+    return max(1, int(settings.sites * settings.fraction_train))
+
+
+def secagg_threshold(settings: cfg.Settings) -> None:
+    if not settings.secagg.enabled or settings.secagg.threshold is None:
+        return
+    sampled = sites_per_round(settings)
+    if settings.secagg.threshold > sampled:
+        raise ConfigError(
+            f"setting 'secagg.threshold' is {settings.secagg.threshold}, more than the {sampled} "
+            f"sites a round samples (sites={settings.sites}, fraction_train={settings.fraction_train:g}): "
+            "no round could ever be unmasked"
+        )
+
+
+def dp_affords_one_round(settings: cfg.Settings, *, dim: int, site_sizes: list[int]) -> None:
+    """With DP on, one round must fit in what is left of each budget (nothing is charged): the
+    federation's (:func:`~fedcore.federation.dp_server.check_before_run`, which also refuses a
+    secure-aggregation ring too small for the DP encoding) and every site's
+    (:func:`~fedcore.federation.site_privacy.check_site_round`, once per distinct site size)."""
+    from fedcore.federation.dp_server import check_before_run
+    from fedcore.federation.site_privacy import check_site_round
+
+    check_before_run(settings, dim=dim)
+    if settings.dp.site.epsilon is None:
+        return
+    first_of_size: dict[int, int] = {}
+    for site_id, size in enumerate(site_sizes):
+        first_of_size.setdefault(size, site_id)
+    for size, site_id in sorted(first_of_size.items()):
+        check_site_round(settings, num_examples=size, site_id=site_id)
+
+
+@contextlib.contextmanager
+def out_folder(out_dir: Path, *, existing_ok: bool = False) -> Iterator[Path]:
+    """Create ``out_dir`` (and its parents) and probe that a file can be written there; inside the
+    block, a ``ConfigError`` (or any exception) removes what this created. Raises
+    :class:`ConfigError` for a folder under a file, a read-only place, or an existing record."""
+    if not existing_ok and (out_dir / "history.jsonl").exists():
+        raise ConfigError(
+            f"output directory {str(out_dir)!r} already holds a run record "
+            "(`fedcore simulate --resume DIR` continues it)"
+        )
+    created = _first_missing(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".fedcore-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        _remove(created)
+        raise ConfigError(
+            f"output directory {str(out_dir)!r} cannot be written: {exc.strerror or exc}"
+        ) from exc
+    try:
+        yield out_dir
+    except BaseException:
+        _remove(created)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what mkdir -p would create)."""
+    missing = None
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    return missing
+
+
+def _remove(created: Path | None) -> None:
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+def check(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
+    """Every check but the out folder; returns ``(input_shape, num_classes)``."""
+    gpus(settings)
+    secagg_threshold(settings)
+    input_shape, num_classes, dim, sizes = data_and_model(settings)
+    dp_affords_one_round(settings, dim=dim, site_sizes=sizes)
+    return input_shape, num_classes
