@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "budget": "fedcore.cli.budget",
     "certs": "fedcore.cli.certs",
     "deploy-local": "fedcore.cli.deploy_local",
+    "experiment": "fedcore.cli.experiment",
 }
 
 EXIT_BAD_INPUT = 2
