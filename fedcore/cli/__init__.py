@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "certs": "fedcore.cli.certs",
     "deploy-local": "fedcore.cli.deploy_local",
     "experiment": "fedcore.cli.experiment",
+    "audit": "fedcore.cli.audit",
 }
 
 EXIT_BAD_INPUT = 2
