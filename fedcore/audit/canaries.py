@@ -77,7 +77,8 @@ class CanaryRun:
     scores: np.ndarray  # per canary: movement against its gradient, in units of one sampled step
     included: np.ndarray  # bool per canary: the secret the auditor guesses
     epsilon_formal: float  # what the site's ledger charged for all rounds
-    noise_multiplier: float  # as planned (the run used 0 when noise was off)
+    noise_multiplier: float  # as planned
+    noise_used: float  # what the run added: noise_multiplier, or 0 with the noise off
     sample_rate: float
     steps: int
     train_examples: int
@@ -159,27 +160,42 @@ def train_with_canaries(
         included=included,
         epsilon_formal=ledger.epsilon(),
         noise_multiplier=plan.noise_multiplier,
+        noise_used=plan.noise_multiplier if noise else 0.0,
         sample_rate=plan.sample_rate,
         steps=steps,
         train_examples=n,
     )
 
 
-def two_means_threshold(scores: np.ndarray) -> float:
-    """The split of the sorted scores that minimises the within-group variance (Otsu, 1-D).
+def guess_threshold(*, sample_rate: float, steps: int, noise_multiplier: float) -> float:
+    """Score above which a canary is guessed "included", from the mechanism's public parameters.
 
-    Uses the scores only, never which canaries were included, so guesses made with it are a
-    function of the trained model alone, as the audit's theorem requires.
+    In units of one sampled step, an excluded canary's score is the noise alone,
+    N(0, steps * z^2), and an included one's adds Binomial(steps, q) sampled steps, about
+    N(q * steps, steps * (q (1 - q) + z^2)). The threshold is where the two densities cross
+    between their means (the likelihood-ratio test for equal priors); without noise it is half a
+    step, since an excluded canary never moves. It depends on the settings only, never on the
+    scores or on which canaries were included, so the guesses are a function of the model alone
+    and their number (every canary) is fixed in advance, as the audit's theorem requires.
     """
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    if len(s) < 2 or not np.all(np.isfinite(s)):
-        raise ConfigError("need at least two finite scores")
-    prefix = np.cumsum(s)
-    prefix_sq = np.cumsum(s * s)
-    total, total_sq, m = prefix[-1], prefix_sq[-1], len(s)
-    k = np.arange(1, m)  # the low group is s[:k]
-    low_ss = prefix_sq[:-1] - prefix[:-1] ** 2 / k
-    high_ss = (total_sq - prefix_sq[:-1]) - (total - prefix[:-1]) ** 2 / (m - k)
-    best = int(np.argmin(low_ss + high_ss))
-    return float((s[best] + s[best + 1]) / 2)
+    q, t, z = sample_rate, steps, noise_multiplier
+    mean = q * t
+    if z == 0:
+        return 0.5
+    var_out, var_in = t * z * z, t * (q * (1 - q) + z * z)
 
+    def log_ratio(x: float) -> float:  # log density(included) - log density(excluded)
+        return (-((x - mean) ** 2) / (2 * var_in) - 0.5 * np.log(var_in)) - (
+            -(x * x) / (2 * var_out) - 0.5 * np.log(var_out)
+        )
+
+    low, high = 0.0, mean
+    if not (log_ratio(low) < 0 < log_ratio(high)):
+        return mean / 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        if log_ratio(mid) < 0:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2

@@ -7,7 +7,7 @@ mechanism being audited is the site's, and a federation adds nothing to what one
 releases about that site's records. It runs twice with the same settings and canaries drawn
 afresh: with fedcore's noise (the audit) and with the noise off (the positive control). The
 auditor sees the final model (white-box) and guesses every canary: "included" when its score is
-above a threshold computed from the scores alone (:func:`two_means_threshold`), so the number of
+above a threshold computed from the settings alone (:func:`guess_threshold`), so the number of
 guesses is fixed in advance (all ``m``) and one bound is computed, at 95 % confidence
 (:mod:`fedcore.audit.bound`). The control must exceed the formal epsilon; if it does not, the
 audit is too weak to say anything about that claim and ``audit.json`` says so.
@@ -69,9 +69,11 @@ class AuditReport:
 
 def _score(run, *, delta: float) -> AuditOutcome:  # noqa: ANN001 - a CanaryRun
     from fedcore.audit.bound import epsilon_lower_bound
-    from fedcore.audit.canaries import two_means_threshold
+    from fedcore.audit.canaries import guess_threshold
 
-    threshold = two_means_threshold(run.scores)
+    threshold = guess_threshold(
+        sample_rate=run.sample_rate, steps=run.steps, noise_multiplier=run.noise_used
+    )
     guesses = run.scores > threshold
     correct = int((guesses == run.included).sum())
     m = len(run.scores)
