@@ -57,7 +57,7 @@ class WithCanaries(nn.Module):
 class CanaryDPOptimizer(CryptoDPOptimizer):
     """fedcore's DP-SGD optimiser, with the sampled canaries' gradients in the clipped sum."""
 
-    def __init__(self, *args, canary_weight: nn.Parameter, clip: float, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, canary_weight: torch.Tensor, clip: float, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self._canary_weight = canary_weight
         self._clip = clip

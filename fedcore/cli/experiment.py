@@ -5,7 +5,8 @@
 Every point of the spec (:mod:`fedcore.experiment.spec`) is one ``fedcore simulate`` run in a
 subprocess, ``N`` at a time. The folder (default ``runs/experiment-<name>``, ``-quick`` with
 ``--quick``) gets ``spec.toml``, ``results.csv``, ``summary.md``, the plots and one run record per
-point under ``runs/``. Rerunning the same command skips the points already finished. Exit status:
+point under ``runs/``; with ``audit = true`` in ``[axes]``, a ``fedcore audit`` of every
+record-level point beside its run. Rerunning the same command skips the points already finished. Exit status:
 0 when every run completed every round, 1 otherwise, 2 for a bad spec (before anything runs).
 """
 
@@ -57,26 +58,31 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedcore.experiment import load_spec, plan
+    from fedcore.experiment import Mode, load_spec, plan
     from fedcore.experiment.plots import write_plots
     from fedcore.experiment.results import collect, write_csv, write_summary
-    from fedcore.experiment.runner import prepare, read_outcome, run_points
+    from fedcore.experiment.runner import AUDIT, audit_command, prepare, read_outcome, run_points
 
     jobs = _jobs(args.jobs)
     spec = load_spec(args.spec, quick=args.quick)
     points = plan(spec)
     out = Path(args.out or Path("runs") / (f"experiment-{spec.name}" + ("-quick" if args.quick else "")))
     prepare(out, spec_text=Path(args.spec).read_text(), spec=spec, points=points)
+    audited = [p for p in points if p.mode is Mode.RECORD] if spec.audit else []
     done_before = sum(1 for p in points if read_outcome(out, p.run_id) is not None)
+    done_before += sum(1 for p in audited if read_outcome(out, p.run_id, AUDIT) is not None)
+    total = len(points) + len(audited)
 
     console = Console(stderr=True)
     console.print(
-        f"fedcore experiment {spec.name!r}: {len(points)} runs ({done_before} already finished), "
+        f"fedcore experiment {spec.name!r}: {len(points)} runs"
+        + (f" and {len(audited)} audits" if audited else "")
+        + f" ({done_before} already finished), "
         f"{jobs} at a time; folder {out}"
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        overall = progress.add_task("runs", total=len(points), completed=done_before)
+        overall = progress.add_task("runs", total=total, completed=done_before)
 
         def on_done(point, outcome) -> None:  # noqa: ANN001
             progress.advance(overall)
@@ -84,6 +90,16 @@ def run(args: argparse.Namespace) -> int:
             progress.console.print(f"  {point.run_id}: {outcome.seconds:.0f} s{note}")
 
         run_points(points, out=out, jobs=jobs, on_done=on_done)
+        if audited:
+            canaries = spec.audit_canaries
+            run_points(
+                audited,
+                out=out,
+                jobs=jobs,
+                suffix=AUDIT,
+                command=lambda p, o: audit_command(p, out=o, canaries=canaries),
+                on_done=on_done,
+            )
 
     results = collect(points, out=out)
     write_csv(results, spec, out / "results.csv")

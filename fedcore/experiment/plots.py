@@ -7,6 +7,8 @@
   private point (solid: the epsilon the mode's budget binds; dashed: the site-level epsilon
   against observers who know the sample, where the run record gives it).
 - ``<setting>_vs_accuracy.png``: for every other swept setting, final accuracy against it.
+- ``audit.png`` (with ``audit = true``): the empirical lower bound and the control's against
+  the formal epsilon, with the line where they would be equal.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def write_plots(results: Sequence[RunResult], spec: ExperimentSpec, out: Path) -
     if any(r.per_round and _bound_epsilon(r, r.per_round[-1]) is not None for r in results):
         _epsilon_per_round(results, out / "epsilon_per_round.png")
         written.append("epsilon_per_round.png")
+    if spec.audit and any(r.audit_epsilon_lower_bound is not None for r in results):
+        _audit_plot(results, out / "audit.png")
+        written.append("audit.png")
     for axis in axes:
         if axis in (MODE_AXIS, EPSILON_AXIS, SEED_AXIS):
             continue
@@ -164,3 +169,34 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _audit_plot(results: Sequence[RunResult], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    series: dict[str, list[tuple[float, float, float]]] = {"audit (noise on)": [], "control (noise off)": []}
+    for _key, runs in groups(results).items():
+        formal = mean_interval([r.audit_epsilon_formal for r in runs])
+        if formal is None:
+            continue
+        for name, column in (("audit (noise on)", "audit_epsilon_lower_bound"),
+                             ("control (noise off)", "audit_control_epsilon_lower_bound")):
+            bound = mean_interval([r.value(column) for r in runs])
+            if bound is not None:
+                series[name].append((formal.mean, bound.mean, bound.half_width or 0.0))
+    top = 1.0
+    for name, pts in series.items():
+        pts.sort()
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                        marker="o", capsize=3, label=name)
+            top = max(top, *(p[0] for p in pts), *(p[1] for p in pts))
+    ax.plot([0, top], [0, top], color="gray", linestyle="--", label="lower bound = formal")
+    ax.set_xlabel("formal epsilon (record-level)")
+    ax.set_ylabel("empirical lower bound (95% confidence)")
+    ax.set_title("One-run audit of record-level DP-SGD")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.experiment.plan import Point, display, resolved_settings
-from fedcore.experiment.runner import RunOutcome, read_outcome, run_dir
+from fedcore.experiment.runner import AUDIT, RunOutcome, read_outcome, run_dir
 from fedcore.experiment.spec import ExperimentSpec
 
 EPSILON_COLUMNS = ("record_epsilon", "server_epsilon", "server_epsilon_sample_known")
@@ -38,6 +38,7 @@ METRIC_COLUMNS = (
     "returncode",
     "run_dir",
 )
+AUDIT_COLUMNS = ("audit_epsilon_formal", "audit_epsilon_lower_bound", "audit_control_epsilon_lower_bound")
 CONFIDENCE = 0.95
 
 
@@ -64,6 +65,9 @@ class RunResult:
     returncode: int | None
     run_dir: str
     per_round: tuple[RoundEpsilon, ...] = field(default=())
+    audit_epsilon_formal: float | None = None
+    audit_epsilon_lower_bound: float | None = None
+    audit_control_epsilon_lower_bound: float | None = None
 
     def value(self, column: str) -> Any:
         return getattr(self, column)
@@ -117,6 +121,7 @@ def read_run(point: Point, *, out: Path) -> RunResult:
     sample_known = _last([r.server_epsilon_sample_known for r in per_round])
     if sample_known is None:
         sample_known = _privacy_json_sample_known(folder)
+    audit = _audit(out, point)
     accuracies = [a for a in (_number(r.get("eval_accuracy")) for r in rows) if a is not None]
     planned = point.settings.get("rounds")
     return RunResult(
@@ -133,7 +138,18 @@ def read_run(point: Point, *, out: Path) -> RunResult:
         returncode=outcome.returncode if outcome else None,
         run_dir=str(folder),
         per_round=tuple(per_round),
+        audit_epsilon_formal=_number(audit.get("epsilon_formal")),
+        audit_epsilon_lower_bound=_number(audit.get("epsilon_lower_bound")),
+        audit_control_epsilon_lower_bound=_number((audit.get("control") or {}).get("epsilon_lower_bound")),
     )
+
+
+def _audit(out: Path, point: Point) -> dict[str, Any]:
+    try:
+        doc = json.loads((run_dir(out, point.run_id, AUDIT) / "audit.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _privacy_json_sample_known(folder: Path) -> float | None:
@@ -164,12 +180,13 @@ def _status(folder: Path, outcome: RunOutcome | None) -> str:
 def write_csv(results: Sequence[RunResult], spec: ExperimentSpec, path: Path) -> None:
     """One row per run: ``run_id``, every axis, then :data:`METRIC_COLUMNS`."""
     axes = [name for name, _ in spec.axes]
+    columns = [*METRIC_COLUMNS, *(AUDIT_COLUMNS if spec.audit else ())]
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["run_id", *axes, *METRIC_COLUMNS])
+        writer.writerow(["run_id", *axes, *columns])
         for r in results:
             cells = [r.point.run_id, *(display(r.point.swept.get(a)) for a in axes)]
-            cells += ["" if r.value(c) is None else r.value(c) for c in METRIC_COLUMNS]
+            cells += ["" if r.value(c) is None else r.value(c) for c in columns]
             writer.writerow(cells)
 
 
@@ -236,12 +253,23 @@ def write_summary(
         "sees a site's updates; `server ε` is site-level DP-FedAvg against observers of the released "
         "models who do not know which sites were sampled; `server ε (sample known)` holds against "
         "observers who know which sites took part (blank where the run record does not give it).",
+    ]
+    if spec.audit:
+        lines.append(
+            "- **Audit**: each record-level point's settings were also audited with `fedcore audit` "
+            "(a one-run lower bound on the record-level ε at 95 % confidence, from a separate "
+            "training of site 0 with gradient canaries; the control is the same audit without noise, "
+            "which must exceed the formal ε for the audit to mean anything)."
+        )
+    lines += [
         "",
         "## Results",
         "",
     ]
     header = [*axes, "runs", "final accuracy", "best accuracy", "record ε", "server ε",
               "server ε (sample known)", "rounds", "s/run"]
+    if spec.audit:
+        header += ["audit: ε lower bound", "audit: control"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, runs in groups(results).items():
         cells = [v or "-" for _, v in key]
@@ -253,15 +281,19 @@ def write_summary(
         cells.append(", ".join(rounds))
         secs = mean_interval([r.seconds for r in runs])
         cells.append("-" if secs is None else f"{secs.mean:.0f}")
+        if spec.audit:
+            for column in AUDIT_COLUMNS[1:]:
+                interval = mean_interval([r.value(column) for r in runs])
+                cells.append("-" if interval is None else str(interval))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Settings that differ between points", ""]
     differing = differing_settings([r.point for r in results])
     swept = {name for name, _ in spec.axes}
     if differing:
         lines += ["| setting | values | why |", "|---|---|---|"]
-        for key, values in differing.items():
-            why = "axis" if key in swept else _why(key, spec)
-            lines.append(f"| `{key}` | {', '.join(values)} | {why} |")
+        for setting, values in differing.items():
+            why = "axis" if setting in swept else _why(setting, spec)
+            lines.append(f"| `{setting}` | {', '.join(values)} | {why} |")
     else:
         lines.append("None: every point ran with the same settings.")
     lines += ["", "Every other setting is the same at every point (`[base]` of `spec.toml`, then "

@@ -7,6 +7,8 @@ Layout of the experiment folder::
     runs/<run id>/             the point's run record (what `fedcore simulate --out` writes)
     runs/<run id>.log          its stdout and stderr
     runs/<run id>.done.json    written when the subprocess has exited: exit status and seconds
+    runs/<run id>.audit/       with ``audit = true``, a record-level point's ``fedcore audit``
+                               (``audit.json``), with its own ``.log`` and ``.done.json``
 
 A point is finished when its ``.done.json`` exists, whatever its outcome (a run stopped early by
 its budget is a result, not a failure to retry). A rerun skips finished points; a point that was
@@ -40,18 +42,21 @@ class RunOutcome:
     seconds: float
 
 
-def run_dir(out: Path, run_id: str) -> Path:
-    return out / "runs" / run_id
+AUDIT = ".audit"  # the suffix of a point's audit folder, log and done file
 
 
-def done_path(out: Path, run_id: str) -> Path:
-    return out / "runs" / f"{run_id}.done.json"
+def run_dir(out: Path, run_id: str, suffix: str = "") -> Path:
+    return out / "runs" / f"{run_id}{suffix}"
 
 
-def read_outcome(out: Path, run_id: str) -> RunOutcome | None:
-    """The recorded outcome of a finished point, or None if it has not finished."""
+def done_path(out: Path, run_id: str, suffix: str = "") -> Path:
+    return out / "runs" / f"{run_id}{suffix}.done.json"
+
+
+def read_outcome(out: Path, run_id: str, suffix: str = "") -> RunOutcome | None:
+    """The recorded outcome of a finished point (or its audit), or None if it has not finished."""
     try:
-        doc = json.loads(done_path(out, run_id).read_text())
+        doc = json.loads(done_path(out, run_id, suffix).read_text())
         return RunOutcome(run_id, int(doc["returncode"]), float(doc["seconds"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -99,6 +104,15 @@ def simulate_command(point: Point, *, out: Path) -> list[str]:
     return command
 
 
+def audit_command(point: Point, *, out: Path, canaries: int | None) -> list[str]:
+    command = [sys.executable, "-m", "fedcore.cli", "audit", "--out", str(run_dir(out, point.run_id, AUDIT))]
+    if canaries is not None:
+        command += ["--canaries", str(canaries)]
+    for item in point.overrides():
+        command += ["--set", item]
+    return command
+
+
 @dataclass
 class _Running:
     point: Point
@@ -111,6 +125,7 @@ def run_points(
     *,
     out: Path,
     jobs: int,
+    suffix: str = "",
     command: Callable[[Point, Path], list[str]] = lambda point, out: simulate_command(point, out=out),
     on_start: Callable[[Point], None] = lambda p: None,
     on_poll: Callable[[Point], None] = lambda p: None,
@@ -119,12 +134,13 @@ def run_points(
     """Run every unfinished point, ``jobs`` at a time; returns the outcomes of those it ran.
 
     Finished points are skipped without calling anything. ``command`` gives the subprocess of a
-    point (default :func:`simulate_command`; tests put a stand-in there). ``on_poll`` is called for each running
+    point (default :func:`simulate_command`; tests put a stand-in there); ``suffix`` names what
+    it writes (``""`` for the run, :data:`AUDIT` for the audit). ``on_poll`` is called for each running
     point about twice a second (for a progress display).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    todo = [p for p in points if read_outcome(out, p.run_id) is None]
+    todo = [p for p in points if read_outcome(out, p.run_id, suffix) is None]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
     running: list[_Running] = []
     outcomes: list[RunOutcome] = []
@@ -132,7 +148,7 @@ def run_points(
         while todo or running:
             while todo and len(running) < jobs:
                 point = todo.pop(0)
-                target = run_dir(out, point.run_id)
+                target = run_dir(out, point.run_id, suffix)
                 if target.exists():  # interrupted before: its partial record cannot be continued
                     shutil.rmtree(target)
                 with open(target.with_name(target.name + ".log"), "wb") as log:
@@ -150,9 +166,10 @@ def run_points(
                 outcome = RunOutcome(
                     item.point.run_id, int(item.process.returncode), time.monotonic() - item.started
                 )
-                tmp = done_path(out, outcome.run_id).with_suffix(".tmp")
+                done = done_path(out, outcome.run_id, suffix)
+                tmp = done.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"returncode": outcome.returncode, "seconds": round(outcome.seconds, 2)}))
-                tmp.replace(done_path(out, outcome.run_id))
+                tmp.replace(done)
                 outcomes.append(outcome)
                 on_done(item.point, outcome)
     finally:

@@ -12,6 +12,8 @@
     epsilon = [1, 2, 4, 8]            # goes to the budget of the point's mode
     seed = [0, 1, 2]                  # any other key is a setting
 
+    audit = true                      # optional: audit every record-level point (fedcore audit)
+
     [modes.record]                    # optional: settings for one mode only (an unfair comparison,
     lr = 2.0                          # which the summary lists as a difference between points)
 
@@ -23,7 +25,9 @@
 ``mode`` and ``epsilon`` are the privacy axes: ``none`` trains without DP (and takes no epsilon),
 ``record`` sets ``dp.site.epsilon`` (DP-SGD at every site), ``site`` sets ``dp.server.epsilon``
 (DP-FedAvg at a trusted server), ``site-secagg`` sets ``dp.server.epsilon`` and
-``secagg.enabled = true`` (DP-FedAvg on the securely aggregated sum). Fair comparisons are the
+``secagg.enabled = true`` (DP-FedAvg on the securely aggregated sum). ``audit = true`` in
+``[axes]`` is not an axis but a switch: every ``record`` point is also audited with
+``fedcore audit`` (``[experiment] audit_canaries`` canaries, default that command's). Fair comparisons are the
 default: every mode gets the same training settings unless ``[modes.<mode>]`` says otherwise.
 
 Everything is checked here, before any run starts: unknown keys, bad values (through
@@ -100,6 +104,8 @@ class ExperimentSpec:
     axes: tuple[tuple[str, tuple[Any, ...]], ...]
     per_mode: Mapping[Mode, Mapping[str, Scalar]]
     quick: bool
+    audit: bool = False
+    audit_canaries: int | None = None
 
     def axis(self, name: str) -> tuple[Any, ...] | None:
         return dict(self.axes).get(name)
@@ -131,6 +137,10 @@ def parse_spec(text: str, *, quick: bool = False, default_name: str = "experimen
     meta = _table(doc, "experiment")
     base = _settings(_table(doc, "base"), where="[base]")
     raw_axes = dict(_table(doc, "axes"))
+    audit = _audit_switch(raw_axes.pop(AUDIT_AXIS, False))
+    canaries = meta.get("audit_canaries")
+    if canaries is not None and (isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2):
+        raise ConfigError(f"[experiment] audit_canaries must be an integer >= 2, got {canaries!r}")
     if quick:
         quick_table = doc.get("quick")
         if not isinstance(quick_table, dict):
@@ -156,6 +166,8 @@ def parse_spec(text: str, *, quick: bool = False, default_name: str = "experimen
         axes=axes,
         per_mode=per_mode,
         quick=quick,
+        audit=audit,
+        audit_canaries=canaries,
     )
     _check_privacy_axes(spec)
     return spec
@@ -189,8 +201,6 @@ def _axis(name: str, values: Any) -> tuple[Any, ...]:
             if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"axis 'epsilon' takes finite numbers > 0, got {v!r}")
         return tuple(float(v) for v in values)
-    if name == AUDIT_AXIS:
-        raise ConfigError("axis 'audit' is not supported yet; run `fedcore audit` beside the experiment")
     if name not in cfg.SPECS:
         raise ConfigError(f"axis {name!r} is neither 'mode', 'epsilon' nor a setting")
     for v in values:
@@ -198,11 +208,20 @@ def _axis(name: str, values: Any) -> tuple[Any, ...]:
     return tuple(values)
 
 
+def _audit_switch(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    if len(values) != 1 or not isinstance(values[0], bool):
+        raise ConfigError(f"'audit' in [axes] is a switch: true or false (or [true]), got {value!r}")
+    return values[0]
+
+
 def _check_privacy_axes(spec: ExperimentSpec) -> None:
     modes = spec.axis(MODE_AXIS)
     if spec.axis(EPSILON_AXIS) is not None and modes is None:
         raise ConfigError("axis 'epsilon' needs an axis 'mode' saying whose budget it is")
     if modes is None:
+        if spec.audit:
+            raise ConfigError("'audit = true' needs a 'mode' axis with 'record'")
         return
     for key in PRIVACY_KEYS:
         owners = ["[base]"] if key in spec.base else []
@@ -214,6 +233,8 @@ def _check_privacy_axes(spec: ExperimentSpec) -> None:
             )
     if any(m.private for m in modes) and spec.axis(EPSILON_AXIS) is None:
         raise ConfigError("a private mode needs an 'epsilon' axis (the budget of that mode)")
+    if spec.audit and Mode.RECORD not in modes:
+        raise ConfigError("'audit = true' audits record-level DP, and the 'mode' axis has no 'record'")
     for mode in modes:
         if mode is Mode.DISTRIBUTED:
             mode_settings(mode, 1.0)  # raises: not available yet

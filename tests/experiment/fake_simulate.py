@@ -1,11 +1,12 @@
 """A stand-in for ``fedcore simulate`` in the experiment tests: writes a run record in no time.
 
-    python fake_simulate.py CALLS_FILE --out DIR --set key=value ...
+    python fake_simulate.py CALLS_FILE [--audit] --out DIR --set key=value ...
 
 Appends the run folder's name to CALLS_FILE (so a test can count runs), then writes
 ``history.jsonl`` (accuracy a function of the seed and epsilon, the epsilon spent growing per
 round) and a ``summary.md`` status line, as ``fedcore simulate`` does. A seed of 99 makes it exit
-1 after round 1, like a run that crashed.
+1 after round 1, like a run that crashed. With ``--audit`` it stands in for ``fedcore audit``
+instead and writes ``audit.json`` (lower bound a quarter of the budget, control 8.2).
 """
 
 import json
@@ -22,6 +23,11 @@ for j, item in enumerate(args):
 with calls.open("a") as fh:
     fh.write(out.name + "\n")
 out.mkdir(parents=True)
+if "--audit" in args:
+    eps = float(settings["dp.site.epsilon"])
+    doc = {"epsilon_formal": eps, "epsilon_lower_bound": eps / 4, "control": {"epsilon_lower_bound": 8.2}}
+    (out / "audit.json").write_text(json.dumps(doc))
+    sys.exit(0)
 rounds = int(settings.get("rounds", "20"))
 seed = int(settings.get("seed", "0"))
 site_eps = float(settings["dp.site.epsilon"]) if "dp.site.epsilon" in settings else None

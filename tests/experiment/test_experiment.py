@@ -19,7 +19,7 @@ from fedcore.experiment import Mode, parse_spec, plan
 from fedcore.experiment.plan import Point
 from fedcore.experiment.plots import write_plots
 from fedcore.experiment.results import collect, mean_interval, write_csv, write_summary
-from fedcore.experiment.runner import prepare, run_dir, run_points
+from fedcore.experiment.runner import AUDIT, prepare, run_dir, run_points
 
 FAKE = Path(__file__).with_name("fake_simulate.py")
 
@@ -65,6 +65,8 @@ def test_plan_gives_each_mode_its_budget_and_shares_the_rest() -> None:
         ('[axes]\nmode = ["record", "nonsense"]\nepsilon = [1]', "axis 'mode' takes"),
         ('[axes]\nmode = ["distributed"]\nepsilon = [1]', "not available"),
         ('[axes]\nmode = ["record"]\nepsilon = [0]', "finite numbers > 0"),
+        ('[axes]\nmode = ["site"]\nepsilon = [1]\naudit = true', "has no 'record'"),
+        ('[axes]\nmode = ["record"]\nepsilon = [1]\naudit = "yes"', "is a switch"),
         ('[base]\ndp.site.epsilon = 3\n[axes]\nmode = ["record"]\nepsilon = [1]', "chosen by the 'mode' axis"),
         ('[base]\nno_such_key = 1', "unknown setting 'no_such_key'"),
         ("[base]\nrounds = 0", "'rounds' must be >= 1"),
@@ -194,3 +196,30 @@ def test_mean_interval_is_the_student_t_interval() -> None:
     assert interval.half_width == pytest.approx(4.302652729911275 * 1.0 / 3**0.5)
     assert mean_interval([0.5]).half_width is None  # type: ignore[union-attr]
     assert mean_interval([None]) is None
+
+
+def test_audit_switch_audits_record_points_into_results_and_a_plot(tmp_path: Path) -> None:
+    text = TINY.replace("seed = [0, 1]", "seed = [0, 1]\naudit = true")
+    spec = parse_spec(text)
+    assert spec.audit and "audit" not in dict(spec.axes)
+    out, calls = tmp_path / "exp", tmp_path / "calls.txt"
+    points = _run(text, out, calls)
+    record = [p for p in points if p.mode is Mode.RECORD]
+
+    def fake_audit(point: Point, out: Path) -> list[str]:
+        return [sys.executable, str(FAKE), str(calls), "--audit", "--out", str(run_dir(out, point.run_id, AUDIT))] + [
+            a for item in point.overrides() for a in ("--set", item)
+        ]
+
+    run_points(record, out=out, jobs=2, suffix=AUDIT, command=fake_audit)
+    results = collect(points, out=out)
+    write_csv(results, spec, out / "results.csv")
+    plots = write_plots(results, spec, out)
+    assert "audit.png" in plots and (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {r["run_id"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert float(rows["mode-record_epsilon-8_seed-0"]["audit_epsilon_lower_bound"]) == 2.0
+    assert float(rows["mode-record_epsilon-8_seed-0"]["audit_control_epsilon_lower_bound"]) == 8.2
+    assert rows["mode-site-secagg_epsilon-8_seed-0"]["audit_epsilon_lower_bound"] == ""
+    calls.unlink()
+    run_points(record, out=out, jobs=2, suffix=AUDIT, command=fake_audit)  # resumed: nothing
+    assert not calls.exists()
