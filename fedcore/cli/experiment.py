@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ def _jobs(text: str) -> int:
     return jobs
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from fedcore.experiment.runner import AUDIT, audit_command, prepare, read_outcome, run_points
 
     jobs = _jobs(args.jobs)
+    # A TERM (from a job scheduler, or `kill`) stops the runs this command started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     spec = load_spec(args.spec, quick=args.quick)
     points = plan(spec)
     out = Path(args.out or Path("runs") / (f"experiment-{spec.name}" + ("-quick" if args.quick else "")))
