@@ -119,6 +119,9 @@ def _epsilon_per_round(results: Sequence[RunResult], path: Path) -> None:
         (line,) = ax.plot(x, bound, marker=".", label=_label(key, skip=()))
         if any(v == v for v in known):
             ax.plot(x, known, linestyle="--", color=line.get_color())
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent")
     ax.set_title("Epsilon spent per round (dashed: site-level, sample known)")
