@@ -11,7 +11,6 @@
     mode = ["none", "record", "site", "site-secagg"]
     epsilon = [1, 2, 4, 8]            # goes to the budget of the point's mode
     seed = [0, 1, 2]                  # any other key is a setting
-
     audit = true                      # optional: audit every record-level point (fedcore audit)
 
     [modes.record]                    # optional: settings for one mode only (an unfair comparison,
@@ -27,8 +26,8 @@
 (DP-FedAvg at a trusted server), ``site-secagg`` sets ``dp.server.epsilon`` and
 ``secagg.enabled = true`` (DP-FedAvg on the securely aggregated sum). ``audit = true`` in
 ``[axes]`` is not an axis but a switch: every ``record`` point is also audited with
-``fedcore audit`` (``[experiment] audit_canaries`` canaries, default that command's). Fair comparisons are the
-default: every mode gets the same training settings unless ``[modes.<mode>]`` says otherwise.
+``fedcore audit`` (``[experiment] audit_canaries`` canaries, default that command's). Fair
+comparisons are the default: every mode gets the same training settings unless ``[modes.<mode>]`` says otherwise.
 
 Everything is checked here, before any run starts: unknown keys, bad values (through
 :func:`fedcore.config.resolve`), a privacy key set both by a mode and by hand. Errors are
