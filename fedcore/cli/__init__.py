@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, str] = {
     "certs": "fedcore.cli.certs",
     "deploy-local": "fedcore.cli.deploy_local",
     "ledger": "fedcore.cli.ledger",
+    "experiment": "fedcore.cli.experiment",
+    "audit": "fedcore.cli.audit",
 }
 
 EXIT_BAD_INPUT = 2

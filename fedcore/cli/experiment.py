@@ -1,0 +1,118 @@
+"""``fedcore experiment``: sweep privacy modes, budgets, seeds and settings from one TOML spec.
+
+    fedcore experiment SPEC.toml [--out DIR] [--jobs N] [--quick]
+
+Every point of the spec (:mod:`fedcore.experiment.spec`) is one ``fedcore simulate`` run in a
+subprocess, ``N`` at a time. The folder (default ``runs/experiment-<name>``, ``-quick`` with
+``--quick``) gets ``spec.toml``, ``results.csv``, ``summary.md``, the plots and one run record per
+point under ``runs/``; with ``audit = true`` in ``[axes]``, a ``fedcore audit`` of every
+record-level point beside its run. Rerunning the same command skips the points already finished. Exit status:
+0 when every run completed every round, 1 otherwise, 2 for a bad spec (before anything runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import ConfigError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "experiment",
+        help="run a privacy-budget experiment from a TOML spec",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("spec", metavar="SPEC.toml", help="the experiment spec")
+    parser.add_argument(
+        "--out", metavar="DIR", help="experiment folder (default: runs/experiment-<name>)"
+    )
+    parser.add_argument(
+        "--jobs", metavar="N", default="1", help="runs at a time (default 1; at most the CPU count)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="apply the spec's [quick] table (a short version)"
+    )
+    return parser
+
+
+def _jobs(text: str) -> int:
+    try:
+        jobs = int(text)
+    except ValueError:
+        raise ConfigError(f"--jobs must be an integer, got {text!r}") from None
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    cores = os.cpu_count() or 1
+    if jobs > cores:
+        print(f"fedcore experiment: --jobs {jobs} is more than the {cores} CPUs; using {cores}", file=sys.stderr)
+        return cores
+    return jobs
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedcore.experiment import Mode, load_spec, plan
+    from fedcore.experiment.plots import write_plots
+    from fedcore.experiment.results import collect, write_csv, write_summary
+    from fedcore.experiment.runner import AUDIT, audit_command, prepare, read_outcome, run_points
+
+    jobs = _jobs(args.jobs)
+    # A TERM (from a job scheduler, or `kill`) stops the runs this command started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    spec = load_spec(args.spec, quick=args.quick)
+    points = plan(spec)
+    out = Path(args.out or Path("runs") / (f"experiment-{spec.name}" + ("-quick" if args.quick else "")))
+    prepare(out, spec_text=Path(args.spec).read_text(), spec=spec, points=points)
+    audited = [p for p in points if p.mode is Mode.RECORD] if spec.audit else []
+    done_before = sum(1 for p in points if read_outcome(out, p.run_id) is not None)
+    done_before += sum(1 for p in audited if read_outcome(out, p.run_id, AUDIT) is not None)
+    total = len(points) + len(audited)
+
+    console = Console(stderr=True)
+    console.print(
+        f"fedcore experiment {spec.name!r}: {len(points)} runs"
+        + (f" and {len(audited)} audits" if audited else "")
+        + f" ({done_before} already finished), "
+        f"{jobs} at a time; folder {out}"
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        overall = progress.add_task("runs", total=total, completed=done_before)
+
+        def on_done(point, outcome) -> None:  # noqa: ANN001
+            progress.advance(overall)
+            note = "" if outcome.returncode == 0 else f" (exit {outcome.returncode})"
+            progress.console.print(f"  {point.run_id}: {outcome.seconds:.0f} s{note}")
+
+        run_points(points, out=out, jobs=jobs, on_done=on_done)
+        if audited:
+            canaries = spec.audit_canaries
+            run_points(
+                audited,
+                out=out,
+                jobs=jobs,
+                suffix=AUDIT,
+                command=lambda p, o: audit_command(p, out=o, canaries=canaries),
+                on_done=on_done,
+            )
+
+    results = collect(points, out=out)
+    write_csv(results, spec, out / "results.csv")
+    plots = write_plots(results, spec, out)
+    write_summary(results, spec, out / "summary.md", plots=plots)
+    complete = sum(1 for r in results if r.returncode == 0 and r.rounds_completed == r.rounds_planned)
+    print(f"{complete} of {len(results)} runs completed every round")
+    print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.md'}")
+    return 0 if complete == len(results) else 1

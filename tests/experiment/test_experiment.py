@@ -1,0 +1,225 @@
+"""fedcore.experiment: spec checks, planning, and a whole experiment with a stand-in simulate.
+
+The stand-in (``fake_simulate.py``) writes a run record without starting Flower, so these tests
+check the experiment machinery (every file, resuming, interrupted and failed points) in seconds;
+``tests/experiments/test_bundled_specs.py`` runs real ``fedcore simulate`` runs (slow).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedcore.errors import ConfigError
+from fedcore.experiment import Mode, parse_spec, plan
+from fedcore.experiment.plan import Point
+from fedcore.experiment.plots import write_plots
+from fedcore.experiment.results import collect, mean_interval, write_csv, write_summary
+from fedcore.experiment.runner import AUDIT, prepare, run_dir, run_points
+
+FAKE = Path(__file__).with_name("fake_simulate.py")
+
+TINY = """
+[experiment]
+name = "tiny"
+
+[base]
+dataset = "synthetic"
+sites = 3
+rounds = 2
+local_epochs = 1
+
+[axes]
+mode = ["none", "record", "site-secagg"]
+epsilon = [2, 8]
+seed = [0, 1]
+"""
+
+
+def test_plan_gives_each_mode_its_budget_and_shares_the_rest() -> None:
+    points = plan(parse_spec(TINY))
+    # none ignores epsilon: 2 seeds; record and site-secagg: 2 epsilons x 2 seeds each.
+    assert len(points) == 2 + 4 + 4
+    by_id = {p.run_id: p for p in points}
+    none = by_id["mode-none_seed-0"]
+    assert none.swept["epsilon"] is None and "dp.site.epsilon" not in none.settings
+    record = by_id["mode-record_epsilon-2_seed-1"].settings
+    assert record["dp.site.epsilon"] == 2.0 and "dp.server.epsilon" not in record
+    secagg = by_id["mode-site-secagg_epsilon-8_seed-0"].settings
+    assert secagg["dp.server.epsilon"] == 8.0 and secagg["secagg.enabled"] is True
+    shared = {"dataset", "sites", "rounds", "local_epochs"}
+    for p in points:  # fair by default: the same training settings at every point
+        assert {k: p.settings[k] for k in shared} == {k: points[0].settings[k] for k in shared}
+    assert "secagg.enabled=true" in by_id["mode-site-secagg_epsilon-8_seed-0"].overrides()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[axes]\nmode = ["record"]', "needs an 'epsilon' axis"),
+        ('[axes]\nepsilon = [1]', "needs an axis 'mode'"),
+        ('[axes]\nmode = ["record", "nonsense"]\nepsilon = [1]', "axis 'mode' takes"),
+        ('[axes]\nmode = ["distributed"]\nepsilon = [1]', "not available"),
+        ('[axes]\nmode = ["record"]\nepsilon = [0]', "finite numbers > 0"),
+        ('[axes]\nmode = ["site"]\nepsilon = [1]\naudit = true', "has no 'record'"),
+        ('[axes]\nmode = ["record"]\nepsilon = [1]\naudit = "yes"', "is a switch"),
+        ('[base]\ndp.site.epsilon = 3\n[axes]\nmode = ["record"]\nepsilon = [1]', "chosen by the 'mode' axis"),
+        ('[base]\nno_such_key = 1', "unknown setting 'no_such_key'"),
+        ("[base]\nrounds = 0", "'rounds' must be >= 1"),
+        ("[axes]\nlr = []", "non-empty list"),
+        ("[axes]\nnot_a_setting = [1, 2]", "neither 'mode'"),
+        ("[axes]\nseed = [1, 1]", "repeats a value"),
+        ('[axes]\nmode = ["site-secagg"]\nepsilon = [1]\n[base]\nsites = 1', "at least 2 sites"),
+        ("[surprise]\nx = 1", "unknown table"),
+    ],
+)
+def test_bad_specs_are_refused_before_anything_runs(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan(parse_spec(text))
+
+
+def test_quick_applies_the_quick_table_and_needs_one() -> None:
+    text = TINY + '\n[quick]\nrounds = 1\n[quick.axes]\nseed = [0]\n'
+    quick = parse_spec(text, quick=True)
+    assert quick.base["rounds"] == 1 and quick.axis("seed") == (0,)
+    assert parse_spec(text).base["rounds"] == 2
+    with pytest.raises(ConfigError, match=r"\[quick\] table"):
+        parse_spec(TINY, quick=True)
+
+
+def test_per_mode_settings_are_listed_as_a_difference(tmp_path: Path) -> None:
+    text = TINY + "\n[modes.record]\nlr = 2.0\n"
+    spec = parse_spec(text)
+    points = plan(spec)
+    assert all(p.settings.get("lr") == 2.0 for p in points if p.mode is Mode.RECORD)
+    assert all("lr" not in p.settings for p in points if p.mode is not Mode.RECORD)
+    results = collect(points, out=tmp_path)  # nothing run: every row "not run"
+    write_summary(results, spec, tmp_path / "summary.md", plots=[])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| `lr` | 0.2, 2 | `[modes.record]` |" in summary
+
+
+def _fake(calls: Path):  # noqa: ANN202
+    return lambda point, out: [sys.executable, str(FAKE), str(calls), "--out", str(run_dir(out, point.run_id))] + [
+        a for item in point.overrides() for a in ("--set", item)
+    ]
+
+
+def _run(text: str, out: Path, calls: Path) -> list[Point]:
+    spec = parse_spec(text)
+    points = plan(spec)
+    prepare(out, spec_text=text, spec=spec, points=points)
+    run_points(points, out=out, jobs=2, command=_fake(calls))
+    results = collect(points, out=out)
+    write_csv(results, spec, out / "results.csv")
+    plots = write_plots(results, spec, out)
+    write_summary(results, spec, out / "summary.md", plots=plots)
+    return points
+
+
+def test_experiment_writes_every_file_and_a_rerun_runs_nothing_finished(tmp_path: Path) -> None:
+    out, calls = tmp_path / "exp", tmp_path / "calls.txt"
+    points = _run(TINY, out, calls)
+    assert sorted(calls.read_text().split()) == sorted(p.run_id for p in points)
+    assert (out / "spec.toml").read_text() == TINY
+    assert json.loads((out / "plan.json").read_text())["points"].keys() == {p.run_id for p in points}
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(points)
+    by_id = {r["run_id"]: r for r in rows}
+    rec = by_id["mode-record_epsilon-8_seed-1"]
+    assert (rec["mode"], rec["epsilon"], rec["seed"]) == ("record", "8", "1")
+    assert float(rec["final_accuracy"]) == pytest.approx(0.62)
+    assert float(rec["best_accuracy"]) == pytest.approx(0.62)
+    assert float(rec["record_epsilon"]) == pytest.approx(8.0)  # the largest site's, last round
+    assert rec["server_epsilon"] == "" and rec["status"] == "completed"
+    assert (rec["rounds_completed"], rec["rounds_planned"], rec["returncode"]) == ("2", "2", "0")
+    sec = by_id["mode-site-secagg_epsilon-2_seed-0"]
+    assert float(sec["server_epsilon"]) == pytest.approx(2.0)
+    assert float(sec["server_epsilon_sample_known"]) == pytest.approx(4.0)
+    assert by_id["mode-none_seed-0"]["epsilon"] == ""
+    assert Path(rec["run_dir"]) == out / "runs" / "mode-record_epsilon-8_seed-1"
+
+    summary = (out / "summary.md").read_text()
+    # the mean over seeds 0 and 1 (0.52 and 0.62) with its 95 % t interval (12.71 * 0.05 = 0.64)
+    assert "| record | 8 | 2 | 0.57 ± 0.64 |" in summary
+    assert "| `seed` | 0, 1 | axis |" in summary
+    for name in ("accuracy_vs_epsilon.png", "epsilon_per_round.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"`{name}`" in summary
+
+    before = (out / "results.csv").read_text()
+    calls.unlink()
+    _run(TINY, out, calls)  # the rerun: every point finished, nothing runs again
+    assert not calls.exists()
+    assert (out / "results.csv").read_text() == before
+
+
+def test_an_interrupted_point_runs_again_and_a_failed_one_is_a_result(tmp_path: Path) -> None:
+    text = TINY.replace("seed = [0, 1]", "seed = [0, 99]").replace('"none", ', "")
+    out, calls = tmp_path / "exp", tmp_path / "calls.txt"
+    points = _run(text, out, calls)
+    rows = {r["run_id"]: r for r in csv.DictReader((out / "results.csv").open())}
+    failed = rows["mode-record_epsilon-2_seed-99"]
+    assert (failed["returncode"], failed["rounds_completed"]) == ("1", "1")
+    assert "exited 1" in failed["status"]
+    assert "did not complete every round" in (out / "summary.md").read_text()
+
+    victim = points[0].run_id  # as if the experiment had been killed during this run
+    (out / "runs" / f"{victim}.done.json").unlink()
+    (out / "runs" / victim / "stale-partial-file").write_text("x")
+    calls.unlink()
+    _run(text, out, calls)
+    assert calls.read_text().split() == [victim]
+    assert not (out / "runs" / victim / "stale-partial-file").exists()
+
+
+def test_another_spec_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    spec = parse_spec(TINY)
+    prepare(tmp_path, spec_text=TINY, spec=spec, points=plan(spec))
+    other = TINY.replace("rounds = 2", "rounds = 3")
+    with pytest.raises(ConfigError, match="another experiment"):
+        prepare(tmp_path, spec_text=other, spec=parse_spec(other), points=plan(parse_spec(other)))
+    quick_text = TINY + "\n[quick]\nrounds = 1\n"
+    prepare(tmp_path / "q", spec_text=quick_text, spec=parse_spec(quick_text), points=[])
+    with pytest.raises(ConfigError, match="without --quick"):
+        prepare(tmp_path / "q", spec_text=quick_text, spec=parse_spec(quick_text, quick=True), points=[])
+
+
+def test_mean_interval_is_the_student_t_interval() -> None:
+    interval = mean_interval([1.0, 2.0, 3.0, None])
+    assert interval is not None and interval.n == 3 and interval.mean == 2.0
+    assert interval.half_width == pytest.approx(4.302652729911275 * 1.0 / 3**0.5)
+    assert mean_interval([0.5]).half_width is None  # type: ignore[union-attr]
+    assert mean_interval([None]) is None
+
+
+def test_audit_switch_audits_record_points_into_results_and_a_plot(tmp_path: Path) -> None:
+    text = TINY.replace("seed = [0, 1]", "seed = [0, 1]\naudit = true")
+    spec = parse_spec(text)
+    assert spec.audit and "audit" not in dict(spec.axes)
+    out, calls = tmp_path / "exp", tmp_path / "calls.txt"
+    points = _run(text, out, calls)
+    record = [p for p in points if p.mode is Mode.RECORD]
+
+    def fake_audit(point: Point, out: Path) -> list[str]:
+        return [sys.executable, str(FAKE), str(calls), "--audit", "--out", str(run_dir(out, point.run_id, AUDIT))] + [
+            a for item in point.overrides() for a in ("--set", item)
+        ]
+
+    run_points(record, out=out, jobs=2, suffix=AUDIT, command=fake_audit)
+    results = collect(points, out=out)
+    write_csv(results, spec, out / "results.csv")
+    plots = write_plots(results, spec, out)
+    assert "audit.png" in plots and (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {r["run_id"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert float(rows["mode-record_epsilon-8_seed-0"]["audit_epsilon_lower_bound"]) == 2.0
+    assert float(rows["mode-record_epsilon-8_seed-0"]["audit_control_epsilon_lower_bound"]) == 8.2
+    assert rows["mode-site-secagg_epsilon-8_seed-0"]["audit_epsilon_lower_bound"] == ""
+    calls.unlink()
+    run_points(record, out=out, jobs=2, suffix=AUDIT, command=fake_audit)  # resumed: nothing
+    assert not calls.exists()
