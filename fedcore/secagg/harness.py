@@ -40,6 +40,7 @@ class RoundReport:
     bytes_from_client: dict[int, int] = field(default_factory=dict)
     transcript: list[tuple[str, int, bytes]] = field(default_factory=list)
     threshold: int = 0
+    server: SecAggServer | None = None  # the finished server (its failures, culprits, reports)
 
 
 def aggregate_in_memory(
@@ -87,8 +88,13 @@ def run_in_memory(
     mode: Mode = Mode.SEMI_HONEST,
     clock: Callable[[], float] | None = None,
     keep_transcript: bool = False,
+    tamper: Callable[[Stage, int, bytes], bytes] | None = None,
 ) -> RoundReport:
-    """:func:`aggregate_in_memory` with the details: timings (given a clock), bytes, transcript."""
+    """:func:`aggregate_in_memory` with the details: timings (given a clock), bytes, transcript.
+
+    ``tamper(stage, client, wire bytes)``: what that client sends instead of its honest answer
+    (to play malicious clients in tests); the server takes the result, refusals and all.
+    """
     ids = sorted(inputs)
     length = _check_inputs(inputs, bits)
     k = 0 if neighbors is None else neighbors
@@ -152,6 +158,8 @@ def run_in_memory(
                 gone.add(cid)  # an aborted client is a dropout
                 continue
             times.append(tick() - began)
+            if tamper is not None:
+                up = tamper(stage, cid, up)
             report.bytes_from_client[cid] += len(up)
             if keep_transcript:
                 report.transcript.append(("down", cid, down))
@@ -174,6 +182,7 @@ def run_in_memory(
             break
     report.total = result.total
     report.survivors = tuple(sorted(result.survivors))
+    report.server = server
     return report
 
 
