@@ -301,8 +301,10 @@ class SecAggClient:
             if sparse(self._config) is not graph_kind:
                 target = None
         if target is None:
-            graph = "" if self._config is None else (
-                ", sparse graph" if sparse(self._config) else ", complete graph"
+            graph = (
+                ""
+                if self._config is None
+                else (", sparse graph" if sparse(self._config) else ", complete graph")
             )
             raise LocalProtocolError(
                 f"client in state {self._state.value} cannot take a {type(message).__name__}"
@@ -367,7 +369,9 @@ class SecAggClient:
         if config.mode is Mode.ACTIVE:
             self._active_keys()  # raises LocalProtocolError when the keys are missing
         commitment = seed_commitment(
-            config.round_id, self.client_id, ring_reveal(config.round_id, self.client_id, self._seed)
+            config.round_id,
+            self.client_id,
+            ring_reveal(config.round_id, self.client_id, self._seed),
         )
         advert = KeyAdvert(
             self.client_id, config.round_id, self._enc_public, self._mask_public, commitment

@@ -120,7 +120,9 @@ _TRANSITIONS: dict[
     (_S.UNMASK, UnmaskShares): (_S.UNMASK, _S.UNMASK),
     (_S.UNMASK, Command.FINISH): (_S.DONE, _S.DONE),
 }
-_COLLECTING = frozenset({_S.ADVERTISE, _S.REVEAL, _S.SHARE, _S.MASKED_INPUT, _S.CONSISTENCY, _S.UNMASK})
+_COLLECTING = frozenset(
+    {_S.ADVERTISE, _S.REVEAL, _S.SHARE, _S.MASKED_INPUT, _S.CONSISTENCY, _S.UNMASK}
+)
 # A fixed scalar to test advertised keys: any small-order point gives the all-zero secret with
 # every clamped scalar (RFC 7748 section 6.1), so one agreement tells whether a key is usable.
 _PROBE_PRIVATE = AgreementKey(bytes(range(32)))

@@ -230,7 +230,9 @@ def reconstruct_checked(
     poly = _berlekamp_welch(xs, ys, threshold)
     if poly is not None and (found := accept(poly)) is not None:
         return found
-    for chosen in itertools.islice(itertools.combinations(range(len(holders)), threshold), max_subsets):
+    for chosen in itertools.islice(
+        itertools.combinations(range(len(holders)), threshold), max_subsets
+    ):
         sub_xs = tuple(xs[i] for i in chosen)
         lam = lagrange_at_zero(sub_xs)
         value = sum(c * ys[i] for c, i in zip(lam, chosen, strict=True)) % PRIME

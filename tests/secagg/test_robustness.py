@@ -112,7 +112,9 @@ def test_a_receiver_that_falsely_reports_a_sender_costs_that_sender_its_input_on
     assert 5 not in server._seed_shares  # no share of 5's self-mask seed was ever asked for
 
 
-def test_partial_garbage_that_leaves_a_mask_key_unrecoverable_ends_the_round_before_unmask() -> None:
+def test_partial_garbage_that_leaves_a_mask_key_unrecoverable_ends_the_round_before_unmask() -> (
+    None
+):
     """Garbage to all but one neighbour: that one masked with the sender, the others hold no
     share of its mask key, so the pairwise mask cannot be removed: the round ends before anyone
     is asked to unmask, and the reason names the sender."""
@@ -360,9 +362,7 @@ def test_re_drawn_keys_do_not_move_a_colluder_relative_to_the_target() -> None:
             seed=ring_seed(w.config.round_id, {r.sender: r.reveal for r in request.reveals}),
         ).ring
         positions.add((ring.index(19) - ring.index(TARGET)) % N)
-        old = NeighborGraph(
-            range(N), neighbors=K, seed=session_id(w.config, request.adverts)
-        ).ring
+        old = NeighborGraph(range(N), neighbors=K, seed=session_id(w.config, request.adverts)).ring
         old_positions.add((old.index(19) - old.index(TARGET)) % N)
     assert len(positions) == 1
     assert len(old_positions) > 3  # the old ring let each draw move the colluder
