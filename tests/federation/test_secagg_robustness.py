@@ -14,7 +14,7 @@ from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
 from fedcore.federation import secagg_site
 from fedcore.federation.server import run_server
-from fedcore.secagg import decode_server_message, encode
+from fedcore.secagg import encode
 from fedcore.secagg.messages import (
     EncryptedShares,
     MaskedInput,
@@ -128,9 +128,7 @@ def test_a_tampered_shamir_share_is_decoded_around_and_its_sender_named(tmp_path
 
 
 def shift_weight(delta):
-    def change(message: MaskedInput, msg: Message) -> MaskedInput:
-        request = decode_server_message(msg.content.config_records[secagg_site.SECAGG]["payload"])
-        del request  # the masked vector is all the site changes
+    def change(message: MaskedInput, _msg: Message) -> MaskedInput:
         vec = message.vector.astype(np.uint64)
         vec[-1] = (int(vec[-1]) + delta) % (1 << message.bits)
         return MaskedInput(
@@ -159,3 +157,19 @@ def test_a_site_cancelling_the_others_weights_makes_the_round_implausible(tmp_pa
     assert "clip range" in first["failures"]["round"]
     assert "decoded sum discarded" in first["failures"]["round"]
     assert "round" not in second["failures"] and second["num_examples"] == total
+
+
+def test_a_site_falsely_reporting_a_neighbour_spoils_at_most_that_round(tmp_path):
+    """101 claims 105's share did not open although it masked with 105: 105 is left out, the pair
+    mask stays in the sum, and the implausible sum is discarded; the next round aggregates."""
+
+    def lie(message: MaskedInput, _msg: Message) -> MaskedInput:
+        return MaskedInput(
+            message.sender, message.round_id, message.bits, message.vector, unopened=(105,)
+        )
+
+    rows = _run(tmp_path, {101: tampering("masked_input", lie, rounds={1})})
+    first, second = rows
+    assert "decoded sum discarded" in first["failures"]["round"]
+    assert "did not open at sites [101]" in first["failures"]["105"]
+    assert "round" not in second["failures"] and second["secagg"]["survivors"] == list(FIVE)

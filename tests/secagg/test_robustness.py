@@ -95,9 +95,11 @@ def test_garbage_to_one_receiver_leaves_the_sender_out_and_names_the_reporter() 
     assert report.server is not None and report.server.unopened == {4: frozenset({1})}
 
 
-def test_a_receiver_that_falsely_reports_a_sender_costs_that_sender_its_input_only() -> None:
+def test_a_receiver_that_falsely_reports_a_sender_reveals_no_more_than_its_dropping_out() -> None:
     """The server cannot tell a garbage sender from a lying receiver: the reported sender is left
-    out (as a dropout would be), and nothing more of it is revealed than of a dropout."""
+    out (as a dropout would be), and nothing more of it is revealed than of a dropout. (The liar
+    did mask with it, so the sum is spoilt, as any site can spoil it with a bad masked input; the
+    federation round's plausibility check then discards it.)"""
     inputs = _inputs(6)
 
     def lie(m: object) -> object:
@@ -105,11 +107,11 @@ def test_a_receiver_that_falsely_reports_a_sender_costs_that_sender_its_input_on
         return replace(m, unopened=(5,))  # 5's share opened fine at 0
 
     report = run_in_memory(inputs, seed=3, tamper=_rewrite(Stage.MASKED_INPUT, 0, lie))
-    # 0 claimed it did not mask with 5, but it did: that pair's mask stays in the sum, and the
-    # sum is wrong. What the attack cannot do is make anyone reveal both shares of 5.
+    # What the attack cannot do is make anyone reveal both shares of 5: only mask-key shares of 5
+    # were asked for, as for a dropout.
     server = report.server
     assert server is not None and 5 not in report.survivors
-    assert 5 not in server._seed_shares  # no share of 5's self-mask seed was ever asked for
+    assert 5 not in server._seed_shares and 5 in server._key_shares
 
 
 def test_partial_garbage_that_leaves_a_mask_key_unrecoverable_ends_the_round_before_unmask() -> (
