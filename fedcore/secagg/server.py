@@ -250,8 +250,9 @@ class SecAggServer:
         """Close the current stage and return the next stage's requests, by recipient.
 
         ``no_answer``: the clients that missed the deadline; after them nobody may be pending.
-        Raises LocalProtocolError (misuse) or TooFewSurvivors (fewer than t remain); either leaves
-        the server ``ABORTED``.
+        Raises LocalProtocolError (misuse) or TooFewSurvivors (fewer than t remain, a secret
+        would lack t usable shares, or a member of a sparse graph's U1 sent no valid ring reveal:
+        nothing secret is revealed in any of these cases); either leaves the server ``ABORTED``.
         """
         try:
             nxt = self._target(Command.ADVANCE)
@@ -276,8 +277,10 @@ class SecAggServer:
     def finish(self, *, no_answer: Collection[int] = ()) -> AggregateResult:
         """Close the unmask stage, rebuild the secrets and return the unmasked sum.
 
-        Raises TooFewSurvivors when some secret has fewer than t shares, InvalidMessage when a
-        rebuilt secret fails its check, LocalProtocolError on misuse; each leaves ``ABORTED``.
+        Wrong shares are decoded around while t good ones remain, and their senders recorded in
+        :attr:`culprits`. Raises TooFewSurvivors when some secret has fewer than t shares,
+        InvalidMessage when no t of its shares rebuild a secret that passes its check,
+        LocalProtocolError on misuse; each leaves ``ABORTED``.
         """
         try:
             nxt = self._target(Command.FINISH)
