@@ -193,7 +193,9 @@ class SecAggServer:
     def unopened(self) -> Mapping[int, frozenset[int]]:
         """Client -> the neighbours that reported its sealed share did not open (so it was left
         out of U3). The server cannot tell whether the sender sealed garbage or the receiver
-        lies; it reports both sides, and either way only that sender's input is lost."""
+        lies; it reports both sides. Of the accused nothing more is revealed than of a dropout;
+        a false report (the liar did mask with the accused) spoils the sum, as a bad masked input
+        would, and the federation round's plausibility check discards it."""
         return {v: frozenset(us) for v, us in self._unopened_by.items()}
 
     @property
