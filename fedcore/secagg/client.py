@@ -196,7 +196,8 @@ class SecAggClient:
 
     @property
     def session_id(self) -> bytes | None:
-        """The session id once key shares were sent (persist it to refuse a forked session)."""
+        """The session id once the advert set is fixed: at the reveal stage of a sparse graph,
+        else when key shares are sent (persist it to refuse a forked session)."""
         return self._session_id
 
     @property
