@@ -400,24 +400,25 @@ class SecAggClient:
 
     def _on_share_keys(self, message: ShareKeysRequest, *, replay: bool) -> EncryptedShares | None:
         config = self._check_addressing(message.recipient, message.round_id)
-        adverts = rules.checked_adverts(
-            message.adverts,
-            config=config,
-            own=self._advert,
-            registry=self._registry,
-        )
-        sid = session_id(config, adverts.values())
         if sparse(config):
-            if adverts != self._adverts:  # U1 was fixed at the reveal stage
+            # U1 was fixed, and every advert checked, at the reveal stage: the same set or nothing
+            adverts = self._adverts
+            if message.adverts != tuple(adverts.values()):
                 raise RemoteProtocolError("the advert set changed after the reveal stage")
+            sid = self._session_id
+            if sid is None:  # unreachable through the table; kept for the type checker
+                raise LocalProtocolError("no session: the reveal stage has not run")
             reveals = rules.checked_reveals(
                 message.reveals, adverts=adverts, round_id=config.round_id
             )
             seed = ring_seed(config.round_id, reveals)
-        elif message.reveals:
-            raise RemoteProtocolError("ring reveals sent for a complete graph")
         else:
-            seed = sid
+            adverts = rules.checked_adverts(
+                message.adverts, config=config, own=self._advert, registry=self._registry
+            )
+            sid = seed = session_id(config, adverts.values())
+            if message.reveals:
+                raise RemoteProtocolError("ring reveals sent for a complete graph")
         graph = NeighborGraph(adverts, neighbors=config.neighbors, seed=seed)
         holders = sorted(graph.holders(self.client_id))
         if len(holders) < config.threshold:
