@@ -51,9 +51,10 @@ from fedcore.secagg import (  # noqa: E402
 from fedcore.secagg.encoding import EncodingConfig, decode_mean, encode_update  # noqa: E402
 from fedcore.secagg.messages import decode_server_message  # noqa: E402
 
-STAGES = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.UNMASK]
+STAGES = [Stage.ADVERTISE, Stage.REVEAL, Stage.SHARE, Stage.MASKED_INPUT, Stage.UNMASK]
 SHORT = {
     Stage.ADVERTISE: "adv",
+    Stage.REVEAL: "reveal",
     Stage.SHARE: "share",
     Stage.MASKED_INPUT: "mask",
     Stage.UNMASK: "unmask",
@@ -139,8 +140,9 @@ def run_one(n: int, d: int, graph: str, dropout: float, bits: int) -> dict[str, 
         "graph": graph if graph == "complete" else f"harary k={k}",
         "t": report.threshold,
         "drop": f"{dropout:.0%}",
-        "client": {s: statistics.mean(report.client_seconds[s]) for s in STAGES},
-        "server": {s: report.server_seconds[s] for s in STAGES},
+        # a stage the round does not run (reveal with the complete graph) counts as 0
+        "client": {s: statistics.mean(report.client_seconds.get(s) or [0.0]) for s in STAGES},
+        "server": {s: report.server_seconds.get(s, 0.0) for s in STAGES},
         "bytes": statistics.mean(
             report.bytes_to_client[c] + report.bytes_from_client[c] for c in range(n)
         ),
@@ -172,7 +174,9 @@ def profile_round(n: int, d: int, k: int) -> None:
     kw: dict[str, Any] = {"neighbors": k or None, "seed": 1}
     ks = keystream_rate(1 << 26)
     report = run_in_memory(inputs, clock=time.perf_counter, keep_transcript=True, **kw)
-    total = sum(sum(report.client_seconds[s]) + report.server_seconds[s] for s in STAGES)
+    total = sum(
+        sum(report.client_seconds.get(s, [])) + report.server_seconds.get(s, 0.0) for s in STAGES
+    )
     masks = n * (1 + (k or n - 1)) * d * 4  # bytes of client mask; the server adds n more
     print(
         f"\nn={n} d={d} k={k or n - 1} t={report.threshold}: round {total:.2f} s "
@@ -180,7 +184,9 @@ def profile_round(n: int, d: int, k: int) -> None:
         f"({ks / 1e9:.2f} GB/s) would take {masks / ks:.2f} s"
     )
     for s in STAGES:
-        c = report.client_seconds[s]
+        c = report.client_seconds.get(s)
+        if not c:
+            continue
         print(
             f"  {s.value:>13}: client mean {statistics.mean(c) * 1e3:8.2f} ms, "
             f"all clients {sum(c):6.2f} s, server {report.server_seconds[s]:6.3f} s"

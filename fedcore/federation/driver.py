@@ -26,7 +26,9 @@ How a round's training turns into one aggregate is a :class:`TrainRound`: :func:
 sends the global model and lets the strategy average the replies; privacy layers (site-level DP at
 the server, secure aggregation) supply their own. A ``TrainRound`` that raises
 :class:`~fedcore.errors.BudgetExceededError` before sending anything stops the run cleanly: the
-model of the last completed round is kept and the run record says why.
+model of the last completed round is kept and the run record says why. One that raises a protocol
+error (``ProtocolError``, ``InvalidMessage``) loses that round only: the model is kept, the row's
+``failures["round"]`` says why, and the next round runs.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedcore.errors import BudgetExceededError, FedcoreError
+from fedcore.errors import BudgetExceededError, FedcoreError, InvalidMessage, ProtocolError
 from fedcore.federation import messages as m
 from fedcore.federation.strategies import keep_dtypes
 from fedcore.runrecord import RoundRow, RunRecord
@@ -352,6 +354,18 @@ def run_rounds(
             )
         except BudgetExceededError as exc:
             return RunOutcome(arrays=arrays, stopped=f"round {server_round} not run: {exc}")
+        except (ProtocolError, InvalidMessage) as exc:  # a protocol error ends its round only
+            train = TrainOutcome(
+                aggregated=None,
+                sent=0,
+                replied=0,
+                declined=0,
+                failures={"round": f"aborted, the model is kept: {exc}"},
+                bytes_down=0,
+                bytes_up=0,
+                train_loss=math.nan,
+                num_examples=0,
+            )
         if train.aggregated is not None:
             arrays = keep_dtypes(train.aggregated, arrays)
         evaluation = exchange(

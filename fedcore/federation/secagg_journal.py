@@ -227,7 +227,8 @@ class RoundJournal:
         return self._commit(round_id, start, durable=False)
 
     def bind_session(self, round_id: bytes, session: bytes) -> RoundEntry:
-        """Record the session answered at the share-keys stage; refuse a second, different one."""
+        """Record the session answered at the reveal (sparse graph) or share-keys stage; refuse a
+        second, different one."""
 
         def bind(entry: RoundEntry | None) -> dict[str, Any]:
             current = _started(entry)

@@ -15,7 +15,19 @@ registry of signing keys to publish theirs, consistency collects signatures on t
 A site that does not answer a stage in time, answers with an error, or sends something the
 protocol refuses, is a dropout from that stage on; the server machine recovers it while at least
 ``t`` sites remain, and below ``t`` the round ends without an aggregate (the model is kept, the
-run goes on, nothing is revealed). Sites encode ``weight x update`` and the weight itself
+run goes on, nothing is revealed). The stages run in the order the server machine gives
+(``SecAggServer.stage``; a sparse graph adds the reveal stage that draws its ring).
+
+One bad site costs at most its own contribution, never the run. A site whose sealed shares did not
+open somewhere is left out of the sum (``failures`` names it and who reported it); a site that
+revealed a share that does not fit is named while the secret is rebuilt from the others. Any
+protocol error that still ends the round (too few sites, too many wrong shares, a reveal missing)
+ends only the round: ``failures["round"]`` says why, the model is kept, the next round runs. The
+decoded sum is checked before the strategy sees it: a total weight outside
+``1..max_total_weight`` (a wrapped weight coordinate) or a mean outside the clip range by more
+than the rounding margin (``|mean_i| <= clip + n / (scale x W)``: each site's stochastic rounding
+moves its scaled term by less than 1) is impossible for honest sites, so the round is discarded
+with that reason; the sum alone cannot say which site sent the bad input, so none is named. Sites encode ``weight x update`` and the weight itself
 (:mod:`fedcore.secagg.encoding`), so the exact weighted mean comes out of the sum. The strategy
 receives that mean as a single reply; this is only correct for strategies that aggregate
 linearly (FedAvg and the server optimizers built on it), so any other is refused.
@@ -44,7 +56,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedcore.config import Settings
-from fedcore.errors import ConfigError, FedcoreError, ImplausibleSumError, RemoteProtocolError
+from fedcore.errors import (
+    ConfigError,
+    FedcoreError,
+    InvalidMessage,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from fedcore.federation import messages as m
 from fedcore.federation import secagg_registry
 from fedcore.federation.dp_server import DPFedAvgRound
@@ -76,7 +94,7 @@ from fedcore.secagg import (
     default_threshold,
     encode,
 )
-from fedcore.secagg.config import Mode
+from fedcore.secagg.config import Mode, Stage
 
 # Strategies whose aggregate is a (weighted) mean of the replies, possibly followed by a server
 # optimizer step: FedAvg and its subclasses (FedAvgM, FedProx, FedOpt: FedAdam, FedYogi, FedAdagrad).
@@ -202,13 +220,9 @@ class SecAggTrainRound:
                 count_unclipped=clipping is not None and clipping.count_unclipped,
             ),
         )
-        stages = ["advertise", "share", "masked_input", "unmask"]
-        if mode is Mode.ACTIVE:
-            stages.insert(3, "consistency")
         result = self._run_stages(
             grid,
             SecAggServer(session, registry=registry),
-            stages,
             content=content,
             stats=stats,
         )
@@ -217,7 +231,12 @@ class SecAggTrainRound:
         reply_to = Message(content=content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)
         survivors = sorted(result.survivors)
         if clipping is None or dp is None:
-            mean, total_weight = decode_mean(result.total, config=encoding)
+            try:
+                mean, total_weight = decode_mean(result.total, config=encoding)
+                check_plausible(mean, total_weight, sites=len(survivors), config=encoding)
+            except (ProtocolError, InvalidMessage) as exc:
+                stats.failures["round"] = f"decoded sum discarded, the model is kept: {exc}"
+                return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
             aggregated = hand_to_strategy(
                 strategy,
                 server_round,
@@ -236,8 +255,8 @@ class SecAggTrainRound:
             )
         try:
             clipped = decode_clipped_sum(result.total, clipping=clipping, config=encoding)
-        except ImplausibleSumError as exc:  # nothing charged, nothing released
-            stats.failures["round"] = f"decoded sum discarded: {exc}"
+        except (ProtocolError, InvalidMessage) as exc:  # nothing released, nothing charged
+            stats.failures["round"] = f"decoded sum discarded, the model is kept: {exc}"
             return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
         released = dp.release(
             clipped.total,
@@ -268,25 +287,25 @@ class SecAggTrainRound:
         self,
         grid: Grid,
         server: SecAggServer,
-        stages: Sequence[str],
         *,
         content: RecordDict,
         stats: _Stats,
     ) -> AggregateResult | None:
-        """Each protocol stage as one exchange with its deadline; the unmasked sum, or None when
-        too few sites remained (nothing revealed, the reason in ``stats.failures``)."""
+        """Each protocol stage, in the order the server machine gives, as one exchange with its
+        deadline; the unmasked sum, or None when the round ended without one (the reason in
+        ``stats.failures["round"]``; no protocol error leaves this method)."""
         requests = server.start()
         try:
-            for stage in stages:
+            while (stage := server.stage) is not None:
                 started = time.perf_counter()
                 outgoing = [
-                    self._message(node, stage, encode(req), content)
+                    self._message(node, stage.value, encode(req), content)
                     for node, req in requests.items()
                 ]
                 replies = exchange(
                     grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
                 )
-                stats.add(stage, replies)
+                stats.add(stage.value, replies)
                 for reply in replies.valid:
                     node = reply.metadata.src_node_id
                     stats.bytes_by_site[str(node)] = stats.bytes_by_site.get(
@@ -297,15 +316,23 @@ class SecAggTrainRound:
                     except FedcoreError as exc:
                         if server.error is not None:
                             raise
-                        stats.failures[str(node)] = f"{stage}: {exc}"
-                if stage == "unmask":
-                    result = server.finish(no_answer=server.pending)
-                    stats.stage_seconds[stage] = time.perf_counter() - started
+                        stats.failures[str(node)] = f"{stage.value}: {exc}"
+                if stage is Stage.MASKED_INPUT:
+                    _blame_unopened(server, stats)
+                if stage is Stage.UNMASK:
+                    try:
+                        result = server.finish(no_answer=server.pending)
+                    finally:
+                        for node, why in server.culprits.items():
+                            stats.failures[str(node)] = f"unmask: {why} (share left out)"
+                    stats.stage_seconds[stage.value] = time.perf_counter() - started
                     return result
                 requests = server.advance(no_answer=server.pending)
-                stats.stage_seconds[stage] = time.perf_counter() - started
+                stats.stage_seconds[stage.value] = time.perf_counter() - started
         except TooFewSurvivors as exc:
             stats.failures["round"] = f"secure aggregation aborted, nothing revealed: {exc}"
+        except (ProtocolError, InvalidMessage) as exc:
+            stats.failures["round"] = f"secure aggregation aborted, no aggregate: {exc}"
         return None
 
     def _enrol(self, grid: Grid, nodes: tuple[int, ...], stats: _Stats) -> dict[int, bytes]:
@@ -397,6 +424,39 @@ class SecAggTrainRound:
             new[key] = Array((old.astype(np.float64) + step).astype(old.dtype))
             offset += old.size
         return ArrayRecord(new)
+
+
+def check_plausible(
+    mean: np.ndarray, total_weight: int, *, sites: int, config: EncodingConfig
+) -> None:
+    """Raise RemoteProtocolError unless the decoded mean could come from honest sites.
+
+    Every site clips to ``[-clip, clip]`` and adds w x clip(x) x scale rounded stochastically (an
+    error below 1 per site), so an honest weighted mean lies within ``clip + sites / (scale W)``
+    of zero in every coordinate, and the total weight W is at least 1 (else there is no mean).
+    """
+    if total_weight < 1:
+        raise RemoteProtocolError(f"total weight {total_weight}: no site contributed a weight")
+    bound = config.clip + sites / (config.scale * total_weight)
+    peak = float(np.max(np.abs(mean))) if mean.size else 0.0
+    if not peak <= bound:  # also catches NaN
+        raise RemoteProtocolError(
+            f"a coordinate of the decoded mean is {peak / config.clip:.3g} times the clip range "
+            f"{config.clip:g}: some site's input was not a valid encoding (a weight coordinate "
+            "that cancels the others', or a value beyond the clip range); the sum cannot say whose"
+        )
+
+
+def _blame_unopened(server: SecAggServer, stats: _Stats) -> None:
+    """Name, for the record, each site whose sealed shares did not open at some neighbours (it is
+    left out of the sum); the server cannot tell a sender of garbage from a receiver that lies,
+    so the reporters are named too."""
+    for node, reporters in sorted(server.unopened.items()):
+        stats.failures.setdefault(
+            str(node),
+            f"share: its sealed shares did not open at sites {sorted(reporters)[:8]}; "
+            "left out of this round's sum",
+        )
 
 
 def _weight_budget(bits: int) -> int:

@@ -75,6 +75,7 @@ from fedcore.secagg.messages import (
     AdvertiseRequest,
     ConsistencyRequest,
     MaskedInputRequest,
+    RevealRequest,
     ShareKeysRequest,
     UnmaskRequest,
     UnmaskShares,
@@ -208,8 +209,8 @@ def answer_stage(
         registry=_certified(registry, identity) if active else None,
     )
     round_id = config.round_id
-    if isinstance(message, AdvertiseRequest | ShareKeysRequest):
-        answer = client.receive(message)
+    if isinstance(message, AdvertiseRequest | RevealRequest | ShareKeysRequest):
+        answer = client.receive(message)  # the session is fixed (and journaled) by this answer
     else:
         check_session(entry, client.session_id)
         if isinstance(message, MaskedInputRequest):
@@ -218,9 +219,12 @@ def answer_stage(
             answer = client.receive(message)
     sid = client.session_id
     # The journal, durably, before the answer leaves.
-    if isinstance(message, ShareKeysRequest):
-        if sid is None:  # pragma: no cover - the client sets it when it answers this stage
-            raise LocalProtocolError("no session id after the share-keys stage")
+    if isinstance(message, RevealRequest | ShareKeysRequest):
+        # A sparse graph fixes the session at the reveal stage (the advert set is final there),
+        # a complete graph at the share-keys stage; binding it at both refuses a server that shows
+        # this site one advert set at the reveal and another at the share-keys stage.
+        if sid is None:  # pragma: no cover - the client sets it when it answers these stages
+            raise LocalProtocolError("no session id after the reveal or share-keys stage")
         journal.bind_session(round_id, sid)
     elif isinstance(message, MaskedInputRequest):
         journal.mark(round_id, sid, "masked")

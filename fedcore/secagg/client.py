@@ -6,10 +6,18 @@ u holds two X25519 key pairs, (c_u, c_u^PK) to encrypt shares and (s_u, s_u^PK) 
 seeds, and a self-mask seed b_u. It
 
 0. advertises c_u^PK, s_u^PK and a commitment to b_u (signed with its site key in ACTIVE mode);
-1. given the advertised set U1, Shamir-shares b_u and s_u t-out-of-(k+1) among its neighbours and
-   itself, and seals each neighbour's pair of shares under a key only that neighbour can derive;
-2. given the shares addressed to it by the clients that reached stage 1 (its view V = U2 ∩ N(u)),
-   sends y_u = x_u + PRG(b_u) + sum_{v in V, u < v} PRG(s_uv) - sum_{v in V, u > v} PRG(s_uv)
+   the commitment also binds its ring reveal r_u, a one-way function of b_u;
+0b. (sparse graph only) given the advertised set U1, now fixed, reveals r_u; the neighbour ring is
+   drawn from every member's reveal (:mod:`fedcore.secagg.graph` says why nobody can steer it);
+1. given U1 (and, for a sparse graph, every member's reveal, each checked against its commitment),
+   Shamir-shares b_u and s_u t-out-of-(k+1) among its neighbours and itself, and seals each
+   neighbour's pair of shares under a key only that neighbour can derive;
+2. given the shares addressed to it by the clients that reached stage 1, opens them; its view V is
+   the senders whose share opened and checked. A share that does not open (garbage from the
+   sender, or tampering on the way) counts as that sender dropping out for this client: it holds no
+   share of that sender, does not mask with it, and names it in ``unopened`` so that the server
+   leaves that pair out of the mask removal. It sends
+   y_u = x_u + PRG(b_u) + sum_{v in V, u < v} PRG(s_uv) - sum_{v in V, u > v} PRG(s_uv)
    modulo 2**bits;
 3. (ACTIVE mode) signs the survivor set U3 it is shown;
 4. given the alive set (sent y) and the dropped set (shared keys, sent no y), reveals its share of
@@ -71,7 +79,7 @@ from fedcore.errors import (
 from fedcore.secagg import rules, shamir
 from fedcore.secagg.config import Mode, SessionConfig, ring_dtype
 from fedcore.secagg.errors import TooFewSurvivors
-from fedcore.secagg.graph import NeighborGraph
+from fedcore.secagg.graph import NeighborGraph, ring_reveal, ring_seed, sparse
 from fedcore.secagg.messages import (
     AdvertiseRequest,
     ClientMessage,
@@ -82,6 +90,8 @@ from fedcore.secagg.messages import (
     KeyAdvert,
     MaskedInput,
     MaskedInputRequest,
+    RevealRequest,
+    RingReveal,
     ServerMessage,
     ShareKeysRequest,
     ShareValue,
@@ -110,6 +120,7 @@ InputVector = np.ndarray | Callable[[], np.ndarray]
 class ClientState(enum.Enum):
     WAIT_ADVERTISE = "wait_advertise"
     WAIT_SHARE = "wait_share"
+    WAIT_GRAPH = "wait_graph"  # revealed; waits for every member's reveal (sparse graph only)
     WAIT_MASKED_INPUT = "wait_masked_input"
     WAIT_CONSISTENCY = "wait_consistency"
     WAIT_UNMASK = "wait_unmask"
@@ -124,9 +135,18 @@ _S = ClientState
 _TRANSITIONS: dict[tuple[ClientState, type], tuple[ClientState | None, ClientState | None]] = {
     (_S.WAIT_ADVERTISE, AdvertiseRequest): (_S.WAIT_SHARE, _S.WAIT_SHARE),
     (_S.WAIT_SHARE, ShareKeysRequest): (_S.WAIT_MASKED_INPUT, _S.WAIT_MASKED_INPUT),
+    (_S.WAIT_SHARE, RevealRequest): (_S.WAIT_GRAPH, _S.WAIT_GRAPH),
+    (_S.WAIT_GRAPH, ShareKeysRequest): (_S.WAIT_MASKED_INPUT, _S.WAIT_MASKED_INPUT),
     (_S.WAIT_MASKED_INPUT, MaskedInputRequest): (_S.WAIT_UNMASK, _S.WAIT_CONSISTENCY),
     (_S.WAIT_CONSISTENCY, ConsistencyRequest): (None, _S.WAIT_UNMASK),
     (_S.WAIT_UNMASK, UnmaskRequest): (_S.DONE, _S.DONE),
+}
+# Rows legal for one kind of graph only: True for a sparse graph (the ring is drawn by
+# commit-reveal, so the share-keys request must follow the reveal), False for the complete one.
+_SPARSE_ONLY: dict[tuple[ClientState, type], bool] = {
+    (_S.WAIT_SHARE, RevealRequest): True,
+    (_S.WAIT_GRAPH, ShareKeysRequest): True,
+    (_S.WAIT_SHARE, ShareKeysRequest): False,
 }
 
 
@@ -165,6 +185,7 @@ class SecAggClient:
         self._graph: NeighborGraph | None = None
         self._own_shares: tuple[int, int] = (0, 0)
         self._received: dict[int, tuple[int, int]] = {}  # sender -> (seed share, key share)
+        self._unopened: frozenset[int] = frozenset()  # senders whose sealed share did not open
         # neighbour -> agree(c_u, c_v^PK), kept from a live share-keys stage for the next stage
         self._enc_secrets: dict[int, bytes] = {}
         self._survivors: tuple[int, ...] | None = None
@@ -178,7 +199,8 @@ class SecAggClient:
 
     @property
     def session_id(self) -> bytes | None:
-        """The session id once key shares were sent (persist it to refuse a forked session)."""
+        """The session id once the advert set is fixed: at the reveal stage of a sparse graph,
+        else when key shares are sent (persist it to refuse a forked session)."""
         return self._session_id
 
     @property
@@ -251,6 +273,8 @@ class SecAggClient:
             answer: ClientMessage | None
             if isinstance(message, AdvertiseRequest):
                 answer = self._on_advertise(message)
+            elif isinstance(message, RevealRequest):
+                answer = self._on_reveal(message)
             elif isinstance(message, ShareKeysRequest):
                 answer = self._on_share_keys(message, replay=replay)
             elif isinstance(message, MaskedInputRequest):
@@ -277,10 +301,19 @@ class SecAggClient:
             else (self._config.mode if self._config is not None else Mode.SEMI_HONEST)
         )
         target = None if row is None else row[0 if mode is Mode.SEMI_HONEST else 1]
+        graph_kind = _SPARSE_ONLY.get((self._state, type(message)))
+        if graph_kind is not None and self._config is not None:
+            if sparse(self._config) is not graph_kind:
+                target = None
         if target is None:
+            graph = (
+                ""
+                if self._config is None
+                else (", sparse graph" if sparse(self._config) else ", complete graph")
+            )
             raise LocalProtocolError(
                 f"client in state {self._state.value} cannot take a {type(message).__name__}"
-                f" ({mode.name} mode)"
+                f" ({mode.name} mode{graph})"
             )
         return target
 
@@ -340,7 +373,11 @@ class SecAggClient:
             raise RemoteProtocolError(f"client {self.client_id} is not invited to this round")
         if config.mode is Mode.ACTIVE:
             self._active_keys()  # raises LocalProtocolError when the keys are missing
-        commitment = seed_commitment(config.round_id, self.client_id, self._seed)
+        commitment = seed_commitment(
+            config.round_id,
+            self.client_id,
+            ring_reveal(config.round_id, self.client_id, self._seed),
+        )
         advert = KeyAdvert(
             self.client_id, config.round_id, self._enc_public, self._mask_public, commitment
         )
@@ -351,18 +388,42 @@ class SecAggClient:
         self._advert = advert
         return advert
 
+    # ------------------------------------------------------------------ stage 0b: reveal
+
+    def _on_reveal(self, message: RevealRequest) -> RingReveal:
+        config = self._check_addressing(message.recipient, message.round_id)
+        adverts = rules.checked_adverts(
+            message.adverts, config=config, own=self._advert, registry=self._registry
+        )
+        self._adverts = adverts
+        self._session_id = session_id(config, adverts.values())
+        reveal = ring_reveal(config.round_id, self.client_id, self._seed)
+        return RingReveal(self.client_id, config.round_id, reveal)
+
     # ------------------------------------------------------------------ stage 1: share keys
 
     def _on_share_keys(self, message: ShareKeysRequest, *, replay: bool) -> EncryptedShares | None:
         config = self._check_addressing(message.recipient, message.round_id)
-        adverts = rules.checked_adverts(
-            message.adverts,
-            config=config,
-            own=self._advert,
-            registry=self._registry,
-        )
-        sid = session_id(config, adverts.values())
-        graph = NeighborGraph(adverts, neighbors=config.neighbors, session_id=sid)
+        if sparse(config):
+            # U1 was fixed, and every advert checked, at the reveal stage: the same set or nothing
+            adverts = self._adverts
+            if message.adverts != tuple(adverts.values()):
+                raise RemoteProtocolError("the advert set changed after the reveal stage")
+            sid = self._session_id
+            if sid is None:  # unreachable through the table; kept for the type checker
+                raise LocalProtocolError("no session: the reveal stage has not run")
+            reveals = rules.checked_reveals(
+                message.reveals, adverts=adverts, round_id=config.round_id
+            )
+            seed = ring_seed(config.round_id, reveals)
+        else:
+            adverts = rules.checked_adverts(
+                message.adverts, config=config, own=self._advert, registry=self._registry
+            )
+            sid = seed = session_id(config, adverts.values())
+            if message.reveals:
+                raise RemoteProtocolError("ring reveals sent for a complete graph")
+        graph = NeighborGraph(adverts, neighbors=config.neighbors, seed=seed)
         holders = sorted(graph.holders(self.client_id))
         if len(holders) < config.threshold:
             raise TooFewSurvivors(
@@ -418,6 +479,7 @@ class SecAggClient:
         graph, sid = self._session()
         neighbors = graph.neighbors(self.client_id)
         received: dict[int, tuple[int, int]] = {}
+        unopened: set[int] = set()
         for share in message.shares:
             if share.receiver != self.client_id:
                 raise RemoteProtocolError(
@@ -426,23 +488,12 @@ class SecAggClient:
                 )
             if share.sender not in neighbors:
                 raise RemoteProtocolError(f"share from client {share.sender}, not a neighbour")
-            if share.sender in received:
+            if share.sender in received or share.sender in unopened:
                 raise RemoteProtocolError(f"two shares from client {share.sender}")
-            shared = self._enc_secrets.get(share.sender)
-            if shared is None:  # a rebuilt client: its replayed share-keys stage agreed nothing
-                shared = agree(self._enc_key, self._adverts[share.sender].enc_public)
-            key = share_key_from_secret(shared, sid, share.sender, self.client_id)
-            plaintext = aead.open_sealed(
-                key,
-                share.ciphertext,
-                associated_data=share_associated_data(sid, share.sender, self.client_id),
-            )
-            sender, receiver, seed_share, key_share = decode_share_pair(plaintext)
-            if (sender, receiver) != (share.sender, self.client_id):
-                raise RemoteProtocolError("sealed share names another sender or receiver")
-            if seed_share >= shamir.PRIME or key_share >= shamir.PRIME:
-                raise InvalidMessage(f"share from client {sender} is not a field element")
-            received[share.sender] = (seed_share, key_share)
+            try:
+                received[share.sender] = self._open_share(share, sid)
+            except InvalidMessage:
+                unopened.add(share.sender)  # that sender counts as dropped for this client
         if len(received) + 1 < config.threshold:
             raise TooFewSurvivors(
                 f"client {self.client_id} holds shares from {len(received)} neighbours plus "
@@ -451,7 +502,7 @@ class SecAggClient:
         if replay:
             if vector is not None:  # pragma: no cover - rebuild never passes one
                 raise LocalProtocolError("replay takes no vector")
-            self._received = received
+            self._received, self._unopened = received, frozenset(unopened)
             return None
         if vector is None:
             raise LocalProtocolError("a MaskedInputRequest needs the input vector")
@@ -468,9 +519,28 @@ class SecAggClient:
         add_keystreams(y, adds=adds, subtracts=subtracts)  # one pass over y for all the masks
         if config.bits not in (32, 64):
             y &= ring_dtype(config.bits)((1 << config.bits) - 1)
-        self._received = received
+        self._received, self._unopened = received, frozenset(unopened)
         y.flags.writeable = False
-        return MaskedInput(self.client_id, config.round_id, config.bits, y)
+        return MaskedInput(self.client_id, config.round_id, config.bits, y, tuple(sorted(unopened)))
+
+    def _open_share(self, share: EncryptedShare, sid: bytes) -> tuple[int, int]:
+        """The (seed share, key share) sealed in ``share``; InvalidMessage when it does not open
+        or holds something else (the sender's fault, or the carrier's: either way unusable)."""
+        shared = self._enc_secrets.get(share.sender)
+        if shared is None:  # a rebuilt client: its replayed share-keys stage agreed nothing
+            shared = agree(self._enc_key, self._adverts[share.sender].enc_public)
+        key = share_key_from_secret(shared, sid, share.sender, self.client_id)
+        plaintext = aead.open_sealed(
+            key,
+            share.ciphertext,
+            associated_data=share_associated_data(sid, share.sender, self.client_id),
+        )
+        sender, receiver, seed_share, key_share = decode_share_pair(plaintext)
+        if (sender, receiver) != (share.sender, self.client_id):
+            raise InvalidMessage(f"sealed share of client {share.sender} names another pair")
+        if seed_share >= shamir.PRIME or key_share >= shamir.PRIME:
+            raise InvalidMessage(f"share from client {sender} is not a field element")
+        return seed_share, key_share
 
     # ------------------------------------------------------------------ stage 3: consistency
 
@@ -503,7 +573,14 @@ class SecAggClient:
         dropped = self._ids(message.dropped, "dropped set")
         graph, sid = self._session()
         seen = frozenset(self._received)
-        rules.check_unmask_sets(alive, dropped, me=self.client_id, graph=graph, seen=seen)
+        rules.check_unmask_sets(
+            alive,
+            dropped,
+            me=self.client_id,
+            graph=graph,
+            seen=seen | self._unopened,
+            unopened=self._unopened,
+        )
         self._check_survivors(alive, config)
         if config.mode is Mode.ACTIVE:
             rules.check_consistency_signatures(

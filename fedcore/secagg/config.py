@@ -34,9 +34,12 @@ class Mode(enum.Enum):
 
 
 class Stage(enum.Enum):
-    """The five stages of a round; the values are the names :func:`aggregate_in_memory` takes."""
+    """The stages of a round, in order; the values are the names :func:`aggregate_in_memory` takes.
+
+    REVEAL runs for a sparse graph only, CONSISTENCY in ``ACTIVE`` mode only."""
 
     ADVERTISE = "advertise"
+    REVEAL = "reveal"
     SHARE = "share"
     MASKED_INPUT = "masked_input"
     CONSISTENCY = "consistency"

@@ -25,7 +25,7 @@ from fedcore.secagg.config import Mode, SessionConfig, Stage, default_threshold
 from fedcore.secagg.messages import ServerMessage, encode
 from fedcore.secagg.server import SecAggServer
 
-STAGES = (Stage.ADVERTISE, Stage.SHARE, Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK)
+STAGES = tuple(Stage)  # in protocol order; the server says which of them a round runs
 
 
 @dataclass(slots=True)
@@ -40,6 +40,7 @@ class RoundReport:
     bytes_from_client: dict[int, int] = field(default_factory=dict)
     transcript: list[tuple[str, int, bytes]] = field(default_factory=list)
     threshold: int = 0
+    server: SecAggServer | None = None  # the finished server (its failures, culprits, reports)
 
 
 def aggregate_in_memory(
@@ -57,8 +58,9 @@ def aggregate_in_memory(
     ``inputs``: client id -> 1-D array of unsigned integers below 2**bits, all the same length.
     ``threshold``: None picks :func:`~fedcore.secagg.config.default_threshold`. ``neighbors``: None
     for the complete graph, an even k for the SecAgg+ k-regular graph. ``dropouts``: stage name
-    ("advertise", "share", "masked_input", "consistency", "unmask") -> ids that vanish before
-    sending that stage's message. ``seed``: None for the OS CSPRNG, an int for a reproducible run.
+    ("advertise", "reveal", "share", "masked_input", "consistency", "unmask") -> ids that vanish
+    before sending that stage's message (a stage the round does not run, such as "reveal" with the
+    complete graph, makes them vanish before the next stage it runs). ``seed``: None for the OS CSPRNG, an int for a reproducible run.
 
     ``total`` is the sum modulo 2**bits of the survivors' inputs; ``survivors`` their sorted ids.
     Raises ConfigError for bad arguments, TooFewSurvivors when fewer than t clients remain.
@@ -86,8 +88,13 @@ def run_in_memory(
     mode: Mode = Mode.SEMI_HONEST,
     clock: Callable[[], float] | None = None,
     keep_transcript: bool = False,
+    tamper: Callable[[Stage, int, bytes], bytes] | None = None,
 ) -> RoundReport:
-    """:func:`aggregate_in_memory` with the details: timings (given a clock), bytes, transcript."""
+    """:func:`aggregate_in_memory` with the details: timings (given a clock), bytes, transcript.
+
+    ``tamper(stage, client, wire bytes)``: what that client sends instead of its honest answer
+    (to play malicious clients in tests); the server takes the result, refusals and all.
+    """
     ids = sorted(inputs)
     length = _check_inputs(inputs, bits)
     k = 0 if neighbors is None else neighbors
@@ -133,10 +140,9 @@ def run_in_memory(
     started = tick()
     requests: dict[int, ServerMessage] = server.start()
     server_time = tick() - started
-    for stage in STAGES:
-        gone |= vanish.get(stage, set())
-        if stage is Stage.CONSISTENCY and mode is Mode.SEMI_HONEST:
-            continue  # no such message in this mode; the vanishing clients stay gone
+    while (stage := server.stage) is not None:
+        for earlier in STAGES[: STAGES.index(stage) + 1]:  # skipped stages' dropouts too
+            gone |= vanish.get(earlier, set())
         times: list[float] = []
         for cid, request in requests.items():
             if cid in gone:
@@ -152,6 +158,8 @@ def run_in_memory(
                 gone.add(cid)  # an aborted client is a dropout
                 continue
             times.append(tick() - began)
+            if tamper is not None:
+                up = tamper(stage, cid, up)
             report.bytes_from_client[cid] += len(up)
             if keep_transcript:
                 report.transcript.append(("down", cid, down))
@@ -170,8 +178,11 @@ def run_in_memory(
             requests = server.advance(no_answer=server.pending)
         report.server_seconds[stage] = server_time + tick() - began
         server_time = 0.0
+        if stage is Stage.UNMASK:
+            break
     report.total = result.total
     report.survivors = tuple(sorted(result.survivors))
+    report.server = server
     return report
 
 

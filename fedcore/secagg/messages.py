@@ -1,10 +1,11 @@
-"""The ten SecAgg messages: frozen records that serialise to bytes and parse back.
+"""The twelve SecAgg messages: frozen records that serialise to bytes and parse back.
 
-Server to client: :class:`AdvertiseRequest`, :class:`ShareKeysRequest`, :class:`MaskedInputRequest`,
-:class:`ConsistencyRequest`, :class:`UnmaskRequest`. Client to server: :class:`KeyAdvert`,
-:class:`EncryptedShares`, :class:`MaskedInput`, :class:`ConsistencySignature`,
-:class:`UnmaskShares`. Stage by stage they follow Bonawitz et al. (CCS 2017), figure 4 (rounds 0
-to 4).
+Server to client: :class:`AdvertiseRequest`, :class:`RevealRequest`, :class:`ShareKeysRequest`,
+:class:`MaskedInputRequest`, :class:`ConsistencyRequest`, :class:`UnmaskRequest`. Client to server:
+:class:`KeyAdvert`, :class:`RingReveal`, :class:`EncryptedShares`, :class:`MaskedInput`,
+:class:`ConsistencySignature`, :class:`UnmaskShares`. Stage by stage they follow Bonawitz et al.
+(CCS 2017), figure 4 (rounds 0 to 4); the reveal stage between rounds 0 and 1 runs for a sparse
+graph only (:mod:`fedcore.secagg.graph`: who draws the neighbour ring).
 
 Wire format: ``VERSION`` (one byte), a tag byte naming the message type, then the fields in order
 (little-endian integers, length-prefixed byte strings, see :mod:`fedcore.secagg.wire`). The
@@ -70,12 +71,32 @@ class KeyAdvert:
 
 
 @dataclass(frozen=True, slots=True)
-class ShareKeysRequest:
-    """Stage 1: every advert the server accepted (the set U1), in sender order."""
+class RevealRequest:
+    """Stage 0b (sparse graph only): the advert set U1, now fixed; asks for the ring reveal."""
 
     recipient: int
     round_id: bytes
     adverts: tuple[KeyAdvert, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RingReveal:
+    """Stage 0b answer: the value the sender committed to in its advert, opened."""
+
+    sender: int
+    round_id: bytes
+    reveal: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ShareKeysRequest:
+    """Stage 1: every advert the server accepted (the set U1), in sender order, and for a sparse
+    graph every member's ring reveal (which fix the neighbour ring)."""
+
+    recipient: int
+    round_id: bytes
+    adverts: tuple[KeyAdvert, ...]
+    reveals: tuple[RingReveal, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,18 +128,22 @@ class MaskedInputRequest:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class MaskedInput:
-    """Stage 2 answer: the masked vector ``y_u`` in Z/2**bits (uint32 to 32 bits, else uint64)."""
+    """Stage 2 answer: the masked vector ``y_u`` in Z/2**bits (uint32 to 32 bits, else uint64),
+    and ``unopened``: the neighbours whose sealed shares did not open here (the sender treated
+    them as dropped: it holds no share of theirs and did not mask with them)."""
 
     sender: int
     round_id: bytes
     bits: int
     vector: np.ndarray = field(repr=False)
+    unopened: tuple[int, ...] = ()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MaskedInput):
             return NotImplemented
         return (
-            (self.sender, self.round_id, self.bits) == (other.sender, other.round_id, other.bits)
+            (self.sender, self.round_id, self.bits, self.unopened)
+            == (other.sender, other.round_id, other.bits, other.unopened)
             and self.vector.shape == other.vector.shape
             and bool(np.array_equal(self.vector, other.vector))
         )
@@ -177,15 +202,21 @@ class UnmaskShares:
 
 
 ServerMessage: TypeAlias = (
-    AdvertiseRequest | ShareKeysRequest | MaskedInputRequest | ConsistencyRequest | UnmaskRequest
+    AdvertiseRequest
+    | RevealRequest
+    | ShareKeysRequest
+    | MaskedInputRequest
+    | ConsistencyRequest
+    | UnmaskRequest
 )
 ClientMessage: TypeAlias = (
-    KeyAdvert | EncryptedShares | MaskedInput | ConsistencySignature | UnmaskShares
+    KeyAdvert | RingReveal | EncryptedShares | MaskedInput | ConsistencySignature | UnmaskShares
 )
 Message: TypeAlias = ServerMessage | ClientMessage
 
 SERVER_MESSAGES: tuple[type, ...] = (
     AdvertiseRequest,
+    RevealRequest,
     ShareKeysRequest,
     MaskedInputRequest,
     ConsistencyRequest,
@@ -193,6 +224,7 @@ SERVER_MESSAGES: tuple[type, ...] = (
 )
 CLIENT_MESSAGES: tuple[type, ...] = (
     KeyAdvert,
+    RingReveal,
     EncryptedShares,
     MaskedInput,
     ConsistencySignature,
@@ -205,11 +237,13 @@ _TAGS: dict[type, int] = {
     MaskedInputRequest: 0x03,
     ConsistencyRequest: 0x04,
     UnmaskRequest: 0x05,
+    RevealRequest: 0x06,
     KeyAdvert: 0x11,
     EncryptedShares: 0x12,
     MaskedInput: 0x13,
     ConsistencySignature: 0x14,
     UnmaskShares: 0x15,
+    RingReveal: 0x16,
 }
 
 
@@ -224,6 +258,10 @@ def _w_advert(w: Writer, m: KeyAdvert) -> None:
 
 def _w_share(w: Writer, s: EncryptedShare) -> None:
     w.u64(s.sender).u64(s.receiver).blob(s.ciphertext)
+
+
+def _w_reveal(w: Writer, m: RingReveal) -> None:
+    w.u64(m.sender).blob(m.round_id).fixed(m.reveal, KEY_BYTES)
 
 
 def _w_signature(w: Writer, m: ConsistencySignature) -> None:
@@ -259,10 +297,16 @@ def _encode_body(w: Writer, m: Message) -> None:
             write_encoding(w, c.encoding)
     elif isinstance(m, KeyAdvert):
         _w_advert(w, m)
-    elif isinstance(m, ShareKeysRequest):
+    elif isinstance(m, ShareKeysRequest | RevealRequest):
         w.u64(m.recipient).blob(m.round_id).u32(len(m.adverts))
         for a in m.adverts:
             _w_advert(w, a)
+        if isinstance(m, ShareKeysRequest):
+            w.u32(len(m.reveals))
+            for rv in m.reveals:
+                _w_reveal(w, rv)
+    elif isinstance(m, RingReveal):
+        _w_reveal(w, m)
     elif isinstance(m, EncryptedShares | MaskedInputRequest):
         head = m.sender if isinstance(m, EncryptedShares) else m.recipient
         w.u64(head).blob(m.round_id).u32(len(m.shares))
@@ -270,7 +314,8 @@ def _encode_body(w: Writer, m: Message) -> None:
             _w_share(w, s)
     elif isinstance(m, MaskedInput):
         vec = np.ascontiguousarray(m.vector, dtype=np.dtype(ring_dtype(m.bits)).newbyteorder("<"))
-        w.u64(m.sender).blob(m.round_id).u8(m.bits).u32(len(vec)).raw(vec.data.cast("B"))
+        w.u64(m.sender).blob(m.round_id).u8(m.bits).ids(m.unopened)
+        w.u32(len(vec)).raw(vec.data.cast("B"))
     elif isinstance(m, ConsistencyRequest):
         w.u64(m.recipient).blob(m.round_id).ids(m.survivors)
     elif isinstance(m, ConsistencySignature):
@@ -309,6 +354,10 @@ def _r_share(r: Reader) -> EncryptedShare:
     return EncryptedShare(r.u64(), r.u64(), r.blob(MAX_CIPHERTEXT_BYTES))
 
 
+def _r_reveal(r: Reader) -> RingReveal:
+    return RingReveal(r.u64(), _r_round(r), r.fixed(KEY_BYTES))
+
+
 def _r_signature(r: Reader) -> ConsistencySignature:
     sender, rid, sig = r.u64(), _r_round(r), r.blob(SIGNATURE_BYTES)
     if len(sig) != SIGNATURE_BYTES:
@@ -344,7 +393,15 @@ def _p_advertise_request(r: Reader) -> AdvertiseRequest:
 def _p_share_keys_request(r: Reader) -> ShareKeysRequest:
     recipient, rid = r.u64(), _r_round(r)
     n = r.count(8 + 4 + 1 + 3 * KEY_BYTES + 4)
-    return ShareKeysRequest(recipient, rid, tuple(_r_advert(r) for _ in range(n)))
+    adverts = tuple(_r_advert(r) for _ in range(n))
+    m = r.count(8 + 4 + 1 + KEY_BYTES)
+    return ShareKeysRequest(recipient, rid, adverts, tuple(_r_reveal(r) for _ in range(m)))
+
+
+def _p_reveal_request(r: Reader) -> RevealRequest:
+    recipient, rid = r.u64(), _r_round(r)
+    n = r.count(8 + 4 + 1 + 3 * KEY_BYTES + 4)
+    return RevealRequest(recipient, rid, tuple(_r_advert(r) for _ in range(n)))
 
 
 def _p_encrypted_shares(r: Reader) -> EncryptedShares:
@@ -363,13 +420,19 @@ def _p_masked_input(r: Reader) -> MaskedInput:
     sender, rid, bits = r.u64(), _r_round(r), r.u8()
     if not MIN_BITS <= bits <= MAX_BITS:
         raise InvalidMessage(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    unopened = r.ids()
     dtype = np.dtype(ring_dtype(bits)).newbyteorder("<")
     n = r.count(dtype.itemsize)
-    vector = np.frombuffer(r.view(n * dtype.itemsize), dtype=dtype).astype(ring_dtype(bits))
+    # No copy on a little-endian machine: the vector is a read-only view of the message's bytes
+    # (the server keeps it until the stage closes, and the transport holds those bytes anyway).
+    vector = np.frombuffer(r.view(n * dtype.itemsize), dtype=dtype).astype(
+        ring_dtype(bits), copy=False
+    )
     if n and int(vector.max()) >> bits:
         raise InvalidMessage(f"masked input has an entry >= 2**{bits}")
-    vector.flags.writeable = False
-    return MaskedInput(sender, rid, bits, vector)
+    if vector.flags.writeable:
+        vector.flags.writeable = False
+    return MaskedInput(sender, rid, bits, vector, unopened)
 
 
 def _p_consistency_request(r: Reader) -> ConsistencyRequest:
@@ -393,11 +456,13 @@ _PARSERS: dict[int, Callable[[Reader], Message]] = {
     0x03: _p_masked_input_request,
     0x04: _p_consistency_request,
     0x05: _p_unmask_request,
+    0x06: _p_reveal_request,
     0x11: _r_advert,
     0x12: _p_encrypted_shares,
     0x13: _p_masked_input,
     0x14: _r_signature,
     0x15: _p_unmask_shares,
+    0x16: _r_reveal,
 }
 
 

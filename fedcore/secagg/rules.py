@@ -19,8 +19,8 @@ from fedcore.crypto import signing
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.secagg.config import Mode, SessionConfig, ring_dtype
 from fedcore.secagg.errors import TooFewSurvivors
-from fedcore.secagg.graph import NeighborGraph
-from fedcore.secagg.messages import ConsistencySignature, KeyAdvert
+from fedcore.secagg.graph import NeighborGraph, check_reveal
+from fedcore.secagg.messages import ConsistencySignature, KeyAdvert, RingReveal
 from fedcore.secagg.session import advert_signed_bytes
 
 
@@ -55,6 +55,30 @@ def checked_adverts(
             f"{len(by_sender)} clients advertised keys, threshold is {config.threshold}"
         )
     return by_sender
+
+
+def checked_reveals(
+    reveals: Iterable[RingReveal], *, adverts: Mapping[int, KeyAdvert], round_id: bytes
+) -> dict[int, bytes]:
+    """Every member's ring reveal by sender: exactly one per advert, each opening its commitment.
+
+    A missing reveal is refused like a wrong one: a ring drawn without some member's reveal is a
+    ring the server could have chosen (by dropping that member after seeing the others')."""
+    out: dict[int, bytes] = {}
+    for r in reveals:
+        if r.sender in out:
+            raise RemoteProtocolError(f"two ring reveals from client {r.sender}")
+        advert = adverts.get(r.sender)
+        if advert is None:
+            raise RemoteProtocolError(f"ring reveal from client {r.sender}, who did not advertise")
+        if r.round_id != round_id:
+            raise RemoteProtocolError(f"ring reveal of client {r.sender} is for another round")
+        check_reveal(round_id, r.sender, r.reveal, advert.seed_commitment)
+        out[r.sender] = r.reveal
+    missing = sorted(set(adverts) - set(out))
+    if missing:
+        raise RemoteProtocolError(f"no ring reveal from clients {missing[:5]}")
+    return out
 
 
 def verify_advert(advert: KeyAdvert, registry: Mapping[int, bytes]) -> None:
@@ -110,12 +134,20 @@ def check_unmask_sets(
     me: int,
     graph: NeighborGraph,
     seen: frozenset[int],
+    unopened: frozenset[int] = frozenset(),
 ) -> None:
     """Alive and dropped must be disjoint (never both shares of one peer), and consistent with
-    the shares this client received: every sender accounted for, no phantom dropped neighbour."""
+    the shares this client received: every sender accounted for, no phantom dropped neighbour.
+    ``seen`` counts every sender whose share arrived, ``unopened`` those among them whose share did
+    not open: this client did not mask with them, so they can only be listed dropped."""
     both = alive & dropped
     if both:
         raise RemoteProtocolError(f"clients {sorted(both)[:5]} are listed both alive and dropped")
+    revived = alive & unopened
+    if revived:
+        raise RemoteProtocolError(
+            f"clients {sorted(revived)[:5]} are listed alive, but their shares did not open here"
+        )
     phantom = dropped & (graph.neighbors(me) - seen)
     if phantom:
         raise RemoteProtocolError(

@@ -7,15 +7,24 @@ with it. Each stage ends when every client has answered or the driver reports th
 answering (its deadline passed; there is no clock in here). Dropouts at any stage are recovered:
 
 - U1 (advertised keys) and U2 (sent shares) only shrink the set of clients; the neighbour graph is
-  fixed by U1 and a client masks only with neighbours in U2;
+  fixed by U1 (for a sparse graph, by every member's ring reveal, collected in an extra reveal
+  stage that every member of U1 must answer: :mod:`fedcore.secagg.graph`) and a client masks only
+  with neighbours in U2 whose share opened at it;
+- a client names in its masked input the neighbours whose sealed share did not open (``unopened``):
+  for that pair the sender counts as dropped. A client named so by anyone is left out of U3 even if
+  its masked input arrived (its secrets may not be recoverable; the sum is formed when the stage
+  closes, from the inputs of U3 only), and its pairwise masks are removed only with the survivors
+  that did mask with it;
 - after the masked-input stage the server asks the survivors U3 for the self-mask seeds b_v of
   v in U3 and the mask keys s_v of v in U2 \\ U3, rebuilds each from t shares, and computes
   z = sum_{u in U3} y_u - sum_{u in U3} PRG(b_u) - sum_{v dropped} sum_{u in U3 ∩ N(v)} ±PRG(s_uv).
 
 Before asking anyone to unmask, the server checks that every secret it will need has at least t
-holders among the clients it will ask; if not it aborts with TooFewSurvivors and nothing is
-revealed. Rebuilt secrets are checked (the mask key against its advertised public key, the seed
-against its commitment), so a corrupted share is detected instead of silently giving a wrong sum.
+holders with a usable share among the clients it will ask; if not it aborts with TooFewSurvivors
+and nothing is revealed. Rebuilt secrets are checked (the mask key against its advertised public
+key, the seed against its commitment); a wrong share does not stop the round while t good ones
+remain: the secret is decoded around it and its sender is named in :attr:`SecAggServer.culprits`
+(:func:`fedcore.secagg.shamir.reconstruct_checked`).
 
 Two kinds of failure. A client that sends something illegal (wrong stage, late, malformed, bad
 signature, wrong addressing) fails alone: its slot is closed, it counts as a dropout, and
@@ -24,8 +33,8 @@ goes on. Misuse by the driver (LocalProtocolError: wrong state, a stage closed w
 still pending) and too few survivors (TooFewSurvivors) move the whole machine to ``ABORTED`` for
 good. All legal transitions are in ``_TRANSITIONS``.
 
-The masked inputs are summed as they arrive (in place, modulo 2**32 or 2**64), so the server holds
-one vector, not n.
+The masked inputs are kept as read-only views of the messages' bytes (no copy) and summed in
+place, modulo 2**32 or 2**64, when the stage closes and U3 is known.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from fedcore.errors import (
 from fedcore.secagg import recovery, shamir
 from fedcore.secagg.config import Mode, SessionConfig, Stage, ring_dtype
 from fedcore.secagg.errors import TooFewSurvivors
-from fedcore.secagg.graph import NeighborGraph
+from fedcore.secagg.graph import NeighborGraph, check_reveal, ring_seed, sparse
 from fedcore.secagg.messages import (
     AdvertiseRequest,
     ClientMessage,
@@ -58,6 +67,8 @@ from fedcore.secagg.messages import (
     KeyAdvert,
     MaskedInput,
     MaskedInputRequest,
+    RevealRequest,
+    RingReveal,
     ServerMessage,
     ShareKeysRequest,
     UnmaskRequest,
@@ -71,6 +82,7 @@ from fedcore.secagg.session import advert_signed_bytes, session_id, survivors_si
 class ServerState(enum.Enum):
     IDLE = "idle"
     ADVERTISE = "advertise"
+    REVEAL = "reveal"
     SHARE = "share"
     MASKED_INPUT = "masked_input"
     CONSISTENCY = "consistency"
@@ -96,7 +108,9 @@ _TRANSITIONS: dict[
 ] = {
     (_S.IDLE, Command.START): (_S.ADVERTISE, _S.ADVERTISE),
     (_S.ADVERTISE, KeyAdvert): (_S.ADVERTISE, _S.ADVERTISE),
-    (_S.ADVERTISE, Command.ADVANCE): (_S.SHARE, _S.SHARE),
+    (_S.ADVERTISE, Command.ADVANCE): (_S.SHARE, _S.SHARE),  # _S.REVEAL for a sparse graph
+    (_S.REVEAL, RingReveal): (_S.REVEAL, _S.REVEAL),
+    (_S.REVEAL, Command.ADVANCE): (_S.SHARE, _S.SHARE),
     (_S.SHARE, EncryptedShares): (_S.SHARE, _S.SHARE),
     (_S.SHARE, Command.ADVANCE): (_S.MASKED_INPUT, _S.MASKED_INPUT),
     (_S.MASKED_INPUT, MaskedInput): (_S.MASKED_INPUT, _S.MASKED_INPUT),
@@ -106,7 +120,9 @@ _TRANSITIONS: dict[
     (_S.UNMASK, UnmaskShares): (_S.UNMASK, _S.UNMASK),
     (_S.UNMASK, Command.FINISH): (_S.DONE, _S.DONE),
 }
-_COLLECTING = frozenset({_S.ADVERTISE, _S.SHARE, _S.MASKED_INPUT, _S.CONSISTENCY, _S.UNMASK})
+_COLLECTING = frozenset(
+    {_S.ADVERTISE, _S.REVEAL, _S.SHARE, _S.MASKED_INPUT, _S.CONSISTENCY, _S.UNMASK}
+)
 # A fixed scalar to test advertised keys: any small-order point gives the all-zero secret with
 # every clamped scalar (RFC 7748 section 6.1), so one agreement tells whether a key is usable.
 _PROBE_PRIVATE = AgreementKey(bytes(range(32)))
@@ -131,6 +147,8 @@ class SecAggServer:
         self._answered: set[int] = set()
         self._failed: dict[int, str] = {}  # client -> why its slot was closed
         self._adverts: dict[int, KeyAdvert] = {}
+        self._reveals: dict[int, bytes] = {}
+        self._u1_adverts: tuple[KeyAdvert, ...] = ()
         self._keys_taken: set[bytes] = set()
         self._session_id = b""
         self._graph: NeighborGraph | None = None
@@ -141,6 +159,9 @@ class SecAggServer:
         self._signatures: dict[int, ConsistencySignature] = {}
         self._seed_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share
         self._key_shares: dict[int, dict[int, int]] = {}
+        self._inputs: dict[int, np.ndarray] = {}  # masked inputs, summed when the stage closes
+        self._unopened_by: dict[int, set[int]] = {}  # client -> those its sealed share failed at
+        self._culprits: dict[int, str] = {}
         self._total = np.zeros(config.length, dtype=ring_dtype(config.bits))
 
     # ------------------------------------------------------------------ public surface
@@ -167,6 +188,21 @@ class SecAggServer:
     @property
     def session_id(self) -> bytes:
         return self._session_id
+
+    @property
+    def unopened(self) -> Mapping[int, frozenset[int]]:
+        """Client -> the neighbours that reported its sealed share did not open (so it was left
+        out of U3). The server cannot tell whether the sender sealed garbage or the receiver
+        lies; it reports both sides. Of the accused nothing more is revealed than of a dropout;
+        a false report (the liar did mask with the accused) spoils the sum, as a bad masked input
+        would, and the federation round's plausibility check discards it."""
+        return {v: frozenset(us) for v, us in self._unopened_by.items()}
+
+    @property
+    def culprits(self) -> Mapping[int, str]:
+        """Holders whose revealed shares did not fit the secret rebuilt from the others, with why
+        (filled by :meth:`finish`; their shares were left out and the round went on)."""
+        return dict(self._culprits)
 
     @property
     def error(self) -> FedcoreError | None:
@@ -216,14 +252,17 @@ class SecAggServer:
         """Close the current stage and return the next stage's requests, by recipient.
 
         ``no_answer``: the clients that missed the deadline; after them nobody may be pending.
-        Raises LocalProtocolError (misuse) or TooFewSurvivors (fewer than t remain); either leaves
-        the server ``ABORTED``.
+        Raises LocalProtocolError (misuse) or TooFewSurvivors (fewer than t remain, a secret
+        would lack t usable shares, or a member of a sparse graph's U1 sent no valid ring reveal:
+        nothing secret is revealed in any of these cases); either leaves the server ``ABORTED``.
         """
         try:
             nxt = self._target(Command.ADVANCE)
             self._close_stage(no_answer)
             if self._state is ServerState.ADVERTISE:
                 requests = self._after_advertise()
+            elif self._state is ServerState.REVEAL:
+                requests = self._after_reveal()
             elif self._state is ServerState.SHARE:
                 requests = self._after_share()
             elif self._state is ServerState.MASKED_INPUT:
@@ -240,8 +279,10 @@ class SecAggServer:
     def finish(self, *, no_answer: Collection[int] = ()) -> AggregateResult:
         """Close the unmask stage, rebuild the secrets and return the unmasked sum.
 
-        Raises TooFewSurvivors when some secret has fewer than t shares, InvalidMessage when a
-        rebuilt secret fails its check, LocalProtocolError on misuse; each leaves ``ABORTED``.
+        Wrong shares are decoded around while t good ones remain, and their senders recorded in
+        :attr:`culprits`. Raises TooFewSurvivors when some secret has fewer than t shares,
+        InvalidMessage when no t of its shares rebuild a secret that passes its check,
+        LocalProtocolError on misuse; each leaves ``ABORTED``.
         """
         try:
             nxt = self._target(Command.FINISH)
@@ -261,6 +302,8 @@ class SecAggServer:
     def _target(self, event: Command | type) -> ServerState:
         row = _TRANSITIONS.get((self._state, event))
         target = None if row is None else row[0 if self.config.mode is Mode.SEMI_HONEST else 1]
+        if self._state is _S.ADVERTISE and event is Command.ADVANCE and sparse(self.config):
+            target = _S.REVEAL
         if target is None:
             name = event.value if isinstance(event, Command) else event.__name__
             raise LocalProtocolError(f"server in state {self._state.value} cannot {name}")
@@ -322,6 +365,10 @@ class SecAggServer:
             raise RemoteProtocolError(f"message from client {sender} is bound to another round")
         if isinstance(message, KeyAdvert):
             self._on_advert(sender, message)
+        elif isinstance(message, RingReveal):
+            commitment = self._adverts[sender].seed_commitment
+            check_reveal(self.config.round_id, sender, message.reveal, commitment)
+            self._reveals[sender] = message.reveal
         elif isinstance(message, EncryptedShares):
             self._on_shares(sender, message)
         elif isinstance(message, MaskedInput):
@@ -371,7 +418,17 @@ class SecAggServer:
             raise RemoteProtocolError(f"client {sender} sent a vector of dtype {vec.dtype}")
         if vec.size and int(vec.max()) >> self.config.bits:
             raise RemoteProtocolError(f"client {sender} sent entries >= 2**{self.config.bits}")
-        np.add(self._total, vec, out=self._total)
+        unopened = message.unopened
+        if list(unopened) != sorted(set(unopened)):
+            raise RemoteProtocolError(f"client {sender} listed unopened shares out of order")
+        forwarded = self._require_graph().neighbors(sender) & self._u2
+        if not set(unopened) <= forwarded:
+            raise RemoteProtocolError(
+                f"client {sender} reports unopened shares from clients that sent it none"
+            )
+        for v in unopened:
+            self._unopened_by.setdefault(v, set()).add(sender)
+        self._inputs[sender] = vec
 
     def _on_signature(self, sender: int, message: ConsistencySignature) -> None:
         signed = survivors_signed_bytes(self._session_id, tuple(sorted(self._u3)))
@@ -380,9 +437,14 @@ class SecAggServer:
 
     def _on_unmask_shares(self, sender: int, message: UnmaskShares) -> None:
         graph = self._require_graph()
-        # The graph is undirected: sender holds v's shares iff v is among sender's holders.
+        # The graph is undirected: sender holds v's shares iff v is among sender's holders, and
+        # its share opened there (the sender reported those that did not).
         want_seed = self._u3 & graph.holders(sender)
-        want_key = (self._u2 - self._u3) & graph.neighbors(sender)
+        want_key = {
+            v
+            for v in (self._u2 - self._u3) & graph.neighbors(sender)
+            if sender not in self._unopened_by.get(v, ())
+        }
         seed_owners = [s.owner for s in message.seed_shares]
         key_owners = [s.owner for s in message.key_shares]
         if sorted(seed_owners) != sorted(want_seed) or len(set(seed_owners)) != len(seed_owners):
@@ -404,11 +466,36 @@ class SecAggServer:
         self._require(len(u1), "clients advertised keys")
         adverts = tuple(self._adverts[c] for c in sorted(u1))
         self._session_id = session_id(self.config, adverts)
-        graph = NeighborGraph(u1, neighbors=self.config.neighbors, session_id=self._session_id)
+        self._u1_adverts = adverts
+        rid = self.config.round_id
+        if sparse(self.config):  # the ring waits for every member's reveal
+            return {c: RevealRequest(c, rid, adverts) for c in sorted(u1)}
+        return self._share_requests(self._session_id, ())
+
+    def _after_reveal(self) -> dict[int, ServerMessage]:
+        members = {a.sender for a in self._u1_adverts}
+        missing = sorted(members - set(self._reveals))
+        if missing:
+            raise TooFewSurvivors(
+                f"clients {missing[:8]} advertised keys but sent no valid ring reveal; a sparse "
+                "graph is drawn from every advertiser's reveal, so the round ends here (nothing "
+                "secret has been shared yet)"
+            )
+        rid = self.config.round_id
+        reveals = tuple(RingReveal(c, rid, self._reveals[c]) for c in sorted(members))
+        return self._share_requests(ring_seed(rid, self._reveals), reveals)
+
+    def _share_requests(
+        self, seed: bytes, reveals: tuple[RingReveal, ...]
+    ) -> dict[int, ServerMessage]:
+        adverts = self._u1_adverts
+        graph = NeighborGraph(
+            (a.sender for a in adverts), neighbors=self.config.neighbors, seed=seed
+        )
         self._graph = graph
         self._require(len(graph.holders(adverts[0].sender)), "share holders per client")
         rid = self.config.round_id
-        return {c: ShareKeysRequest(c, rid, adverts) for c in sorted(u1)}
+        return {a.sender: ShareKeysRequest(a.sender, rid, adverts, reveals) for a in adverts}
 
     def _after_share(self) -> dict[int, ServerMessage]:
         u2 = frozenset(self._expected)
@@ -423,9 +510,14 @@ class SecAggServer:
         return requests
 
     def _after_masked_input(self) -> dict[int, ServerMessage]:
-        u3 = frozenset(self._expected)
+        # A client whose sealed share did not open somewhere is out: that neighbour did not mask
+        # with it and holds none of its shares.
+        u3 = frozenset(self._expected) - set(self._unopened_by)
         self._u3 = u3
         self._check_recoverable(u3)
+        for u in sorted(u3):
+            np.add(self._total, self._inputs[u], out=self._total)
+        self._inputs.clear()
         rid, alive = self.config.round_id, tuple(sorted(u3))
         if self.config.mode is Mode.ACTIVE:
             return {u: ConsistencyRequest(u, rid, alive) for u in alive}
@@ -450,10 +542,10 @@ class SecAggServer:
         for v in self._u3:
             self._require(len(graph.holders(v) & responders), f"alive holders of client {v}'s seed")
         for v in self._u2 - self._u3:
-            if graph.neighbors(v) & self._u3:
-                self._require(
-                    len(graph.neighbors(v) & responders), f"alive holders of client {v}'s mask key"
-                )
+            unusable = self._unopened_by.get(v, set())
+            if (graph.neighbors(v) & self._u3) - unusable:  # someone masked with v
+                holders = (graph.neighbors(v) & responders) - unusable
+                self._require(len(holders), f"alive holders of client {v}'s mask key")
 
     def _require_graph(self) -> NeighborGraph:
         if self._graph is None:
@@ -474,23 +566,35 @@ class SecAggServer:
         def revealed(store: dict[int, dict[int, int]], v: int) -> dict[int, int]:
             return {h: y for h, y in store.get(v, {}).items() if h in responders}
 
-        seeds = {
-            v: recovery.rebuild_seed(
+        def blame(found: frozenset[int], v: int, what: str) -> None:
+            for h in found:
+                self._culprits.setdefault(
+                    h, f"revealed a share of client {v}'s {what} that does not fit the others"
+                )
+
+        seeds: dict[int, bytes] = {}
+        for v in sorted(self._u3):
+            seeds[v], bad = recovery.rebuild_seed(
                 v,
                 revealed(self._seed_shares, v),
                 threshold=t,
                 round_id=rid,
                 advert=self._adverts[v],
+                suspects=self._culprits,
             )
-            for v in sorted(self._u3)
-        }
-        mask_keys = {
-            v: recovery.rebuild_mask_key(
-                v, revealed(self._key_shares, v), threshold=t, advert=self._adverts[v]
+            blame(bad, v, "self-mask seed")
+        mask_keys: dict[int, bytes] = {}
+        for v in sorted(self._u2 - self._u3):
+            if not (graph.neighbors(v) & self._u3) - self._unopened_by.get(v, set()):
+                continue  # no survivor masked with v
+            mask_keys[v], bad = recovery.rebuild_mask_key(
+                v,
+                revealed(self._key_shares, v),
+                threshold=t,
+                advert=self._adverts[v],
+                suspects=self._culprits,
             )
-            for v in sorted(self._u2 - self._u3)
-            if graph.neighbors(v) & self._u3
-        }
+            blame(bad, v, "mask key")
         recovery.remove_masks(
             self._total,
             seeds=seeds,
@@ -500,6 +604,7 @@ class SecAggServer:
             adverts=self._adverts,
             session_id=self._session_id,
             bits=self.config.bits,
+            unmasked_pairs=self._unopened_by,
         )
         self._total.flags.writeable = False
         return AggregateResult(self._total, self._u3)

@@ -16,7 +16,7 @@ from fedcore.secagg.graph import NeighborGraph
 )
 def test_harary_graph_is_k_regular_and_symmetric(ids: list[int], half: int, sid: bytes) -> None:
     k = 2 * half
-    g = NeighborGraph(ids, neighbors=k, session_id=sid)
+    g = NeighborGraph(ids, neighbors=k, seed=sid)
     assert sorted(g.ring) == sorted(ids)
     for u in ids:
         nu = g.neighbors(u)
@@ -29,9 +29,9 @@ def test_harary_graph_is_k_regular_and_symmetric(ids: list[int], half: int, sid:
 
 def test_ring_depends_on_the_session_id_only() -> None:
     ids = list(range(50))
-    a = NeighborGraph(ids, neighbors=4, session_id=b"one")
-    b = NeighborGraph(reversed(ids), neighbors=4, session_id=b"one")
-    c = NeighborGraph(ids, neighbors=4, session_id=b"two")
+    a = NeighborGraph(ids, neighbors=4, seed=b"one")
+    b = NeighborGraph(reversed(ids), neighbors=4, seed=b"one")
+    c = NeighborGraph(ids, neighbors=4, seed=b"two")
     assert a.ring == b.ring
     assert a.ring != c.ring
     assert a.ring != tuple(ids)  # permuted (probability 1/50! of a false failure)
@@ -42,7 +42,7 @@ def test_positions_are_spread_over_the_ring() -> None:
     ids = list(range(10))
     first_half = [0] * 10
     for s in range(400):
-        ring = NeighborGraph(ids, neighbors=2, session_id=s.to_bytes(4, "big")).ring
+        ring = NeighborGraph(ids, neighbors=2, seed=s.to_bytes(4, "big")).ring
         for c in ring[:5]:
             first_half[c] += 1
     # Binomial(400, 1/2): sd 10, so 200 +- 60 is a 6 sd band.
@@ -50,6 +50,6 @@ def test_positions_are_spread_over_the_ring() -> None:
 
 
 def test_complete_graph() -> None:
-    g = NeighborGraph([5, 1, 9], neighbors=0, session_id=b"x")
+    g = NeighborGraph([5, 1, 9], neighbors=0, seed=b"x")
     assert g.complete and g.neighbors(1) == {5, 9}
-    assert NeighborGraph(range(5), neighbors=4, session_id=b"x").complete
+    assert NeighborGraph(range(5), neighbors=4, seed=b"x").complete

@@ -6,6 +6,7 @@ import pytest
 
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.secagg import ClientState, Mode, ServerState
+from fedcore.secagg.client import _SPARSE_ONLY
 from fedcore.secagg.client import _TRANSITIONS as CLIENT_TABLE
 from fedcore.secagg.messages import (
     CLIENT_MESSAGES,
@@ -20,13 +21,26 @@ from fedcore.secagg.server import Command
 from .helpers import World, make_world
 
 MODES = [Mode.SEMI_HONEST, Mode.ACTIVE]
+GRAPHS = [0, 2]  # complete; sparse (k = 2 among 4: the reveal stage runs)
 
 
-def _recorded(mode: Mode) -> tuple[list[ServerMessage], dict[type, ClientMessage]]:
+def _stages(mode: Mode, neighbors: int = 0) -> int:
+    return (5 if mode is Mode.ACTIVE else 4) + (1 if neighbors else 0)
+
+
+def _world(mode: Mode, neighbors: int) -> World:
+    w = make_world(4, mode=mode, seed=11, neighbors=neighbors)
+    w.auto_reveal = False
+    return w
+
+
+def _recorded(
+    mode: Mode, neighbors: int = 0
+) -> tuple[list[ServerMessage], dict[type, ClientMessage]]:
     """Client 0's server messages and one genuine client message of each type, from one run."""
-    w = make_world(4, mode=mode, seed=11)
+    w = _world(mode, neighbors)
     answers: dict[type, ClientMessage] = {}
-    stages = 5 if mode is Mode.ACTIVE else 4
+    stages = _stages(mode, neighbors)
     for i in range(stages):
         for cid in sorted(w.requests):
             out = w.answer(cid)
@@ -40,8 +54,8 @@ def _recorded(mode: Mode) -> tuple[list[ServerMessage], dict[type, ClientMessage
     return w.history[0], answers
 
 
-def _client_at(mode: Mode, consumed: list[ServerMessage]) -> World:
-    w = make_world(4, mode=mode, seed=11)
+def _client_at(mode: Mode, consumed: list[ServerMessage], neighbors: int) -> World:
+    w = _world(mode, neighbors)
     client = w.clients[0]
     for m in consumed:
         vector = w.inputs[0] if isinstance(m, MaskedInputRequest) else None
@@ -53,26 +67,30 @@ def _sample_for(kind: type, history: list[ServerMessage]) -> ServerMessage:
     for m in history:
         if isinstance(m, kind):
             return m
-    # ConsistencyRequest does not occur in SEMI_HONEST runs: borrow one from an ACTIVE run.
-    for m in _recorded(Mode.ACTIVE)[0]:
+    # ConsistencyRequest does not occur in SEMI_HONEST runs, nor RevealRequest with the complete
+    # graph: borrow one from a sparse ACTIVE run.
+    for m in _recorded(Mode.ACTIVE, 2)[0]:
         if isinstance(m, kind):
             return m
     raise AssertionError(kind)
 
 
+@pytest.mark.parametrize("neighbors", GRAPHS)
 @pytest.mark.parametrize("mode", MODES)
-def test_every_client_state_and_message_pair(mode: Mode) -> None:
-    history, _ = _recorded(mode)
+def test_every_client_state_and_message_pair(mode: Mode, neighbors: int) -> None:
+    history, _ = _recorded(mode, neighbors)
     checked = 0
     for consumed in range(len(history) + 2):  # +1: DONE, +2: ABORTED
         for kind in SERVER_MESSAGES:
-            w = _client_at(mode, history[: min(consumed, len(history))])
+            w = _client_at(mode, history[: min(consumed, len(history))], neighbors)
             client = w.clients[0]
             if consumed == len(history) + 1:
                 client.abort()
             state = client.state
             row = CLIENT_TABLE.get((state, kind))
             legal = row is not None and row[0 if mode is Mode.SEMI_HONEST else 1] is not None
+            if _SPARSE_ONLY.get((state, kind)) is (not neighbors):
+                legal = False  # a row for the other kind of graph
             message = (
                 history[consumed]
                 if consumed < len(history) and isinstance(history[consumed], kind)
@@ -90,9 +108,9 @@ def test_every_client_state_and_message_pair(mode: Mode) -> None:
     assert checked == (len(history) + 2) * len(SERVER_MESSAGES)
 
 
-def _server_at(mode: Mode, stage_index: int) -> World:
-    """stage_index: 0 idle, 1 advertise, 2 share, ... ; -1 done; -2 aborted."""
-    w = make_world(4, mode=mode, seed=11)  # make_world starts the server: it is in ADVERTISE
+def _server_at(mode: Mode, stage_index: int, neighbors: int = 0) -> World:
+    """stage_index: 0 idle, 1 advertise, 2 share (or reveal), ... ; -1 done; -2 aborted."""
+    w = _world(mode, neighbors)  # make_world starts the server: it is in ADVERTISE
     if stage_index == 0:
         from fedcore.secagg import SecAggServer
 
@@ -101,7 +119,7 @@ def _server_at(mode: Mode, stage_index: int) -> World:
     if stage_index == -2:
         w.server.abort()
         return w
-    stages = 5 if mode is Mode.ACTIVE else 4
+    stages = _stages(mode, neighbors)
     steps = stages if stage_index == -1 else stage_index - 1
     for i in range(steps):
         if i == stages - 1:
@@ -111,15 +129,17 @@ def _server_at(mode: Mode, stage_index: int) -> World:
     return w
 
 
+@pytest.mark.parametrize("neighbors", GRAPHS)
 @pytest.mark.parametrize("mode", MODES)
-def test_every_server_state_and_message_pair(mode: Mode) -> None:
-    _, samples = _recorded(mode)
-    samples = {**_recorded(Mode.ACTIVE)[1], **samples}  # ConsistencySignature for SEMI_HONEST
-    stages = 5 if mode is Mode.ACTIVE else 4
+def test_every_server_state_and_message_pair(mode: Mode, neighbors: int) -> None:
+    _, samples = _recorded(mode, neighbors)
+    # ConsistencySignature for SEMI_HONEST, RingReveal for the complete graph
+    samples = {**_recorded(Mode.ACTIVE, 2)[1], **samples}
+    stages = _stages(mode, neighbors)
     seen_states = set()
     for index in [0, *range(1, stages + 1), -1, -2]:
         for kind in CLIENT_MESSAGES:
-            w = _server_at(mode, index)
+            w = _server_at(mode, index, neighbors)
             server = w.server
             state = server.state
             seen_states.add(state)
@@ -153,15 +173,18 @@ def test_every_server_state_and_message_pair(mode: Mode) -> None:
     }
     if mode is Mode.ACTIVE:
         expected.add(ServerState.CONSISTENCY)
+    if neighbors:
+        expected.add(ServerState.REVEAL)
     assert seen_states == expected
 
 
+@pytest.mark.parametrize("neighbors", GRAPHS)
 @pytest.mark.parametrize("mode", MODES)
-def test_every_server_state_and_command_pair(mode: Mode) -> None:
-    stages = 5 if mode is Mode.ACTIVE else 4
+def test_every_server_state_and_command_pair(mode: Mode, neighbors: int) -> None:
+    stages = _stages(mode, neighbors)
     for index in [0, *range(1, stages + 1), -1, -2]:
         for command in Command:
-            w = _server_at(mode, index)
+            w = _server_at(mode, index, neighbors)
             server = w.server
             state = server.state
             row = SERVER_TABLE.get((state, command))
@@ -173,7 +196,10 @@ def test_every_server_state_and_command_pair(mode: Mode) -> None:
             }[command]
             if legal:
                 call()
-                assert server.state is row[0 if mode is Mode.SEMI_HONEST else 1]  # type: ignore[index]
+                target = row[0 if mode is Mode.SEMI_HONEST else 1]  # type: ignore[index]
+                if neighbors and state is ServerState.ADVERTISE and command is Command.ADVANCE:
+                    target = ServerState.REVEAL  # a sparse graph's ring waits for the reveals
+                assert server.state is target
             else:
                 with pytest.raises(LocalProtocolError):
                     call()
