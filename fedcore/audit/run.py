@@ -89,9 +89,9 @@ def audit(settings: Settings, *, canaries: int = DEFAULT_CANARIES, rng: CryptoRn
     """
     from fedcore.audit.canaries import train_with_canaries
     from fedcore.data import load_holdout, load_site
+    from fedcore.federation.site import dp_config
     from fedcore.federation.site_data import data_settings
     from fedcore.models import build_model
-    from fedcore.privacy.dpsgd import SiteDPConfig
 
     dp = settings.dp.site
     if dp.epsilon is None:
@@ -102,14 +102,7 @@ def audit(settings: Settings, *, canaries: int = DEFAULT_CANARIES, rng: CryptoRn
     data = data_settings(settings)
     _, input_shape, num_classes = load_holdout(data)
     site = load_site(data, AUDITED_SITE)
-    config = SiteDPConfig(
-        epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        max_grad_norm=dp.max_grad_norm,
-        noise_multiplier=dp.noise_multiplier,
-        planned_rounds=settings.rounds,
-    )
+    config = dp_config(settings)  # the DP-SGD settings a federated site trains with
     runs = {}
     for noise in (True, False):
         import torch

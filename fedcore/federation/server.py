@@ -244,14 +244,19 @@ def reopen(out_dir: Path, settings: Settings) -> tuple[RunRecord, Checkpoint]:
     checkpoint = read_checkpoint(out_dir)
     if checkpoint is None:
         raise ConfigError(f"{str(out_dir)!r} has no checkpoint to resume from")
-    record = RunRecord.reopen(
+    record = _reopen_at(out_dir, settings, checkpoint)
+    return record, checkpoint
+
+
+def _reopen_at(out_dir: Path, settings: Settings, checkpoint: Checkpoint) -> RunRecord:
+    """The record in ``out_dir`` as it was when ``checkpoint`` was written."""
+    return RunRecord.reopen(
         out_dir,
         settings,
         rows=[RoundRow.from_json(row) for row in checkpoint.history],
         initial_loss=checkpoint.initial_loss,
         initial_accuracy=checkpoint.initial_accuracy,
     )
-    return record, checkpoint
 
 
 def close_interrupted(out_dir: Path, *, reason: str, status: Status = "interrupted") -> int | None:
@@ -264,13 +269,7 @@ def close_interrupted(out_dir: Path, *, reason: str, status: Status = "interrupt
     if checkpoint is None:
         return None
     settings = recorded_settings(out_dir)
-    record = RunRecord.reopen(
-        out_dir,
-        settings,
-        rows=[RoundRow.from_json(row) for row in checkpoint.history],
-        initial_loss=checkpoint.initial_loss,
-        initial_accuracy=checkpoint.initial_accuracy,
-    )
+    record = _reopen_at(out_dir, settings, checkpoint)
     ledger = None
     if settings.dp.server.epsilon is not None and (out_dir / LEDGER_FILE).exists():
         ledger = federation_ledger(settings, out_dir / LEDGER_FILE)
