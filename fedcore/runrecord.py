@@ -168,10 +168,14 @@ def default_out_dir(root: str | Path = "runs") -> Path:
     return Path(root) / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` through ``write(fh)`` into a temporary file, fsync it, then rename it."""
+def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
+    """Write ``path`` through ``write(fh)`` into a temporary file, fsync it, then rename it;
+    ``private``: mode 0600 (for what the privacy guarantees do not cover)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    if private:
+        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode otherwise
+    with os.fdopen(fd, "wb") as fh:
         write(fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -240,7 +244,7 @@ class RunRecord:
             record.started = dt.datetime.fromisoformat(config["started_at"])
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"{str(record.path)!r} holds no readable run record: {exc}") from exc
-        text = "".join(json.dumps(r.to_json()) + "\n" for r in rows)
+        text = "".join(json.dumps(record._public(r.to_json())) + "\n" for r in rows)
         atomic_write(record.path / "history.jsonl", lambda fh: fh.write(text.encode()))
         return record
 
@@ -274,14 +278,18 @@ class RunRecord:
         self.rows.append(row)
         doc = row.to_json()
         withheld = withheld_fields(self.settings)
-        public = {k: v for k, v in doc.items() if k not in withheld}
         with open(self.path / "history.jsonl", "a") as fh:
-            fh.write(json.dumps(public) + "\n")
+            fh.write(json.dumps(self._public(doc)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         if withheld:
             private = {k: v for k, v in doc.items() if k in withheld}
             self.write_operator({"round": row.round, **private})
+
+    def _public(self, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """A history row without the fields the privacy guarantee does not cover."""
+        withheld = withheld_fields(self.settings)
+        return {k: v for k, v in doc.items() if k not in withheld}
 
     def write_operator(self, doc: Mapping[str, Any]) -> None:
         """Append one line to ``operator.jsonl`` (mode 0600): diagnostics kept out of the record."""

@@ -100,7 +100,8 @@ def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
         "random_state": checkpoint.random_state,
         "resumes": checkpoint.resumes,
     }
-    atomic_write(Path(out_dir) / CHECKPOINT_FILE, lambda fh: torch.save(doc, fh))
+    # Private (0600): the checkpoint holds the whole history, the diagnostics of operator.jsonl too.
+    atomic_write(Path(out_dir) / CHECKPOINT_FILE, lambda fh: torch.save(doc, fh), private=True)
 
 
 def read_checkpoint(out_dir: Path) -> Checkpoint | None:

@@ -190,3 +190,19 @@ def test_a_secagg_ring_too_small_for_dp_is_refused_before_the_run(tmp_path, caps
         ]
     )
     assert code == 2 and "secagg.bits" in capsys.readouterr().err
+
+
+def test_a_closed_or_resumed_record_publishes_no_more_than_the_live_one(tmp_path):
+    # Closing an interrupted run and resuming one rewrite history.jsonl from the checkpoint, which
+    # holds every field: the rewrite must withhold what the live run withheld, and the checkpoint
+    # itself is private.
+    from fedcore.federation.server import close_interrupted
+
+    out = tmp_path / "run"
+    _run(out, ["rounds=2", "fraction_train=0.5", "dp.server.epsilon=30", "dp.server.noise_multiplier=1.0"])
+    close_interrupted(out, reason="test")
+    rows = read_rows(out)
+    assert len(rows) == 2
+    for row in rows:
+        assert not set(SITE_LEVEL_WITHHELD) & set(row), row
+    assert stat.S_IMODE((out / "checkpoint.pt").stat().st_mode) == 0o600
