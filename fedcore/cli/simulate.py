@@ -160,6 +160,10 @@ def supervise(settings: cfg.Settings, *, out_dir: Path, verbose: bool) -> int:
                 child_argv(settings, out_dir=out_dir, verbose=verbose),
                 env=child_env(),
                 die_with_parent=True,
+                # Nothing in the child needs a clean exit: its checkpoint, ledgers and journals are
+                # written atomically, and this process closes the record. A SIGTERM would only
+                # make Flower print the tracebacks of the Ray workers dying under it.
+                stop_signal=signal.SIGKILL,
             )
             returncode = child.popen.wait()
     except Stopped as stop:

@@ -74,6 +74,7 @@ class ManagedProcess:
     log_path: Path | None
     ident: ProcessId
     descendants: set[ProcessId] = field(default_factory=set)
+    stop_signal: int = signal.SIGTERM  # what :meth:`ProcessSupervisor.stop` sends first
 
     @property
     def pid(self) -> int:
@@ -123,12 +124,15 @@ class ProcessSupervisor:
         log_path: Path | None = None,
         stdout: int | IO[bytes] | None = None,
         die_with_parent: bool = False,
+        stop_signal: int = signal.SIGTERM,
     ) -> ManagedProcess:
         """Start ``argv`` in a new session; output goes to ``log_path`` (or ``stdout``, e.g. PIPE;
         with neither, to this process's stdout and stderr).
 
         With ``die_with_parent`` (Linux), the kernel kills the process when this one dies, even by
-        SIGKILL, so a killed ``fedcore`` leaves no run going on behind it.
+        SIGKILL, so a killed ``fedcore`` leaves no run going on behind it. ``stop_signal`` is what
+        :meth:`stop` sends first (SIGKILL for a process with nothing to flush, whose own shutdown
+        would only print the tracebacks of its dying workers).
 
         Raises :class:`ConfigError` if the program cannot be started or the supervisor was
         already stopped; nothing is left running then.
@@ -161,6 +165,7 @@ class ProcessSupervisor:
             popen=popen,
             log_path=log_path,
             ident=ProcessId.of(popen.pid),
+            stop_signal=stop_signal,
         )
         self.processes.append(process)
         return process
@@ -180,7 +185,7 @@ class ProcessSupervisor:
             tree = _children_map()
             process.descendants |= {ProcessId.of(pid) for pid in _descendants(process.pid, tree)}
             with contextlib.suppress(ProcessLookupError):
-                process.popen.send_signal(signal.SIGTERM)
+                process.popen.send_signal(process.stop_signal)
             try:
                 process.popen.wait(timeout=self.grace)
             except subprocess.TimeoutExpired:
