@@ -420,6 +420,53 @@ def _train(
     return float(np.mean(losses)) if losses else math.nan
 
 
+class FusedDPStep:
+    """One DP-SGD step with the fused clipper: a forward pass, one output-gradient pass, the
+    clipped sum, the grid-Gaussian release from ``rng`` and an SGD step on ``sum / (q n)``."""
+
+    def __init__(
+        self,
+        work: nn.Module,
+        *,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        lr: float,
+        momentum: float,
+        expected_batch_size: float,
+        rng: CryptoRng,
+    ) -> None:
+        self.clipper = FusedClipper(work, max_grad_norm=max_grad_norm)
+        self.work = work
+        self.params = self.clipper.params
+        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum)
+        self.max_grad_norm = max_grad_norm
+        self.std = noise_multiplier * max_grad_norm
+        self.expected_batch_size = expected_batch_size
+        self.rng = rng
+
+    def step(self, xb: torch.Tensor | None, yb: torch.Tensor | None) -> float | None:
+        """A step on the batch, or a noise-only step for ``None`` (an empty Poisson sample);
+        returns the batch's mean loss (not private), or None."""
+        loss_value = None
+        if xb is None or yb is None or len(xb) == 0:
+            sums = [torch.zeros_like(p) for p in self.params]
+        else:
+            with self.clipper.capture():
+                out = self.work(xb)
+            loss = nn.functional.cross_entropy(out, yb, reduction="sum")
+            sums, _ = self.clipper.clipped_sum(loss)
+            loss_value = float(loss.detach()) / len(xb)
+        noised = release_noised_sum(sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng)
+        for p, grad in zip(self.params, noised, strict=True):
+            p.grad = grad.div_(self.expected_batch_size)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
+    def close(self) -> None:
+        self.clipper.close()
+
+
 def _train_fused(
     work: nn.Module,
     xs: torch.Tensor,
@@ -429,34 +476,30 @@ def _train_fused(
     plan: SiteRoundPlan,
     rng: CryptoRng,
 ) -> float:
-    """The DP-SGD loop with the fused clipper: per step one forward pass, one output-gradient
-    pass, the clipped sum, the grid-Gaussian release and an SGD step on ``sum / (q n)``. The
-    sampling and noise draws from ``rng`` are the Opacus loop's, in the same order."""
+    """The DP-SGD loop with :class:`FusedDPStep`; its sampling and noise draws from ``rng`` are
+    the Opacus loop's, in the same order."""
     n = len(xs)
-    expected_batch = plan.sample_rate * n
-    clipper = FusedClipper(work, max_grad_norm=config.max_grad_norm)
-    params = clipper.params
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    std = plan.noise_multiplier * config.max_grad_norm
+    stepper = FusedDPStep(
+        work,
+        max_grad_norm=config.max_grad_norm,
+        noise_multiplier=plan.noise_multiplier,
+        lr=config.lr,
+        momentum=config.momentum,
+        expected_batch_size=plan.sample_rate * n,
+        rng=rng,
+    )
     work.train()
     losses: list[float] = []
     try:
         for _ in range(plan.steps):
             idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
             if idx.size == 0:  # a noise-only step, as the analysis assumes
-                sums = [torch.zeros_like(p) for p in params]
-            else:
-                index = torch.from_numpy(idx).to(xs.device)
-                with clipper.capture():
-                    out = work(xs[index])
-                loss = nn.functional.cross_entropy(out, ys[index], reduction="sum")
-                sums, _ = clipper.clipped_sum(loss)
-                losses.append(float(loss.detach()) / idx.size)
-            noised = release_noised_sum(sums, std=std, max_grad_norm=config.max_grad_norm, rng=rng)
-            for p, grad in zip(params, noised, strict=True):
-                p.grad = grad.div_(expected_batch)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                stepper.step(None, None)
+                continue
+            index = torch.from_numpy(idx).to(xs.device)
+            loss = stepper.step(xs[index], ys[index])
+            if loss is not None:
+                losses.append(loss)
     finally:
-        clipper.close()
+        stepper.close()
     return float(np.mean(losses)) if losses else math.nan

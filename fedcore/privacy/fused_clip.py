@@ -11,10 +11,13 @@ DP-SGD's clipped sum needs:
   whose squared norm is ``||g_i||^2 ||a_i||^2`` (the "ghost norm" of Goodfellow 2015 and Li et
   al. 2022), bias ``||g_i||^2``; the clipped sum is ``(c * G)^T A``, one matmul, with ``c_i`` the
   clip factor. Per-example gradients are never formed.
-- *Linear* on ``(B, T, in)`` inputs and *Conv2d* (through ``unfold``, ``A_i``: ``(T, k)``,
-  ``G_i``: ``(T, out)``): the per-example gradient is ``G_i^T A_i``; its norm comes either from
-  the per-example gradients (one batched matmul, ``B*out*k`` floats) or from the ghost identity
+- *Linear* on ``(B, T, in)`` inputs (``A_i``: ``(T, in)``, ``G_i``: ``(T, out)``): the
+  per-example gradient is ``G_i^T A_i``; its norm comes either from the per-example gradients
+  (one batched matmul, ``B*out*in`` floats) or from the ghost identity
   ``||G_i^T A_i||^2 = <A_i A_i^T, G_i G_i^T>`` (``B*T*T`` floats), whichever is smaller.
+- *Conv2d*: the per-example weight gradients come from one grouped convolution backward with the
+  batch as the groups (measured here about 3x cheaper than ``unfold`` and a batched matmul for
+  the bundled CNN); bias gradients are spatial sums of ``g_i``.
 - *GroupNorm* (affine): the per-example gradients are ``sum_t g_i * xhat_i`` and ``sum_t g_i``
   over spatial positions, ``xhat`` being the normalised input.
 
@@ -188,20 +191,12 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
             return out
 
         return finish_linear
-    # Linear on (B, ..., in) and Conv2d: A (B, T, k), G (B, T, out).
     batch = a.shape[0]
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(
-            a,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,  # type: ignore[arg-type]  # numeric, checked
-            stride=module.stride,
-        ).transpose(1, 2)
-        gt = g.reshape(batch, g.shape[1], -1).transpose(1, 2)
-    else:
-        cols = a.reshape(batch, -1, a.shape[-1])
-        gt = g.reshape(batch, -1, g.shape[-1])
+        return _per_conv(module, a, g, sq, w_on=w_on, b_on=b_on)
+    # Linear on (B, ..., in): A (B, T, k), G (B, T, out).
+    cols = a.reshape(batch, -1, a.shape[-1])
+    gt = g.reshape(batch, -1, g.shape[-1])
     t, k, o = cols.shape[1], cols.shape[2], gt.shape[2]
     gb = gt.sum(1) if b_on else None
     if gb is not None:
@@ -209,8 +204,8 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
     per_example = None
     if w_on:
         if o * k <= t * t:
-            per_example = torch.bmm(gt.transpose(1, 2), cols)  # (B, out, k)
-            sq.add_(per_example.pow(2).sum((1, 2)))
+            per_example = torch.bmm(gt.transpose(1, 2), cols).reshape(batch, -1)  # (B, out * k)
+            sq.add_(per_example.pow(2).sum(1))
         else:
             sq.add_((torch.bmm(cols, cols.transpose(1, 2)) * torch.bmm(gt, gt.transpose(1, 2))).sum((1, 2)))
 
@@ -218,7 +213,7 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
         out = []
         if w_on:
             if per_example is not None:
-                w = torch.einsum("b,bok->ok", c, per_example)
+                w = c @ per_example
             else:
                 w = (gt * c.view(-1, 1, 1)).reshape(-1, o).t() @ cols.reshape(-1, k)
             out.append((weight, w))
@@ -227,3 +222,35 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
         return out
 
     return finish_matrix
+
+
+def _per_conv(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, sq: torch.Tensor, *, w_on: bool, b_on: bool):  # noqa: ANN202
+    """Conv2d: per-example weight gradients from one grouped convolution backward (the batch as
+    groups), which is cheaper than unfold and a batched matmul; the bias's are spatial sums."""
+    batch = a.shape[0]
+    gb = g.sum((2, 3)) if b_on else None
+    if gb is not None:
+        sq.add_(gb.pow(2).sum(1))
+    per_example = None
+    if w_on:
+        out_ch, in_ch, kh, kw = module.weight.shape
+        per_example = torch.nn.grad.conv2d_weight(
+            a.reshape(1, batch * in_ch, *a.shape[2:]),
+            (batch * out_ch, in_ch, kh, kw),
+            g.reshape(1, batch * out_ch, *g.shape[2:]),
+            stride=module.stride,
+            padding=module.padding,  # type: ignore[arg-type]  # numeric, checked
+            dilation=module.dilation,
+            groups=batch,
+        ).reshape(batch, -1)
+        sq.add_(per_example.pow(2).sum(1))
+
+    def finish_conv(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        if per_example is not None:
+            out.append((module.weight, c @ per_example))
+        if gb is not None:
+            out.append((module.bias, c @ gb))
+        return out
+
+    return finish_conv
