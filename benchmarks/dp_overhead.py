@@ -67,6 +67,7 @@ def fedcore_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, noise: boo
         expected_batch_size=float(len(x)),
         rng=CryptoRng(),
     )
+
     def full() -> None:
         stepper.step(x, y)
 

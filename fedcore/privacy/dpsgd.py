@@ -249,14 +249,19 @@ def _private_copy(model: nn.Module) -> nn.Module:
     return work
 
 
-def _resolve_mode(mode: GradSampleMode, module: nn.Module, *, probe: torch.Tensor) -> GradSampleMode:
+def _resolve_mode(
+    mode: GradSampleMode, module: nn.Module, *, probe: torch.Tensor
+) -> GradSampleMode:
     """The mode that will run. ``ghost`` and ``auto`` run the fused clipper if it supports the
     model, checked by structure and by one forward pass on ``probe`` (nothing is released)."""
     if mode in (GradSampleMode.GHOST, GradSampleMode.AUTO):
-        if _fused_supports(module, probe):
+        support = _fused_support(module, probe)
+        if support == "yes":
             return GradSampleMode.GHOST
         if mode is GradSampleMode.GHOST:
             return GradSampleMode.OPACUS_GHOST
+        if support == "usage":  # a layer ran twice or in place: Opacus's ghost refuses it too
+            return GradSampleMode.HOOKS
     if mode is not GradSampleMode.AUTO:
         return mode
     known = set(GradSampleHooksFastGradientClipping.GRAD_SAMPLERS) | set(
@@ -269,20 +274,22 @@ def _resolve_mode(mode: GradSampleMode, module: nn.Module, *, probe: torch.Tenso
     return GradSampleMode.OPACUS_GHOST
 
 
-def _fused_supports(module: nn.Module, probe: torch.Tensor) -> bool:
+def _fused_support(module: nn.Module, probe: torch.Tensor) -> str:
+    """``"yes"``, ``"structure"`` (a layer type the fused clipper lacks) or ``"usage"`` (the
+    probe's forward pass ran a layer twice or changed one's input or output in place)."""
     try:
         clipper = FusedClipper(module, max_grad_norm=1.0)
     except UnsupportedModel:
-        return False
+        return "structure"
     try:
         with clipper.capture():
             out = module(probe)
         clipper.clipped_sum(out.float().sum())
     except UnsupportedModel:
-        return False
+        return "usage"
     finally:
         clipper.close()
-    return True
+    return "yes"
 
 
 def release_noised_sum(
@@ -294,7 +301,10 @@ def release_noised_sum(
     flat = torch.cat([s.detach().reshape(-1) for s in sums]).to("cpu", torch.float64).numpy()
     noised, _ = add_grid_gaussian(flat, std=std, sensitivity=max_grad_norm, rng=rng)
     out = torch.from_numpy(noised).to(sums[0].device, sums[0].dtype)
-    return [chunk.view_as(s) for chunk, s in zip(out.split([s.numel() for s in sums]), sums, strict=True)]
+    return [
+        chunk.view_as(s)
+        for chunk, s in zip(out.split([s.numel() for s in sums]), sums, strict=True)
+    ]
 
 
 class _CryptoNoise:
@@ -396,9 +406,7 @@ def _train(
         expected_batch_size=expected_batch,
         rng=rng,
     )
-    dp_loss = (
-        DPLossFastGradientClipping(gsm, optimizer, criterion, "mean") if ghost else None
-    )
+    dp_loss = DPLossFastGradientClipping(gsm, optimizer, criterion, "mean") if ghost else None
     gsm.train()
     losses: list[float] = []
     try:
@@ -456,7 +464,9 @@ class FusedDPStep:
             loss = nn.functional.cross_entropy(out, yb, reduction="sum")
             sums, _ = self.clipper.clipped_sum(loss)
             loss_value = float(loss.detach()) / len(xb)
-        noised = release_noised_sum(sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng)
+        noised = release_noised_sum(
+            sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng
+        )
         for p, grad in zip(self.params, noised, strict=True):
             p.grad = grad.div_(self.expected_batch_size)
         self.optimizer.step()

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.grad import conv2d_weight
 
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 _EPS = 1e-6  # Opacus's: clip factor = C / (norm + 1e-6), at most 1
@@ -107,7 +109,9 @@ class FusedClipper:
             handle.remove()
         self._handles = []
 
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    def _hook(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
         if self._capturing:
             a = inputs[0]
             self._records.append((module, a, output, a._version, output._version))
@@ -145,16 +149,21 @@ class FusedClipper:
         sums: list[torch.Tensor | None] = [None] * len(self.params)
         for finish in pending:
             for param, value in finish(factor):
-                sums[self._slot[id(param)]] = value.view_as(param)
-        return [s if s is not None else torch.zeros_like(p) for s, p in zip(sums, self.params, strict=True)], norms
+                if param is not None:  # always: a pair is only made for a trainable parameter
+                    sums[self._slot[id(param)]] = value.view_as(param)
+        return [
+            s if s is not None else torch.zeros_like(p)
+            for s, p in zip(sums, self.params, strict=True)
+        ], norms
 
 
 def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Tensor):  # noqa: ANN202
     """Adds the layer's per-example squared gradient norms to ``sq`` (in place) and returns a
     function of the clip factors that yields ``(parameter, clipped sum)`` pairs."""
-    weight, bias = module.weight, module.bias
-    w_on = weight is not None and weight.requires_grad
-    b_on = bias is not None and bias.requires_grad
+    weight = cast(torch.Tensor | None, module.weight)
+    bias = cast(torch.Tensor | None, module.bias)
+    w_on = bool(weight is not None and weight.requires_grad)
+    b_on = bool(bias is not None and bias.requires_grad)
     if isinstance(module, nn.GroupNorm):
         xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
         dims = tuple(range(2, a.dim()))
@@ -165,8 +174,8 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
         if gb is not None:
             sq.add_(gb.pow(2).sum(1))
 
-        def finish_norm(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            out = []
+        def finish_norm(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+            out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
             if gw is not None:
                 out.append((weight, c @ gw))
             if gb is not None:
@@ -181,9 +190,9 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
         if b_on:
             sq.add_(gg)
 
-        def finish_linear(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def finish_linear(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
             cg = g * c.unsqueeze(1)
-            out = []
+            out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
             if w_on:
                 out.append((weight, cg.t() @ a))
             if b_on:
@@ -207,10 +216,14 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
             per_example = torch.bmm(gt.transpose(1, 2), cols).reshape(batch, -1)  # (B, out * k)
             sq.add_(per_example.pow(2).sum(1))
         else:
-            sq.add_((torch.bmm(cols, cols.transpose(1, 2)) * torch.bmm(gt, gt.transpose(1, 2))).sum((1, 2)))
+            sq.add_(
+                (torch.bmm(cols, cols.transpose(1, 2)) * torch.bmm(gt, gt.transpose(1, 2))).sum(
+                    (1, 2)
+                )
+            )
 
-    def finish_matrix(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
+    def finish_matrix(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         if w_on:
             if per_example is not None:
                 w = c @ per_example
@@ -224,7 +237,9 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
     return finish_matrix
 
 
-def _per_conv(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, sq: torch.Tensor, *, w_on: bool, b_on: bool):  # noqa: ANN202
+def _per_conv(
+    module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, sq: torch.Tensor, *, w_on: bool, b_on: bool
+):  # noqa: ANN202
     """Conv2d: per-example weight gradients from one grouped convolution backward (the batch as
     groups), which is cheaper than unfold and a batched matmul; the bias's are spatial sums."""
     batch = a.shape[0]
@@ -234,7 +249,7 @@ def _per_conv(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, sq: torch.Ten
     per_example = None
     if w_on:
         out_ch, in_ch, kh, kw = module.weight.shape
-        per_example = torch.nn.grad.conv2d_weight(
+        per_example = conv2d_weight(
             a.reshape(1, batch * in_ch, *a.shape[2:]),
             (batch * out_ch, in_ch, kh, kw),
             g.reshape(1, batch * out_ch, *g.shape[2:]),
@@ -245,8 +260,8 @@ def _per_conv(module: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, sq: torch.Ten
         ).reshape(batch, -1)
         sq.add_(per_example.pow(2).sum(1))
 
-    def finish_conv(c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = []
+    def finish_conv(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         if per_example is not None:
             out.append((module.weight, c @ per_example))
         if gb is not None:
