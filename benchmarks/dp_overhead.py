@@ -78,10 +78,7 @@ def fedcore_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, noise: boo
         with stepper.clipper.capture():
             out = net(x)
         sums, _ = stepper.clipper.clipped_sum(nn.functional.cross_entropy(out, y, reduction="sum"))
-        for p, s in zip(stepper.params, sums, strict=True):
-            p.grad = s.div_(len(x))
-        stepper.optimizer.step()
-        stepper.optimizer.zero_grad(set_to_none=True)
+        stepper.apply(sums)
 
     return clip_only
 

@@ -446,7 +446,8 @@ class FusedDPStep:
         self.clipper = FusedClipper(work, max_grad_norm=max_grad_norm)
         self.work = work
         self.params = self.clipper.params
-        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum)
+        self.lr, self.momentum = lr, momentum
+        self._velocity: list[torch.Tensor] | None = None
         self.max_grad_norm = max_grad_norm
         self.std = noise_multiplier * max_grad_norm
         self.expected_batch_size = expected_batch_size
@@ -467,11 +468,24 @@ class FusedDPStep:
         noised = release_noised_sum(
             sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng
         )
-        for p, grad in zip(self.params, noised, strict=True):
-            p.grad = grad.div_(self.expected_batch_size)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply(noised)
         return loss_value
+
+    @torch.no_grad()
+    def apply(self, noised_sums: list[torch.Tensor]) -> None:
+        """The SGD update on ``noised_sums / (q n)`` (consumed): ``torch.optim.SGD``'s rule
+        (momentum buffer started at the first gradient, no dampening, no weight decay) in three
+        multi-tensor operations, without the optimiser's per-step overhead."""
+        torch._foreach_div_(noised_sums, self.expected_batch_size)
+        step = noised_sums
+        if self.momentum:
+            if self._velocity is None:
+                self._velocity = [g.clone() for g in noised_sums]
+            else:
+                torch._foreach_mul_(self._velocity, self.momentum)
+                torch._foreach_add_(self._velocity, noised_sums)
+            step = self._velocity
+        torch._foreach_add_(self.params, step, alpha=-self.lr)
 
     def close(self) -> None:
         self.clipper.close()

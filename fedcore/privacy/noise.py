@@ -87,7 +87,6 @@ def discrete_gaussian(n: int, *, sigma: float, rng: CryptoRng) -> np.ndarray:
         np.log1p(magnitude, out=magnitude)
         magnitude *= -t
         np.floor(magnitude, out=magnitude)
-        low = (words[:batch] & np.uint64(1)).view(np.int64)  # the sign bit, 0 or 1
         # Alg. 3: accept y with probability exp(-(|y| - sigma^2/t)^2 / (2 sigma^2)).
         accept = magnitude - sigma * sigma / t
         np.square(accept, out=accept)
@@ -96,10 +95,13 @@ def discrete_gaussian(n: int, *, sigma: float, rng: CryptoRng) -> np.ndarray:
         coin = top[batch:].view(np.int64).astype(np.float64)
         coin *= 2.0**-53
         keep = coin < accept
-        keep &= (low == 0) | (magnitude != 0)  # reject a negative zero
-        magnitude *= 1 - 2 * low  # the sign: exact, +-1 times an integer-valued float
+        negative = (words[:batch] & np.uint64(1)).astype(bool)  # the sign bit
+        zero = magnitude == 0
+        if zero.any():
+            keep &= ~(zero & negative)  # reject a negative zero
+        np.negative(magnitude, out=magnitude, where=negative)
         kept = np.compress(keep, magnitude)[:want]
-        out[filled : filled + kept.size] = kept.astype(np.int64)
+        out[filled : filled + kept.size] = kept  # integer-valued floats, exact in int64
         filled += kept.size
     return out
 
