@@ -93,7 +93,7 @@ class FusedClipper:
         if reason is not None:
             raise UnsupportedModel(reason)
         self.max_grad_norm = float(max_grad_norm)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
         self._layers = [
             m
             for m in model.modules()
