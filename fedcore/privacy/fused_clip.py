@@ -28,7 +28,9 @@ loss must be a *sum* of per-example losses, so that ``g_i`` is example ``i``'s o
 A model is supported when every module that owns a trainable parameter is exactly one of the
 three types above (no subclass, Conv2d with ``groups == 1``, zero padding given as numbers),
 every supported module runs once per forward pass, and no layer's input or output is modified in
-place afterwards (checked on every step: the version counters). Anything else raises
+place afterwards (checked on every step: the version counters). A parameter must reach the loss
+only through its layer's call (as with Opacus's hooks, a weight also used by a functional call
+elsewhere would have that use missed). Anything else raises
 :class:`UnsupportedModel`; :mod:`fedcore.privacy.dpsgd` then uses Opacus.
 """
 
@@ -135,7 +137,9 @@ class FusedClipper:
             if a._version != va or out._version != vo:
                 raise UnsupportedModel("a layer's input or output was modified in place")
         outs = [r[2] for r in records]
-        grads = torch.autograd.grad(loss_sum, outs, allow_unused=True)
+        live = [o for o in outs if o.requires_grad]  # a layer run under no_grad contributes 0
+        found = iter(torch.autograd.grad(loss_sum, live, allow_unused=True) if live else ())
+        grads = [next(found) if o.requires_grad else None for o in outs]
         batch = outs[0].shape[0]
         sq = torch.zeros(batch, dtype=outs[0].dtype, device=outs[0].device)
         pending = []
