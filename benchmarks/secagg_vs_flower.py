@@ -416,9 +416,7 @@ def main() -> None:
                 )
     print(f"\ntotal wall time {time.monotonic() - began:.0f} s")
     if args.no_flower:
-        print(
-            "Flower column: not run (--no-flower); where a number stands, it is the issue's reference"
-        )
+        print("Flower column: not run (--no-flower); where a number stands, it is the issue's reference")
     if ACCURACY:
         print("central accuracy after the last round (sanity, not a gate):")
         for name, acc in ACCURACY.items():

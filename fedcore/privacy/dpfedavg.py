@@ -288,7 +288,9 @@ def release_clipped_sum(
     released: list[GaussianEvent] = [noised.event]  # type: ignore[list-item]
     next_clip, fraction = float(clip_norm), None
     if unclipped is not None:
-        count = noisy_count(unclipped - contributors / 2.0, noise_std=config.count_std, rng=rng)
+        count = noisy_count(
+            unclipped - contributors / 2.0, noise_std=config.count_std, rng=rng
+        )
         released.append(count.event)  # type: ignore[arg-type]
         fraction = count.value / config.sites_per_round + 0.5
         next_clip = clip_norm * math.exp(

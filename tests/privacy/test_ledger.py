@@ -103,11 +103,7 @@ def test_save_and_load_give_the_same_epsilon_and_refusals(tmp_path):
     with pytest.raises(BudgetExceededError):
         again.charge(EVENTS[0])
     # no temp files left: the ledger, its seal and its lock file
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".ledger.lock",
-        "ledger.json",
-        "ledger.seal",
-    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ledger.lock", "ledger.json", "ledger.seal"]
 
 
 def test_open_refuses_a_different_budget(tmp_path):
