@@ -16,13 +16,19 @@ export PIP_CONSTRAINT := $(CURDIR)/.ci/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export FLWR_TELEMETRY_ENABLED ?= 0
 
+# The torch build setup installs. Default: the pinned CPU wheel. A CUDA build goes in a second
+# virtual environment, so that .venv, `make run` and `make test` stay as they are (README, "GPUs"):
+#   make setup VENV=.venv-cuda TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+
 .PHONY: run test test-quick bench lint setup
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -173,6 +173,7 @@ def _train_dp(
             ledger=ledger,
             rng=CryptoRng(),
             round_number=server_round,
+            device=pick_device(settings.device),
         )
     except BudgetExceededError as exc:
         return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))

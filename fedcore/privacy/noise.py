@@ -26,9 +26,11 @@ Differential Privacy", NeurIPS 2020) prescribe:
    low-order bits carry nothing; casting it to float32 afterwards is post-processing.
 
 The integer sampler is CKS Alg. 3 (rejection from the discrete Laplace with ``t = floor(sigma)+1``,
-accepting ``Y`` with probability ``exp(-(|Y| - sigma^2/t)^2 / (2 sigma^2))``), vectorised as in
-TensorFlow Federated's ``discrete_gaussian_utils``: the discrete Laplace is a difference of two
-geometric variables drawn by inversion. Every coin comes from a :class:`CryptoRng`. The acceptance
+accepting ``Y`` with probability ``exp(-(|Y| - sigma^2/t)^2 / (2 sigma^2))``), vectorised: the
+discrete Laplace is drawn as in CKS Alg. 2, a geometric magnitude by inversion and a random sign,
+rejecting a negative zero (two 64-bit keystream words per candidate: the magnitude's 53 uniform
+bits and the sign bit share one, the acceptance coin takes the other). Every coin comes from a
+:class:`CryptoRng`. The acceptance
 probabilities are computed in float64, so the sampled distribution differs from the exact one by
 float64 rounding of those probabilities (relative error about 2**-52), a property of the
 distribution of an *integer*, not of the bits of the output, which is what the attacks read.
@@ -46,6 +48,7 @@ from fedcore.errors import ConfigError
 MECHANISM = "discrete Gaussian on a 2^k grid (Canonne, Kamath and Steinke 2020)"
 GRID_SHRINK = 2.0**-20  # gamma * sqrt(d) is at most this fraction of the sensitivity
 _EXACT = 2.0**53
+_PASS = 12288  # candidates per sampler pass (192 KiB of keystream): 9,000 draws in one pass
 
 
 def grid_step(*, sensitivity: float, dim: int) -> float:
@@ -62,18 +65,43 @@ def discrete_gaussian(n: int, *, sigma: float, rng: CryptoRng) -> np.ndarray:
     if not isinstance(rng, CryptoRng):
         raise ConfigError(f"noise must come from a CryptoRng, got {type(rng).__name__}")
     t = math.floor(sigma) + 1.0
+    # Alg. 3 accepts about 0.76 of its candidates for large sigma, 0.54 at sigma = 1; a short
+    # batch is topped up by the next pass of the loop, so the factor only sets the speed.
+    factor = 1.35 if sigma >= 3 else 2.0
     out = np.empty(n, dtype=np.int64)
     filled = 0
     while filled < n:
         want = n - filled
-        batch = max(16, int(want * 1.6) + 16)  # the acceptance rate is above 0.6 for sigma >= 1
-        # Geometric(1 - exp(-1/t)) by inversion: floor(-t ln U), U in (0, 1].
-        g1 = np.floor(-t * np.log1p(-rng.uniform(batch)))
-        g2 = np.floor(-t * np.log1p(-rng.uniform(batch)))
-        y = g1 - g2
-        accept = np.exp(-((np.abs(y) - sigma * sigma / t) ** 2) / (2.0 * sigma * sigma))
-        kept = y[rng.uniform(batch) < accept][:want]
-        out[filled : filled + kept.size] = kept.astype(np.int64)
+        # At most _PASS candidates a pass: the temporaries stay small enough to live in cache;
+        # drawing 18,000 at once measured several times slower per draw here than 9,000.
+        batch = min(_PASS, int(want * factor) + 16)
+        words = rng.uint64(2 * batch)  # one keystream call per pass
+        top = words >> np.uint64(11)  # 53 uniform bits per word, exact in float64
+        # Discrete Laplace with scale t (CKS Alg. 2), by sign and magnitude: the magnitude is
+        # Geometric(1 - exp(-1/t)) by inversion, floor(-t ln(1 - U)) with U from the top 53 bits
+        # of a word; the sign is the word's lowest bit (independent keystream bits); a negative
+        # zero is rejected, so that every integer y has probability proportional to exp(-|y|/t).
+        # (In-place numpy arithmetic: the same values, fewer passes over memory.)
+        magnitude = top[:batch].view(np.int64).astype(np.float64)
+        magnitude *= -(2.0**-53)
+        np.log1p(magnitude, out=magnitude)
+        magnitude *= -t
+        np.floor(magnitude, out=magnitude)
+        # Alg. 3: accept y with probability exp(-(|y| - sigma^2/t)^2 / (2 sigma^2)).
+        accept = magnitude - sigma * sigma / t
+        np.square(accept, out=accept)
+        accept *= -1.0 / (2.0 * sigma * sigma)
+        np.exp(accept, out=accept)
+        coin = top[batch:].view(np.int64).astype(np.float64)
+        coin *= 2.0**-53
+        keep = coin < accept
+        negative = (words[:batch] & np.uint64(1)).astype(bool)  # the sign bit
+        zero = magnitude == 0
+        if zero.any():
+            keep &= ~(zero & negative)  # reject a negative zero
+        np.negative(magnitude, out=magnitude, where=negative)
+        kept = np.compress(keep, magnitude)[:want]
+        out[filled : filled + kept.size] = kept  # integer-valued floats, exact in int64
         filled += kept.size
     return out
 
@@ -96,12 +124,13 @@ def add_grid_gaussian(
     dim = max(1, flat.size)
     gamma = grid_step(sensitivity=sensitivity, dim=dim)
     widened = std * (1.0 + gamma * math.sqrt(dim) / sensitivity)
-    grid_x = np.rint(flat / gamma)
-    noise = discrete_gaussian(flat.size, sigma=widened / gamma, rng=rng)
-    total = grid_x + noise.astype(np.float64)
-    if flat.size and not float(np.max(np.abs(total))) < _EXACT:
+    total = flat * (1.0 / gamma)  # exact: gamma is a power of two
+    np.rint(total, out=total)
+    total += discrete_gaussian(flat.size, sigma=widened / gamma, rng=rng)
+    if flat.size and not max(float(total.max()), -float(total.min())) < _EXACT:
         raise ConfigError(
             f"a value of magnitude {float(np.max(np.abs(flat))):.3g} is too large for the noise "
             f"grid {gamma:.3g} (at most 2**53 grid steps)"
         )
-    return total * gamma, gamma
+    total *= gamma
+    return total, gamma
