@@ -1,5 +1,35 @@
 """Run a federation on Flower's simulation engine (Ray), in this process.
 
+Design: many sites per simulated node (issue 13)
+------------------------------------------------
+A Flower message costs far more than a small site's training (Ray scheduling, serialization,
+polling): with one Flower node per site, over 90 percent of a round at 1,000 sites was messaging.
+So the simulation starts *fewer Flower nodes than sites*: ``simulation.sites_per_node`` sites per
+node (0, the default: ``ceil(sites / workers)``, workers = CPUs / ``client_cpus``, so one node per
+Ray worker), still on Flower's Message API and simulation engine
+(:mod:`fedcore.federation.batched`):
+
+- **Server.** :func:`~fedcore.federation.batched.grid_for` wraps Flower's Grid in a
+  ``BatchedGrid`` that shows one *virtual node* per site (id ``site + 1``). The strategy samples
+  virtual nodes (``fraction_train``; Poisson sampling under DP-FedAvg), the driver builds and
+  checks per-site messages, exactly as with one node per site. Only at the wire are the messages
+  for the sites one Flower node plays packed into one (the global model once, each site's own
+  records by reference), and the node's one reply is split back into per-site replies that look
+  as if each site had answered itself. Everything after that is unchanged: the reply checks,
+  per-site failures and timeouts in the record (a node that does not answer in time fails each of
+  its sites), the strategy. Site ``s`` is played by the ``s % nodes``-th node for the whole run.
+- **Node.** The ClientApp's handlers see a batched request and run the *same* per-site handler
+  (``train_round`` / ``evaluate_round`` of :mod:`fedcore.federation.site`) for each named site in
+  turn, with the node config the site's own node would have (``partition-id = s``), so per-site
+  record-level ledgers, batch seeds and DP-SGD are those of the one-site path. A site's data is
+  loaded when it trains and released after. A deployed site refuses a batched request: deployment
+  is unchanged, one SuperNode per real site.
+- **Secure aggregation** needs one protocol client, one key and one ``context.state`` per site:
+  with ``secagg.enabled`` the simulation always starts one node per site (the setting is ignored).
+- ``simulation.sites_per_node = 1`` is the one-site-per-node path, kept for fidelity checks; for a
+  deterministic configuration both give the same global model up to float error
+  (``tests/federation/test_batched.py``).
+
 The app is loaded the way ``flwr run`` loads it: Flower imports ``server.app:app`` and
 ``clients.app:app`` from the *app directory* (the folder whose ``pyproject.toml`` declares them),
 in this process for the ServerApp and in each Ray worker for the ClientApps. fedcore itself never
@@ -129,12 +159,16 @@ def simulate(
 
     Raises what the ServerApp raised (a :class:`~fedcore.errors.FedcoreError` for bad input).
     """
+    from fedcore.federation.batched import NODES_ENV, node_count
+
+    nodes = node_count(settings)
+    os.environ[NODES_ENV] = str(nodes)  # the ServerApp (this process) plays sites on the nodes
     run_app(
         app_dir or find_app_dir(),
         server_app=SERVER_APP,
         client_app=CLIENT_APP,
         run_config={**settings.to_run_config(), "out": str(out_dir)},
-        sites=settings.sites,
+        sites=nodes,
         backend=backend_config(settings, verbose=verbose),
         verbose=verbose,
     )
