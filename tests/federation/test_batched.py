@@ -184,3 +184,29 @@ def test_a_batch_naming_unknown_or_repeated_sites_is_refused():
     for sites in ([0, 7], [1, 1], [-1]):
         reply = client_app.app(_batch_request(settings, sites), context)
         assert reply.has_error() and "batched request names sites" in reply.error.reason
+
+
+def test_a_node_holds_only_the_site_it_is_training(tmp_path, monkeypatch):
+    """A site's data is loaded when it trains and released after: a node playing many sites
+    never holds more than one site's data, and none between rounds."""
+    from fedcore.data import federation
+
+    federation.clear_cache()
+    settings = resolve(overrides=BASE)
+    held: list[int] = []
+    real_train_site, real_evaluate_site = client_app.train_site, client_app.evaluate_site
+
+    def counting(real):
+        def handler(msg, context):
+            reply = real(msg, context)
+            held.append(federation._site.cache_info().currsize)
+            return reply
+
+        return handler
+
+    monkeypatch.setattr(client_app, "train_site", counting(real_train_site))
+    monkeypatch.setattr(client_app, "evaluate_site", counting(real_evaluate_site))
+    _run(tmp_path, monkeypatch, settings, nodes=3, name="memory")
+    assert len(held) == 2 * 2 * 7  # two rounds of train and evaluate, seven sites
+    assert max(held) == 1
+    assert federation._site.cache_info().currsize == 0
