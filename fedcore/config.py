@@ -226,6 +226,12 @@ class Settings:
         default=0.0,
         metadata=_doc("GPU share per site in simulation (0.5 = two sites per GPU)", ge=0),
     )
+    ray_address: str = field(
+        default="",
+        metadata=_doc(
+            "address of an existing Ray cluster to simulate on (host:port); empty: start Ray here"
+        ),
+    )
     test_fraction: float = field(default=0.2, metadata=_doc("per-site test split", gt=0, lt=1))
     holdout_fraction: float = field(
         default=0.2,

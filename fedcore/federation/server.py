@@ -182,6 +182,8 @@ RESUMABLE_CHANGES = frozenset(
         "out",
         "resume",
         "rounds",
+        "ray_address",
+        "simulation.sites_per_node",
     }
 )
 

@@ -26,6 +26,9 @@ Ray worker), still on Flower's Message API and simulation engine
   is unchanged, one SuperNode per real site.
 - **Secure aggregation** needs one protocol client, one key and one ``context.state`` per site:
   with ``secagg.enabled`` the simulation always starts one node per site (the setting is ignored).
+- **Across machines**: with ``ray_address`` the run joins an existing Ray cluster
+  (:func:`connect_ray`) and its workers run on every machine of it; the cluster's CPUs count for
+  ``sites_per_node``.
 - ``simulation.sites_per_node = 1`` is the one-site-per-node path, kept for fidelity checks; for a
   deterministic configuration both give the same global model up to float error
   (``tests/federation/test_batched.py``).
@@ -141,7 +144,16 @@ def _declares_app(folder: Path) -> bool:
 
 def backend_config(settings: Settings, *, verbose: bool = False) -> dict:
     """Ray's resources; the workers' output reaches the console only with ``verbose`` (Flower's
-    and absl's warnings from every worker otherwise bury the progress lines)."""
+    and absl's warnings from every worker otherwise bury the progress lines). On an existing
+    cluster (``ray_address``) the cluster's own CPUs count."""
+    if settings.ray_address:
+        return {
+            "client_resources": {
+                "num_cpus": settings.client_cpus,
+                "num_gpus": settings.client_gpus,
+            },
+            "init_args": {"address": settings.ray_address, "log_to_driver": verbose},
+        }
     return {
         "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
         "init_args": {
@@ -161,7 +173,8 @@ def simulate(
     """
     from fedcore.federation.batched import NODES_ENV, node_count
 
-    nodes = node_count(settings)
+    cpus = connect_ray(settings.ray_address, verbose=verbose) if settings.ray_address else None
+    nodes = node_count(settings, cpus)
     os.environ[NODES_ENV] = str(nodes)  # the ServerApp (this process) plays sites on the nodes
     run_app(
         app_dir or find_app_dir(),
@@ -172,6 +185,29 @@ def simulate(
         backend=backend_config(settings, verbose=verbose),
         verbose=verbose,
     )
+
+
+def connect_ray(address: str, *, verbose: bool = False) -> int:
+    """Join the existing Ray cluster at ``address`` for this run; return the cluster's CPUs.
+
+    Flower initialises Ray only when it is not yet initialised, so joining here first lets the
+    job's workers, on every machine of the cluster, get what a worker started by this process
+    would inherit: the import path (the app, fedcore, a model next to the user's files), the
+    simulation marker (sites keep their state under the run record; a node may play many sites)
+    and telemetry off. Raises :class:`ConfigError` if the cluster cannot be reached."""
+    import ray
+
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {
+        "PYTHONPATH": pythonpath,
+        SIMULATION_MARKER: "1",
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+    }
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot join the Ray cluster at ray_address={address!r}: {exc}") from exc
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def run_app(

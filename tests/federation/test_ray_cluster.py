@@ -1,0 +1,119 @@
+"""``ray_address``: a federation on an existing two-node Ray cluster (issue 13, point 6).
+
+The test starts a Ray head and a second Ray node on this machine (loopback), each with
+``ray start --block`` in a session of its own, runs ``fedcore simulate`` against the head's
+address, and stops the two process groups it started (by their ids) however the test ends. The
+head offers no CPU, so every site must run on the second node: a run that ignored ``ray_address``
+and started Ray locally would still train, so the test also finds fedcore's job in the cluster's
+job table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cluster_query(address: str, code: str, env: dict[str, str]) -> str:
+    script = (
+        "import ray, json; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+        % address
+        + code
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    return done.stdout.strip()
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a ``ray start --block`` we started: SIGTERM to its process group, then SIGKILL."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    try:  # daemons left in the group after the leader exited
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_a_federation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FEDCORE_APP_DIR": str(ROOT),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_memory_monitor_refresh_ms": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(
+            subprocess.Popen(
+                [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=0",
+                 "--include-dashboard=false", *common],
+                env=env, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        time.sleep(5)
+        started.append(
+            subprocess.Popen(
+                [str(RAY), "start", f"--address={address}", "--num-cpus=2", *common],
+                env=env, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        alive = ""
+        while time.monotonic() < deadline and alive != "2":
+            alive = _cluster_query(
+                address, "print(sum(1 for n in ray.nodes() if n['Alive']))", env
+            )
+            time.sleep(1)
+        assert alive == "2", "the two-node Ray cluster did not come up"
+
+        out = tmp_path / "run"
+        subprocess.run(
+            [sys.executable, "-m", "fedcore.cli", "simulate", "--out", str(out),
+             "--set", f"ray_address={address}", "--set", "sites=6", "--set", "rounds=2",
+             "--set", "dataset=synthetic", "--set", "local_epochs=1",
+             "--set", "round_timeout=120"],
+            env=env, cwd=tmp_path, check=True, timeout=600,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+        assert [(r["sites_sampled"], r["sites_replied"]) for r in rows] == [(6, 6), (6, 6)]
+        assert json.loads((out / "status.json").read_text())["status"] == "completed"
+        jobs = _cluster_query(
+            address, "print(len(ray._private.state.state.job_table()))", env
+        )
+        assert int(jobs) >= 2, "fedcore's run did not join the cluster"  # fedcore's + this query
+    finally:
+        for process in reversed(started):
+            _stop(process)
