@@ -19,7 +19,6 @@ A batched reply holds, per answered site, its records under ``s<site>.<key>``, o
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -228,13 +227,12 @@ def answer_batch(msg: Message, context: Context, settings: Settings, handler: Ha
         pairs = [str(p).partition("=") for p in index.get(f"s{site}", [])]  # type: ignore[union-attr]
         if any(ref not in msg.content for _, _, ref in pairs):
             raise RemoteProtocolError(f"batched request for site {site} names a missing record")
-        # The site's message is the node's own, with the site's records (Flower's constructor for
-        # a message with given metadata: the reply goes back as to the node's request).
+        # The site's message is the node's own (its metadata shared, read only), with the site's
+        # records: Flower's constructor for a message with given metadata.
         one = Message(  # type: ignore[call-overload]
             content=RecordDict({key: msg.content[ref] for key, _, ref in pairs}),
-            metadata=copy.copy(msg.metadata),
+            metadata=msg.metadata,
         )
-        one.metadata.dst_node_id = virtual_id(site)
         try:
             reply = handler(one, site_context(context, settings, site))
         finally:
