@@ -210,3 +210,30 @@ def test_a_node_holds_only_the_site_it_is_training(tmp_path, monkeypatch):
     assert len(held) == 2 * 2 * 7  # two rounds of train and evaluate, seven sites
     assert max(held) == 1
     assert federation._site.cache_info().currsize == 0
+
+
+def test_batched_equals_one_site_per_node_under_dp_fedavg(tmp_path, monkeypatch):
+    """Poisson sampling and the server's noise come from the federation's generator, seeded here
+    (tests only): both engines sample the same sites and release the same model."""
+    import fedcore.federation.dp_server as dp_server
+
+    real_create = dp_server.DPFedAvgRound.create.__func__
+
+    def seeded_create(cls, settings, ledger, rng=None):
+        return real_create(cls, settings, ledger, CryptoRng.from_seed(11, purpose="test"))
+
+    monkeypatch.setattr(dp_server.DPFedAvgRound, "create", classmethod(seeded_create))
+    settings = resolve(overrides=[*BASE, "sites=12", "dp.server.epsilon=50", "fraction_train=0.5"])
+    one, one_rows, _ = _run(tmp_path, monkeypatch, settings, nodes=12, name="one")
+    many, many_rows, _ = _run(tmp_path, monkeypatch, settings, nodes=5, name="many")
+    _assert_same_model(one, many)
+    assert [r["server_epsilon"] for r in one_rows] == [r["server_epsilon"] for r in many_rows]
+
+    def sampled(name):  # who took part is in the operator's file, not the published history
+        lines = (tmp_path / name / "operator.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines if '"sites_sampled"' in line]
+        return [(r["sites_sampled"], r["sites_failed"]) for r in rows]
+
+    assert sampled("one") == sampled("many")
+    assert 0 < sum(n for n, _ in sampled("many")) < 24  # Poisson at rate 0.5, not everyone
+    assert all(failed == 0 for _, failed in sampled("many"))

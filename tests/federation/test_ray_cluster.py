@@ -92,9 +92,7 @@ def test_a_federation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
         deadline = time.monotonic() + 120
         alive = ""
         while time.monotonic() < deadline and alive != "2":
-            alive = _cluster_query(
-                address, "print(sum(1 for n in ray.nodes() if n['Alive']))", env
-            )
+            alive = _cluster_query(address, "print(sum(1 for n in ray.nodes() if n['Alive']))", env)
             time.sleep(1)
         assert alive == "2", "the two-node Ray cluster did not come up"
 
@@ -110,9 +108,7 @@ def test_a_federation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
         rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
         assert [(r["sites_sampled"], r["sites_replied"]) for r in rows] == [(6, 6), (6, 6)]
         assert json.loads((out / "status.json").read_text())["status"] == "completed"
-        jobs = _cluster_query(
-            address, "print(len(ray._private.state.state.job_table()))", env
-        )
+        jobs = _cluster_query(address, "print(len(ray._private.state.state.job_table()))", env)
         assert int(jobs) >= 2, "fedcore's run did not join the cluster"  # fedcore's + this query
     finally:
         for process in reversed(started):
