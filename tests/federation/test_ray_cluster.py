@@ -32,11 +32,8 @@ def _free_port() -> int:
 
 
 def _cluster_query(address: str, code: str, env: dict[str, str]) -> str:
-    script = (
-        "import ray, json; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-        % address
-        + code
-    )
+    start = f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False)"
+    script = f"{start}; {code}"
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
