@@ -110,3 +110,15 @@ def test_a_federation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
     finally:
         for process in reversed(started):
             _stop(process)
+
+
+def test_on_a_cluster_ray_is_joined_not_sized():
+    """Ray refuses CPU counts when joining a cluster: the cluster's own resources count."""
+    from fedcore.config import resolve
+    from fedcore.federation.simulation import backend_config
+
+    backend = backend_config(resolve(overrides=["ray_address=10.0.0.5:6379", "client_cpus=2"]))
+    assert backend["init_args"] == {"address": "10.0.0.5:6379", "log_to_driver": False}
+    assert backend["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.0}
+    local = backend_config(resolve(overrides=[]))
+    assert "address" not in local["init_args"] and local["init_args"]["num_cpus"] >= 1
