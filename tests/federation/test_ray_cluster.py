@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +69,15 @@ def test_a_federation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
         "RAY_memory_monitor_refresh_ms": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    common = ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    # A private temp dir: by default `ray start --head` writes /tmp/ray/ray_current_cluster,
+    # which every later `ray.init()` on this machine would join instead of starting its own Ray.
+    temp_dir = tempfile.mkdtemp(prefix="fcray", dir="/tmp")  # short: Ray's socket paths
+    common = [
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+    ]
     started: list[subprocess.Popen] = []
     try:
         started.append(
@@ -110,6 +120,11 @@ def test_a_federation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
     finally:
         for process in reversed(started):
             _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert (
+        not Path("/tmp/ray/ray_current_cluster").exists()
+        or address not in Path("/tmp/ray/ray_current_cluster").read_text()
+    ), "the test's cluster was advertised to every Ray on this machine"
 
 
 def test_on_a_cluster_ray_is_joined_not_sized():
