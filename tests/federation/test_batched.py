@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 
 import pytest
@@ -237,3 +238,22 @@ def test_batched_equals_one_site_per_node_under_dp_fedavg(tmp_path, monkeypatch)
     assert sampled("one") == sampled("many")
     assert 0 < sum(n for n, _ in sampled("many")) < 24  # Poisson at rate 0.5, not everyone
     assert all(failed == 0 for _, failed in sampled("many"))
+
+
+def test_simulate_starts_one_flower_node_per_sites_per_node(tmp_path, monkeypatch):
+    """``fedcore simulate`` asks Flower for ceil(sites / sites_per_node) nodes and tells the
+    ServerApp (same process) how many, for the run only."""
+    from fedcore.federation import simulation
+
+    seen = {}
+
+    def fake_run_app(app_dir, *, sites, run_config, **kwargs):
+        seen["nodes"], seen["env"] = sites, os.environ.get(batched.NODES_ENV)
+
+    monkeypatch.delenv(batched.NODES_ENV, raising=False)
+    monkeypatch.setattr(simulation, "run_app", fake_run_app)
+    for per_node, nodes in ((5, 3), (1, 11)):
+        settings = resolve(overrides=["sites=11", f"simulation.sites_per_node={per_node}"])
+        simulation.simulate(settings, out_dir=tmp_path, app_dir=tmp_path)
+        assert seen == {"nodes": nodes, "env": str(nodes)}
+        assert batched.NODES_ENV not in os.environ
