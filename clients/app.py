@@ -17,8 +17,8 @@ from flwr.common.logger import log
 
 from fedcore.config import from_run_config
 from fedcore.errors import BudgetExceededError, FedcoreError, RemoteProtocolError
+from fedcore.federation import batched, secagg_registry, secagg_site
 from fedcore.federation import messages as m
-from fedcore.federation import secagg_registry, secagg_site
 from fedcore.federation.site import SiteDeclined, affordability, evaluate_round, train_round
 from fedcore.federation.site_data import site_data
 from fedcore.federation.site_privacy import is_simulated, site_ledger, site_state_dir
@@ -118,6 +118,14 @@ def secagg_mod(
 @app.train(mods=[secagg_mod])
 @_replies_with_errors
 def train(msg: Message, context: Context) -> Message:
+    if batched.is_batch(msg):  # a simulated node playing many sites (fedcore.federation.batched)
+        settings = from_run_config(context.run_config)
+        return batched.answer_batch(msg, context, settings, train_site)
+    return train_site(msg, context)
+
+
+@_replies_with_errors
+def train_site(msg: Message, context: Context) -> Message:
     arrays, config = m.instruction(msg)
     server_round, num_classes, input_shape = m.read_train_config(config)
     settings = from_run_config(context.run_config)
@@ -149,6 +157,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_replies_with_errors
 def evaluate(msg: Message, context: Context) -> Message:
+    if batched.is_batch(msg):
+        settings = from_run_config(context.run_config)
+        return batched.answer_batch(msg, context, settings, evaluate_site)
+    return evaluate_site(msg, context)
+
+
+@_replies_with_errors
+def evaluate_site(msg: Message, context: Context) -> Message:
     arrays, config = m.instruction(msg)
     _, num_classes, input_shape = m.read_train_config(config)
     settings = from_run_config(context.run_config)

@@ -152,6 +152,20 @@ class SecAggSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SimulationSettings:
+    """How ``fedcore simulate`` maps sites onto Flower's simulation engine (issue 13)."""
+
+    sites_per_node: int = field(
+        default=0,
+        metadata=_doc(
+            "sites one simulated Flower node plays in turn, one message per node per round; "
+            "0: ceil(sites / workers); 1: one node per site (always so under secure aggregation)",
+            min=0,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Every setting of ``fedcore simulate``; defaults are the main job (digits over 10 sites)."""
 
@@ -212,6 +226,12 @@ class Settings:
         default=0.0,
         metadata=_doc("GPU share per site in simulation (0.5 = two sites per GPU)", ge=0),
     )
+    ray_address: str = field(
+        default="",
+        metadata=_doc(
+            "address of an existing Ray cluster to simulate on (host:port); empty: start Ray here"
+        ),
+    )
     test_fraction: float = field(default=0.2, metadata=_doc("per-site test split", gt=0, lt=1))
     holdout_fraction: float = field(
         default=0.2,
@@ -225,6 +245,7 @@ class Settings:
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
     dp: DPSettings = field(default_factory=DPSettings)
     secagg: SecAggSettings = field(default_factory=SecAggSettings)
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
 
     def to_dict(self) -> dict[str, Scalar | None]:
         """Flat ``{dotted key: value}`` of every setting (``None`` for unset optionals)."""

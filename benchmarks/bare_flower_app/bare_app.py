@@ -23,6 +23,15 @@ server = ServerApp()
 CPU = torch.device("cpu")
 
 
+def _data(cfg) -> DataSettings:
+    """The run's data: digits by default, synthetic with ``dataset``/``samples`` (benchmarks/scale.py)."""
+    return DataSettings(
+        sites=int(cfg["sites"]),
+        dataset=str(cfg.get("dataset", "digits")),
+        synthetic_samples=int(cfg.get("samples", 2000)),
+    )
+
+
 def _model(data: DataSettings) -> torch.nn.Module:
     _, shape, classes = load_holdout(data)
     return build_model("mlp", input_shape=shape, num_classes=classes)
@@ -32,7 +41,7 @@ def _model(data: DataSettings) -> torch.nn.Module:
 def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     cfg = context.run_config
-    data = DataSettings(sites=int(cfg["sites"]))
+    data = _data(cfg)
     site = load_site(data, int(context.node_config["partition-id"]))
     model = _model(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -55,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
 @client.evaluate()
 def evaluate_site(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
-    data = DataSettings(sites=int(context.run_config["sites"]))
+    data = _data(context.run_config)
     site = load_site(data, int(context.node_config["partition-id"]))
     model = _model(data)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -73,7 +82,7 @@ def evaluate_site(msg: Message, context: Context) -> Message:
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    data = DataSettings(sites=int(cfg["sites"]))
+    data = _data(cfg)
     holdout, _, _ = load_holdout(data)
     torch.manual_seed(0)
     model = _model(data)

@@ -23,7 +23,7 @@ from fedcore.data.settings import DataSettings
 from fedcore.data.sources import load_source
 from fedcore.errors import ConfigError
 
-__all__ = ["clear_cache", "load_federation", "load_holdout", "load_site"]
+__all__ = ["clear_cache", "forget_sites", "load_federation", "load_holdout", "load_site"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +85,12 @@ def clear_cache() -> None:
     """Forget every loaded dataset of this process (for tests and long-lived processes)."""
     for cached in (_federation, _site, _holdout, _array_plan, _hub_source):
         cached.cache_clear()
+
+
+def forget_sites() -> None:
+    """Release the sites' data this process holds (the dataset they are cut from stays): a
+    simulated node that plays many sites loads each when it trains and releases it after."""
+    _site.cache_clear()
 
 
 @lru_cache(maxsize=4)

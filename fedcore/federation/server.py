@@ -25,6 +25,7 @@ from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.errors import ConfigError
 from fedcore.federation import messages as m
+from fedcore.federation.batched import grid_for
 from fedcore.federation.checkpoint import (
     Checkpoint,
     capture_random_state,
@@ -73,6 +74,7 @@ def run_server(
 ) -> RunRecord:
     """Run the federation described by ``settings`` on ``grid``; write the run record to ``out_dir``."""
     reporter = reporter or NullReporter()
+    grid = grid_for(grid, settings)  # many sites per simulated node (fedcore.federation.batched)
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
     model = initial_model(settings, input_shape=input_shape, num_classes=num_classes)
     device = pick_device(settings.device)
@@ -180,6 +182,8 @@ RESUMABLE_CHANGES = frozenset(
         "out",
         "resume",
         "rounds",
+        "ray_address",
+        "simulation.sites_per_node",
     }
 )
 

@@ -1,5 +1,38 @@
 """Run a federation on Flower's simulation engine (Ray), in this process.
 
+Design: many sites per simulated node (issue 13)
+------------------------------------------------
+A Flower message costs far more than a small site's training (Ray scheduling, serialization,
+polling): with one Flower node per site, over 90 percent of a round at 1,000 sites was messaging.
+So the simulation starts *fewer Flower nodes than sites*: ``simulation.sites_per_node`` sites per
+node (0, the default: ``ceil(sites / workers)``, workers = CPUs / ``client_cpus``, so one node per
+Ray worker), still on Flower's Message API and simulation engine
+(:mod:`fedcore.federation.batched`):
+
+- **Server.** :func:`~fedcore.federation.batched.grid_for` wraps Flower's Grid in a
+  ``BatchedGrid`` that shows one *virtual node* per site (id ``site + 1``). The strategy samples
+  virtual nodes (``fraction_train``; Poisson sampling under DP-FedAvg), the driver builds and
+  checks per-site messages, exactly as with one node per site. Only at the wire are the messages
+  for the sites one Flower node plays packed into one (the global model once, each site's own
+  records by reference), and the node's one reply is split back into per-site replies that look
+  as if each site had answered itself. Everything after that is unchanged: the reply checks,
+  per-site failures and timeouts in the record (a node that does not answer in time fails each of
+  its sites), the strategy. Site ``s`` is played by the ``s % nodes``-th node for the whole run.
+- **Node.** The ClientApp's handlers see a batched request and run the *same* per-site handler
+  (``train_round`` / ``evaluate_round`` of :mod:`fedcore.federation.site`) for each named site in
+  turn, with the node config the site's own node would have (``partition-id = s``), so per-site
+  record-level ledgers, batch seeds and DP-SGD are those of the one-site path. A site's data is
+  loaded when it trains and released after. A deployed site refuses a batched request: deployment
+  is unchanged, one SuperNode per real site.
+- **Secure aggregation** needs one protocol client, one key and one ``context.state`` per site:
+  with ``secagg.enabled`` the simulation always starts one node per site (the setting is ignored).
+- **Across machines**: with ``ray_address`` the run joins an existing Ray cluster
+  (:func:`connect_ray`) and its workers run on every machine of it; the cluster's CPUs count for
+  ``sites_per_node``.
+- ``simulation.sites_per_node = 1`` is the one-site-per-node path, kept for fidelity checks; for a
+  deterministic configuration both give the same global model up to float error
+  (``tests/federation/test_batched.py``).
+
 The app is loaded the way ``flwr run`` loads it: Flower imports ``server.app:app`` and
 ``clients.app:app`` from the *app directory* (the folder whose ``pyproject.toml`` declares them),
 in this process for the ServerApp and in each Ray worker for the ClientApps. fedcore itself never
@@ -111,7 +144,16 @@ def _declares_app(folder: Path) -> bool:
 
 def backend_config(settings: Settings, *, verbose: bool = False) -> dict:
     """Ray's resources; the workers' output reaches the console only with ``verbose`` (Flower's
-    and absl's warnings from every worker otherwise bury the progress lines)."""
+    and absl's warnings from every worker otherwise bury the progress lines). On an existing
+    cluster (``ray_address``) the cluster's own CPUs count."""
+    if settings.ray_address:
+        return {
+            "client_resources": {
+                "num_cpus": settings.client_cpus,
+                "num_gpus": settings.client_gpus,
+            },
+            "init_args": {"address": settings.ray_address, "log_to_driver": verbose},
+        }
     return {
         "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
         "init_args": {
@@ -129,15 +171,50 @@ def simulate(
 
     Raises what the ServerApp raised (a :class:`~fedcore.errors.FedcoreError` for bad input).
     """
-    run_app(
-        app_dir or find_app_dir(),
-        server_app=SERVER_APP,
-        client_app=CLIENT_APP,
-        run_config={**settings.to_run_config(), "out": str(out_dir)},
-        sites=settings.sites,
-        backend=backend_config(settings, verbose=verbose),
-        verbose=verbose,
-    )
+    from fedcore.federation.batched import NODES_ENV, node_count
+
+    cpus = connect_ray(settings.ray_address, verbose=verbose) if settings.ray_address else None
+    nodes = node_count(settings, cpus)
+    saved = os.environ.get(NODES_ENV)
+    os.environ[NODES_ENV] = str(nodes)  # the ServerApp (this process) plays sites on the nodes
+    try:
+        run_app(
+            app_dir or find_app_dir(),
+            server_app=SERVER_APP,
+            client_app=CLIENT_APP,
+            run_config={**settings.to_run_config(), "out": str(out_dir)},
+            sites=nodes,
+            backend=backend_config(settings, verbose=verbose),
+            verbose=verbose,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(NODES_ENV, None)
+        else:
+            os.environ[NODES_ENV] = saved
+
+
+def connect_ray(address: str, *, verbose: bool = False) -> int:
+    """Join the existing Ray cluster at ``address`` for this run; return the cluster's CPUs.
+
+    Flower initialises Ray only when it is not yet initialised, so joining here first lets the
+    job's workers, on every machine of the cluster, get what a worker started by this process
+    would inherit: the import path (the app, fedcore, a model next to the user's files), the
+    simulation marker (sites keep their state under the run record; a node may play many sites)
+    and telemetry off. Raises :class:`ConfigError` if the cluster cannot be reached."""
+    import ray
+
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {
+        "PYTHONPATH": pythonpath,
+        SIMULATION_MARKER: "1",
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+    }
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot join the Ray cluster at ray_address={address!r}: {exc}") from exc
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def run_app(

@@ -1,0 +1,261 @@
+"""Seconds per steady-state round at many synthetic sites: fedcore, bare Flower, and the floor.
+
+Every site holds about 48 training examples of the synthetic dataset (20 features, 4 classes;
+``synthetic.samples = 75 * sites``) and trains fedcore's MLP for one local epoch (batch 16). A
+round is the same work everywhere: every site trains, the weighted average, every site evaluates
+the new model, central evaluation on the server's held-out set. Measured in one run:
+
+- **fedcore**: ``fedcore simulate`` (a fresh process; many sites per simulated node by default,
+  ``--sites-per-node 1`` for one Flower node per site); its peak memory is the sum of the resident
+  set sizes of the process and all its descendants (Ray's daemons and workers), sampled every
+  0.2 s;
+- **bare Flower**: benchmarks/bare_flower_app, Flower's own Message-API ``FedAvg.start`` with one
+  Flower node per site, on the same simulation engine;
+- **floor**: fedcore's own ``train_round`` and ``evaluate_round`` for every site, then the weighted
+  average and central evaluation, in this process on one thread, no messaging.
+
+A steady-state round is the median gap between successive round ends from round 2 on (round 1
+carries Ray's start-up and the first data load). Runs that did not train (a failed site, or final
+accuracy not above chance) are refused: a failing engine looks fast.
+
+    python benchmarks/scale.py [--sites 100 1000 10000] [--bare-sites 100 1000] [--rounds 3]
+
+Goals (issue 13): fedcore at most 1.5x the floor at 100 sites and 2x at 1,000; peak memory under
+4 GiB at 10,000 sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BARE = ROOT / "benchmarks" / "bare_flower_app"
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def work(sites: int) -> list[str]:
+    """The settings of one benchmark federation of ``sites`` sites (``--set`` items)."""
+    return [
+        f"sites={sites}",
+        "dataset=synthetic",
+        f"synthetic.samples={75 * sites}",
+        "local_epochs=1",
+        "batch_size=16",
+        "lr=0.2",
+        "round_timeout=3600",
+    ]
+
+
+def steady(ends: list[float]) -> float:
+    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return statistics.median(gaps)
+
+
+CHANCE = 0.25  # four classes
+
+
+def learned(name: str, accuracy: list[float], failed: list[int]) -> None:
+    if any(failed) or not accuracy or not accuracy[-1] > CHANCE + 0.05:
+        raise SystemExit(f"{name}: the run did not train (accuracy {accuracy}, failed {failed})")
+
+
+class PeakMemory:
+    """The peak of the summed RSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        self.pid, self.every, self.peak = pid, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree_rss(self) -> int:
+        children: dict[int, list[int]] = {}
+        rss: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                pages = int(Path(f"/proc/{entry}/statm").read_text().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+            rss[int(entry)] = pages * PAGE
+        total, todo = 0, [self.pid]
+        while todo:
+            pid = todo.pop()
+            total += rss.get(pid, 0)
+            todo += children.get(pid, [])
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._tree_rss())
+            time.sleep(self.every)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def fedcore_round(sites: int, rounds: int, tmp: Path, per_node: int) -> tuple[float, float, int]:
+    """Steady-state seconds per round, the first round's seconds, and the peak memory (bytes)."""
+    out = tmp / f"fedcore-{sites}"
+    sets = [*work(sites), f"rounds={rounds}", f"simulation.sites_per_node={per_node}"]
+    command = [sys.executable, "-m", "fedcore.cli", "simulate", "--out", str(out)]
+    for item in sets:
+        command += ["--set", item]
+    process = subprocess.Popen(
+        command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    memory = PeakMemory(process.pid)
+    code = process.wait()
+    peak = memory.stop()
+    if code != 0:
+        raise SystemExit(f"fedcore simulate failed ({code}); see {out}")
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    learned(
+        f"fedcore, {sites} sites",
+        [r["eval_accuracy"] for r in rows],
+        [r["sites_failed"] for r in rows],
+    )
+    return steady([r["ended_at"] for r in rows]), rows[0]["seconds"], peak
+
+
+def bare_round(sites: int, rounds: int, tmp: Path) -> float:
+    out = tmp / f"bare-{sites}.json"
+    config = {
+        "sites": sites,
+        "rounds": rounds,
+        "local_epochs": 1,
+        "batch_size": 16,
+        "lr": 0.2,
+        "dataset": "synthetic",
+        "samples": 75 * sites,
+        "out": str(out),
+    }
+    code = f"""
+from pathlib import Path
+from fedcore.federation.simulation import run_app
+run_app(Path({str(BARE)!r}), server_app="bare_app:server", client_app="bare_app:client",
+        run_config={config!r}, sites={sites},
+        backend={{"client_resources": {{"num_cpus": 1, "num_gpus": 0}},
+                 "init_args": {{"num_cpus": {os.cpu_count()}, "include_dashboard": False}}}})
+"""
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env={**ENV, "PYTHONPATH": os.pathsep.join([str(BARE), str(ROOT)])},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    result = json.loads(out.read_text())
+    learned(f"bare Flower, {sites} sites", result["accuracy"][1:], [0])
+    return steady(result["ended_at"][1:])  # [0] is the initial evaluation, before round 1
+
+
+def floor_round(sites: int, rounds: int) -> float:
+    """The same rounds with fedcore's own per-site code, one thread, no messaging."""
+    import torch
+
+    from fedcore.config import resolve
+    from fedcore.data import load_holdout, load_site
+    from fedcore.federation.server import initial_model
+    from fedcore.federation.site import SiteUpdate, evaluate_round, train_round
+    from fedcore.federation.site_data import data_settings
+    from fedcore.training import evaluate
+
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    settings = resolve(overrides=[*work(sites), "device=cpu"])
+    data = data_settings(settings)
+    holdout, shape, classes = load_holdout(data)
+    model = initial_model(settings, input_shape=shape, num_classes=classes)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ends, accuracy = [time.perf_counter()], []
+    for server_round in range(1, rounds + 1):
+        total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in state.items()}
+        weight = 0
+        for site_id in range(sites):
+            site = load_site(data, site_id)
+            update = train_round(
+                settings,
+                site=site,
+                global_state=state,
+                num_classes=classes,
+                input_shape=shape,
+                server_round=server_round,
+            )
+            assert isinstance(update, SiteUpdate)
+            for k, v in update.state.items():
+                total[k] += v.double() * update.num_examples
+            weight += update.num_examples
+        state = {k: (v / weight).to(state[k].dtype) for k, v in total.items()}
+        for site_id in range(sites):
+            evaluate_round(
+                settings,
+                site=load_site(data, site_id),
+                global_state=state,
+                num_classes=classes,
+                input_shape=shape,
+            )
+        model.load_state_dict(state)
+        accuracy.append(evaluate(model, holdout.x, holdout.y, device=cpu).accuracy)
+        ends.append(time.perf_counter())
+    learned(f"floor, {sites} sites", accuracy, [0])
+    return steady(ends[1:])
+
+
+def uptime() -> str:
+    return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument(
+        "--bare-sites", type=int, nargs="*", default=[100, 1000], help="sizes bare Flower runs at"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (at least 2)")
+    parser.add_argument(
+        "--sites-per-node", type=int, default=0, help="fedcore's simulation.sites_per_node"
+    )
+    args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (round 1 is not steady state)")
+    print(f"# {os.cpu_count()} CPUs, load average (1, 5, 15 min) at start: {uptime()}")
+    header = (
+        f"{'sites':>6} {'fedcore':>9} {'bare':>9} {'floor':>9} {'fedcore/floor':>14} "
+        f"{'bare/floor':>11} {'fedcore round 1':>16} {'fedcore peak':>13}"
+    )
+    print(header + "\n" + f"{'':>6} {'s/round':>9} {'s/round':>9} {'s/round':>9}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for sites in args.sites:
+            floor = floor_round(sites, args.rounds)
+            ours, first, peak = fedcore_round(sites, args.rounds, Path(tmp), args.sites_per_node)
+            bare = bare_round(sites, args.rounds, Path(tmp)) if sites in args.bare_sites else None
+            bare_text = "-" if bare is None else f"{bare:.3f}"
+            bare_ratio = "-" if bare is None else f"{bare / floor:.2f}"
+            print(
+                f"{sites:>6} {ours:>9.3f} {bare_text:>9} {floor:>9.3f} {ours / floor:>14.2f} "
+                f"{bare_ratio:>11} {first:>15.1f}s {peak / 2**30:>9.2f} GiB",
+                flush=True,
+            )
+    print(f"# load average at end: {uptime()}")
+
+
+if __name__ == "__main__":
+    main()
