@@ -157,6 +157,9 @@ def backend_config(settings: Settings, *, verbose: bool = False) -> dict:
     return {
         "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.client_gpus},
         "init_args": {
+            # A cluster of our own, never one that `ray start` left on this machine: without
+            # ray_address, ray.init() would otherwise join whatever /tmp/ray names.
+            "address": "local",
             "num_cpus": max(os.cpu_count() or 1, int(settings.client_cpus)),
             "include_dashboard": False,
             "log_to_driver": verbose,
