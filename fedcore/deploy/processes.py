@@ -182,10 +182,16 @@ class ProcessSupervisor:
     def stop(self, process: ManagedProcess) -> int | None:
         """Stop one process and its descendants; return its exit status (None if it lives on)."""
         if process.running():
+            # Frozen while its tree is read, the process cannot start a child that the snapshot
+            # would miss (a SuperNode launching a ClientApp at the moment it is stopped).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGSTOP)
             tree = _children_map()
             process.descendants |= {ProcessId.of(pid) for pid in _descendants(process.pid, tree)}
             with contextlib.suppress(ProcessLookupError):
                 process.popen.send_signal(process.stop_signal)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
             try:
                 process.popen.wait(timeout=self.grace)
             except subprocess.TimeoutExpired:
