@@ -18,9 +18,13 @@ What is audited is fedcore's own DP-SGD: Poisson sampling from a :class:`CryptoR
 :class:`~fedcore.privacy.dpsgd.CryptoDPOptimizer` (this module only adds the canaries to the
 clipped sum before that optimiser adds its noise), the noise multiplier that
 :func:`~fedcore.privacy.dpsgd.plan_round` calibrates, and the epsilon the site's ledger charges for
-the rounds. The training loop mirrors fedcore's (``fedcore.privacy.dpsgd._train``, per-sample
-hooks), run for all rounds of one site in a row: without momentum, ``rounds`` rounds of ``T``
-steps from the model each round returns are the same as ``rounds * T`` steps.
+the rounds. The step is the one a site would take for this model: the mode
+``fedcore.privacy.dpsgd._resolve_mode`` picks for the configured ``grad_sample_mode`` (fedcore's
+fused clipper, :class:`~fedcore.privacy.dpsgd.FusedDPStep`, for the bundled models; Opacus's
+per-sample hooks with :class:`~fedcore.privacy.dpsgd.CryptoDPOptimizer` otherwise), so the audit
+attacks the code that trains, and ``audit.json`` names it. The loop is fedcore's, run for all
+rounds of one site in a row: without momentum, ``rounds`` rounds of ``T`` steps from the model
+each round returns are the same as ``rounds * T`` steps.
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ from torch import nn
 
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import ConfigError
-from fedcore.privacy.dpsgd import CryptoDPOptimizer, SiteDPConfig, plan_round
+from fedcore.privacy.dpsgd import (
+    CryptoDPOptimizer,
+    FusedDPStep,
+    GradSampleMode,
+    SiteDPConfig,
+    SiteRoundPlan,
+    _resolve_mode,
+    plan_round,
+)
 from fedcore.privacy.ledger import Budget, PrivacyLedger, Scope, ScopeKind
 
 
@@ -67,7 +79,9 @@ class CanaryDPOptimizer(CryptoDPOptimizer):
     def add_noise(self) -> None:
         if self.sampled.size:
             summed = self._canary_weight.summed_grad.view(-1)  # type: ignore[attr-defined]
-            summed[torch.from_numpy(self.sampled)] += self._clip  # Dirac canary: C on its coordinate
+            summed[torch.from_numpy(self.sampled)] += (
+                self._clip
+            )  # Dirac canary: C on its coordinate
         if self.noise_multiplier == 0:  # the positive control: the clipped sum, no noise at all
             for p in self.params:
                 _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
@@ -75,6 +89,23 @@ class CanaryDPOptimizer(CryptoDPOptimizer):
                 _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
             return
         super().add_noise()
+
+
+class CanaryFusedStep(FusedDPStep):
+    """fedcore's fused DP-SGD step, with the sampled canaries' gradients in the clipped sum."""
+
+    def __init__(self, work: WithCanaries, *, noise: bool, **kwargs) -> None:  # noqa: ANN003
+        super().__init__(work, **kwargs)
+        self._canary = next(i for i, p in enumerate(self.params) if p is work.canaries.weight)
+        self._noise = noise
+        self.sampled = np.zeros(0, dtype=np.int64)  # canaries in this step's Poisson sample
+
+    def release(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.sampled.size:
+            sums[self._canary].view(-1)[torch.from_numpy(self.sampled)] += self.max_grad_norm
+        if not self._noise:  # the positive control: the clipped sum, no noise at all
+            return [s.detach().clone() for s in sums]
+        return super().release(sums)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +120,7 @@ class CanaryRun:
     sample_rate: float
     steps: int
     train_examples: int
+    grad_sample_mode: str  # the step that ran: what a site would run for this model
 
 
 def train_with_canaries(
@@ -129,37 +161,34 @@ def train_with_canaries(
 
     included = rng.uniform(canaries) < 0.5
     work = WithCanaries(_private_copy(model), canaries)
-    gsm = GradSampleModule(work, batch_first=True, loss_reduction="mean")
     n = len(xs)
     expected_batch = plan.sample_rate * n
-    optimizer = CanaryDPOptimizer(
-        torch.optim.SGD(gsm.parameters(), lr=config.lr),
-        noise_multiplier=plan.noise_multiplier if noise else 0.0,
-        max_grad_norm=config.max_grad_norm,
-        expected_batch_size=expected_batch,
-        rng=rng,
-        canary_weight=work.canaries.weight,
-        clip=config.max_grad_norm,
-    )
-    criterion = nn.CrossEntropyLoss()
     steps = plan.steps * rounds
-    gsm.train()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-            for _ in range(steps):
-                idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
-                optimizer.sampled = np.flatnonzero(included & (rng.uniform(canaries) < plan.sample_rate))
-                if idx.size == 0:
-                    optimizer.noise_only_step()
-                    continue
-                index = torch.from_numpy(idx)
-                loss = criterion(gsm(xs[index]), ys[index])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    finally:
-        gsm._close()
+    mode = _resolve_mode(config.grad_sample_mode, work, probe=xs[:2])
+    if mode is GradSampleMode.GHOST:
+        _run_fused(
+            work,
+            xs,
+            ys,
+            config=config,
+            plan=plan,
+            steps=steps,
+            included=included,
+            noise=noise,
+            rng=rng,
+        )
+    else:
+        _run_hooks(
+            work,
+            xs,
+            ys,
+            config=config,
+            plan=plan,
+            steps=steps,
+            included=included,
+            noise=noise,
+            rng=rng,
+        )
     moved = -work.canaries.weight.detach().double().view(-1).numpy()
     unit = config.lr * config.max_grad_norm / expected_batch  # one sampled step of one canary
     return CanaryRun(
@@ -171,7 +200,94 @@ def train_with_canaries(
         sample_rate=plan.sample_rate,
         steps=steps,
         train_examples=n,
+        grad_sample_mode=mode.value if mode is GradSampleMode.GHOST else GradSampleMode.HOOKS.value,
     )
+
+
+def _canaries_sampled(included: np.ndarray, sample_rate: float, rng: CryptoRng) -> np.ndarray:
+    return np.flatnonzero(included & (rng.uniform(len(included)) < sample_rate))
+
+
+def _run_fused(
+    work: WithCanaries,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    config: SiteDPConfig,
+    plan: SiteRoundPlan,
+    steps: int,
+    included: np.ndarray,
+    noise: bool,
+    rng: CryptoRng,
+) -> None:
+    """``fedcore.privacy.dpsgd._train_fused``'s loop, with the canaries drawn after each batch."""
+    n = len(xs)
+    stepper = CanaryFusedStep(
+        work,
+        noise=noise,
+        max_grad_norm=config.max_grad_norm,
+        noise_multiplier=plan.noise_multiplier,
+        lr=config.lr,
+        momentum=0.0,  # as the hooks loop: the scores assume plain SGD steps
+        expected_batch_size=plan.sample_rate * n,
+        rng=rng,
+    )
+    work.train()
+    try:
+        for _ in range(steps):
+            idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
+            stepper.sampled = _canaries_sampled(included, plan.sample_rate, rng)
+            if idx.size == 0:
+                stepper.step(None, None)
+                continue
+            index = torch.from_numpy(idx)
+            stepper.step(xs[index], ys[index])
+    finally:
+        stepper.close()
+
+
+def _run_hooks(
+    work: WithCanaries,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    config: SiteDPConfig,
+    plan: SiteRoundPlan,
+    steps: int,
+    included: np.ndarray,
+    noise: bool,
+    rng: CryptoRng,
+) -> None:
+    """``fedcore.privacy.dpsgd._train``'s per-sample-hooks loop, canaries drawn after each batch."""
+    gsm = GradSampleModule(work, batch_first=True, loss_reduction="mean")
+    n = len(xs)
+    optimizer = CanaryDPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=config.lr),
+        noise_multiplier=plan.noise_multiplier if noise else 0.0,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=plan.sample_rate * n,
+        rng=rng,
+        canary_weight=work.canaries.weight,
+        clip=config.max_grad_norm,
+    )
+    criterion = nn.CrossEntropyLoss()
+    gsm.train()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+            for _ in range(steps):
+                idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
+                optimizer.sampled = _canaries_sampled(included, plan.sample_rate, rng)
+                if idx.size == 0:
+                    optimizer.noise_only_step()
+                    continue
+                index = torch.from_numpy(idx)
+                loss = criterion(gsm(xs[index]), ys[index])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        gsm._close()
 
 
 def guess_threshold(*, sample_rate: float, steps: int, noise_multiplier: float) -> float:

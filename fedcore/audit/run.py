@@ -56,6 +56,7 @@ class AuditReport:
     rounds: int
     train_examples: int
     accountant: str
+    grad_sample_mode: str  # the DP-SGD step audited: the one a site runs for this model
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -155,4 +156,5 @@ def audit(settings: Settings, *, canaries: int = DEFAULT_CANARIES, rng: CryptoRn
         rounds=settings.rounds,
         train_examples=runs[True].train_examples,
         accountant=str(settings.dp.accountant),
+        grad_sample_mode=runs[True].grad_sample_mode,
     )

@@ -465,11 +465,12 @@ class FusedDPStep:
             loss = nn.functional.cross_entropy(out, yb, reduction="sum")
             sums, _ = self.clipper.clipped_sum(loss)
             loss_value = float(loss.detach()) / len(xb)
-        noised = release_noised_sum(
-            sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng
-        )
-        self.apply(noised)
+        self.apply(self.release(sums))
         return loss_value
+
+    def release(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The clipped sums with the grid Gaussian (the one release of a step)."""
+        return release_noised_sum(sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng)
 
     @torch.no_grad()
     def apply(self, noised_sums: list[torch.Tensor]) -> None:

@@ -24,6 +24,7 @@ def test_audit_of_fedcore_dp_sgd_stays_below_the_claim_and_the_control_exceeds_i
     report = audit(settings, canaries=2000, rng=CryptoRng.from_seed(14, purpose="audit test"))
     assert 1.99 < report.epsilon_formal <= 2.0  # the ledger charged what the site would
     assert report.steps == 24 and report.guesses == 2000 and report.canaries == 2000
+    assert report.grad_sample_mode == "ghost"
     assert 0.0 <= report.epsilon_lower_bound <= report.epsilon_formal
     assert report.correct > 1000  # the noisy run still leaks something the audit sees
     assert report.control.correct == 2000
@@ -32,21 +33,38 @@ def test_audit_of_fedcore_dp_sgd_stays_below_the_claim_and_the_control_exceeds_i
 
 
 def test_a_noise_scale_bug_is_refuted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An implementation that adds a twentieth of the noise it accounts for fails its audit."""
-    honest = dpsgd._CryptoNoise.add_noise
+    """An implementation that adds a twentieth of the noise it accounts for fails its audit. The
+    bug is put where every DP-SGD step releases its sum (``release_noised_sum``), and the audit
+    runs the step a site runs (the fused clipper for the bundled MLP), so it finds it."""
+    honest = dpsgd.release_noised_sum
 
-    def buggy(self) -> None:  # noqa: ANN001
-        claimed = self.noise_multiplier
-        self.noise_multiplier = claimed / 20
-        try:
-            honest(self)
-        finally:
-            self.noise_multiplier = claimed
+    def buggy(sums, *, std, max_grad_norm, rng):  # noqa: ANN001, ANN202
+        return honest(sums, std=std / 20, max_grad_norm=max_grad_norm, rng=rng)
 
-    monkeypatch.setattr(dpsgd._CryptoNoise, "add_noise", buggy)
+    monkeypatch.setattr(dpsgd, "release_noised_sum", buggy)
     settings = cfg.resolve(overrides=[*SMALL, "dp.site.epsilon=1"])
     report = audit(settings, canaries=2000, rng=CryptoRng.from_seed(15, purpose="audit test"))
+    assert report.grad_sample_mode == "ghost"  # the production step, not Opacus's hooks
     assert report.epsilon_lower_bound > report.epsilon_formal
+    assert "REFUTED" in report.verdict
+
+
+def test_the_audit_runs_the_step_a_site_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug only in the fused step (the one sites run) is still found: the audit does not fall
+    back to another implementation that lacks it."""
+    honest = dpsgd.FusedDPStep.release
+
+    def buggy(self, sums):  # noqa: ANN001, ANN202
+        claimed = self.std
+        self.std = claimed / 20
+        try:
+            return honest(self, sums)
+        finally:
+            self.std = claimed
+
+    monkeypatch.setattr(dpsgd.FusedDPStep, "release", buggy)
+    settings = cfg.resolve(overrides=[*SMALL, "dp.site.epsilon=1"])
+    report = audit(settings, canaries=2000, rng=CryptoRng.from_seed(17, purpose="audit test"))
     assert "REFUTED" in report.verdict
 
 
