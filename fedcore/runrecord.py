@@ -125,6 +125,7 @@ SITE_LEVEL_WITHHELD = (
     "bytes_down",
     "bytes_up",
     "secagg",
+    "round_failed",  # whether every sampled site failed: a function of the sample and the sites
 )
 # With record-level DP only (DP-SGD): what is computed from training records without noise. A
 # site's evaluation on its own test split stays, labelled as outside the guarantee.
