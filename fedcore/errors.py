@@ -62,3 +62,8 @@ class LedgerLostError(ConfigError):
 class CorruptJournalError(ConfigError):
     """A site's secure-aggregation round journal is missing beside its key, or damaged; the site
     refuses to take part rather than forget which rounds it already answered (file left as is)."""
+
+
+class RecordInUseError(ConfigError):
+    """Another process is writing this run record (a run still going on, or the server of one that
+    was killed and has not yet exited); nothing in the record was touched."""

@@ -15,6 +15,10 @@
   ``site_epsilon`` by site id), as the sites reported it;
 - ``status.json``: how the run ended (``completed``, ``stopped``, ``failed``, ``interrupted``), its
   reason and the rounds completed, for programs (``fedcore simulate`` takes its exit status from it).
+- ``.writer.lock``: one writer at a time (:func:`record_writer`). The server holds an OS lock on it
+  while it writes the record, so a ``--resume`` cannot start while the server of the run it
+  continues is still alive (a killed ``deploy-local`` or ``flwr run`` leaves a ServerApp that lives
+  on for a while); the kernel releases it when the holder dies, however it dies.
 
 Round 0 in memory is the initial model's central evaluation; it is shown in the summary and the
 plot but not written to ``history.jsonl``, whose rows are rounds 1..R.
@@ -22,13 +26,16 @@ plot but not written to ``history.jsonl``, whose rows are rounds 1..R.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import math
 import os
 import platform
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +44,7 @@ import torch
 
 from fedcore import __version__
 from fedcore.config import Settings
-from fedcore.errors import ConfigError
+from fedcore.errors import ConfigError, RecordInUseError
 
 Status = Literal["completed", "stopped", "failed", "interrupted"]
 STATUS_FILE = "status.json"
@@ -184,6 +191,52 @@ def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
 
 
 _atomic_write = atomic_write
+
+WRITER_LOCK = ".writer.lock"
+
+
+def _holder(fd: int) -> str:
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+        return f"process {pid}"
+    return "another process"
+
+
+@contextlib.contextmanager
+def record_writer(out_dir: str | Path, *, wait: float = 0.0) -> Iterator[None]:
+    """Be the one writer of the record in ``out_dir`` (created if needed) while inside: an
+    exclusive ``flock`` on ``out_dir/.writer.lock``, which holds the writer's process id. Waits up
+    to ``wait`` seconds for another holder, then raises :class:`RecordInUseError` naming it."""
+    path = Path(out_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RecordInUseError(
+                        f"the run record {str(path)!r} is being written by {_holder(fd)}: a run "
+                        "still going on, or the server of one that was stopped and has not exited "
+                        "yet; stop it (or wait for it to end) first"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_not_in_use(out_dir: str | Path) -> None:
+    """Raise :class:`RecordInUseError` if a process is writing the record in ``out_dir`` (a
+    folder that does not exist is not in use, and is not created)."""
+    if (Path(out_dir) / WRITER_LOCK).exists():
+        with record_writer(out_dir):
+            pass
 
 
 class RunRecord:

@@ -110,8 +110,10 @@ def resolve_run(args: argparse.Namespace) -> tuple[cfg.Settings, Path]:
         )
     from fedcore.federation.checkpoint import read_checkpoint
     from fedcore.federation.server import resume_settings
+    from fedcore.runrecord import check_not_in_use
 
     out_dir = Path(args.resume)
+    check_not_in_use(out_dir)  # before anything reads or changes the record
     settings = resume_settings(out_dir, cfg.parse_overrides(args.overrides))
     checkpoint = read_checkpoint(out_dir)
     if checkpoint is None:
@@ -177,7 +179,14 @@ def supervise(settings: cfg.Settings, *, out_dir: Path, verbose: bool) -> int:
     return report(out_dir, settings, returncode=returncode)
 
 
-STARTING_FILES = {"config.json", "history.jsonl", "summary.md", "accuracy.png", "status.json"}
+STARTING_FILES = {
+    "config.json",
+    "history.jsonl",
+    "summary.md",
+    "accuracy.png",
+    "status.json",
+    ".writer.lock",
+}
 
 
 def remove_if_nothing_ran(out_dir: Path, *, resumed: bool) -> None:

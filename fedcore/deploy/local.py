@@ -167,6 +167,7 @@ class LocalDeployment:
                 env=self.env,
                 cwd=self.workdir,
                 log_path=self.logs / "superlink.log",
+                die_with_parent=True,  # a killed deploy-local leaves no deployment running
             )
             if self._wait_port(process):
                 self.superlink = process
@@ -267,6 +268,7 @@ class LocalDeployment:
             env=self.env,
             cwd=self.workdir,
             log_path=self.logs / f"supernode-{name}.log",
+            die_with_parent=True,
         )
         return process
 
@@ -329,7 +331,12 @@ class LocalDeployment:
         )
         start = time.monotonic()
         process = self.supervisor.start(
-            "flwr run", argv, env=self.env, cwd=self.app_dir, stdout=subprocess.PIPE
+            "flwr run",
+            argv,
+            env=self.env,
+            cwd=self.app_dir,
+            stdout=subprocess.PIPE,
+            die_with_parent=True,
         )
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(

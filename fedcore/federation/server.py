@@ -56,7 +56,7 @@ from fedcore.federation.strategies import (
 )
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
-from fedcore.runrecord import RoundRow, RunRecord, Status
+from fedcore.runrecord import RoundRow, RunRecord, Status, record_writer
 from fedcore.training import EvalResult, evaluate, pick_device
 
 
@@ -69,10 +69,24 @@ def initial_model(
         return build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
 
 
+# How long a server waits for the server of an earlier attempt to let go of the record (a killed
+# deployment's ServerApp notices the lost SuperLink within seconds), before it refuses.
+WRITER_WAIT = 30.0
+
+
 def run_server(
     grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None = None
 ) -> RunRecord:
-    """Run the federation described by ``settings`` on ``grid``; write the run record to ``out_dir``."""
+    """Run the federation described by ``settings`` on ``grid``; write the run record to ``out_dir``,
+    as its one writer (:func:`~fedcore.runrecord.record_writer`; :class:`RecordInUseError` if
+    another process keeps writing it)."""
+    with record_writer(out_dir, wait=WRITER_WAIT):
+        return _serve(grid, settings, out_dir, reporter=reporter)
+
+
+def _serve(
+    grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None
+) -> RunRecord:
     reporter = reporter or NullReporter()
     grid = grid_for(grid, settings)  # many sites per simulated node (fedcore.federation.batched)
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
@@ -268,7 +282,15 @@ def close_interrupted(out_dir: Path, *, reason: str, status: Status = "interrupt
     a server process that died): ``history.jsonl`` and ``model.pt`` as of the last completed
     round, plots, summary ``interrupted after round R``.
 
-    Returns R, or None if the run had not written its first checkpoint (nothing to close)."""
+    Returns R, or None if the run had not written its first checkpoint (nothing to close).
+    Raises :class:`RecordInUseError` if a server still writes the record after ``WRITER_WAIT``."""
+    if not out_dir.is_dir():
+        return None
+    with record_writer(out_dir, wait=WRITER_WAIT):
+        return _close_at_checkpoint(out_dir, reason=reason, status=status)
+
+
+def _close_at_checkpoint(out_dir: Path, *, reason: str, status: Status) -> int | None:
     checkpoint = read_checkpoint(out_dir)
     if checkpoint is None:
         return None

@@ -1,8 +1,10 @@
 """`fedcore deploy-local` stopped by a signal mid-run closes its record, leaves no process, and
-`--resume` runs it to the end with every round once."""
+`--resume` runs it to the end with every round once; killed outright (SIGKILL), it leaves no
+deployment running on behind it, and `--resume` still runs it to the end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +33,7 @@ def _rows(out: Path) -> list[dict]:
 def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
     out = tmp_path / "run"
     base = [sys.executable, "-m", "fedcore.cli", "deploy-local", "--sites", "2"]
-    argv = [*base, "--rounds", "5", "--set", "local_epochs=1", "--out", str(out)]
+    argv = [*base, "--rounds", "6", "--set", "local_epochs=1", "--out", str(out)]
     env = {**os.environ, "COLUMNS": "200", "FLWR_TELEMETRY_ENABLED": "0"}
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
     workdirs: list[Path] = []
@@ -41,7 +44,7 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
             lines.append(line)
             if m := re.search(r"working folder (\S+)", line):
                 workdirs.append(Path(m.group(1)))
-            if re.search(r"round\s+1/5", line):
+            if re.search(r"round\s+1/6", line):
                 break
         assert workdirs, "".join(lines)
         flwr_home = workdirs[0] / "flwr-home"
@@ -60,16 +63,39 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
         model = torch.load(out / "model.pt")
         assert all(torch.equal(model[k], checkpoint["arrays"][k]) for k in model)
 
+        # The resumed run killed outright after one more round: the kernel takes its SuperLink,
+        # SuperNodes and `flwr run` with it (PR_SET_PDEATHSIG), and their children follow.
+        proc = subprocess.Popen(
+            [*base, "--resume", str(out)], stderr=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if m := re.search(r"working folder (\S+)", line):
+                workdirs.append(Path(m.group(1)))
+            if re.search(rf"round\s+{done + 1}/6", line):
+                break
+        proc.kill()
+        proc.wait()
+        killed_home = workdirs[-1] / "flwr-home"
+        deadline = time.monotonic() + 30
+        while processes_of(killed_home) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert processes_of(killed_home) == [], "".join(lines)
+
         resumed = subprocess.run(
             [*base, "--resume", str(out)], capture_output=True, text=True, env=env, timeout=600
         )
         workdirs += [Path(p) for p in re.findall(r"working folder (\S+)", resumed.stderr)]
         assert resumed.returncode == 0, resumed.stderr
-        assert [r["round"] for r in _rows(out)] == list(range(1, 6))
+        assert [r["round"] for r in _rows(out)] == list(range(1, 7))
         assert json.loads((out / "status.json").read_text())["status"] == "completed"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         for workdir in workdirs:
+            for pid, _ in processes_of(workdir / "flwr-home"):  # whatever a failed check left
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             shutil.rmtree(workdir, ignore_errors=True)
