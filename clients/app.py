@@ -139,7 +139,7 @@ def train_site(msg: Message, context: Context) -> Message:
         server_round=server_round,
         node_config=context.node_config,
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-        release=site_release.release_key(msg),
+        release=site_release.release_key(msg, settings),
     )
     if isinstance(outcome, SiteDeclined):
         return m.declined_reply(

@@ -24,8 +24,9 @@ uncharged release.
 Never under secure aggregation: there the server learns only a sum, and putting one update into
 two sessions with different survivor sets would reveal the difference of the two sums
 (:mod:`fedcore.federation.secagg_journal`), so a resumed round is a new session with fresh
-training, charged as a new release; :func:`release_key` gives no key for a secure-aggregation
-message and :func:`fedcore.federation.site.train_round` none under ``secagg.enabled``.
+training, charged as a new release; :func:`release_key` gives no key under ``secagg.enabled``
+or for a secure-aggregation message, and :func:`fedcore.federation.site.train_round` ignores one
+under ``secagg.enabled``.
 
 A stored file is trusted only after every check: a private regular file owned by this user
 (:func:`~fedcore.federation.site_store.read_private`), its own SHA-256 over key and content, and
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedcore.config import Settings
 from fedcore.federation import messages as m
 from fedcore.federation.secagg_site import SECAGG
 from fedcore.federation.site_store import SiteStore, atomic_write, read_private
@@ -95,10 +97,13 @@ def instruction_digest(arrays: ArrayRecord, config: ConfigRecord) -> str:
     return digest.hexdigest()
 
 
-def release_key(msg: Message) -> ReleaseKey | None:
-    """The key of the question a train instruction asks, or None where no release may be re-sent:
-    the server sent no run id, or the message is a secure-aggregation stage. Raises
+def release_key(msg: Message, settings: Settings) -> ReleaseKey | None:
+    """The key of the question a train instruction asks, or None where no release is kept or
+    re-sent: record-level DP is off (nothing is charged), secure aggregation is on or the message
+    is a secure-aggregation stage, or the server sent no run id. Raises
     :class:`~fedcore.errors.RemoteProtocolError` for a malformed instruction."""
+    if settings.dp.site.epsilon is None or settings.secagg.enabled:
+        return None
     if SECAGG in msg.content.config_records:
         return None
     arrays, config = m.instruction(msg)

@@ -37,12 +37,13 @@ BASE = [
     "local_epochs=1",
     "round_timeout=5",
     "seed=3",
-    "dp.site.noise_multiplier=1.0",
 ]
 
 
 def _settings(*extra):
-    return resolve(overrides=[*BASE, "rounds=3", "dp.site.epsilon=50", *extra])
+    return resolve(
+        overrides=[*BASE, "rounds=3", "dp.site.epsilon=50", "dp.site.noise_multiplier=1.0", *extra]
+    )
 
 
 class Site:
@@ -180,6 +181,13 @@ def test_a_release_planted_from_another_run_is_not_re_sent(site, caplog):
     assert site.charged_rounds() == [1, 1]
 
 
+def test_without_record_level_dp_nothing_is_kept(tmp_path):
+    site = Site(resolve(overrides=[*BASE, "rounds=3"]), tmp_path / "state")
+    assert site_release.release_key(site.message(), site.settings) is None
+    site.ask()
+    assert site.store.release_paths() == [] and not site.store.ledger_path.exists()
+
+
 def test_without_a_run_id_nothing_is_kept_and_every_ask_is_charged(site):
     first, _ = site.ask(run_id=None)
     second, _ = site.ask(run_id=None)
@@ -224,10 +232,13 @@ def test_under_secure_aggregation_a_release_is_never_re_sent(tmp_path):
     settings = _settings("secagg.enabled=true", "secagg.threshold=2")
     site = Site(settings, tmp_path / "state")
     msg = site.message()
+    assert site_release.release_key(msg, settings) is None
+    without = _settings()
+    assert site_release.release_key(msg, without) is not None
     msg.content[SECAGG] = ConfigRecord({"stage": "masked_input"})
-    assert site_release.release_key(msg) is None
-    key = site_release.release_key(site.message())
-    assert key is not None
+    assert site_release.release_key(msg, without) is None
+    # Even given a key, a site under secure aggregation trains and is charged afresh.
+    key = site_release.release_key(site.message(), without)
     node_config = site.context().node_config
     data = site_data(settings, node_config)
     outcomes = [
