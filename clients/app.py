@@ -17,7 +17,7 @@ from flwr.common.logger import log
 
 from fedcore.config import from_run_config
 from fedcore.errors import BudgetExceededError, FedcoreError, RemoteProtocolError
-from fedcore.federation import batched, secagg_registry, secagg_site
+from fedcore.federation import batched, secagg_registry, secagg_site, site_release
 from fedcore.federation import messages as m
 from fedcore.federation.site import SiteDeclined, affordability, evaluate_round, train_round
 from fedcore.federation.site_data import site_data
@@ -139,6 +139,7 @@ def train_site(msg: Message, context: Context) -> Message:
         server_round=server_round,
         node_config=context.node_config,
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        release=site_release.release_key(msg, settings),
     )
     if isinstance(outcome, SiteDeclined):
         return m.declined_reply(

@@ -1,6 +1,8 @@
 """The run record: one folder that says what a run was, what happened each round, and what it made.
 
-- ``config.json``: the full resolved settings, plus versions and the start time;
+- ``config.json``: the full resolved settings, plus versions, the start time and
+  ``fedcore_run_id`` (random, made with the record, the same after ``--resume``: a site knows a
+  resumed run's round as one it may have answered; :mod:`fedcore.federation.site_release`);
 - ``history.jsonl``: one JSON object per round, appended and flushed as each round ends, so a run
   that crashes keeps every finished round;
 - ``model.pt``: the final global model's ``state_dict`` (written atomically);
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -262,8 +265,10 @@ class RunRecord:
         self.initial_loss = math.nan
         self.initial_accuracy = math.nan
         self.started = dt.datetime.now(dt.UTC)
+        self.run_id: str | None = secrets.token_hex(16)
         config = {
             "settings": settings.to_dict(),
+            "fedcore_run_id": self.run_id,
             "fedcore_version": __version__,
             "flwr_version": _version("flwr"),
             "torch_version": torch.__version__,
@@ -296,6 +301,8 @@ class RunRecord:
         try:
             config = json.loads((record.path / "config.json").read_text())
             record.started = dt.datetime.fromisoformat(config["started_at"])
+            # A record made before run ids has none: its sites then keep no release to re-send.
+            record.run_id = config.get("fedcore_run_id")
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"{str(record.path)!r} holds no readable run record: {exc}") from exc
         text = "".join(json.dumps(record._public(r.to_json())) + "\n" for r in rows)

@@ -17,7 +17,10 @@ is read with ``torch.load(weights_only=True)``: opening someone's run record run
 
 Privacy is not in the checkpoint: the federation's ledger (``federation.ledger.json``) and each
 site's ledger are written when a charge is made, before the release, so a round charged but not
-completed stays charged, and its resumed attempt is charged as a new release.
+completed stays charged. The resumed attempt of that round is charged as a new release, except at
+a site with record-level DP and no secure aggregation that already answered it: that site re-sends
+the release it made, uncharged (:mod:`fedcore.federation.site_release`, keyed by the record's
+``fedcore_run_id``, which a resume keeps).
 """
 
 from __future__ import annotations

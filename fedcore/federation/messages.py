@@ -1,7 +1,8 @@
 """What travels in a fedcore Flower message, and the checks a reply must pass.
 
 A train instruction carries ``arrays`` (the global model, an ``ArrayRecord``) and ``config`` (a
-``ConfigRecord`` with ``server-round``, ``num-classes`` and ``input-shape``). A train reply carries
+``ConfigRecord`` with ``server-round``, ``num-classes``, ``input-shape`` and ``fedcore-run-id``, the
+run record's identity, the same after a resume: :attr:`fedcore.runrecord.RunRecord.run_id`). A train reply carries
 ``arrays`` (the site's new weights) and ``metrics`` (a ``MetricRecord`` with ``num-examples`` and
 ``train_loss`` (except under record-level DP, which does not cover it), plus ``site-id`` and, under
 record-level DP, ``site_epsilon``). A site that cannot
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -34,6 +36,8 @@ STATUS = "status"
 SITE_ID = "site-id"
 SITE_EPSILON = "site_epsilon"
 DECLINED = "declined"
+RUN_ID = "fedcore-run-id"
+RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # what RunRecord makes: secrets.token_hex(16)
 
 
 def metric(reply: Message, key: str) -> float:
@@ -67,15 +71,23 @@ def content_bytes(message: Message) -> int:
 
 
 def train_config(
-    *, server_round: int, num_classes: int, input_shape: tuple[int, ...]
+    *,
+    server_round: int,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    run_id: str | None = None,
 ) -> ConfigRecord:
-    return ConfigRecord(
+    """The config of a train/evaluate instruction; ``run_id``: the fedcore run's identity."""
+    config = ConfigRecord(
         {
             "server-round": server_round,
             "num-classes": num_classes,
             "input-shape": json.dumps(list(input_shape)),
         }
     )
+    if run_id is not None:
+        config[RUN_ID] = run_id
+    return config
 
 
 def instruction(message: Message) -> tuple[ArrayRecord, ConfigRecord]:
@@ -98,6 +110,19 @@ def read_train_config(config: ConfigRecord) -> tuple[int, int, tuple[int, ...]]:
     except (KeyError, TypeError, ValueError) as exc:
         raise RemoteProtocolError(f"malformed train config from the server: {exc!r}") from exc
     return server_round, num_classes, input_shape
+
+
+def read_run_id(config: ConfigRecord) -> str | None:
+    """The fedcore run id of an instruction (None if the server sent none); a malformed one is a
+    :class:`RemoteProtocolError` (it names a file on the site's disk)."""
+    value = config.get(RUN_ID)
+    if value is None:
+        return None
+    if not isinstance(value, str) or RUN_ID_PATTERN.fullmatch(value) is None:
+        raise RemoteProtocolError(
+            f"{RUN_ID!r} must be 32 lowercase hex digits, got {str(value)[:80]!r}"
+        )
+    return value
 
 
 def train_reply(

@@ -126,7 +126,8 @@ def _serve(
     resumes = 0
     if resumed is not None:
         # Secure aggregation needs nothing here: every round draws a fresh random round id, so a
-        # resumed round is a new session in which the sites train afresh.
+        # resumed round is a new session in which the sites train afresh. Without it, a site with
+        # record-level DP re-sends a round it answered (same fedcore_run_id, round and model).
         initial = m.state_to_record(resumed.arrays)
         restore_strategy_state(strategy, resumed.strategy)
         restore_random_state(resumed.random_state)
@@ -159,7 +160,10 @@ def _serve(
             expected_sites=settings.sites,
             timeout=settings.round_timeout,
             config=lambda rnd: m.train_config(
-                server_round=rnd, num_classes=num_classes, input_shape=input_shape
+                server_round=rnd,
+                num_classes=num_classes,
+                input_shape=input_shape,
+                run_id=record.run_id,
             ),
             central_eval=central_eval,
             record=record,

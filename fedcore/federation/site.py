@@ -8,6 +8,7 @@ evaluates the global weights on its own test split.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +19,14 @@ from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.data import SiteData
 from fedcore.errors import BudgetExceededError, RemoteProtocolError
-from fedcore.federation.site_privacy import site_ledger
+from fedcore.federation import site_release
+from fedcore.federation.site_privacy import site_ledger, site_state_dir
+from fedcore.federation.site_release import Release, ReleaseKey
+from fedcore.federation.site_store import SiteStore
 from fedcore.models import build_model
 from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
+
+log = logging.getLogger(__name__)
 
 # The weight a site with record-level DP reports instead of its example count (point 3 of issue 11).
 RECORD_DP_WEIGHT = 1
@@ -89,16 +95,24 @@ def train_round(
     server_round: int,
     node_config: Mapping[str, Any] | None = None,
     proximal_mu: float = 0.0,
+    release: ReleaseKey | None = None,
 ) -> SiteUpdate | SiteDeclined:
     """Train the global model on the site's training split for ``settings.local_epochs``.
 
     With record-level DP on (``dp.site.epsilon`` set) the site trains with DP-SGD and charges its
     ledger (:mod:`fedcore.federation.site_privacy`); if the round would pass its budget it trains
-    nothing and returns :class:`SiteDeclined`, its ledger unchanged.
+    nothing and returns :class:`SiteDeclined`, its ledger unchanged. ``release`` (the key of the
+    question, :func:`~fedcore.federation.site_release.release_key`) lets it re-send, uncharged, the
+    release it already made for exactly that question (:mod:`fedcore.federation.site_release`);
+    never under secure aggregation, where ``release`` is ignored.
     """
     _threads(settings)
     model = _model_with(settings, site, num_classes, input_shape, global_state)
     if settings.dp.site.epsilon is not None:
+        if release is not None and not settings.secagg.enabled:
+            return _train_dp_once(
+                settings, site, model, release=release, node_config=node_config or {}
+            )
         return _train_dp(
             settings, site, model, server_round=server_round, node_config=node_config or {}
         )
@@ -150,6 +164,54 @@ def dp_config(settings: Settings):  # noqa: ANN202 - SiteDPConfig, imported lazi
         noise_multiplier=dp.noise_multiplier,
         planned_rounds=settings.rounds,
     )
+
+
+def _train_dp_once(
+    settings: Settings,
+    site: SiteData,
+    model: torch.nn.Module,
+    *,
+    release: ReleaseKey,
+    node_config: Mapping[str, Any],
+) -> SiteUpdate | SiteDeclined:
+    """:func:`_train_dp`, unless the site already released the answer to ``release``: then that
+    release again, uncharged. A new release is stored before it is returned (before the reply
+    leaves), all under the site's release lock, so one question is never trained twice at once."""
+    store = SiteStore(site_state_dir(settings, node_config), site.site_id)
+    with store.lock(site_release.LOCK):
+        if (kept := site_release.lookup(store, release)) is not None:
+            log.info(
+                "fedcore site %d: round %d of run %s was answered before; re-sending that release "
+                "(no new privacy charge)",
+                site.site_id,
+                release.server_round,
+                release.run_id,
+            )
+            return SiteUpdate(
+                state=kept.state,
+                num_examples=kept.num_examples,
+                train_loss=None,
+                site_epsilon=kept.site_epsilon,
+            )
+        outcome = _train_dp(
+            settings, site, model, server_round=release.server_round, node_config=node_config
+        )
+        if isinstance(outcome, SiteUpdate) and outcome.site_epsilon is not None:
+            try:
+                site_release.record(
+                    store,
+                    release,
+                    Release(outcome.state, outcome.num_examples, outcome.site_epsilon),
+                )
+            except OSError as exc:  # charged already: sending uncached risks only a second charge
+                log.warning(
+                    "fedcore site %d: could not keep the release of round %d (%s); if it is "
+                    "asked again it trains and is charged again",
+                    site.site_id,
+                    release.server_round,
+                    exc,
+                )
+        return outcome
 
 
 def _train_dp(

@@ -158,6 +158,15 @@ class SiteStore:
         """The site's secure-aggregation certificate (active mode), issued by the federation CA."""
         return self.root / f"site-{self.site_id}.secagg.cert.pem"
 
+    def release_path(self, run_id: str) -> Path:
+        """The last update the site released in fedcore run ``run_id`` under record-level DP
+        (:mod:`fedcore.federation.site_release`). ``run_id`` must be a checked run id (hex)."""
+        return self.root / f"site-{self.site_id}.release.{run_id}.pt"
+
+    def release_paths(self) -> list[Path]:
+        """Every release file of this site, one per run."""
+        return sorted(self.root.glob(f"site-{self.site_id}.release.*.pt"))
+
     def lock_path(self, name: str) -> Path:
         return self.root / f".site-{self.site_id}.{name}.lock"
 
