@@ -233,7 +233,7 @@ def stop_descendants(pid: int | None = None, *, grace: float = 3.0) -> set[Proce
     found: set[ProcessId] = set()
     while True:
         new = {ProcessId.of(p) for p in _descendants(root, _children_map())}
-        new = {i for i in new if i.start_time is not None} - found
+        new = {i for i in new if i.start_time is not None and i.alive()} - found  # no zombies
         if not new:
             break
         for ident in new:
