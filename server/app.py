@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcore.config import from_run_config
 from fedcore.federation.progress import RichReporter
+from fedcore.federation.ray_cleanup import stop_ray_on_exit
 from fedcore.federation.server import run_server
 from fedcore.runrecord import default_out_dir
 
@@ -19,6 +20,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    stop_ray_on_exit()  # under `flwr run` on a simulation SuperLink: `flwr stop` leaves no Ray process
     settings = from_run_config(context.run_config)
     reporter = RichReporter()
     try:

@@ -63,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
         Stopped,
         close_crashed,
         interrupted,
-        preflight,
         report,
         resolve_run,
         run_status,
@@ -74,11 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings, out_dir = resolve_run(args)
     out_dir = out_dir.expanduser().resolve()
-    preflight(settings)  # bad data or model settings fail here, before any process starts
-    if settings.resume:  # how the last attempt ended is no longer true
-        (out_dir / "status.json").unlink(missing_ok=True)
-    with checks.out_folder(out_dir, existing_ok=settings.resume):
-        pass
+    checks.check_run(settings, out_dir)  # bad settings fail here, before any process starts
 
     def echo(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -1,8 +1,13 @@
 """Everything that can be known before Ray (or a deployment) starts, checked before it starts.
 
 Each check raises :class:`~fedcore.errors.ConfigError` with one line; the command then exits with
-status 2 and leaves no run record behind (the out folder is checked last, and removed again if this
-check created it and a later step refuses the run).
+status 2 and leaves no run record behind (the out folder, probed first by the commands, is removed
+again if the probe created it and a later check refuses the run).
+
+Cheap checks come first, so a refusal costs what finding it costs (seconds, not the data and the
+privacy accountant): the secure-aggregation threshold (no import), the GPU (torch), the model's
+import (without data), then the data and the model built, then DP, where a quick lower bound on a
+round's cost refuses before the accountant's exact figure is computed.
 
 - the data loads for the server and every site, and the model builds (the working directory on the
   import path, as for ``python -m``, so ``model = "mymodels:Net"`` next to the user's files works);
@@ -49,6 +54,14 @@ def data_and_model(settings: cfg.Settings) -> tuple[tuple[int, ...], int, int, l
     return input_shape, num_classes, dim, sizes
 
 
+def model_importable(settings: cfg.Settings) -> None:
+    """The model's name resolves (a user's ``module:callable`` imports) before any data loads."""
+    from fedcore.models import model_factory
+
+    import_path_has_cwd()
+    model_factory(settings.model)
+
+
 def gpus(settings: cfg.Settings) -> None:
     if settings.client_gpus > 0:
         import torch
@@ -91,8 +104,10 @@ def dp_affords_one_round(settings: cfg.Settings, *, dim: int, site_sizes: list[i
     first_of_size: dict[int, int] = {}
     for site_id, size in enumerate(site_sizes):
         first_of_size.setdefault(size, site_id)
-    for size, site_id in sorted(first_of_size.items()):
-        check_site_round(settings, num_examples=size, site_id=site_id)
+    # Every size's quick lower bound first (refusing only), then the accountant's exact cost.
+    for exact in (False, True):
+        for size, site_id in sorted(first_of_size.items()):
+            check_site_round(settings, num_examples=size, site_id=site_id, exact=exact)
 
 
 @contextlib.contextmanager
@@ -139,9 +154,23 @@ def _remove(created: Path | None) -> None:
 
 
 def check(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
-    """Every check but the out folder; returns ``(input_shape, num_classes)``."""
-    gpus(settings)
+    """Every check but the out folder, cheapest first; returns ``(input_shape, num_classes)``."""
     secagg_threshold(settings)
+    gpus(settings)
+    model_importable(settings)
     input_shape, num_classes, dim, sizes = data_and_model(settings)
     dp_affords_one_round(settings, dim=dim, site_sizes=sizes)
     return input_shape, num_classes
+
+
+def check_run(settings: cfg.Settings, out_dir: Path) -> tuple[tuple[int, ...], int]:
+    """What a command checks before it starts anything: the out folder first (it costs nothing,
+    so a bad ``--out`` is refused at once), then :func:`check`, inside the folder's block so that a
+    refusal removes what the probe created. A resumed record's ``status.json`` is removed once the
+    checks pass (how the last attempt ended is no longer true). Returns ``(input_shape,
+    num_classes)``; raises :class:`ConfigError`."""
+    with out_folder(out_dir, existing_ok=settings.resume):
+        shapes = check(settings)
+        if settings.resume:
+            (out_dir / "status.json").unlink(missing_ok=True)
+    return shapes

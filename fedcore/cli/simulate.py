@@ -63,16 +63,6 @@ def add_resume_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def preflight(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
-    """Every check before Ray starts but the out folder; returns ``(input_shape, num_classes)``.
-
-    Raises :class:`ConfigError`.
-    """
-    from fedcore.cli import preflight as checks
-
-    return checks.check(settings)
-
-
 class Stopped(BaseException):
     """A signal asked fedcore to stop (raised in the main thread by :func:`signals_stop`)."""
 
@@ -100,9 +90,12 @@ def resolve_run(args: argparse.Namespace) -> tuple[cfg.Settings, Path]:
     """The settings and out folder of a new run, or of the record ``--resume`` names."""
     if args.resume is None:
         settings = cfg.resolve(file=args.config, overrides=args.overrides)
-        from fedcore.runrecord import default_out_dir
+        out = args.out or settings.out
+        if not out:
+            from fedcore.runrecord import default_out_dir  # imports torch: only when needed
 
-        return settings, Path(args.out or settings.out or default_out_dir())
+            out = default_out_dir()
+        return settings, Path(out)
     if args.config is not None or args.out is not None:
         raise ConfigError(
             "--resume takes its settings and folder from DIR/config.json; "
@@ -133,19 +126,15 @@ def run(args: argparse.Namespace) -> int:
     # Before flwr / flwr_datasets are imported: both send telemetry unless told not to.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     settings, out_dir = resolve_run(args)
-    preflight(settings)
-
     from fedcore.cli import preflight as checks
 
-    if settings.resume:  # how the last attempt ended is no longer true
-        (out_dir / "status.json").unlink(missing_ok=True)
-    with checks.out_folder(out_dir, existing_ok=settings.resume):
-        what = "resuming" if settings.resume else "run record:"
-        print(
-            f"fedcore: {settings.sites} sites, {settings.rounds} rounds, dataset {settings.dataset!r}, "
-            f"model {settings.model!r}, strategy {settings.strategy!r}; {what} {out_dir}",
-            file=sys.stderr,
-        )
+    checks.check_run(settings, out_dir)
+    what = "resuming" if settings.resume else "run record:"
+    print(
+        f"fedcore: {settings.sites} sites, {settings.rounds} rounds, dataset {settings.dataset!r}, "
+        f"model {settings.model!r}, strategy {settings.strategy!r}; {what} {out_dir}",
+        file=sys.stderr,
+    )
     return supervise(settings, out_dir=out_dir, verbose=args.verbose)
 
 

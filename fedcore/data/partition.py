@@ -166,14 +166,36 @@ def partition_indices(
         ConfigError: if there are fewer than ``MIN_SITE_SAMPLES * sites`` samples, the partitioner
             cannot satisfy the settings, or a site ends up with too few samples.
     """
-    import datasets
-
     needed = MIN_SITE_SAMPLES * settings.sites
     if rest.shape[0] < needed:
         raise ConfigError(
             f"sites={settings.sites} is too many for {rest.shape[0]} samples outside the "
             f"holdout: each site needs at least {MIN_SITE_SAMPLES} (one train, one test)"
         )
+    if settings.partition == "iid":
+        parts = iid_shards(rest, settings.sites)
+    else:
+        parts = _partition_with_flwr_datasets(settings, labels, rest, num_classes=num_classes)
+    for site, part in enumerate(parts):
+        check_site_size(settings, site, part.shape[0])
+    return parts
+
+
+def iid_shards(rest: np.ndarray, sites: int) -> list[np.ndarray]:
+    """What flwr-datasets' ``IidPartitioner`` deals from ``rest`` (already in seeded random order):
+    contiguous shards, the first ``len(rest) % sites`` one longer (``datasets.Dataset.shard`` with
+    ``contiguous=True``), which is ``np.array_split``. Computed here because importing
+    ``datasets`` and ``flwr_datasets`` costs seconds in every process that loads the data (each
+    deployed ClientApp, the checks before a run); tests/data/test_partition.py checks that both
+    deal the same shards."""
+    return [np.asarray(part, dtype=np.int64) for part in np.array_split(rest, sites)]
+
+
+def _partition_with_flwr_datasets(
+    settings: DataSettings, labels: np.ndarray, rest: np.ndarray, *, num_classes: int
+) -> list[np.ndarray]:
+    import datasets
+
     table = datasets.Dataset.from_dict(
         {"idx": rest.astype(np.int64), "label": labels[rest].astype(np.int64)}
     )
@@ -183,10 +205,7 @@ def partition_indices(
     def deal() -> list[np.ndarray]:
         return [_column(partitioner.load_partition(site), "idx") for site in range(settings.sites)]
 
-    parts = run_partitioner(settings, deal)
-    for site, part in enumerate(parts):
-        check_site_size(settings, site, part.shape[0])
-    return parts
+    return run_partitioner(settings, deal)
 
 
 def split_site(

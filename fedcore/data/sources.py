@@ -189,11 +189,29 @@ def _finish(x: np.ndarray, raw_labels: np.ndarray, *, source: str) -> SourceData
 
 
 def _digits() -> SourceData:
+    images, target = _digits_arrays()
+    images = np.asarray(images, dtype=np.float32) / np.float32(16.0)
+    return _finish(images[:, None, :, :], np.asarray(target), source="digits")
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``load_digits`` reads them: its ``datasets/data/digits.csv.gz`` (64
+    pixels then the label per row), read here without importing scikit-learn, which alone costs
+    a second or two in every process that loads the data (each deployed ClientApp, preflight).
+    ``load_digits`` itself where that file is not found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = np.asarray(bunch.images, dtype=np.float32) / np.float32(16.0)
-    return _finish(images[:, None, :, :], np.asarray(bunch.target), source="digits")
+    return bunch.images, bunch.target
 
 
 def _npz(path: Path) -> SourceData:

@@ -220,6 +220,33 @@ class ProcessSupervisor:
         return [i for i in ids if i.alive()]
 
 
+def stop_descendants(pid: int | None = None, *, grace: float = 3.0) -> set[ProcessId]:
+    """Stop every descendant of ``pid`` (default: this process) by process id; return those found.
+
+    Each descendant is frozen (SIGSTOP) as the walk finds it, and the walk repeats until it finds
+    no new one, so no process can start a child that escapes it (a child whose parent dies is
+    handed to init and is no longer anyone's descendant). Then every one found gets SIGTERM (and
+    SIGCONT, so it can act on it), and SIGKILL after ``grace`` seconds if it still runs. On Linux
+    only (``/proc``); elsewhere nothing is found.
+    """
+    root = os.getpid() if pid is None else pid
+    found: set[ProcessId] = set()
+    while True:
+        new = {ProcessId.of(p) for p in _descendants(root, _children_map())}
+        new = {i for i in new if i.start_time is not None and i.alive()} - found  # no zombies
+        if not new:
+            break
+        for ident in new:
+            ident.signal(signal.SIGSTOP)
+        found |= new
+    for ident in found:
+        ident.signal(signal.SIGTERM)
+    for ident in found:
+        ident.signal(signal.SIGCONT)
+    _stop_ids(found, grace=grace)
+    return found
+
+
 def wait_until(
     condition: Callable[[], bool],
     *,

@@ -141,7 +141,7 @@ def affordability(
     """
     if settings.dp.site.epsilon is None:
         return None
-    from fedcore.privacy.dpsgd import plan_round
+    from fedcore.privacy.dpsgd_plan import plan_round
 
     ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
     plan = plan_round(dp_config(settings), num_examples=len(site.train.y), ledger=ledger)
@@ -152,8 +152,8 @@ def affordability(
     return None
 
 
-def dp_config(settings: Settings):  # noqa: ANN202 - SiteDPConfig, imported lazily (Opacus)
-    from fedcore.privacy.dpsgd import SiteDPConfig
+def dp_config(settings: Settings):  # noqa: ANN202 - SiteDPConfig, imported lazily
+    from fedcore.privacy.dpsgd_plan import SiteDPConfig
 
     dp = settings.dp.site
     return SiteDPConfig(

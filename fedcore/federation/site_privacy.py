@@ -87,16 +87,24 @@ def site_ledger(
     )
 
 
-def check_site_round(settings: Settings, *, num_examples: int, site_id: int) -> None:
+def check_site_round(
+    settings: Settings, *, num_examples: int, site_id: int, exact: bool = True
+) -> None:
     """Refuse before the run a record-level budget that one round cannot afford (issue 11,
     point 6), with the cost of one round in the message. A calibrated noise multiplier always
-    affords its planned rounds; an explicit one may not. Raises :class:`ConfigError`."""
+    affords its planned rounds; an explicit one may not. Raises :class:`ConfigError`.
+
+    A quick lower bound on the round's cost (:func:`~fedcore.privacy.accountant.epsilon_lower_bound`,
+    tenths of a second where the accountant can take seconds) is tried first: above the budget,
+    the accountant's cost is too, and the round is refused at once. ``exact=False`` stops there
+    (nothing is accepted on a lower bound, only refused)."""
     dp = settings.dp.site
     if dp.epsilon is None or num_examples < 1:
         return
     from fedcore.federation.site import dp_config
     from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind, epsilon
-    from fedcore.privacy.dpsgd import plan_round
+    from fedcore.privacy.accountant import epsilon_lower_bound
+    from fedcore.privacy.dpsgd_plan import plan_round
 
     ledger = PrivacyLedger(
         scope=Scope(ScopeKind.SITE_RECORDS, f"site-{site_id}"),
@@ -104,10 +112,19 @@ def check_site_round(settings: Settings, *, num_examples: int, site_id: int) -> 
         accountant=settings.dp.accountant,
     )
     plan = plan_round(dp_config(settings), num_examples=num_examples, ledger=ledger)
-    cost = epsilon([plan.event], delta=dp.delta, accountant=settings.dp.accountant)
+    low = epsilon_lower_bound([plan.event], delta=dp.delta)
+    if low <= dp.epsilon and not exact:
+        return
+    at_least = "at least " if low > dp.epsilon else ""
+    cost = (
+        low
+        if at_least
+        else epsilon([plan.event], delta=dp.delta, accountant=settings.dp.accountant)
+    )
     if not cost <= dp.epsilon:
         raise ConfigError(
             f"dp.site.epsilon={dp.epsilon:g} cannot afford one round at site {site_id}: one round "
             f"({plan.steps} DP-SGD steps at sampling rate {plan.sample_rate:.4g}, noise multiplier "
-            f"{plan.noise_multiplier:.4g}) costs epsilon {cost:.4g}; raise the budget or the noise"
+            f"{plan.noise_multiplier:.4g}) costs epsilon {at_least}{cost:.4g}; raise the budget or "
+            "the noise"
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -88,20 +88,28 @@ def build_model(name: str, *, input_shape: Sequence[int], num_classes: int) -> n
     """
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    factory = model_factory(name)
+    model = factory(input_shape=tuple(input_shape), num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The callable that builds the model called ``name`` (``factory(input_shape=...,
+    num_classes=...)``), found without loading any data: a built-in class, or the user's
+    ``package.module:callable`` imported. Raises :class:`ConfigError` for an unknown name or a
+    reference that does not import."""
     if name == "mlp":
-        return MLP(input_shape=input_shape, num_classes=num_classes)
+        return MLP
     if name == "cnn":
-        return SmallCNN(input_shape=input_shape, num_classes=num_classes)
+        return SmallCNN
     if ":" not in name:
         raise ConfigError(
             f"unknown model {name!r}: expected one of {', '.join(BUILTIN_MODELS)} or 'package.module:callable'"
         )
     module_name, _, attr = name.partition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"model {name!r} could not be loaded: {exc}") from exc
-    model = factory(input_shape=tuple(input_shape), num_classes=num_classes)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model

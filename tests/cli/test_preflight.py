@@ -155,3 +155,44 @@ def test_a_crashed_run_is_closed_as_failed_or_removed_if_nothing_ran(tmp_path):
     (bare / "history.jsonl").write_text("")
     close_crashed(bare, returncode=1, resumed=False)
     assert not bare.exists()
+
+
+def _no_expensive_step(*args, **kwargs):
+    raise AssertionError("a refusal that cheap checks can make must not reach this step")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "out", "fragment"),
+    [
+        (["sites=2"], "file/run", "cannot be written"),
+        (["sites=3", "secagg.enabled=true", "secagg.threshold=5"], "run", "more than the 3"),
+        (["model=not_a_module_here:Net"], "run", "could not be loaded"),
+    ],
+)
+def test_cheap_refusals_come_before_the_data_loads(tmp_path, monkeypatch, overrides, out, fragment):
+    """The out folder, the threshold and the model's import are refused before any data is
+    loaded (seconds) and leave nothing behind."""
+    from fedcore.cli import preflight
+
+    monkeypatch.setattr(preflight, "data_and_model", _no_expensive_step)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=fragment):
+        preflight.check_run(resolve(overrides=overrides), tmp_path / out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_round_far_over_the_site_budget_is_refused_on_the_quick_bound(monkeypatch):
+    """The accountant's exact cost (seconds for small noise) is not computed when the quick
+    lower bound already exceeds the budget; the message says "at least"."""
+    from fedcore.federation.site_privacy import check_site_round
+    from fedcore.privacy import accountant
+
+    monkeypatch.setattr(accountant._DpAccountingAccountant, "epsilon", _no_expensive_step)
+    accountant._cached_epsilon.cache_clear()
+    settings = resolve(
+        overrides=["sites=2", "dp.site.epsilon=0.01", "dp.site.noise_multiplier=0.3"]
+    )
+    with pytest.raises(ConfigError, match=r"costs epsilon at least \d"):
+        check_site_round(settings, num_examples=575, site_id=0, exact=False)
+    with pytest.raises(ConfigError, match=r"costs epsilon at least \d"):
+        check_site_round(settings, num_examples=575, site_id=0)

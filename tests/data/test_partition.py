@@ -206,3 +206,22 @@ def test_pathological_class_wanted_by_more_sites_than_it_has_samples() -> None:
             DataSettings(**small, sites=12, partition="pathological", classes_per_site=3)
         )
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("n", "sites"), [(10, 3), (1437, 10), (7, 7), (100, 1), (1000, 999)])
+def test_iid_shards_are_flwr_datasets_iid_partitions(n, sites):
+    """fedcore deals IID sites without importing flwr-datasets (seconds per process); the shards
+    must be exactly those of its IidPartitioner over the same seeded order."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedcore.data.partition import iid_shards
+
+    rest = np.random.default_rng(n).permutation(n)
+    partitioner = IidPartitioner(num_partitions=sites)
+    partitioner.dataset = datasets.Dataset.from_dict({"idx": rest.astype(np.int64)})
+    ours = iid_shards(rest, sites)
+    assert len(ours) == sites
+    for site in range(sites):
+        theirs = np.asarray(partitioner.load_partition(site)["idx"], dtype=np.int64)
+        assert ours[site].dtype == np.int64 and np.array_equal(ours[site], theirs)

@@ -277,3 +277,17 @@ def test_labels_of_mixed_types_or_pickled_arrays(tmp_path: Path) -> None:
         encode_labels(np.array([1, "a", 2.5], dtype=object), source="test")
     np.savez(tmp_path / "obj.npz", x=np.zeros((10, 2)), y=np.array([1, "a"] * 5, dtype=object))
     _expect(DataSettings(dataset=str(tmp_path / "obj.npz"), sites=1), "cannot read")
+
+
+def test_digits_read_without_scikit_learn_equal_load_digits():
+    """fedcore reads scikit-learn's digits file itself (importing scikit-learn costs seconds in
+    every process); the arrays must be exactly what load_digits returns."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from fedcore.data.sources import _digits_arrays
+
+    images, target = _digits_arrays()
+    reference = load_digits()
+    assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
+    assert target.dtype == reference.target.dtype and np.array_equal(target, reference.target)

@@ -118,3 +118,40 @@ def test_terminate_as_exception_restores_handlers():
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
     assert issubclass(Terminated, BaseException) and not issubclass(Terminated, Exception)
+
+
+# A root (as flwr-simulation) with a child that has a detached grandchild (as the raylet and its
+# agents) and a child that ignores SIGTERM.
+ROOT = r"""
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+subprocess.Popen([sys.executable, "-c", sys.argv[3], sys.argv[4]])
+time.sleep(600)
+"""
+
+
+def test_stop_descendants_stops_a_tree_and_spares_its_root(tmp_path):
+    """What a Flower simulation process runs on exit (fedcore.federation.ray_cleanup): every
+    descendant, detached grandchildren and one ignoring SIGTERM included, is stopped by process
+    id; the root itself and unrelated processes are not."""
+    from fedcore.deploy.processes import _children_map, _descendants, stop_descendants
+
+    pid_file, ready = tmp_path / "grandchild.pid", tmp_path / "ready"
+    root = subprocess.Popen(
+        [sys.executable, "-c", ROOT, PARENT, str(pid_file), STUBBORN, str(ready)]
+    )
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        grandchild = ProcessId.of(int(_wait_file(pid_file)))
+        _wait_file(ready)
+        tree = {ProcessId.of(p) for p in _descendants(root.pid, _children_map())}
+        assert len(tree) == 3 and grandchild in tree
+        found = stop_descendants(root.pid, grace=1)
+        assert found == tree
+        assert [i for i in tree if i.alive()] == []
+        assert root.poll() is None and other.poll() is None
+        assert stop_descendants(root.pid) == set()
+    finally:
+        for proc in (root, other):
+            proc.kill()
+            proc.wait()

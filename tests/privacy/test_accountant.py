@@ -187,3 +187,30 @@ def test_unknown_event_type_is_refused():
 def test_bad_values_raise_config_error(bad):
     with pytest.raises(ConfigError):
         bad()
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [PoissonSubsampledGaussian(sampling_rate=0.02783, noise_multiplier=0.3, count=180)],
+        [PoissonSubsampledGaussian(sampling_rate=0.01, noise_multiplier=1.1, count=1000)],
+        [PoissonSubsampledGaussian(sampling_rate=0.5, noise_multiplier=2.0, count=7)],
+        [GaussianEvent(noise_multiplier=0.5, count=3)],
+        [
+            GaussianEvent(noise_multiplier=2.0),
+            PoissonSubsampledGaussian(sampling_rate=0.1, noise_multiplier=1.0, count=50),
+        ],
+    ],
+)
+def test_the_quick_lower_bound_never_exceeds_either_accountant_and_is_close(events):
+    """What preflight refuses on: the optimistic coarse PLD must stay at or below the epsilon the
+    ledger would charge (PLD) and RDP's, or a run the accountant affords would be refused."""
+    from fedcore.privacy.accountant import epsilon_lower_bound
+
+    low = epsilon_lower_bound(events, delta=1e-5)
+    pld = epsilon(events, delta=1e-5)
+    rdp = epsilon(events, delta=1e-5, accountant="rdp")
+    assert 0 < low <= pld <= rdp
+    assert low > 0.6 * pld  # tight enough to refuse what is far out of budget
+    assert epsilon_lower_bound([NonPrivate()], delta=1e-5) == math.inf
+    assert epsilon_lower_bound([], delta=1e-5) == 0.0
