@@ -227,7 +227,8 @@ def run_status(out_dir: Path) -> dict | None:
 
 
 def report(out_dir: Path, settings: cfg.Settings, *, returncode: int = 0) -> int:
-    """Print how the run ended from its record; 0 completed (or budget spent), 1 failed."""
+    """Print how the run ended from its record; 0 completed (or budget spent), 1 failed, 143
+    interrupted (its server was stopped from outside)."""
     status = run_status(out_dir)
     if status is None:
         print(
@@ -249,6 +250,12 @@ def report(out_dir: Path, settings: cfg.Settings, *, returncode: int = 0) -> int
             f"{status['reason']}; see {out_dir / 'summary.md'}"
         )
         return EXIT_FAILED
+    if status["status"] == "interrupted":  # its server was stopped (`flwr stop` in a deployment)
+        print(
+            f"fedcore: the run was interrupted after {len(rows)} of {settings.rounds} rounds: "
+            f"{status['reason']}; continue it with --resume {out_dir}"
+        )
+        return EXIT_SIGNAL[signal.SIGTERM]
     if status["status"] == "stopped":
         print(
             f"fedcore: the run stopped after {len(rows)} of {settings.rounds} rounds: {status['reason']}"

@@ -15,6 +15,11 @@ every descendant of the simulation process by process id
 (:func:`fedcore.deploy.processes.stop_descendants`). It runs on every exit of that process: a
 stopped run, a failed one, and a completed one (where Ray has already shut down and it finds
 whatever Ray left). ``fedcore simulate`` needs none of this: its supervisor stops the whole tree.
+
+The same handler first closes the run record the ServerApp was writing
+(:func:`fedcore.federation.server.close_open_records`: status ``interrupted`` as of the last
+checkpoint, resumable): the ServerApp runs in a thread of ``flwr-simulation`` that waits for
+replies and never sees the exit, so without it the record of a stopped run stayed open.
 """
 
 from __future__ import annotations
@@ -42,11 +47,14 @@ def stop_ray_on_exit() -> bool:
         _registered.set()
         from flwr.supercore.exit import add_exit_handler
 
-        add_exit_handler(_stop_descendants, run_before_force_exit=True)
+        add_exit_handler(_on_exit, run_before_force_exit=True)
     return True
 
 
-def _stop_descendants() -> None:
+def _on_exit() -> None:
     from fedcore.deploy.processes import stop_descendants
+    from fedcore.federation.server import close_open_records
+
+    close_open_records()
 
     stop_descendants(grace=2.0)

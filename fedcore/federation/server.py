@@ -14,6 +14,8 @@ signal is closed from outside by :func:`close_interrupted`.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,8 @@ def initial_model(
         return build_model(settings.model, input_shape=input_shape, num_classes=num_classes)
 
 
+log = logging.getLogger(__name__)
+
 # How long a server waits for the server of an earlier attempt to let go of the record (a killed
 # deployment's ServerApp notices the lost SuperLink within seconds), before it refuses.
 WRITER_WAIT = 30.0
@@ -80,8 +84,43 @@ def run_server(
     """Run the federation described by ``settings`` on ``grid``; write the run record to ``out_dir``,
     as its one writer (:func:`~fedcore.runrecord.record_writer`; :class:`RecordInUseError` if
     another process keeps writing it)."""
-    with record_writer(out_dir, wait=WRITER_WAIT):
-        return _serve(grid, settings, out_dir, reporter=reporter)
+    path = Path(out_dir)
+    with record_writer(path, wait=WRITER_WAIT):
+        _writing.add(path)
+        try:
+            return _serve(grid, settings, path, reporter=reporter)
+        finally:
+            _writing.discard(path)
+
+
+STOPPED = "stopped from outside (`flwr stop`, or a signal to the server)"
+_writing: set[Path] = set()  # the records run_server is writing in this process
+_closed_on_exit: set[Path] = set()  # ... and those close_open_records closed under it
+
+
+def close_open_records(reason: str = STOPPED) -> list[Path]:
+    """Close, as interrupted at their last checkpoint, the records a server in this process is
+    still writing, because the process is exiting under it: ``flwr stop`` on a simulation
+    SuperLink ends ``flwr-simulation`` while its ServerApp thread waits for replies and never
+    sees the exit (:mod:`fedcore.federation.ray_cleanup` calls this from Flower's exit handler).
+    This process holds their writer lock. Returns the records closed."""
+    closed = []
+    for path in list(_writing):
+        try:
+            _close_stopped(path, reason)
+            _closed_on_exit.add(path)  # the server thread, if it still runs, leaves it so
+            closed.append(path)
+        except Exception:  # noqa: BLE001 - exiting: close what can be closed, say what could not
+            log.exception("could not close the run record %s", path)
+    return closed
+
+
+def _close_stopped(path: Path, reason: str) -> None:
+    if _close_at_checkpoint(path, reason=reason, status="interrupted") is None:
+        settings = recorded_settings(path)  # stopped before its first round: nothing to resume
+        RunRecord.reopen(
+            path, settings, rows=[], initial_loss=math.nan, initial_accuracy=math.nan
+        ).finish(status="interrupted", reason=reason)
 
 
 def _serve(
@@ -174,6 +213,11 @@ def _serve(
             checkpoint=checkpoint,
         )
     except BaseException as exc:
+        if record.path in _closed_on_exit:  # the process is exiting; the record is closed
+            raise
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # how Flower ends a stopped run
+            _close_stopped(record.path, STOPPED)
+            raise
         _write_privacy(record, settings, ledger)
         record.finish(status="failed", reason=f"{type(exc).__name__}: {exc}")
         raise

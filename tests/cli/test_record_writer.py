@@ -91,3 +91,78 @@ def test_resume_is_refused_while_another_process_writes_the_record(tmp_path, mon
         _stop(proc)
     record = server.run_server(FakeGrid(resumed, {1: honest, 2: honest}), resumed, out)
     assert [r.round for r in record.rows] == [1, 2]
+
+
+class _StoppedGrid(FakeGrid):
+    """A grid whose run is stopped (as Flower does on `flwr stop`: SystemExit in the ServerApp)
+    once ``after`` exchanges have been answered."""
+
+    def __init__(self, settings, behaviours, *, after: int, stop: BaseException):
+        super().__init__(settings, behaviours)
+        self.after, self.stop = after, stop
+
+    def send_and_receive(self, messages, *, timeout):
+        if self.exchanges >= self.after:
+            raise self.stop
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.usefixtures("flower_identity")
+@pytest.mark.parametrize("stop", [SystemExit(0), KeyboardInterrupt()])
+def test_a_server_stopped_mid_run_closes_its_record_as_interrupted_and_resumable(tmp_path, stop):
+    from fedcore.cli.simulate import report
+
+    settings = resolve(overrides=["sites=2", "rounds=3", "local_epochs=1", "round_timeout=5"])
+    out = tmp_path / "run"
+    grid = _StoppedGrid(settings, {1: honest, 2: honest}, after=3, stop=stop)  # in round 2
+    with pytest.raises(type(stop)):
+        server.run_server(grid, settings, out)
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["rounds_completed"] == 1, status
+    assert "interrupted after round 1" in (out / "summary.md").read_text()
+    assert (out / "model.pt").exists()
+    assert report(out, settings) == 143  # not "failed: SystemExit: 0", exit 1
+    resumed = server.resume_settings(out, {})
+    record = server.run_server(FakeGrid(resumed, {1: honest, 2: honest}), resumed, out)
+    assert [r.round for r in record.rows] == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_the_exit_handler_closes_a_record_whose_server_thread_never_sees_the_exit(tmp_path):
+    """`flwr stop` on a simulation SuperLink: flwr-simulation exits while its ServerApp thread
+    waits for replies; the exit handler closes the record that thread holds."""
+    import threading
+
+    settings = resolve(overrides=["sites=2", "rounds=3", "local_epochs=1", "round_timeout=5"])
+    out = tmp_path / "run"
+    waiting, release = threading.Event(), threading.Event()
+
+    class Hanging(FakeGrid):
+        def send_and_receive(self, messages, *, timeout):
+            if self.exchanges >= 3:  # round 2: wait for replies that never come
+                waiting.set()
+                release.wait(30)
+                raise RuntimeError("the process exited")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    thread = threading.Thread(
+        target=lambda: pytest.raises(
+            RuntimeError,
+            server.run_server,
+            Hanging(settings, {1: honest, 2: honest}),
+            settings,
+            out,
+        ),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        assert waiting.wait(60)
+        assert server.close_open_records() == [out]
+        status = json.loads((out / "status.json").read_text())
+        assert status["status"] == "interrupted" and status["rounds_completed"] == 1, status
+    finally:
+        release.set()
+        thread.join(30)
+    # The thread's own failure afterwards does not turn the closed record into a failed one.
+    assert json.loads((out / "status.json").read_text())["status"] == "interrupted"

@@ -1,4 +1,5 @@
-"""`flwr stop` of a run on a simulation SuperLink leaves no process behind (issue 12, point 5).
+"""`flwr stop` of a run on a simulation SuperLink leaves no process behind (issue 12, point 5),
+and the run record closed as interrupted.
 
 Flower 1.41: ``flwr run`` against a SuperLink started with ``--simulation`` makes it start one
 ``flwr-simulation`` process per run, which starts a local Ray cluster (GCS, raylet, dashboard,
@@ -10,6 +11,7 @@ descendant of the SuperLink, since Ray's agents do not inherit ``FLWR_HOME``.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -94,6 +96,14 @@ def test_flwr_stop_leaves_no_process_of_the_run(tmp_path, request):
             )
 
         assert wait_until(ray_up, timeout=75, interval=0.5), sorted(seen.values())
+        record = tmp_path / "record"
+
+        def a_round_done() -> bool:
+            snapshot()
+            history = record / "history.jsonl"
+            return history.exists() and bool(history.read_text().strip())
+
+        assert wait_until(a_round_done, timeout=120, interval=0.5)
 
         stopped = subprocess.run(
             [str(bin_dir / "flwr"), "stop", run_id, "sim"],
@@ -109,6 +119,10 @@ def test_flwr_stop_leaves_no_process_of_the_run(tmp_path, request):
         left = {i.pid: c for i, c in seen.items() if i not in daemons and i.alive()}
         assert left == {}, left
         assert superlink.running(), "the SuperLink itself keeps running after `flwr stop`"
+        # ... and the record is closed, resumable, although the ServerApp's thread never saw it.
+        status = json.loads((record / "status.json").read_text())
+        assert status["status"] == "interrupted" and status["rounds_completed"] >= 1, status
+        assert (record / "model.pt").exists() and (record / "summary.md").exists()
     finally:
         supervisor.stop_all()
         for ident in seen:  # whatever the test saw and is still there, by pid

@@ -22,4 +22,4 @@ def test_registered_once_in_flwr_simulation_and_never_elsewhere(monkeypatch):
     assert ray_cleanup.stop_ray_on_exit() is True
     (handler,) = exit_handler.registered_exit_handlers
     # Before Flower's force-exit timer (5 s), so it runs before the process can be cut short.
-    assert handler.run_before_force_exit and handler.exit_handler is ray_cleanup._stop_descendants
+    assert handler.run_before_force_exit and handler.exit_handler is ray_cleanup._on_exit
