@@ -60,16 +60,14 @@ def run(args: argparse.Namespace) -> int:
     args.overrides = overrides
     from fedcore.cli import preflight as checks
     from fedcore.cli.simulate import (
-        Stopped,
         close_crashed,
         interrupted,
         report,
         resolve_run,
         run_status,
-        signals_stop,
     )
     from fedcore.deploy.local import deploy_local
-    from fedcore.deploy.processes import signals_deferred
+    from fedcore.deploy.processes import Stopped, signals_deferred, signals_stop
 
     settings, out_dir = resolve_run(args)
     out_dir = out_dir.expanduser().resolve()

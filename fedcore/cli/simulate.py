@@ -25,13 +25,11 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 from fedcore import config as cfg
 from fedcore.cli import add_settings_arguments
+from fedcore.deploy.processes import Stopped, signals_stop
 from fedcore.errors import ConfigError
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
@@ -61,29 +59,6 @@ def add_resume_argument(parser: argparse.ArgumentParser) -> None:
         help="continue the run record DIR from its last completed round, with its settings "
         "(--set may change only how it runs: rounds, round_timeout, client_cpus, ...)",
     )
-
-
-class Stopped(BaseException):
-    """A signal asked fedcore to stop (raised in the main thread by :func:`signals_stop`)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def signals_stop() -> Iterator[None]:
-    """Inside, SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Stopped(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in EXIT_SIGNAL}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[cfg.Settings, Path]:

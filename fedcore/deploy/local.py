@@ -432,7 +432,7 @@ def deploy_local(
 
     The run record goes to ``out_dir``. Raises :class:`ConfigError` when a step fails (nothing is
     left running then), and lets ``KeyboardInterrupt`` and
-    :class:`~fedcore.deploy.processes.Terminated` through after stopping everything.
+    :class:`~fedcore.deploy.processes.Stopped` through after stopping everything.
     """
     with LocalDeployment(
         settings, out_dir=out_dir, echo=echo, verbose=verbose, app_dir=app_dir

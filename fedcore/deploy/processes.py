@@ -271,18 +271,27 @@ def wait_until(
         time.sleep(interval)
 
 
-class Terminated(BaseException):
-    """Raised in the main thread when the process receives SIGTERM (like KeyboardInterrupt)."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(BaseException):
+    """A signal asked fedcore to stop (raised in the main thread by :func:`signals_stop`); like
+    KeyboardInterrupt, not an Exception, so only the code that stops processes catches it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def terminate_as_exception() -> Iterator[None]:
-    """Inside, SIGTERM (and SIGHUP) raise :class:`Terminated`, so ``finally`` blocks run."""
+def signals_stop() -> Iterator[None]:
+    """Inside, SIGINT, SIGTERM and SIGHUP raise :class:`Stopped` in the main thread, so
+    ``finally`` blocks (a supervisor stopping its processes) run."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(f"received signal {signal.Signals(signum).name}")
+        raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:

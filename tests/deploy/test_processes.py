@@ -14,8 +14,8 @@ import pytest
 from fedcore.deploy.processes import (
     ProcessId,
     ProcessSupervisor,
-    Terminated,
-    terminate_as_exception,
+    Stopped,
+    signals_stop,
 )
 from fedcore.errors import ConfigError
 
@@ -90,14 +90,14 @@ def test_sigterm_becomes_an_exception_and_cleanup_runs(tmp_path):
     pid_file = tmp_path / "pid"
     script = rf"""
 import os, signal, sys, time
-from fedcore.deploy.processes import ProcessSupervisor, Terminated, terminate_as_exception
+from fedcore.deploy.processes import ProcessSupervisor, Stopped, signals_stop
 try:
-    with terminate_as_exception(), ProcessSupervisor(grace=5) as s:
+    with signals_stop(), ProcessSupervisor(grace=5) as s:
         p = s.start("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
         open({str(pid_file)!r}, "w").write(str(p.pid))
         time.sleep(600)
-except Terminated:
-    sys.exit(143)
+except Stopped as stop:
+    sys.exit(128 + stop.signum)
 """
     outer = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -112,12 +112,12 @@ except Terminated:
             outer.wait()
 
 
-def test_terminate_as_exception_restores_handlers():
+def test_signals_stop_restores_handlers():
     before = signal.getsignal(signal.SIGTERM)
-    with terminate_as_exception():
+    with signals_stop():
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
-    assert issubclass(Terminated, BaseException) and not issubclass(Terminated, Exception)
+    assert issubclass(Stopped, BaseException) and not issubclass(Stopped, Exception)
 
 
 # A root (as flwr-simulation) with a child that has a detached grandchild (as the raylet and its
