@@ -63,6 +63,17 @@ def grid_step(*, sensitivity: float, dim: int) -> float:
 
 def discrete_gaussian(n: int, *, sigma: float, rng: CryptoRng) -> np.ndarray:
     """``n`` independent draws of the discrete Gaussian N_Z(0, sigma^2) (CKS 2020, Alg. 3), int64."""
+    out = np.zeros(n, dtype=np.float64)
+    _add_discrete_gaussian(out, sigma=sigma, rng=rng)
+    return out.astype(np.int64)  # integer-valued floats below 2**53 in magnitude: exact
+
+
+def _add_discrete_gaussian(total: np.ndarray, *, sigma: float, rng: CryptoRng) -> None:
+    """Add ``total.size`` draws of N_Z(0, sigma^2) to the float64 vector ``total`` in place (the
+    draws of :func:`discrete_gaussian` with the same generator, without an int64 copy). Raises
+    :class:`ConfigError` for a bad ``sigma`` or a generator that is not a CryptoRng, before
+    anything is drawn or changed."""
+    n = total.size
     if not (math.isfinite(sigma) and sigma > 0) or sigma > 2.0**50:
         raise ConfigError(f"discrete Gaussian sigma must be in (0, 2**50], got {sigma!r}")
     if not isinstance(rng, CryptoRng):
@@ -71,7 +82,6 @@ def discrete_gaussian(n: int, *, sigma: float, rng: CryptoRng) -> np.ndarray:
     # Alg. 3 accepts about 0.76 of its candidates for large sigma, 0.54 at sigma = 1; a short
     # batch is topped up by the next pass of the loop, so the factor only sets the speed.
     factor = 1.35 if sigma >= 3 else 2.0
-    out = np.empty(n, dtype=np.int64)
     filled = 0
     while filled < n:
         want = n - filled
@@ -109,9 +119,8 @@ def discrete_gaussian(n: int, *, sigma: float, rng: CryptoRng) -> np.ndarray:
         if zero.any():  # probability about 1/t per candidate
             kept = kept[~(zero & np.signbit(kept))]  # reject a negative zero
         kept = kept[:want]
-        out[filled : filled + kept.size] = kept  # integer-valued floats, exact in int64
+        total[filled : filled + kept.size] += kept  # integer-valued floats
         filled += kept.size
-    return out
 
 
 def add_grid_gaussian(
@@ -134,7 +143,7 @@ def add_grid_gaussian(
     widened = std * (1.0 + gamma * math.sqrt(dim) / sensitivity)
     total = flat * (1.0 / gamma)  # exact: gamma is a power of two
     np.rint(total, out=total)
-    total += discrete_gaussian(flat.size, sigma=widened / gamma, rng=rng)
+    _add_discrete_gaussian(total, sigma=widened / gamma, rng=rng)
     if flat.size and not max(float(total.max()), -float(total.min())) < _EXACT:
         raise ConfigError(
             f"a value of magnitude {float(np.max(np.abs(flat))):.3g} is too large for the noise "

@@ -138,3 +138,15 @@ def test_discrete_gaussian_draws_come_from_the_crypto_rng() -> None:
     rng = CryptoRng.from_seed(3, purpose="s")
     first, second = (discrete_gaussian(9_000, sigma=sigma, rng=rng) for _ in range(2))
     assert np.mean(first == second) < 0.01
+
+
+def test_grid_release_adds_the_samplers_draws_to_the_rounded_value() -> None:
+    """add_grid_gaussian(x) is gamma (rint(x / gamma) + K) with K the sampler's draws from the same
+    generator: the in-place path adds the very draws that discrete_gaussian returns."""
+    x = np.random.default_rng(5).normal(size=9_000)
+    out, gamma = add_grid_gaussian(
+        x, std=1.0, sensitivity=1.0, rng=CryptoRng.from_seed(18, purpose="g")
+    )
+    sigma = 1.0 * (1.0 + gamma * math.sqrt(x.size)) / gamma
+    k = discrete_gaussian(x.size, sigma=sigma, rng=CryptoRng.from_seed(18, purpose="g"))
+    assert np.array_equal(out, (np.rint(x / gamma) + k) * gamma)
