@@ -474,18 +474,19 @@ class FusedDPStep:
     @torch.no_grad()
     def apply(self, noised_sums: list[torch.Tensor]) -> None:
         """The SGD update on ``noised_sums / (q n)`` (consumed): ``torch.optim.SGD``'s rule
-        (momentum buffer started at the first gradient, no dampening, no weight decay) in three
-        multi-tensor operations, without the optimiser's per-step overhead."""
+        (momentum buffer started at the first gradient, no dampening, no weight decay) in at most
+        three multi-tensor operations, without the optimiser's per-step overhead. Without momentum
+        it is one, ``p -= (lr / (q n)) * sum`` (the same step up to float32 rounding)."""
+        if not self.momentum:
+            torch._foreach_add_(self.params, noised_sums, alpha=-self.lr / self.expected_batch_size)
+            return
         torch._foreach_div_(noised_sums, self.expected_batch_size)
-        step = noised_sums
-        if self.momentum:
-            if self._velocity is None:
-                self._velocity = [g.clone() for g in noised_sums]
-            else:
-                torch._foreach_mul_(self._velocity, self.momentum)
-                torch._foreach_add_(self._velocity, noised_sums)
-            step = self._velocity
-        torch._foreach_add_(self.params, step, alpha=-self.lr)
+        if self._velocity is None:
+            self._velocity = [g.clone() for g in noised_sums]
+        else:
+            torch._foreach_mul_(self._velocity, self.momentum)
+            torch._foreach_add_(self._velocity, noised_sums)
+        torch._foreach_add_(self.params, self._velocity, alpha=-self.lr)
 
     def close(self) -> None:
         self.clipper.close()

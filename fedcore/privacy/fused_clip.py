@@ -190,7 +190,7 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
     if isinstance(module, nn.Linear) and a.dim() == 2:
         gg = g.pow(2).sum(1)
         if w_on:
-            sq.add_(gg * a.pow(2).sum(1))
+            sq.addcmul_(gg, a.pow(2).sum(1))
         if b_on:
             sq.add_(gg)
 
