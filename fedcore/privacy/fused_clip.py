@@ -154,7 +154,9 @@ class FusedClipper:
         for finish in pending:
             for param, value in finish(factor):
                 if param is not None:  # always: a pair is only made for a trainable parameter
-                    sums[self._slot[id(param)]] = value.view_as(param)
+                    if value.shape != param.shape:  # Conv2d's flat per-example products
+                        value = value.view_as(param)
+                    sums[self._slot[id(param)]] = value
         return [
             s if s is not None else torch.zeros_like(p)
             for s, p in zip(sums, self.params, strict=True)

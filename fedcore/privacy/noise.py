@@ -115,9 +115,8 @@ def _add_discrete_gaussian(total: np.ndarray, *, sigma: float, rng: CryptoRng) -
         head <<= np.uint64(63)
         np.bitwise_or(magnitude.view(np.uint64), head, out=magnitude.view(np.uint64))
         kept = np.compress(keep, magnitude)
-        zero = kept == 0
-        if zero.any():  # probability about 1/t per candidate
-            kept = kept[~(zero & np.signbit(kept))]  # reject a negative zero
+        if np.count_nonzero(kept) < kept.size:  # a zero: probability about 1/t per candidate
+            kept = kept[~((kept == 0) & np.signbit(kept))]  # reject a negative zero
         kept = kept[:want]
         total[filled : filled + kept.size] += kept  # integer-valued floats
         filled += kept.size
