@@ -154,11 +154,22 @@ class FusedClipper:
         for finish in pending:
             for param, value in finish(factor):
                 if param is not None:  # always: a pair is only made for a trainable parameter
-                    sums[self._slot[id(param)]] = value.view_as(param)
+                    if value.shape != param.shape:  # Conv2d's flat per-example products
+                        value = value.view_as(param)
+                    sums[self._slot[id(param)]] = value
         return [
             s if s is not None else torch.zeros_like(p)
             for s, p in zip(sums, self.params, strict=True)
         ], norms
+
+
+def _row_sq(x: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of squares of the 2-D ``x``, without a squared copy of ``x``: one fused
+    dot-product kernel for narrow rows, the norm reduction (then squared) for wide ones, which
+    measured faster here (64 x 4,608: 21 us against 36 us for ``pow(2).sum(1)``)."""
+    if x.shape[1] <= 1024:
+        return torch.linalg.vecdot(x, x)
+    return torch.linalg.vector_norm(x, dim=1).square()
 
 
 def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Tensor):  # noqa: ANN202
@@ -174,9 +185,9 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
         gw = (g * xhat).sum(dim=dims) if w_on else None
         gb = g.sum(dim=dims) if b_on else None
         if gw is not None:
-            sq.add_(gw.pow(2).sum(1))
+            sq.add_(_row_sq(gw))
         if gb is not None:
-            sq.add_(gb.pow(2).sum(1))
+            sq.add_(_row_sq(gb))
 
         def finish_norm(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
             out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
@@ -188,9 +199,9 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
 
         return finish_norm
     if isinstance(module, nn.Linear) and a.dim() == 2:
-        gg = g.pow(2).sum(1)
+        gg = _row_sq(g)
         if w_on:
-            sq.add_(gg * a.pow(2).sum(1))
+            sq.addcmul_(gg, _row_sq(a))
         if b_on:
             sq.add_(gg)
 
@@ -213,12 +224,12 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
     t, k, o = cols.shape[1], cols.shape[2], gt.shape[2]
     gb = gt.sum(1) if b_on else None
     if gb is not None:
-        sq.add_(gb.pow(2).sum(1))
+        sq.add_(_row_sq(gb))
     per_example = None
     if w_on:
         if o * k <= t * t:
             per_example = torch.bmm(gt.transpose(1, 2), cols).reshape(batch, -1)  # (B, out * k)
-            sq.add_(per_example.pow(2).sum(1))
+            sq.add_(_row_sq(per_example))
         else:
             sq.add_(
                 (torch.bmm(cols, cols.transpose(1, 2)) * torch.bmm(gt, gt.transpose(1, 2))).sum(
@@ -249,7 +260,7 @@ def _per_conv(
     batch = a.shape[0]
     gb = g.sum((2, 3)) if b_on else None
     if gb is not None:
-        sq.add_(gb.pow(2).sum(1))
+        sq.add_(_row_sq(gb))
     per_example = None
     if w_on:
         out_ch, in_ch, kh, kw = module.weight.shape
@@ -262,7 +273,7 @@ def _per_conv(
             dilation=module.dilation,
             groups=batch,
         ).reshape(batch, -1)
-        sq.add_(per_example.pow(2).sum(1))
+        sq.add_(_row_sq(per_example))
 
     def finish_conv(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         out: list[tuple[torch.Tensor | None, torch.Tensor]] = []

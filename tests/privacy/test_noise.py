@@ -102,3 +102,53 @@ def test_discrete_gaussian_probabilities_match_the_exact_pmf(sigma: float) -> No
         p = math.exp(-(y**2) / (2 * sigma**2)) / z
         se = math.sqrt(p * (1 - p) / k.size) + 1e-7
         assert abs(float(np.mean(k == y)) - p) < 5 * se, (y, float(np.mean(k == y)), p)
+
+
+# SHA-256 (first 32 hex digits) of the int64 bytes of discrete_gaussian(20_000, sigma=s,
+# rng=CryptoRng.from_seed(17, purpose="pin")), computed with the sampler as it was at commit
+# e33a522 (before the pass-count trims of issue 13 point 7): the faster code must consume the
+# keystream and compute every float exactly as that one did, so its draws are the same, bit for
+# bit (a changed sign rule, coin comparison or negative-zero rejection changes the digest).
+# The draws go through libm's log1p and exp; sigmas up to 1e3 keep each magnitude's floor far
+# (relative to one ulp) from an integer, so another libm cannot flip one in 20,000 draws. (The
+# MLP's sigma in grid units, about 1.3e8, would: one ulp there is about 1e-8 of a unit.)
+_PINNED_DRAWS = {
+    0.7: "0a25fd2f1c67c3c4b046ccfcc5b51a89",
+    4.0: "3122eaa93721b388f17f3d0ced17c2b9",
+    1e3: "070da724f5c040af6769ac6c7fca479c",
+}
+
+
+@pytest.mark.parametrize("sigma", sorted(_PINNED_DRAWS))
+def test_discrete_gaussian_draws_are_those_of_the_reference_sampler(sigma: float) -> None:
+    import hashlib
+
+    k = discrete_gaussian(20_000, sigma=sigma, rng=CryptoRng.from_seed(17, purpose="pin"))
+    assert hashlib.sha256(k.tobytes()).hexdigest()[:32] == _PINNED_DRAWS[sigma]
+
+
+def test_discrete_gaussian_draws_come_from_the_crypto_rng() -> None:
+    """The draws are a function of the CryptoRng's keystream: the same seed gives the same draws,
+    another seed other draws, and the generator advances (two calls differ)."""
+    sigma = 134217822.71
+
+    def draws(seed: int) -> np.ndarray:
+        return discrete_gaussian(9_000, sigma=sigma, rng=CryptoRng.from_seed(seed, purpose="s"))
+
+    assert np.array_equal(draws(1), draws(1))
+    assert np.mean(draws(1) == draws(2)) < 0.01
+    rng = CryptoRng.from_seed(3, purpose="s")
+    first, second = (discrete_gaussian(9_000, sigma=sigma, rng=rng) for _ in range(2))
+    assert np.mean(first == second) < 0.01
+
+
+def test_grid_release_adds_the_samplers_draws_to_the_rounded_value() -> None:
+    """add_grid_gaussian(x) is gamma (rint(x / gamma) + K) with K the sampler's draws from the same
+    generator: the in-place path adds the very draws that discrete_gaussian returns."""
+    x = np.random.default_rng(5).normal(size=9_000)
+    out, gamma = add_grid_gaussian(
+        x, std=1.0, sensitivity=1.0, rng=CryptoRng.from_seed(18, purpose="g")
+    )
+    sigma = 1.0 * (1.0 + gamma * math.sqrt(x.size)) / gamma
+    k = discrete_gaussian(x.size, sigma=sigma, rng=CryptoRng.from_seed(18, purpose="g"))
+    assert np.array_equal(out, (np.rint(x / gamma) + k) * gamma)
