@@ -67,3 +67,8 @@ class CorruptJournalError(ConfigError):
 class RecordInUseError(ConfigError):
     """Another process is writing this run record (a run still going on, or the server of one that
     was killed and has not yet exited); nothing in the record was touched."""
+
+
+class UnsupportedModel(FedcoreError):
+    """The model has a layer or a usage fedcore's fused DP-SGD clipper does not handle; internal:
+    DP-SGD then falls back to Opacus (:func:`fedcore.privacy.dpsgd._resolve_mode`)."""

@@ -58,7 +58,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fedcore.crypto.stream import CryptoRng
-from fedcore.errors import ConfigError
+from fedcore.errors import ConfigError, UnsupportedModel
 from fedcore.privacy.dpsgd_plan import (  # noqa: F401 - re-exported: the plan needs no Opacus
     GradSampleMode,
     SiteDPConfig,
@@ -66,7 +66,7 @@ from fedcore.privacy.dpsgd_plan import (  # noqa: F401 - re-exported: the plan n
     plan_round,
 )
 from fedcore.privacy.events import PoissonSubsampledGaussian
-from fedcore.privacy.fused_clip import FusedClipper, UnsupportedModel
+from fedcore.privacy.fused_clip import FusedClipper
 from fedcore.privacy.ledger import PrivacyLedger, ScopeKind
 from fedcore.privacy.noise import add_grid_gaussian
 
@@ -387,7 +387,9 @@ class FusedDPStep:
 
     def release(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
         """The clipped sums with the grid Gaussian (the one release of a step)."""
-        return release_noised_sum(sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng)
+        return release_noised_sum(
+            sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng
+        )
 
     @torch.no_grad()
     def apply(self, noised_sums: list[torch.Tensor]) -> None:

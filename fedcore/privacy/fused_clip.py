@@ -45,13 +45,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
 
+from fedcore.errors import UnsupportedModel
+
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 _EPS = 1e-6  # Opacus's: clip factor = C / (norm + 1e-6), at most 1
-
-
-class UnsupportedModel(Exception):
-    """The model has a layer or a usage the fused clipper does not handle (internal: callers
-    fall back to Opacus)."""
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
