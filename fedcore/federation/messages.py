@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -54,9 +56,33 @@ def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
 
 
+# Inside decoded_once(): id(record) -> (record, its decoded state), so that the sites one simulated
+# node plays decode the global model they share once, not once each.
+_DECODED: ContextVar[dict[int, tuple[ArrayRecord, dict[str, torch.Tensor]]] | None] = ContextVar(
+    "fedcore_decoded", default=None
+)
+
+
+@contextmanager
+def decoded_once() -> Iterator[None]:
+    """Inside, :func:`record_to_state` decodes each ``ArrayRecord`` object once (the records must
+    not change meanwhile); every call still returns tensors of its own."""
+    token = _DECODED.set({})
+    try:
+        yield
+    finally:
+        _DECODED.reset(token)
+
+
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ``ArrayRecord`` back to a ``state_dict`` of CPU tensors."""
-    return record.to_torch_state_dict()
+    cache = _DECODED.get()
+    if cache is None:
+        return record.to_torch_state_dict()
+    hit = cache.get(id(record))
+    if hit is None or hit[0] is not record:
+        hit = cache[id(record)] = (record, record.to_torch_state_dict())
+    return {key: tensor.clone() for key, tensor in hit[1].items()}
 
 
 def content_bytes(message: Message) -> int:

@@ -175,21 +175,23 @@ def simulate(
     Raises what the ServerApp raised (a :class:`~fedcore.errors.FedcoreError` for bad input).
     """
     from fedcore.federation.batched import NODES_ENV, node_count
+    from fedcore.federation.delivery import prompt_delivery
 
     cpus = connect_ray(settings.ray_address, verbose=verbose) if settings.ray_address else None
     nodes = node_count(settings, cpus)
     saved = os.environ.get(NODES_ENV)
     os.environ[NODES_ENV] = str(nodes)  # the ServerApp (this process) plays sites on the nodes
     try:
-        run_app(
-            app_dir or find_app_dir(),
-            server_app=SERVER_APP,
-            client_app=CLIENT_APP,
-            run_config={**settings.to_run_config(), "out": str(out_dir)},
-            sites=nodes,
-            backend=backend_config(settings, verbose=verbose),
-            verbose=verbose,
-        )
+        with prompt_delivery():  # no 0.1 s polls between the Grid and the engine
+            run_app(
+                app_dir or find_app_dir(),
+                server_app=SERVER_APP,
+                client_app=CLIENT_APP,
+                run_config={**settings.to_run_config(), "out": str(out_dir)},
+                sites=nodes,
+                backend=backend_config(settings, verbose=verbose),
+                verbose=verbose,
+            )
     finally:
         if saved is None:
             os.environ.pop(NODES_ENV, None)
