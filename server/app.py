@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcore.config import from_run_config
 from fedcore.federation.progress import RichReporter
 from fedcore.federation.server import run_server
+from fedcore.federation.simulation import run_finished
 from fedcore.runrecord import default_out_dir
 
 app = ServerApp()
@@ -25,3 +26,4 @@ def main(grid: Grid, context: Context) -> None:
         run_server(grid, settings, settings.out or default_out_dir(), reporter=reporter)
     finally:
         reporter.close()
+    run_finished()  # under `fedcore simulate`: the record is closed, the run may be stopped now

@@ -54,7 +54,11 @@ Ray, deliberately:
 - Flower's telemetry is off (``FLWR_TELEMETRY_ENABLED=0``) unless the user set it.
 
 ``fedcore simulate`` runs all of this in a child process (:func:`child_argv`, ``python -m
-fedcore.federation.simulation``) in a session of its own, so that a signal reaches only the
+fedcore.federation.simulation``), started *before* its checks so that the child's imports (torch,
+Flower, Ray: seconds) overlap them; the child waits for a go (a file in a handshake folder,
+:data:`HANDSHAKE_ENV`) before it runs anything, and is killed instead if a check fails. Once the
+ServerApp has closed the record the child says so (:func:`run_finished`) and the parent stops it
+and Ray at once. The child runs in a session of its own, so that a signal reaches only the
 ``fedcore`` process, which then stops the child and everything it started (Ray's daemons and
 workers are its descendants) and closes the run record itself. The child has the working
 directory on its import path, and hands it to Ray's workers through ``PYTHONPATH``, so a model
@@ -64,10 +68,12 @@ given as ``package.module:callable`` next to the user's files is found as with `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -288,10 +294,42 @@ def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]
     ]
 
 
-def child_env(cwd: Path | None = None) -> dict[str, str]:
+# The folder through which `fedcore simulate` and its child agree on two moments (see main()):
+# GO, written by the parent once its checks passed and the record folder exists; DONE, written by
+# the child once the ServerApp has closed the record.
+HANDSHAKE_ENV = "FEDCORE_SIMULATION_HANDSHAKE"
+GO, DONE = "go", "done"
+# What the child imports while the parent checks the settings: the modules every run needs.
+WARM_MODULES = ("ray", "flwr.simulation.run_simulation", "fedcore.federation.server", "clients.app")
+
+
+def run_finished() -> None:
+    """Tell ``fedcore simulate`` that the ServerApp has closed the run record: it then stops this
+    process and Ray at once (SIGKILL; nothing in them needs a clean exit) rather than waiting
+    seconds for Flower to stop its actors and Ray to shut down. Nothing outside the simulation."""
+    if folder := os.environ.get(HANDSHAKE_ENV):
+        with contextlib.suppress(OSError):
+            (Path(folder) / DONE).touch()
+
+
+def _await_go(folder: Path) -> None:
+    """Import what the run needs, then wait for the parent's go (it kills this process instead
+    if its checks fail, and the kernel does if it dies: ``die_with_parent``)."""
+    import importlib
+
+    for name in WARM_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    while not (folder / GO).exists():
+        time.sleep(0.02)
+
+
+def child_env(cwd: Path | None = None, *, handshake: Path | None = None) -> dict[str, str]:
     """The child's environment: the working directory first on ``PYTHONPATH`` (Ray's workers
-    inherit it), Flower's telemetry off unless set."""
+    inherit it), Flower's telemetry off unless set, and the handshake folder (:func:`main`)."""
     env = dict(os.environ)
+    if handshake is not None:
+        env[HANDSHAKE_ENV] = str(handshake)
     paths = [str((cwd or Path.cwd()).resolve())]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
@@ -308,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_config", help="the run config as JSON (what child_argv writes)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if folder := os.environ.get(HANDSHAKE_ENV):
+        _await_go(Path(folder))
     run_config = json.loads(args.run_config)
     settings = from_run_config(run_config)
     simulate(settings, out_dir=Path(run_config["out"]), verbose=args.verbose)
