@@ -41,6 +41,9 @@ SITES = "sites"
 NODES_ENV = "FEDCORE_SIMULATED_NODES"
 
 Handler = Callable[[Message, Context], Message]
+# A node's request and reply are held whole (by its worker, Ray's object store and the server) while
+# in flight: past this many sites a node, more nodes (a few more messages a round) keep them small.
+MAX_AUTO_SITES_PER_NODE = 1000
 PULL_INTERVAL = 0.01  # seconds between polls of the simulation's Grid for replies
 
 
@@ -57,13 +60,14 @@ def workers(settings: Settings, cpus: int | None = None) -> int:
 
 def sites_per_node(settings: Settings, cpus: int | None = None) -> int:
     """The sites one simulated Flower node plays: ``simulation.sites_per_node``, or with 0 (auto)
-    ``ceil(sites / workers)``; always 1 under secure aggregation, whose protocol needs one Flower
-    node (one protocol client, one key, one ``context.state``) per site."""
+    ``ceil(sites / workers)``, at most :data:`MAX_AUTO_SITES_PER_NODE`; always 1 under secure
+    aggregation, whose protocol needs one Flower node (one protocol client, one key, one
+    ``context.state``) per site."""
     if settings.secagg.enabled:
         return 1
     chosen = settings.simulation.sites_per_node
     if chosen == 0:
-        chosen = math.ceil(settings.sites / workers(settings, cpus))
+        chosen = min(math.ceil(settings.sites / workers(settings, cpus)), MAX_AUTO_SITES_PER_NODE)
     return max(1, min(chosen, settings.sites))
 
 
@@ -206,7 +210,7 @@ def unpack_reply(reply: Message, group: Sequence[Message]) -> list[Message]:
 
 
 def is_batch(msg: Message) -> bool:
-    return not msg.has_error() and BATCH in msg.content.config_records
+    return not msg.has_error() and isinstance(msg.content.get(BATCH), ConfigRecord)
 
 
 def site_context(context: Context, settings: Settings, site: int) -> Context:
@@ -226,7 +230,7 @@ def answer_batch(msg: Message, context: Context, settings: Settings, handler: Ha
     refuses to play others (:class:`RemoteProtocolError`)."""
     if not is_simulated(context.node_config):
         raise RemoteProtocolError("a batched (many-site) request reached a deployed site")
-    index = msg.content.config_records[BATCH]
+    index = msg.content[BATCH]
     sites = [int(s) for s in index.get(SITES, [])]  # type: ignore[union-attr]
     if any(not 0 <= s < settings.sites for s in sites) or len(set(sites)) != len(sites):
         raise RemoteProtocolError(f"batched request names sites {sites} of {settings.sites}")

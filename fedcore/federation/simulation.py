@@ -29,6 +29,12 @@ Ray worker), still on Flower's Message API and simulation engine
 - **Across machines**: with ``ray_address`` the run joins an existing Ray cluster
   (:func:`connect_ray`) and its workers run on every machine of it; the cluster's CPUs count for
   ``sites_per_node``.
+- **Per round, nothing waits on a timer.** Flower's engine polls for instructions and replies
+  every 0.1 s; inside :func:`simulate` its two loops are woken by events instead
+  (:mod:`fedcore.federation.delivery`). A node decodes the global model its sites share once
+  (:func:`fedcore.federation.messages.decoded_once`) and the server splits a node's reply in
+  one pass. Past :data:`~fedcore.federation.batched.MAX_AUTO_SITES_PER_NODE` sites a node, the
+  automatic setting starts more nodes, so that no message in flight holds thousands of sites.
 - ``simulation.sites_per_node = 1`` is the one-site-per-node path, kept for fidelity checks; for a
   deterministic configuration both give the same global model up to float error
   (``tests/federation/test_batched.py``).
@@ -240,11 +246,7 @@ def run_app(
 ) -> None:
     """Run any Flower app (``module:attr`` references inside ``app_dir``) on the simulation engine,
     with ``run_config`` given to the ServerApp and every ClientApp."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ[SIMULATION_MARKER] = "1"  # sites may keep their state under the run record
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    _engine_environment()
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -282,6 +284,15 @@ def run_app(
     )
 
 
+def _engine_environment() -> None:
+    """The environment Flower and Ray read (some when they are imported)."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ[SIMULATION_MARKER] = "1"  # sites may keep their state under the run record
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
 def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]:
     """The command that runs :func:`simulate` for ``settings`` in a child process."""
     run_config = {**settings.to_run_config(), "out": str(out_dir)}
@@ -317,6 +328,7 @@ def _await_go(folder: Path) -> None:
     if its checks fail, and the kernel does if it dies: ``die_with_parent``)."""
     import importlib
 
+    _engine_environment()
     for name in WARM_MODULES:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)

@@ -149,6 +149,9 @@ def test_node_count_follows_the_setting():
     assert batched.node_count(one, cpus=2) == 1000
     seven = resolve(overrides=["sites=100", "simulation.sites_per_node=7"])
     assert batched.node_count(seven, cpus=16) == 15
+    many = resolve(overrides=["sites=10000", "client_cpus=1"])
+    assert batched.sites_per_node(many, cpus=2) == batched.MAX_AUTO_SITES_PER_NODE
+    assert batched.node_count(many, cpus=2) == 10
 
 
 def _batch_request(settings, sites):
