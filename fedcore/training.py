@@ -8,6 +8,7 @@ any privacy noise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +96,7 @@ def train_epochs(
 
 
 @torch.no_grad()
-def sgd_step(params: list[torch.Tensor], lr: float) -> None:
+def sgd_step(params: Sequence[torch.Tensor], lr: float) -> None:
     """One step of plain SGD, ``p <- p - lr * grad``: what ``torch.optim.SGD(params, lr)`` does
     without momentum or weight decay (its CPU path is this very ``add_``), written out because the
     first ``torch.optim`` optimizer in a process imports ``torch._dynamo``, 2-4 s here, paid by

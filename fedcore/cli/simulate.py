@@ -8,8 +8,10 @@ Settings are checked, and the data and model loaded once, before Ray starts
 no run record. The run record goes into exactly ``DIR`` (default ``runs/<timestamp>``).
 
 The federation runs in a child process in a session of its own
-(:func:`fedcore.federation.simulation.child_argv`). The first SIGINT (Ctrl-C) or SIGTERM stops it:
-the round in flight is abandoned, the child and every process it started (Ray) are stopped by
+(:func:`fedcore.federation.simulation.child_argv`), started before the checks so that its imports
+overlap them (it waits for a go, and is killed if a check fails); when the ServerApp has closed
+the record the child and Ray are killed at once rather than shut down (nothing in them needs it).
+The first SIGINT (Ctrl-C) or SIGTERM stops it: the round in flight is abandoned, the child and every process it started (Ray) are stopped by
 process id, and the record is closed as of the last completed round (``model.pt``, plots, summary
 "interrupted after round R"). ``--resume DIR`` continues such a record from its checkpoint.
 

@@ -231,6 +231,8 @@ def answer_batch(msg: Message, context: Context, settings: Settings, handler: Ha
     if not is_simulated(context.node_config):
         raise RemoteProtocolError("a batched (many-site) request reached a deployed site")
     index = msg.content[BATCH]
+    if not isinstance(index, ConfigRecord):
+        raise RemoteProtocolError(f"batched request's {BATCH!r} is not a config record")
     sites = [int(s) for s in index.get(SITES, [])]  # type: ignore[union-attr]
     if any(not 0 <= s < settings.sites for s in sites) or len(set(sites)) != len(sites):
         raise RemoteProtocolError(f"batched request names sites {sites} of {settings.sites}")

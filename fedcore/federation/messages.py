@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedcore.errors import RemoteProtocolError
 
@@ -238,7 +238,7 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
                 f"array {key!r}: expected {ref.dtype}{list(ref.shape)}, got {got.dtype}{list(got.shape)}"
             )
         try:
-            values = got.numpy()
+            values = _decode_like(got, ref)
         except Exception as exc:  # noqa: BLE001 - any decode failure of peer bytes
             raise RemoteProtocolError(f"array {key!r} could not be decoded: {exc}") from exc
         if values.dtype.kind == "f" and not np.isfinite(values).all():
@@ -251,6 +251,18 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
         or count != int(count)
     ):
         raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be a positive integer, got {count!r}")
+
+
+def _decode_like(got: Array, ref: Array) -> np.ndarray:
+    """``got``'s values. When its bytes begin with exactly the ``.npy`` header of ``ref`` (the
+    global model's array, encoded by numpy here) and have its length, they are read in place:
+    what ``np.load`` would return for that header, without parsing it again (40 us an array,
+    twice per site and round). Anything else goes through ``got.numpy()`` and all its checks."""
+    dtype = np.dtype(ref.dtype)
+    head = len(ref.data) - math.prod(ref.shape) * dtype.itemsize
+    if head > 0 and len(got.data) == len(ref.data) and got.data[:head] == ref.data[:head]:
+        return np.frombuffer(got.data, dtype=dtype, offset=head).reshape(tuple(ref.shape))
+    return got.numpy()
 
 
 def check_evaluate_reply(reply: Message) -> None:
