@@ -6,9 +6,11 @@ round is the same work everywhere: every site trains, the weighted average, ever
 the new model, central evaluation on the server's held-out set. Measured in one run:
 
 - **fedcore**: ``fedcore simulate`` (a fresh process; many sites per simulated node by default,
-  ``--sites-per-node 1`` for one Flower node per site); its peak memory is the sum of the resident
-  set sizes of the process and all its descendants (Ray's daemons and workers), sampled every
-  0.2 s;
+  ``--sites-per-node 1`` for one Flower node per site); its peak memory is the sum of the
+  proportional set sizes (PSS: a page shared by k processes counts 1/k in each) of the process
+  and all its descendants (Ray's daemons and workers), sampled every 0.2 s, with the sum of their
+  resident set sizes beside it (RSS counts every shared page once per process mapping it: torch's
+  libraries in each of them, Ray's shared-memory object store in the writer and the reader);
 - **bare Flower**: benchmarks/bare_flower_app, Flower's own Message-API ``FedAvg.start`` with one
   Flower node per site, on the same simulation engine;
 - **floor**: fedcore's own ``train_round`` and ``evaluate_round`` for every site, then the weighted
@@ -69,16 +71,31 @@ def learned(name: str, accuracy: list[float], failed: list[int]) -> None:
         raise SystemExit(f"{name}: the run did not train (accuracy {accuracy}, failed {failed})")
 
 
+def pss(pid: int) -> int:
+    """The proportional set size of ``pid`` in bytes (its private pages, plus each shared page
+    divided by the number of processes sharing it), 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class PeakMemory:
-    """The peak of the summed RSS of a process and all its descendants, sampled in a thread."""
+    """The peak memory of a process and all its descendants, sampled in a thread: the sum of their
+    PSS (each shared page counted once, split among its sharers: the memory the tree takes from
+    the machine) and, for comparison, the sum of their RSS (which counts torch's shared libraries
+    and Ray's shared-memory object store once per process that maps them)."""
 
     def __init__(self, pid: int, every: float = 0.2) -> None:
-        self.pid, self.every, self.peak = pid, every, 0
+        self.pid, self.every, self.peak, self.peak_rss = pid, every, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _tree_rss(self) -> int:
+    def _tree_rss(self) -> tuple[int, int]:
         children: dict[int, list[int]] = {}
         rss: dict[int, int] = {}
         for entry in os.listdir("/proc"):
@@ -92,16 +109,20 @@ class PeakMemory:
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             children.setdefault(ppid, []).append(int(entry))
             rss[int(entry)] = pages * PAGE
-        total, todo = 0, [self.pid]
+        total_pss, total_rss, todo = 0, 0, [self.pid]
         while todo:
             pid = todo.pop()
-            total += rss.get(pid, 0)
+            if pid in rss:
+                total_rss += rss[pid]
+                total_pss += pss(pid)
             todo += children.get(pid, [])
-        return total
+        return total_pss, total_rss
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._tree_rss())
+            total_pss, total_rss = self._tree_rss()
+            self.peak = max(self.peak, total_pss)
+            self.peak_rss = max(self.peak_rss, total_rss)
             time.sleep(self.every)
 
     def stop(self) -> int:
@@ -110,8 +131,11 @@ class PeakMemory:
         return self.peak
 
 
-def fedcore_round(sites: int, rounds: int, tmp: Path, per_node: int) -> tuple[float, float, int]:
-    """Steady-state seconds per round, the first round's seconds, and the peak memory (bytes)."""
+def fedcore_round(
+    sites: int, rounds: int, tmp: Path, per_node: int
+) -> tuple[float, float, int, int]:
+    """Steady-state seconds per round, the first round's seconds, and the peak memory (bytes:
+    summed PSS, summed RSS)."""
     out = tmp / f"fedcore-{sites}"
     sets = [*work(sites), f"rounds={rounds}", f"simulation.sites_per_node={per_node}"]
     command = [sys.executable, "-m", "fedcore.cli", "simulate", "--out", str(out)]
@@ -123,6 +147,7 @@ def fedcore_round(sites: int, rounds: int, tmp: Path, per_node: int) -> tuple[fl
     memory = PeakMemory(process.pid)
     code = process.wait()
     peak = memory.stop()
+    peak_rss = memory.peak_rss
     if code != 0:
         raise SystemExit(f"fedcore simulate failed ({code}); see {out}")
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -131,7 +156,7 @@ def fedcore_round(sites: int, rounds: int, tmp: Path, per_node: int) -> tuple[fl
         [r["eval_accuracy"] for r in rows],
         [r["sites_failed"] for r in rows],
     )
-    return steady([r["ended_at"] for r in rows]), rows[0]["seconds"], peak
+    return steady([r["ended_at"] for r in rows]), rows[0]["seconds"], peak, peak_rss
 
 
 def bare_round(sites: int, rounds: int, tmp: Path) -> float:
@@ -239,19 +264,22 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs, load average (1, 5, 15 min) at start: {uptime()}")
     header = (
         f"{'sites':>6} {'fedcore':>9} {'bare':>9} {'floor':>9} {'fedcore/floor':>14} "
-        f"{'bare/floor':>11} {'fedcore round 1':>16} {'fedcore peak':>13}"
+        f"{'bare/floor':>11} {'fedcore round 1':>16} {'fedcore peak':>13} {'(RSS sum)':>10}"
     )
     print(header + "\n" + f"{'':>6} {'s/round':>9} {'s/round':>9} {'s/round':>9}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for sites in args.sites:
             floor = floor_round(sites, args.rounds)
-            ours, first, peak = fedcore_round(sites, args.rounds, Path(tmp), args.sites_per_node)
+            ours, first, peak, peak_rss = fedcore_round(
+                sites, args.rounds, Path(tmp), args.sites_per_node
+            )
             bare = bare_round(sites, args.rounds, Path(tmp)) if sites in args.bare_sites else None
             bare_text = "-" if bare is None else f"{bare:.3f}"
             bare_ratio = "-" if bare is None else f"{bare / floor:.2f}"
             print(
                 f"{sites:>6} {ours:>9.3f} {bare_text:>9} {floor:>9.3f} {ours / floor:>14.2f} "
-                f"{bare_ratio:>11} {first:>15.1f}s {peak / 2**30:>9.2f} GiB",
+                f"{bare_ratio:>11} {first:>15.1f}s {peak / 2**30:>9.2f} GiB "
+                f"{peak_rss / 2**30:>6.2f} GiB",
                 flush=True,
             )
     print(f"# load average at end: {uptime()}")

@@ -8,6 +8,7 @@ any privacy noise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,13 +63,13 @@ def train_epochs(
 
     With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_global||^2`` (Li et al., MLSys
     2020, eq. 2) is added to the loss, ``w_global`` being the weights the model had on entry.
-    A fresh optimizer is built on every call, so no optimizer state crosses rounds.
+    Plain SGD (:func:`sgd_step`), so no optimizer state crosses rounds.
     """
     if len(x) == 0:
         raise ConfigError("a site has no training samples")
     model.to(device).train()
     xt, yt = _tensors(x, y, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    params = list(model.parameters())
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
@@ -78,19 +79,31 @@ def train_epochs(
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss = loss_fn(model(xt[idx]), yt[idx])
             if anchor:
                 loss = loss + 0.5 * proximal_mu * sum(
                     (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
                 )
             loss.backward()
-            optimizer.step()
+            sgd_step(params, lr)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
             steps += 1
         epoch_loss = total / count
     return TrainResult(loss=epoch_loss, steps=steps)
+
+
+@torch.no_grad()
+def sgd_step(params: Sequence[torch.Tensor], lr: float) -> None:
+    """One step of plain SGD, ``p <- p - lr * grad``: what ``torch.optim.SGD(params, lr)`` does
+    without momentum or weight decay (its CPU path is this very ``add_``), written out because the
+    first ``torch.optim`` optimizer in a process imports ``torch._dynamo``, 2-4 s here, paid by
+    every Ray worker in the first round."""
+    for p in params:
+        if p.grad is not None:
+            p.add_(p.grad, alpha=-lr)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from fedcore.config import from_run_config
 from fedcore.federation.progress import RichReporter
 from fedcore.federation.ray_cleanup import stop_ray_on_exit
 from fedcore.federation.server import run_server
+from fedcore.federation.simulation import run_finished
 from fedcore.runrecord import default_out_dir
 
 app = ServerApp()
@@ -27,3 +28,4 @@ def main(grid: Grid, context: Context) -> None:
         run_server(grid, settings, settings.out or default_out_dir(), reporter=reporter)
     finally:
         reporter.close()
+    run_finished()  # under `fedcore simulate`: the record is closed, the run may be stopped now

@@ -56,3 +56,39 @@ def test_evaluate_counts_correct_predictions():
     y = np.array([0, 1, 1, 1])
     result = evaluate(model, x, y, device=CPU)
     assert result.accuracy == 0.75 and result.num_examples == 4
+
+
+def test_training_steps_exactly_as_torch_optim_sgd():
+    """train_epochs writes plain SGD out (torch.optim imports torch._dynamo on first use): the
+    weights it reaches are bit for bit those of torch.optim.SGD over the same batches, FedProx
+    term included."""
+    from torch import nn
+
+    x, y = _blobs()
+    for mu in (0.0, 0.5):
+        torch.manual_seed(0)
+        ours = build_model("mlp", input_shape=(4,), num_classes=2)
+        reference = build_model("mlp", input_shape=(4,), num_classes=2)
+        reference.load_state_dict(ours.state_dict())
+        train_epochs(
+            ours, x, y, epochs=2, batch_size=16, lr=0.1, device=CPU, seed=7, proximal_mu=mu
+        )
+
+        optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+        anchor = [p.detach().clone() for p in reference.parameters()]
+        generator = torch.Generator().manual_seed(7)
+        xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+        for _ in range(2):
+            order = torch.randperm(len(xt), generator=generator)
+            for start in range(0, len(order), 16):
+                idx = order[start : start + 16]
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.CrossEntropyLoss()(reference(xt[idx]), yt[idx])
+                if mu:
+                    loss = loss + 0.5 * mu * sum(
+                        (p - a).pow(2).sum() for p, a in zip(reference.parameters(), anchor, strict=True)
+                    )
+                loss.backward()
+                optimizer.step()
+        for a, b in zip(ours.state_dict().values(), reference.state_dict().values(), strict=True):
+            assert torch.equal(a, b)

@@ -8,8 +8,10 @@ Settings are checked, and the data and model loaded once, before Ray starts
 no run record. The run record goes into exactly ``DIR`` (default ``runs/<timestamp>``).
 
 The federation runs in a child process in a session of its own
-(:func:`fedcore.federation.simulation.child_argv`). The first SIGINT (Ctrl-C) or SIGTERM stops it:
-the round in flight is abandoned, the child and every process it started (Ray) are stopped by
+(:func:`fedcore.federation.simulation.child_argv`), started before the checks so that its imports
+overlap them (it waits for a go, and is killed if a check fails); when the ServerApp has closed
+the record the child and Ray are killed at once rather than shut down (nothing in them needs it).
+The first SIGINT (Ctrl-C) or SIGTERM stops it: the round in flight is abandoned, the child and every process it started (Ray) are stopped by
 process id, and the record is closed as of the last completed round (``model.pt``, plots, summary
 "interrupted after round R"). ``--resume DIR`` continues such a record from its checkpoint.
 
@@ -23,14 +25,21 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcore import config as cfg
 from fedcore.cli import add_settings_arguments
 from fedcore.deploy.processes import Stopped, signals_stop
 from fedcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedcore.deploy.processes import ManagedProcess, ProcessSupervisor
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 # A signal ends fedcore with 128 + its number, as a shell reports a process killed by it.
@@ -101,37 +110,85 @@ def run(args: argparse.Namespace) -> int:
     # Before flwr / flwr_datasets are imported: both send telemetry unless told not to.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     settings, out_dir = resolve_run(args)
-    from fedcore.cli import preflight as checks
-
-    checks.check_run(settings, out_dir)
-    what = "resuming" if settings.resume else "run record:"
-    print(
-        f"fedcore: {settings.sites} sites, {settings.rounds} rounds, dataset {settings.dataset!r}, "
-        f"model {settings.model!r}, strategy {settings.strategy!r}; {what} {out_dir}",
-        file=sys.stderr,
-    )
-    return supervise(settings, out_dir=out_dir, verbose=args.verbose)
-
-
-def supervise(settings: cfg.Settings, *, out_dir: Path, verbose: bool) -> int:
-    """Run the federation in a child process until it ends or a signal stops it; exit status."""
-    from fedcore.deploy.processes import ProcessSupervisor, signals_deferred
-    from fedcore.federation.simulation import child_argv, child_env
+    from fedcore.data.federation import DATA_CACHE_ENV
+    from fedcore.deploy.processes import ProcessSupervisor
+    from fedcore.federation.simulation import GO
 
     supervisor = ProcessSupervisor(grace=3.0)
+    handshake = Path(tempfile.mkdtemp(prefix="fedcore-simulate-"))
+    saved_cache = os.environ.get(DATA_CACHE_ENV)
+    # The checks below load the data and deal the sites once; the child and Ray's workers read it.
+    os.environ[DATA_CACHE_ENV] = str(handshake)
+    try:
+        # Started before the checks, so that its imports (seconds) overlap them; it runs nothing
+        # before the go below, and is killed (finally) if a check fails.
+        child = start_child(
+            supervisor, settings, out_dir=out_dir, verbose=args.verbose, handshake=handshake
+        )
+        from fedcore.cli import preflight as checks
+
+        checks.check_run(settings, out_dir)
+        what = "resuming" if settings.resume else "run record:"
+        print(
+            f"fedcore: {settings.sites} sites, {settings.rounds} rounds, dataset {settings.dataset!r}, "
+            f"model {settings.model!r}, strategy {settings.strategy!r}; {what} {out_dir}",
+            file=sys.stderr,
+        )
+        (handshake / GO).touch()
+        return supervise(supervisor, child, settings, out_dir=out_dir, handshake=handshake)
+    finally:
+        supervisor.stop_all()
+        shutil.rmtree(handshake, ignore_errors=True)
+        if saved_cache is None:
+            os.environ.pop(DATA_CACHE_ENV, None)
+        else:
+            os.environ[DATA_CACHE_ENV] = saved_cache
+
+
+def start_child(
+    supervisor: ProcessSupervisor,
+    settings: cfg.Settings,
+    *,
+    out_dir: Path,
+    verbose: bool,
+    handshake: Path,
+) -> ManagedProcess:
+    """Start the simulation's child process; it waits for ``handshake/go`` before it runs."""
+    from fedcore.federation.simulation import child_argv, child_env
+
+    return supervisor.start(
+        "simulation",
+        child_argv(settings, out_dir=out_dir, verbose=verbose),
+        env=child_env(handshake=handshake),
+        die_with_parent=True,
+        # Nothing in the child needs a clean exit: its checkpoint, ledgers and journals are
+        # written atomically, and this process closes the record. A SIGTERM would only
+        # make Flower print the tracebacks of the Ray workers dying under it.
+        stop_signal=signal.SIGKILL,
+    )
+
+
+def supervise(
+    supervisor: ProcessSupervisor,
+    child: ManagedProcess,
+    settings: cfg.Settings,
+    *,
+    out_dir: Path,
+    handshake: Path,
+) -> int:
+    """Wait for the child until it ends, says the run is finished (``handshake/done``: then it
+    and Ray are stopped at once, not after seconds of Flower's and Ray's shutdown) or a signal
+    stops it; exit status."""
+    from fedcore.deploy.processes import signals_deferred
+    from fedcore.federation.simulation import DONE
+
     try:
         with signals_stop():
-            child = supervisor.start(
-                "simulation",
-                child_argv(settings, out_dir=out_dir, verbose=verbose),
-                env=child_env(),
-                die_with_parent=True,
-                # Nothing in the child needs a clean exit: its checkpoint, ledgers and journals are
-                # written atomically, and this process closes the record. A SIGTERM would only
-                # make Flower print the tracebacks of the Ray workers dying under it.
-                stop_signal=signal.SIGKILL,
-            )
-            returncode = child.popen.wait()
+            while (returncode := child.popen.poll()) is None:
+                if (handshake / DONE).exists():
+                    returncode = 0
+                    break
+                time.sleep(0.05)
     except Stopped as stop:
         with signals_deferred():
             supervisor.stop_all()

@@ -11,8 +11,12 @@ The arrays in returned records are shared between callers; copy before changing 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -148,16 +152,78 @@ def _holdout(settings: DataSettings) -> tuple[ArrayDataset, tuple[int, ...], int
 def _array_plan(settings: DataSettings) -> _ArrayPlan:
     if settings.is_hub:
         raise ConfigError(f"dataset {settings.dataset!r} is a hub dataset, not an array source")
+    cached = _plan_file(settings)
+    if cached is not None and (plan := _read_plan(cached)) is not None:
+        return plan
     data, num_classes, description = load_source(settings)
     holdout, rest = split_holdout(len(data), fraction=settings.holdout_fraction, seed=settings.seed)
     parts = partition_indices(settings, data.y, rest, num_classes=num_classes)
-    return _ArrayPlan(
+    plan = _ArrayPlan(
         data=data,
         holdout=holdout,
         site_parts=tuple(parts),
         num_classes=num_classes,
         description=description,
     )
+    if cached is not None:
+        _write_plan(cached, plan)
+    return plan
+
+
+DATA_CACHE_ENV = "FEDCORE_DATA_CACHE"
+"""A private folder (``fedcore simulate`` makes one per run) where the first process of a run to
+load an in-memory source keeps its plan (the samples, the holdout and every site's indices), keyed
+by the data settings (and a local file's size and time), so that the run's other processes (the
+simulation's server and every Ray worker) read it instead of building it again: they then never
+import the source's reader (scikit-learn for digits) nor ``datasets`` and flwr-datasets for the
+partitioner, seconds in each fresh process."""
+
+
+def _plan_file(settings: DataSettings) -> Path | None:
+    folder = os.environ.get(DATA_CACHE_ENV)
+    if not folder:
+        return None
+    key = repr(settings)
+    with contextlib.suppress(OSError):
+        info = Path(settings.dataset).stat()  # a local file: its version is part of the key
+        key += f"|{info.st_size}|{info.st_mtime_ns}"
+    return Path(folder) / f"plan-{hashlib.sha256(key.encode()).hexdigest()}.npz"
+
+
+def _read_plan(path: Path) -> _ArrayPlan | None:
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            sizes = saved["sizes"]
+            parts = np.split(saved["parts"], np.cumsum(sizes)[:-1]) if len(sizes) else []
+            return _ArrayPlan(
+                data=ArrayDataset(x=saved["x"], y=saved["y"]),
+                holdout=saved["holdout"],
+                site_parts=tuple(parts),
+                num_classes=int(saved["num_classes"]),
+                description=str(saved["description"]),
+            )
+    except (OSError, ValueError, KeyError, ConfigError):
+        return None
+
+
+def _write_plan(path: Path, plan: _ArrayPlan) -> None:
+    """Written whole or not at all (a temporary file renamed); a failure only costs the cache."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("wb") as file:
+            np.savez(
+                file,
+                x=plan.data.x,
+                y=plan.data.y,
+                holdout=plan.holdout,
+                parts=np.concatenate(plan.site_parts) if plan.site_parts else np.zeros(0, np.int64),
+                sizes=np.array([p.shape[0] for p in plan.site_parts], dtype=np.int64),
+                num_classes=np.int64(plan.num_classes),
+                description=np.str_(plan.description),
+            )
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
 
 
 @lru_cache(maxsize=4)

@@ -199,7 +199,10 @@ class ProcessSupervisor:
                     process.popen.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.popen.wait(timeout=self.grace)
-        _stop_ids(process.descendants, grace=self.grace)
+        # A process stopped by SIGKILL (nothing in it needs a clean exit) has descendants that
+        # need none either: they get SIGKILL too, not SIGTERM and up to `grace` seconds.
+        first = signal.SIGKILL if process.stop_signal == signal.SIGKILL else signal.SIGTERM
+        _stop_ids(process.descendants, grace=self.grace, first=first)
         return process.popen.poll()
 
     def stop_all(self) -> None:
@@ -326,10 +329,10 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def _stop_ids(ids: set[ProcessId], *, grace: float) -> None:
+def _stop_ids(ids: set[ProcessId], *, grace: float, first: int = signal.SIGTERM) -> None:
     alive = [i for i in ids if i.alive()]
     for ident in alive:
-        ident.signal(signal.SIGTERM)
+        ident.signal(first)
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)

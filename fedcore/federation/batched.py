@@ -29,6 +29,8 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from fedcore.config import Settings
 from fedcore.data.federation import forget_sites
 from fedcore.errors import ConfigError, RemoteProtocolError
+from fedcore.federation import delivery
+from fedcore.federation import messages as m
 from fedcore.federation.site_data import NUM_PARTITIONS, PARTITION_ID
 from fedcore.federation.site_privacy import is_simulated
 
@@ -39,6 +41,9 @@ SITES = "sites"
 NODES_ENV = "FEDCORE_SIMULATED_NODES"
 
 Handler = Callable[[Message, Context], Message]
+# A node's request and reply are held whole (by its worker, Ray's object store and the server) while
+# in flight: past this many sites a node, more nodes (a few more messages a round) keep them small.
+MAX_AUTO_SITES_PER_NODE = 1000
 PULL_INTERVAL = 0.01  # seconds between polls of the simulation's Grid for replies
 
 
@@ -55,13 +60,14 @@ def workers(settings: Settings, cpus: int | None = None) -> int:
 
 def sites_per_node(settings: Settings, cpus: int | None = None) -> int:
     """The sites one simulated Flower node plays: ``simulation.sites_per_node``, or with 0 (auto)
-    ``ceil(sites / workers)``; always 1 under secure aggregation, whose protocol needs one Flower
-    node (one protocol client, one key, one ``context.state``) per site."""
+    ``ceil(sites / workers)``, at most :data:`MAX_AUTO_SITES_PER_NODE`; always 1 under secure
+    aggregation, whose protocol needs one Flower node (one protocol client, one key, one
+    ``context.state``) per site."""
     if settings.secagg.enabled:
         return 1
     chosen = settings.simulation.sites_per_node
     if chosen == 0:
-        chosen = math.ceil(settings.sites / workers(settings, cpus))
+        chosen = min(math.ceil(settings.sites / workers(settings, cpus)), MAX_AUTO_SITES_PER_NODE)
     return max(1, min(chosen, settings.sites))
 
 
@@ -76,7 +82,9 @@ def grid_for(grid: Any, settings: Settings) -> Any:
     raw = os.environ.get(NODES_ENV, "")
     if not raw:
         return grid
-    if isinstance(getattr(grid, "pull_interval", None), float):
+    if delivery.active() and hasattr(grid, "push_messages"):
+        grid = delivery.PromptGrid(grid)  # woken by replies, not polling every 0.1 s
+    elif isinstance(getattr(grid, "pull_interval", None), float):
         # Flower's in-memory Grid polls for replies every 0.1 s; a round of two exchanges over a
         # few nodes waits ~0.1 s for nothing. 10 ms costs the server thread little.
         grid.pull_interval = PULL_INTERVAL
@@ -168,16 +176,23 @@ def unpack_reply(reply: Message, group: Sequence[Message]) -> list[Message]:
     """Per-site replies (as from each site's virtual node) out of Flower node's one ``reply``."""
     if reply.has_error():
         return [Message(reply.error, reply_to=msg) for msg in group]
-    answered = reply.content.config_records.get(BATCH)
-    sites = set(answered.get(SITES, [])) if answered is not None else set()  # type: ignore[arg-type]
+    answered = reply.content.get(BATCH)
+    sites = set(answered.get(SITES, [])) if isinstance(answered, ConfigRecord) else set()  # type: ignore[arg-type]
+    # One pass over the reply's records (s<site>.<key>), not one per site: a node's reply holds
+    # the records of thousands of sites at 10,000.
+    records: dict[str, dict[str, Any]] = {}
+    for key, record in reply.content.items():
+        head, dot, rest = key.partition(".")
+        if dot and head.startswith("s"):
+            records.setdefault(head, {})[rest] = record
     out = []
     for msg in group:
         site = site_of_virtual(msg.metadata.dst_node_id)
         if site not in sites:
             continue
-        prefix = f"s{site}."
-        error = reply.content.config_records.get(prefix + "error")
-        if error is not None:
+        own = records.get(f"s{site}", {})
+        error = own.get("error")
+        if isinstance(error, ConfigRecord):
             out.append(
                 Message(
                     Error(code=int(error["code"]), reason=str(error["reason"])),  # type: ignore[arg-type]
@@ -185,10 +200,7 @@ def unpack_reply(reply: Message, group: Sequence[Message]) -> list[Message]:
                 )
             )
             continue
-        content = RecordDict(
-            {k.removeprefix(prefix): r for k, r in reply.content.items() if k.startswith(prefix)}
-        )
-        out.append(Message(content=content, reply_to=msg))
+        out.append(Message(content=RecordDict(own), reply_to=msg))
     return out
 
 
@@ -198,7 +210,7 @@ def unpack_reply(reply: Message, group: Sequence[Message]) -> list[Message]:
 
 
 def is_batch(msg: Message) -> bool:
-    return not msg.has_error() and BATCH in msg.content.config_records
+    return not msg.has_error() and isinstance(msg.content.get(BATCH), ConfigRecord)
 
 
 def site_context(context: Context, settings: Settings, site: int) -> Context:
@@ -218,31 +230,47 @@ def answer_batch(msg: Message, context: Context, settings: Settings, handler: Ha
     refuses to play others (:class:`RemoteProtocolError`)."""
     if not is_simulated(context.node_config):
         raise RemoteProtocolError("a batched (many-site) request reached a deployed site")
-    index = msg.content.config_records[BATCH]
+    index = msg.content[BATCH]
+    if not isinstance(index, ConfigRecord):
+        raise RemoteProtocolError(f"batched request's {BATCH!r} is not a config record")
     sites = [int(s) for s in index.get(SITES, [])]  # type: ignore[union-attr]
     if any(not 0 <= s < settings.sites for s in sites) or len(set(sites)) != len(sites):
         raise RemoteProtocolError(f"batched request names sites {sites} of {settings.sites}")
     content = RecordDict()
-    for site in sites:
-        pairs = [str(p).partition("=") for p in index.get(f"s{site}", [])]  # type: ignore[union-attr]
-        if any(ref not in msg.content for _, _, ref in pairs):
-            raise RemoteProtocolError(f"batched request for site {site} names a missing record")
-        # The site's message is the node's own (its metadata shared, read only), with the site's
-        # records: Flower's constructor for a message with given metadata.
-        one = Message(  # type: ignore[call-overload]
-            content=RecordDict({key: msg.content[ref] for key, _, ref in pairs}),
-            metadata=msg.metadata,
-        )
-        try:
-            reply = handler(one, site_context(context, settings, site))
-        finally:
-            forget_sites()  # a site's data is held while it trains, not for the whole run
-        if reply.has_error():
-            content[f"s{site}.error"] = ConfigRecord(
-                {"code": int(reply.error.code), "reason": str(reply.error.reason)}
-            )
-        else:
-            for key, record in reply.content.items():
-                content[f"s{site}.{key}"] = record
+    with m.decoded_once():  # the global model, shared by the sites, is decoded once
+        for site in sites:
+            _answer_site(msg, context, settings, handler, index, site, content)
     content[BATCH] = ConfigRecord({SITES: sites})
     return Message(content=content, reply_to=msg)
+
+
+def _answer_site(
+    msg: Message,
+    context: Context,
+    settings: Settings,
+    handler: Handler,
+    index: ConfigRecord,
+    site: int,
+    content: RecordDict,
+) -> None:
+    """Run ``handler`` for ``site`` of the batched request ``msg``; put its reply into ``content``."""
+    pairs = [str(p).partition("=") for p in index.get(f"s{site}", [])]  # type: ignore[union-attr]
+    if any(ref not in msg.content for _, _, ref in pairs):
+        raise RemoteProtocolError(f"batched request for site {site} names a missing record")
+    # The site's message is the node's own (its metadata shared, read only), with the site's
+    # records: Flower's constructor for a message with given metadata.
+    one = Message(  # type: ignore[call-overload]
+        content=RecordDict({key: msg.content[ref] for key, _, ref in pairs}),
+        metadata=msg.metadata,
+    )
+    try:
+        reply = handler(one, site_context(context, settings, site))
+    finally:
+        forget_sites()  # a site's data is held while it trains, not for the whole run
+    if reply.has_error():
+        content[f"s{site}.error"] = ConfigRecord(
+            {"code": int(reply.error.code), "reason": str(reply.error.reason)}
+        )
+    else:
+        for key, record in reply.content.items():
+            content[f"s{site}.{key}"] = record

@@ -138,7 +138,7 @@ def _site_of(reply: Message) -> int | None:
     """The site id a reply reports (None if it names none)."""
     if reply.has_error():
         return None
-    metrics = reply.content.metric_records.get(m.METRICS)
+    metrics = m.record_of(reply.content, m.METRICS, MetricRecord)
     site = metrics.get(m.SITE_ID) if metrics is not None else None
     return int(site) if isinstance(site, int | float) and not isinstance(site, bool) else None
 
@@ -296,7 +296,7 @@ def failure_reason(rows: list[RoundRow]) -> str:
 
 def _weighted(replies: list[Message], key: str) -> float:
     """The example-weighted mean of metric ``key`` over the replies that report it (NaN if none)."""
-    reporting = [r for r in replies if key in r.content.metric_records[m.METRICS]]
+    reporting = [r for r in replies if key in m.metrics_of(r)]
     total = sum(m.metric(r, m.NUM_EXAMPLES) for r in reporting)
     if not reporting or total <= 0:
         return math.nan

@@ -29,6 +29,12 @@ Ray worker), still on Flower's Message API and simulation engine
 - **Across machines**: with ``ray_address`` the run joins an existing Ray cluster
   (:func:`connect_ray`) and its workers run on every machine of it; the cluster's CPUs count for
   ``sites_per_node``.
+- **Per round, nothing waits on a timer.** Flower's engine polls for instructions and replies
+  every 0.1 s; inside :func:`simulate` its two loops are woken by events instead
+  (:mod:`fedcore.federation.delivery`). A node decodes the global model its sites share once
+  (:func:`fedcore.federation.messages.decoded_once`) and the server splits a node's reply in
+  one pass. Past :data:`~fedcore.federation.batched.MAX_AUTO_SITES_PER_NODE` sites a node, the
+  automatic setting starts more nodes, so that no message in flight holds thousands of sites.
 - ``simulation.sites_per_node = 1`` is the one-site-per-node path, kept for fidelity checks; for a
   deterministic configuration both give the same global model up to float error
   (``tests/federation/test_batched.py``).
@@ -54,7 +60,11 @@ Ray, deliberately:
 - Flower's telemetry is off (``FLWR_TELEMETRY_ENABLED=0``) unless the user set it.
 
 ``fedcore simulate`` runs all of this in a child process (:func:`child_argv`, ``python -m
-fedcore.federation.simulation``) in a session of its own, so that a signal reaches only the
+fedcore.federation.simulation``), started *before* its checks so that the child's imports (torch,
+Flower, Ray: seconds) overlap them; the child waits for a go (a file in a handshake folder,
+:data:`HANDSHAKE_ENV`) before it runs anything, and is killed instead if a check fails. Once the
+ServerApp has closed the record the child says so (:func:`run_finished`) and the parent stops it
+and Ray at once. The child runs in a session of its own, so that a signal reaches only the
 ``fedcore`` process, which then stops the child and everything it started (Ray's daemons and
 workers are its descendants) and closes the run record itself. The child has the working
 directory on its import path, and hands it to Ray's workers through ``PYTHONPATH``, so a model
@@ -64,10 +74,12 @@ given as ``package.module:callable`` next to the user's files is found as with `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -175,21 +187,23 @@ def simulate(
     Raises what the ServerApp raised (a :class:`~fedcore.errors.FedcoreError` for bad input).
     """
     from fedcore.federation.batched import NODES_ENV, node_count
+    from fedcore.federation.delivery import prompt_delivery
 
     cpus = connect_ray(settings.ray_address, verbose=verbose) if settings.ray_address else None
     nodes = node_count(settings, cpus)
     saved = os.environ.get(NODES_ENV)
     os.environ[NODES_ENV] = str(nodes)  # the ServerApp (this process) plays sites on the nodes
     try:
-        run_app(
-            app_dir or find_app_dir(),
-            server_app=SERVER_APP,
-            client_app=CLIENT_APP,
-            run_config={**settings.to_run_config(), "out": str(out_dir)},
-            sites=nodes,
-            backend=backend_config(settings, verbose=verbose),
-            verbose=verbose,
-        )
+        with prompt_delivery():  # no 0.1 s polls between the Grid and the engine
+            run_app(
+                app_dir or find_app_dir(),
+                server_app=SERVER_APP,
+                client_app=CLIENT_APP,
+                run_config={**settings.to_run_config(), "out": str(out_dir)},
+                sites=nodes,
+                backend=backend_config(settings, verbose=verbose),
+                verbose=verbose,
+            )
     finally:
         if saved is None:
             os.environ.pop(NODES_ENV, None)
@@ -232,11 +246,7 @@ def run_app(
 ) -> None:
     """Run any Flower app (``module:attr`` references inside ``app_dir``) on the simulation engine,
     with ``run_config`` given to the ServerApp and every ClientApp."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ[SIMULATION_MARKER] = "1"  # sites may keep their state under the run record
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    _engine_environment()
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -274,6 +284,15 @@ def run_app(
     )
 
 
+def _engine_environment() -> None:
+    """The environment Flower and Ray read (some when they are imported)."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ[SIMULATION_MARKER] = "1"  # sites may keep their state under the run record
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
 def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]:
     """The command that runs :func:`simulate` for ``settings`` in a child process."""
     run_config = {**settings.to_run_config(), "out": str(out_dir)}
@@ -286,10 +305,43 @@ def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]
     ]
 
 
-def child_env(cwd: Path | None = None) -> dict[str, str]:
+# The folder through which `fedcore simulate` and its child agree on two moments (see main()):
+# GO, written by the parent once its checks passed and the record folder exists; DONE, written by
+# the child once the ServerApp has closed the record.
+HANDSHAKE_ENV = "FEDCORE_SIMULATION_HANDSHAKE"
+GO, DONE = "go", "done"
+# What the child imports while the parent checks the settings: the modules every run needs.
+WARM_MODULES = ("ray", "flwr.simulation.run_simulation", "fedcore.federation.server", "clients.app")
+
+
+def run_finished() -> None:
+    """Tell ``fedcore simulate`` that the ServerApp has closed the run record: it then stops this
+    process and Ray at once (SIGKILL; nothing in them needs a clean exit) rather than waiting
+    seconds for Flower to stop its actors and Ray to shut down. Nothing outside the simulation."""
+    if folder := os.environ.get(HANDSHAKE_ENV):
+        with contextlib.suppress(OSError):
+            (Path(folder) / DONE).touch()
+
+
+def _await_go(folder: Path) -> None:
+    """Import what the run needs, then wait for the parent's go (it kills this process instead
+    if its checks fail, and the kernel does if it dies: ``die_with_parent``)."""
+    import importlib
+
+    _engine_environment()
+    for name in WARM_MODULES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    while not (folder / GO).exists():
+        time.sleep(0.02)
+
+
+def child_env(cwd: Path | None = None, *, handshake: Path | None = None) -> dict[str, str]:
     """The child's environment: the working directory first on ``PYTHONPATH`` (Ray's workers
-    inherit it), Flower's telemetry off unless set."""
+    inherit it), Flower's telemetry off unless set, and the handshake folder (:func:`main`)."""
     env = dict(os.environ)
+    if handshake is not None:
+        env[HANDSHAKE_ENV] = str(handshake)
     paths = [str((cwd or Path.cwd()).resolve())]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
@@ -306,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_config", help="the run config as JSON (what child_argv writes)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if folder := os.environ.get(HANDSHAKE_ENV):
+        _await_go(Path(folder))
     run_config = json.loads(args.run_config)
     settings = from_run_config(run_config)
     simulate(settings, out_dir=Path(run_config["out"]), verbose=args.verbose)

@@ -86,7 +86,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path):
         "--set",
         "sites=2",
         "--set",
-        "rounds=5",
+        "rounds=40",  # a round takes ~0.1 s: enough of them that the kill lands mid-run
         "--set",
         "local_epochs=2",
         "--set",
@@ -112,11 +112,11 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_model(tmp_path):
     resumed = start("simulate", "--resume", str(cut))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert [r["round"] for r in rows(cut)] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in rows(cut)] == list(range(1, 41))
     a, b = torch.load(whole / "model.pt"), torch.load(cut / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((cut / "status.json").read_text())["status"] == "completed"
     # A finished record is not resumed again.
     again = start("simulate", "--resume", str(cut))
     _, err = again.communicate(timeout=60)
-    assert again.returncode == 2 and "already ran 5 of 5 rounds" in err
+    assert again.returncode == 2 and "already ran 40 of 40 rounds" in err

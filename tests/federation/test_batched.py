@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -148,6 +149,9 @@ def test_node_count_follows_the_setting():
     assert batched.node_count(one, cpus=2) == 1000
     seven = resolve(overrides=["sites=100", "simulation.sites_per_node=7"])
     assert batched.node_count(seven, cpus=16) == 15
+    many = resolve(overrides=["sites=10000", "client_cpus=1"])
+    assert batched.sites_per_node(many, cpus=2) == batched.MAX_AUTO_SITES_PER_NODE
+    assert batched.node_count(many, cpus=2) == 10
 
 
 def _batch_request(settings, sites):
@@ -257,3 +261,98 @@ def test_simulate_starts_one_flower_node_per_sites_per_node(tmp_path, monkeypatc
         simulation.simulate(settings, out_dir=tmp_path, app_dir=tmp_path)
         assert seen == {"nodes": nodes, "env": str(nodes)}
         assert batched.NODES_ENV not in os.environ
+
+
+def test_a_node_decodes_the_shared_global_model_once(tmp_path, monkeypatch):
+    """The sites one node plays share the global model's record: it is decoded once per batch,
+    yet every site gets tensors of its own (a site that changed them would not touch the next)."""
+    from flwr.app import ArrayRecord
+
+    settings = resolve(overrides=BASE)
+    decoded: list[int] = []
+    seen: list[dict] = []
+    real_decode = ArrayRecord.to_torch_state_dict
+
+    def counting_decode(self, *args, **kwargs):
+        decoded.append(id(self))
+        return real_decode(self, *args, **kwargs)
+
+    real_evaluate_round = client_app.evaluate_round
+
+    def spoiling_evaluate_round(settings, *, global_state, **kwargs):
+        result = real_evaluate_round(settings, global_state=global_state, **kwargs)
+        seen.append({k: v.clone() for k, v in global_state.items()})
+        for tensor in global_state.values():
+            tensor.fill_(float("nan"))  # a careless site: must not reach the next site
+        return result
+
+    monkeypatch.setattr(ArrayRecord, "to_torch_state_dict", counting_decode)
+    monkeypatch.setattr(client_app, "evaluate_round", spoiling_evaluate_round)
+    _, rows, grid = _run(tmp_path, monkeypatch, settings, nodes=3, name="decode")
+    # without sharing, every site would decode it: 2 rounds x 2 exchanges x 7 sites, more than
+    # all the decodes here, the server's own included
+    assert len(decoded) < 2 * 2 * 7
+    for state in seen:
+        assert all(torch.isfinite(t).all() for t in state.values())
+    assert all(r["sites_failed"] == 0 for r in rows)
+
+
+def test_the_prompt_engine_loops_deliver_on_the_event_not_the_poll(monkeypatch):
+    """The engine's instruction loop, woken by a push, hands the instruction to the workers; its
+    fallback poll is set to an hour here, so only the event can have delivered it."""
+    import queue
+    import threading
+
+    from fedcore.federation import delivery
+
+    monkeypatch.setattr(delivery, "FALLBACK", 3600.0)
+
+    class State:
+        def __init__(self):
+            self.pending, self.stored = {1: []}, []
+
+        def get_message_ins(self, *, node_id, limit):
+            out, self.pending[node_id] = (
+                self.pending[node_id][:limit],
+                self.pending[node_id][limit:],
+            )
+            return out
+
+        def store_message_res(self, message):
+            self.stored.append(message)
+
+    state, instructions, replies, stop = State(), queue.Queue(), queue.Queue(), threading.Event()
+    threads = [
+        threading.Thread(
+            target=delivery.add_messages_to_queue, args=(state, instructions, {1: 0}, stop)
+        ),
+        threading.Thread(target=delivery.put_message_into_state, args=(state, replies, stop)),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.2)  # the loop has scanned once and waits
+        state.pending[1].append("instruction")
+        delivery.PUSHED.set()
+        assert instructions.get(timeout=60) == "instruction"
+        delivery.REPLIED.clear()
+        replies.put("reply")
+        assert delivery.REPLIED.wait(timeout=60) and state.stored == ["reply"]
+    finally:
+        stop.set()
+        delivery.PUSHED.set()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def test_prompt_delivery_puts_flowers_loops_back():
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    from fedcore.federation import delivery
+
+    before = (vce_api.add_messages_to_queue, vce_api.put_message_into_state)
+    with delivery.prompt_delivery():
+        assert delivery.active()
+        assert vce_api.add_messages_to_queue is delivery.add_messages_to_queue
+    assert not delivery.active()
+    assert (vce_api.add_messages_to_queue, vce_api.put_message_into_state) == before
