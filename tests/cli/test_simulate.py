@@ -159,3 +159,25 @@ def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_pa
         assert len(privacy["federation"]["entries"]) == 2
         registry = sorted((out / "sites" / "secagg-registry").glob("*.ed25519.pub"))
         assert len(registry) == 3
+
+
+@pytest.mark.slow
+def test_the_main_job_its_time_and_accuracy(tmp_path, capsys):
+    """The README's main job (`make run`: `fedcore simulate` with the defaults on the bundled
+    digits), as CI runs it: completed, with the accuracy it has reached since it was first
+    measured. Its wall time is printed into CI's log, never asserted."""
+    import time
+
+    started = time.monotonic()
+    result = fedcore("simulate", "--out", str(tmp_path / "run"))
+    seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    ]
+    accuracy = rows[-1]["eval_accuracy"]
+    with capsys.disabled():
+        print(f"\nmain job (fedcore simulate, defaults): {seconds:.1f} s, accuracy {accuracy:.4f}")
+    assert status["status"] == "completed" and len(rows) == status["rounds_completed"]
+    assert accuracy >= 0.95, accuracy  # 0.9666 when measured for issue 13 (12 s on 2 cores)
