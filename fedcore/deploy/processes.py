@@ -339,6 +339,13 @@ def _stop_ids(ids: set[ProcessId], *, grace: float, first: int = signal.SIGTERM)
         alive = [i for i in alive if i.alive()]
     for ident in alive:
         ident.signal(signal.SIGKILL)
+    # SIGKILL is delivered asynchronously: wait (briefly) until each is gone, so that "stopped"
+    # means no longer running when this returns (a loaded machine takes a moment to reap).
+    deadline = time.monotonic() + 5.0
+    while alive and time.monotonic() < deadline:
+        alive = [i for i in alive if i.alive()]
+        if alive:
+            time.sleep(0.02)
 
 
 def _stat(pid: int) -> list[str] | None:
