@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     from fedcore.federation.simulation import GO
 
     supervisor = ProcessSupervisor(grace=3.0)
-    handshake = Path(tempfile.mkdtemp(prefix="fedcore-simulate-"))
+    remove_stale_handshakes()
+    handshake = Path(tempfile.mkdtemp(prefix=f"{HANDSHAKE_PREFIX}{os.getpid()}-"))
     saved_cache = os.environ.get(DATA_CACHE_ENV)
     # The checks below load the data and deal the sites once; the child and Ray's workers read it.
     os.environ[DATA_CACHE_ENV] = str(handshake)
@@ -143,6 +144,27 @@ def run(args: argparse.Namespace) -> int:
             os.environ.pop(DATA_CACHE_ENV, None)
         else:
             os.environ[DATA_CACHE_ENV] = saved_cache
+
+
+HANDSHAKE_PREFIX = "fedcore-simulate-"  # + the pid of the fedcore process that owns the folder
+
+
+def remove_stale_handshakes(root: Path | None = None) -> list[Path]:
+    """Remove the handshake folders (and data-plan caches) of ``fedcore simulate`` processes that
+    no longer run: a killed one (SIGKILL) cannot remove its own. Returns those removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{HANDSHAKE_PREFIX}*-*"):
+        owner = folder.name.removeprefix(HANDSHAKE_PREFIX).split("-", 1)[0]
+        if not owner.isdigit() or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except PermissionError:
+            pass  # another user's process: alive
+    return removed
 
 
 def start_child(

@@ -181,3 +181,20 @@ def test_the_main_job_its_time_and_accuracy(tmp_path, capsys):
         print(f"\nmain job (fedcore simulate, defaults): {seconds:.1f} s, accuracy {accuracy:.4f}")
     assert status["status"] == "completed" and len(rows) == status["rounds_completed"]
     assert accuracy >= 0.95, accuracy  # 0.9666 when measured for issue 13 (12 s on 2 cores)
+
+
+def test_a_killed_runs_handshake_folder_is_removed_by_the_next_run(tmp_path):
+    """A `fedcore simulate` killed outright leaves its handshake folder (with the data-plan
+    cache); the next run removes those whose owner no longer runs, and only those."""
+    from fedcore.cli.simulate import HANDSHAKE_PREFIX, remove_stale_handshakes
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{HANDSHAKE_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{HANDSHAKE_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "fedcore-simulate-notapid"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "data.npz").write_bytes(b"x")
+    assert remove_stale_handshakes(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
