@@ -243,7 +243,8 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
     """Raise :class:`RemoteProtocolError` unless ``reply`` is a usable train reply.
 
     ``reference`` is the global model that was sent: the reply must hold exactly its keys, with
-    the same shapes and dtypes, and only finite values.
+    the same shapes and dtypes, and only finite values. A reply that passes has its arrays
+    replaced by :class:`CheckedArray` objects, whose ``numpy()`` is the values checked here.
     """
     content = reply.content
     arrays = record_of(content, ARRAYS, ArrayRecord)
@@ -256,6 +257,7 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference.keys()))
         raise RemoteProtocolError(f"update has wrong arrays: missing {missing}, unexpected {extra}")
+    checked: dict[str, CheckedArray] = {}
     for key, ref in reference.items():
         got = arrays[key]
         if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
@@ -268,6 +270,13 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
             raise RemoteProtocolError(f"array {key!r} could not be decoded: {exc}") from exc
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise RemoteProtocolError(f"array {key!r} holds NaN or infinite values")
+        if values.shape != tuple(ref.shape) or values.dtype != np.dtype(ref.dtype):
+            # bytes whose own .npy header disagrees with the array's metadata
+            raise RemoteProtocolError(
+                f"array {key!r}: its bytes hold {values.dtype}{list(values.shape)}, "
+                f"its metadata says {got.dtype}{list(got.shape)}"
+            )
+        checked[key] = CheckedArray.of(got, values)
     count = metrics.get(NUM_EXAMPLES)
     if (
         not isinstance(count, int | float)
@@ -276,6 +285,36 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
         or count != int(count)
     ):
         raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be a positive integer, got {count!r}")
+    for key, array in checked.items():  # the reply passed: what is aggregated is what was checked
+        arrays[key] = array
+
+
+class CheckedArray(Array):
+    """An array of a reply that passed :func:`check_train_reply`: the site's bytes as they came,
+    and the values the check read from them and found finite, of the right shape and dtype.
+
+    ``numpy()`` returns those values (read only), never the bytes decoded again: the strategy's
+    aggregate (Flower's ``FedAvg`` and every strategy built on it, FedMedian, DP-FedAvg's
+    clipping) gets exactly what was checked, and does not pay ``np.load`` a second time per array
+    (40 us each: 24 ms a round at 100 sites of the MLP). Changing ``data`` afterwards changes what
+    the bytes say, not what is aggregated."""
+
+    @classmethod
+    def of(cls, array: Array, values: np.ndarray) -> CheckedArray:
+        """``array`` (already a valid Array) with its checked ``values``."""
+        checked = cls.__new__(cls)
+        # Flower's own idiom in Array.__init__: the dataclass fields set through __dict__.
+        checked.__dict__.update(
+            dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data
+        )
+        if values.flags.writeable:  # np.load's result; frombuffer over bytes is read only already
+            values.flags.writeable = False
+        checked.__dict__["_checked"] = values
+        return checked
+
+    def numpy(self) -> np.ndarray:
+        """The checked values (read only)."""
+        return self.__dict__["_checked"]  # type: ignore[no-any-return]
 
 
 def _decode_like(got: Array, ref: Array) -> np.ndarray:
