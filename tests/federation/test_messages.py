@@ -183,3 +183,36 @@ def test_a_refused_reply_keeps_its_arrays_unchecked():
     with pytest.raises(RemoteProtocolError):
         m.check_train_reply(reply, REFERENCE)
     assert not any(isinstance(a, m.CheckedArray) for a in m.arrays_of(reply).values())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.full((), 2.5),
+        np.arange(5, dtype=np.int64),
+        np.zeros((0, 3), np.float32),
+        np.array([True, False]),
+        np.arange(12, dtype=np.float32).reshape(3, 4).T,  # not C-ordered: np.save's own path
+    ],
+)
+def test_encode_array_writes_the_bytes_array_writes(values):
+    """The cached-header encoding is Flower's ``Array(ndarray)`` byte for byte, and decodes back."""
+    fast, flower = m.encode_array(values), Array(values)
+    assert (fast.dtype, fast.shape, fast.stype, fast.data) == (
+        flower.dtype,
+        flower.shape,
+        flower.stype,
+        flower.data,
+    )
+    assert np.array_equal(fast.numpy(), values)
+
+
+def test_state_to_record_matches_flowers_own_encoding():
+    import torch
+
+    torch.manual_seed(0)
+    state = torch.nn.Linear(4, 3).state_dict()
+    ours, flower = m.state_to_record(state), ArrayRecord(state)
+    assert list(ours.keys()) == list(flower.keys())
+    assert all(ours[k] == flower[k] for k in flower.keys())
