@@ -12,7 +12,9 @@ An evaluate reply carries ``metrics`` with ``num-examples``, ``eval_loss`` and `
 
 A reply from a site is untrusted input: :func:`check_train_reply` refuses a missing record, missing
 or extra arrays, a wrong shape or dtype, a NaN or infinite value, or a bad example count, with
-:class:`~fedcore.errors.RemoteProtocolError`, so the driver can drop that one site and go on.
+:class:`~fedcore.errors.RemoteProtocolError`, so the driver can drop that one site and go on. A reply
+that passes carries :class:`CheckedArray` objects from then on: the strategy averages the very
+values that were checked, without decoding the bytes again.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ Ray worker), still on Flower's Message API and simulation engine
   (:func:`fedcore.federation.messages.decoded_once`) and the server splits a node's reply in
   one pass. Past :data:`~fedcore.federation.batched.MAX_AUTO_SITES_PER_NODE` sites a node, the
   automatic setting starts more nodes, so that no message in flight holds thousands of sites.
+- **The server's torch runs on ``client_cpus`` threads** (:func:`server_threads`): the ServerApp
+  shares this machine's CPUs with the workers, and its central evaluation and aggregate are a
+  site's size of work, which torch's one-thread-per-core default made wait on busy cores.
 - ``simulation.sites_per_node = 1`` is the one-site-per-node path, kept for fidelity checks; for a
   deterministic configuration both give the same global model up to float error
   (``tests/federation/test_batched.py``).
