@@ -12,11 +12,14 @@ An evaluate reply carries ``metrics`` with ``num-examples``, ``eval_loss`` and `
 
 A reply from a site is untrusted input: :func:`check_train_reply` refuses a missing record, missing
 or extra arrays, a wrong shape or dtype, a NaN or infinite value, or a bad example count, with
-:class:`~fedcore.errors.RemoteProtocolError`, so the driver can drop that one site and go on.
+:class:`~fedcore.errors.RemoteProtocolError`, so the driver can drop that one site and go on. A reply
+that passes carries :class:`CheckedArray` objects from then on: the strategy averages the very
+values that were checked, without decoding the bytes again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -28,6 +31,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from fedcore.errors import RemoteProtocolError
 
@@ -80,7 +84,32 @@ def arrays_of(reply: Message) -> ArrayRecord:
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """A model ``state_dict`` as an ``ArrayRecord`` (detached, on the CPU)."""
-    return ArrayRecord({k: v.detach().cpu() for k, v in state.items()})
+    return ArrayRecord(
+        array_dict={k: encode_array(v.detach().cpu().numpy()) for k, v in state.items()}
+    )
+
+
+def encode_array(values: np.ndarray) -> Array:
+    """``Array(values)``, the same bytes, without ``np.save`` building the ``.npy`` header anew for
+    every array (a site encodes its whole model every round: ~30 us an array). The header of a
+    C-ordered array depends only on its dtype and shape, so it is made once per pair, by
+    ``np.save`` itself (:func:`_npy_header`); other arrays go through ``Array(values)``."""
+    if not values.flags.c_contiguous or values.dtype.hasobject:
+        return Array(values)
+    shape = tuple(values.shape)
+    return Array(
+        dtype=str(values.dtype),
+        shape=shape,
+        stype=SType.NUMPY,
+        data=_npy_header(values.dtype, shape) + values.tobytes(),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """What ``np.save`` writes before the data of a C-ordered array of ``dtype`` and ``shape``."""
+    data = Array(np.zeros(shape, dtype)).data
+    return data[: len(data) - math.prod(shape) * dtype.itemsize]
 
 
 # Inside decoded_once(): id(record) -> (record, its decoded state), so that the sites one simulated
@@ -243,7 +272,8 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
     """Raise :class:`RemoteProtocolError` unless ``reply`` is a usable train reply.
 
     ``reference`` is the global model that was sent: the reply must hold exactly its keys, with
-    the same shapes and dtypes, and only finite values.
+    the same shapes and dtypes, and only finite values. A reply that passes has its arrays
+    replaced by :class:`CheckedArray` objects, whose ``numpy()`` is the values checked here.
     """
     content = reply.content
     arrays = record_of(content, ARRAYS, ArrayRecord)
@@ -256,6 +286,7 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - set(reference.keys()))
         raise RemoteProtocolError(f"update has wrong arrays: missing {missing}, unexpected {extra}")
+    checked: dict[str, CheckedArray] = {}
     for key, ref in reference.items():
         got = arrays[key]
         if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
@@ -268,6 +299,13 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
             raise RemoteProtocolError(f"array {key!r} could not be decoded: {exc}") from exc
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise RemoteProtocolError(f"array {key!r} holds NaN or infinite values")
+        if values.shape != tuple(ref.shape) or values.dtype != np.dtype(ref.dtype):
+            # bytes whose own .npy header disagrees with the array's metadata
+            raise RemoteProtocolError(
+                f"array {key!r}: its bytes hold {values.dtype}{list(values.shape)}, "
+                f"its metadata says {got.dtype}{list(got.shape)}"
+            )
+        checked[key] = CheckedArray.of(got, values)
     count = metrics.get(NUM_EXAMPLES)
     if (
         not isinstance(count, int | float)
@@ -276,6 +314,36 @@ def check_train_reply(reply: Message, reference: ArrayRecord) -> None:
         or count != int(count)
     ):
         raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be a positive integer, got {count!r}")
+    for key, array in checked.items():  # the reply passed: what is aggregated is what was checked
+        arrays[key] = array
+
+
+class CheckedArray(Array):
+    """An array of a reply that passed :func:`check_train_reply`: the site's bytes as they came,
+    and the values the check read from them and found finite, of the right shape and dtype.
+
+    ``numpy()`` returns those values (read only), never the bytes decoded again: the strategy's
+    aggregate (Flower's ``FedAvg`` and every strategy built on it, FedMedian, DP-FedAvg's
+    clipping) gets exactly what was checked, and does not pay ``np.load`` a second time per array
+    (40 us each: 24 ms a round at 100 sites of the MLP). Changing ``data`` afterwards changes what
+    the bytes say, not what is aggregated."""
+
+    @classmethod
+    def of(cls, array: Array, values: np.ndarray) -> CheckedArray:
+        """``array`` (already a valid Array) with its checked ``values``."""
+        checked = cls.__new__(cls)
+        # Flower's own idiom in Array.__init__: the dataclass fields set through __dict__.
+        checked.__dict__.update(
+            dtype=array.dtype, shape=array.shape, stype=array.stype, data=array.data
+        )
+        if values.flags.writeable:  # np.load's result; frombuffer over bytes is read only already
+            values.flags.writeable = False
+        checked.__dict__["_checked"] = values
+        return checked
+
+    def numpy(self) -> np.ndarray:
+        """The checked values (read only)."""
+        return self.__dict__["_checked"]  # type: ignore[no-any-return]
 
 
 def _decode_like(got: Array, ref: Array) -> np.ndarray:

@@ -263,6 +263,25 @@ def test_simulate_starts_one_flower_node_per_sites_per_node(tmp_path, monkeypatc
         assert batched.NODES_ENV not in os.environ
 
 
+def test_the_server_runs_torch_on_client_cpus_threads_for_the_run_only(tmp_path, monkeypatch):
+    """The ServerApp (this process) uses ``client_cpus`` torch threads while the simulation runs
+    (it shares the CPUs with the workers), and the caller's thread count comes back after."""
+    from fedcore.federation import simulation
+
+    seen = []
+    monkeypatch.setattr(simulation, "run_app", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for cpus, threads in (("1", 1), ("2", 2), ("0.5", 1)):
+            settings = resolve(overrides=["sites=4", f"client_cpus={cpus}"])
+            simulation.simulate(settings, out_dir=tmp_path, app_dir=tmp_path)
+            assert seen[-1] == threads
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_node_decodes_the_shared_global_model_once(tmp_path, monkeypatch):
     """The sites one node plays share the global model's record: it is decoded once per batch,
     yet every site gets tensors of its own (a site that changed them would not touch the next)."""
