@@ -91,6 +91,7 @@ def run_server(
             return _serve(grid, settings, path, reporter=reporter)
         finally:
             _writing.discard(path)
+            _closed_on_exit.discard(path)
 
 
 STOPPED = "stopped from outside (`flwr stop`, or a signal to the server)"

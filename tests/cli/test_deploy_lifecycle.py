@@ -30,6 +30,20 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _read_until(
+    proc: subprocess.Popen, pattern: str, lines: list[str], workdirs: list[Path]
+) -> None:
+    """Read ``proc``'s stderr into ``lines`` until a line matches ``pattern``, noting every
+    deployment working folder it names (the test removes them)."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        lines.append(line)
+        if m := re.search(r"working folder (\S+)", line):
+            workdirs.append(Path(m.group(1)))
+        if re.search(pattern, line):
+            return
+
+
 def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
     out = tmp_path / "run"
     base = [sys.executable, "-m", "fedcore.cli", "deploy-local", "--sites", "2"]
@@ -39,13 +53,7 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
     workdirs: list[Path] = []
     lines: list[str] = []
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"working folder (\S+)", line):
-                workdirs.append(Path(m.group(1)))
-            if re.search(r"round\s+1/6", line):
-                break
+        _read_until(proc, r"round\s+1/6", lines, workdirs)
         assert workdirs, "".join(lines)
         flwr_home = workdirs[0] / "flwr-home"
         assert any("flwr-serverapp" in cmd for _, cmd in processes_of(flwr_home))
@@ -68,13 +76,7 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
         proc = subprocess.Popen(
             [*base, "--resume", str(out)], stderr=subprocess.PIPE, text=True, env=env
         )
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if m := re.search(r"working folder (\S+)", line):
-                workdirs.append(Path(m.group(1)))
-            if re.search(rf"round\s+{done + 1}/6", line):
-                break
+        _read_until(proc, rf"round\s+{done + 1}/6", lines, workdirs)
         proc.kill()
         proc.wait()
         killed_home = workdirs[-1] / "flwr-home"
