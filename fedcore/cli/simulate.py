@@ -112,11 +112,13 @@ def run(args: argparse.Namespace) -> int:
     settings, out_dir = resolve_run(args)
     from fedcore.data.federation import DATA_CACHE_ENV
     from fedcore.deploy.processes import ProcessSupervisor
-    from fedcore.federation.simulation import GO
+    from fedcore.federation.simulation import GO, HANDSHAKE_ENV
 
-    supervisor = ProcessSupervisor(grace=3.0)
     remove_stale_handshakes()
     handshake = Path(tempfile.mkdtemp(prefix=f"{HANDSHAKE_PREFIX}{os.getpid()}-"))
+    # Every process of the run (the child, Ray's daemons and workers) inherits the handshake
+    # folder in its environment: the supervisor's last sweep finds any that left the tree.
+    supervisor = ProcessSupervisor(grace=3.0, mark=(HANDSHAKE_ENV, str(handshake)))
     saved_cache = os.environ.get(DATA_CACHE_ENV)
     # The checks below load the data and deal the sites once; the child and Ray's workers read it.
     os.environ[DATA_CACHE_ENV] = str(handshake)

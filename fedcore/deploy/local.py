@@ -108,7 +108,7 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
         self.env = flower_env(self.flwr_home, self.bin_dir)
-        self.supervisor = ProcessSupervisor()
+        self.supervisor = ProcessSupervisor(mark=("FLWR_HOME", str(self.flwr_home)))
         self.certs: CertLayout | None = None
         self.superlink: ManagedProcess | None = None
         self.supernodes: list[ManagedProcess] = []

@@ -6,7 +6,13 @@ having them die in a heap. Flower's daemons start children of their own (``flowe
 which starts ``flwr-serverapp`` / ``flwr-clientapp``), also in new sessions, so killing a process
 group is not enough. Before stopping a process, :class:`ProcessSupervisor` therefore records its
 descendants (walking ``/proc``), sends ``SIGTERM`` to the process, waits, then sends ``SIGTERM`` and
-later ``SIGKILL`` to whichever recorded process is still alive.
+later ``SIGKILL`` to whichever recorded process is still alive. The walk freezes (``SIGSTOP``) the
+process and then each descendant as it finds it, waiting until each has stopped, and repeats until
+it finds no new one: a frozen process cannot start a child, so none escapes the snapshot (a
+SuperExec launching a ClientApp the moment its SuperNode is stopped; a child whose parent dies is
+handed to init and is no longer anyone's descendant). A supervisor given a ``mark`` (an environment
+variable every process it starts, and every process those start, inherits) also sweeps, last, for
+any process still carrying it.
 
 Every signal goes to a process id that fedcore recorded together with the process's start time
 (``/proc/PID/stat`` field 22): a pid the kernel has since given to another process is never
@@ -103,8 +109,9 @@ class ProcessSupervisor:
     start processes (:class:`~fedcore.errors.ConfigError`).
     """
 
-    def __init__(self, *, grace: float = 10.0) -> None:
+    def __init__(self, *, grace: float = 10.0, mark: tuple[str, str] | None = None) -> None:
         self.grace = grace
+        self.mark = mark  # (name, value) of an environment variable every started process has
         self.processes: list[ManagedProcess] = []
         self._closed = False
 
@@ -182,12 +189,11 @@ class ProcessSupervisor:
     def stop(self, process: ManagedProcess) -> int | None:
         """Stop one process and its descendants; return its exit status (None if it lives on)."""
         if process.running():
-            # Frozen while its tree is read, the process cannot start a child that the snapshot
-            # would miss (a SuperNode launching a ClientApp at the moment it is stopped).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGSTOP)
-            tree = _children_map()
-            process.descendants |= {ProcessId.of(pid) for pid in _descendants(process.pid, tree)}
+            # The process, then its whole tree, frozen before any is signalled: none of them can
+            # start a child that the snapshot would miss. The descendants stay frozen until the
+            # process has exited (Flower's daemons do not wait for their children on the way out).
+            _freeze({process.ident})
+            process.descendants |= _freeze_descendants(process.pid)
             with contextlib.suppress(ProcessLookupError):
                 process.popen.send_signal(process.stop_signal)
             with contextlib.suppress(ProcessLookupError):
@@ -216,11 +222,20 @@ class ProcessSupervisor:
             self.refresh_descendants()
             for process in reversed(self.processes):
                 self.stop(process)
+            if self.mark is not None:
+                for _sweep in range(3):  # a straggler's own child, started before it froze
+                    found = _marked(*self.mark)
+                    if not found:
+                        break
+                    _freeze(found)
+                    _stop_ids(found, grace=min(self.grace, 3.0))
 
     def leftovers(self) -> list[ProcessId]:
         """Processes started here, or recorded as their descendants, that still run."""
         ids = [p.ident for p in self.processes] + [d for p in self.processes for d in p.descendants]
-        return [i for i in ids if i.alive()]
+        if self.mark is not None:
+            ids += _marked(*self.mark)
+        return sorted({i for i in ids if i.alive()}, key=lambda i: i.pid)
 
 
 def stop_descendants(pid: int | None = None, *, grace: float = 3.0) -> set[ProcessId]:
@@ -232,20 +247,7 @@ def stop_descendants(pid: int | None = None, *, grace: float = 3.0) -> set[Proce
     SIGCONT, so it can act on it), and SIGKILL after ``grace`` seconds if it still runs. On Linux
     only (``/proc``); elsewhere nothing is found.
     """
-    root = os.getpid() if pid is None else pid
-    found: set[ProcessId] = set()
-    while True:
-        new = {ProcessId.of(p) for p in _descendants(root, _children_map())}
-        new = {i for i in new if i.start_time is not None and i.alive()} - found  # no zombies
-        if not new:
-            break
-        for ident in new:
-            ident.signal(signal.SIGSTOP)
-        found |= new
-    for ident in found:
-        ident.signal(signal.SIGTERM)
-    for ident in found:
-        ident.signal(signal.SIGCONT)
+    found = _freeze_descendants(os.getpid() if pid is None else pid)
     _stop_ids(found, grace=grace)
     return found
 
@@ -329,10 +331,61 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
+def _freeze(ids: set[ProcessId], *, timeout: float = 1.0) -> None:
+    """SIGSTOP each, then wait (up to ``timeout``) until each has stopped or is gone: the signal
+    takes effect only when the process next leaves the kernel, so a ``fork`` under way completes
+    first and its child is visible to a walk made after this returns."""
+    for ident in ids:
+        ident.signal(signal.SIGSTOP)
+    pending = list(ids)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending = [i for i in pending if i.alive() and (_stat(i.pid) or ["", "", "X"])[2] != "T"]
+        if pending:
+            time.sleep(0.005)
+
+
+def _freeze_descendants(root: int) -> set[ProcessId]:
+    """Freeze every descendant of ``root``, each as the walk finds it, walking again until no new
+    one appears; return them (still frozen: :func:`_stop_ids` continues them)."""
+    found: set[ProcessId] = set()
+    while True:
+        new = {ProcessId.of(p) for p in _descendants(root, _children_map())}
+        new = {i for i in new if i.start_time is not None and i.alive()} - found  # no zombies
+        if not new:
+            return found
+        _freeze(new)
+        found |= new
+
+
+def _marked(name: str, value: str) -> set[ProcessId]:
+    """Running processes (this one excluded) whose environment holds ``name=value``."""
+    wanted = f"{name}={value}".encode()
+    found: set[ProcessId] = set()
+    if not _PROC.is_dir():
+        return found
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in environ:
+            ident = ProcessId.of(int(entry.name))
+            if ident.start_time is not None and ident.alive():
+                found.add(ident)
+    return found
+
+
 def _stop_ids(ids: set[ProcessId], *, grace: float, first: int = signal.SIGTERM) -> None:
+    """Send ``first`` (then SIGCONT, so a frozen process acts on it), wait up to ``grace``
+    seconds, SIGKILL whichever still runs, and wait briefly until those are gone."""
     alive = [i for i in ids if i.alive()]
     for ident in alive:
         ident.signal(first)
+    for ident in alive:
+        ident.signal(signal.SIGCONT)
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
