@@ -159,9 +159,11 @@ def test_ctrl_c_during_the_run_stops_every_process(tmp_path):
                 break
         assert workdir is not None, "".join(lines)
         flwr_home = workdir / "flwr-home"
-        time.sleep(3)
-        running = processes_of(flwr_home)
-        assert any("flwr-serverapp" in cmd for _, cmd in running), running
+        deadline = time.monotonic() + 60  # the SuperLink's SuperExec starts the ServerApp
+        while not any("flwr-serverapp" in c for _, c in processes_of(flwr_home)):
+            assert time.monotonic() < deadline, processes_of(flwr_home)
+            time.sleep(0.2)
+        time.sleep(1)  # a moment into the run, while the sites train
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
         lines.append(rest)
