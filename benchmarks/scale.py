@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,9 +38,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BARE = ROOT / "benchmarks" / "bare_flower_app"
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+import common
+from common import ENV, ROOT, bare_flower, steady
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -58,17 +57,11 @@ def work(sites: int) -> list[str]:
     ]
 
 
-def steady(ends: list[float]) -> float:
-    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
-    return statistics.median(gaps)
-
-
 CHANCE = 0.25  # four classes
 
 
 def learned(name: str, accuracy: list[float], failed: list[int]) -> None:
-    if any(failed) or not accuracy or not accuracy[-1] > CHANCE + 0.05:
-        raise SystemExit(f"{name}: the run did not train (accuracy {accuracy}, failed {failed})")
+    common.learned(name, accuracy, failed, above=CHANCE + 0.05)
 
 
 def pss(pid: int) -> int:
@@ -171,23 +164,7 @@ def bare_round(sites: int, rounds: int, tmp: Path) -> float:
         "samples": 75 * sites,
         "out": str(out),
     }
-    code = f"""
-from pathlib import Path
-from fedcore.federation.simulation import run_app
-run_app(Path({str(BARE)!r}), server_app="bare_app:server", client_app="bare_app:client",
-        run_config={config!r}, sites={sites},
-        backend={{"client_resources": {{"num_cpus": 1, "num_gpus": 0}},
-                 "init_args": {{"num_cpus": {os.cpu_count()}, "include_dashboard": False}}}})
-"""
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        env={**ENV, "PYTHONPATH": os.pathsep.join([str(BARE), str(ROOT)])},
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    result = json.loads(out.read_text())
+    result = bare_flower(sites, config, out)
     learned(f"bare Flower, {sites} sites", result["accuracy"][1:], [0])
     return steady(result["ended_at"][1:])  # [0] is the initial evaluation, before round 1
 

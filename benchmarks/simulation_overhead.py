@@ -15,29 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BARE = ROOT / "benchmarks" / "bare_flower_app"
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(BARE)}
+from common import ENV, ROOT, bare_flower, learned, steady
 
-
-def steady(ends: list[float]) -> float:
-    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
-    return statistics.median(gaps)
-
-
-def learned(name: str, accuracy: list[float], failed: list[int]) -> None:
-    """Refuse to time a run that did not train: a failing peer looks fast."""
-    if any(failed) or not accuracy or accuracy[-1] < 0.5:
-        raise SystemExit(
-            f"{name}: the run did not train properly (accuracy {accuracy}, failed sites {failed})"
-        )
+DIGITS = 0.5  # the final accuracy a run on digits must pass to be timed
 
 
 def fedcore_round(sites: int, rounds: int, tmp: Path) -> float:
@@ -66,31 +51,17 @@ def fedcore_round(sites: int, rounds: int, tmp: Path) -> float:
         f"fedcore, {sites} sites",
         [r["eval_accuracy"] for r in rows],
         [r["sites_failed"] for r in rows],
+        above=DIGITS,
     )
     return steady([r["ended_at"] for r in rows])
 
 
 def bare_round(sites: int, rounds: int, tmp: Path) -> float:
     out = tmp / f"bare-{sites}.txt"
-    code = f"""
-from pathlib import Path
-from fedcore.federation.simulation import run_app
-run_app(Path({str(BARE)!r}), server_app="bare_app:server", client_app="bare_app:client",
-        run_config={{"sites": {sites}, "rounds": {rounds}, "local_epochs": 5, "batch_size": 16, "lr": 0.2,
-                    "out": {str(out)!r}}},
-        sites={sites}, backend={{"client_resources": {{"num_cpus": 1, "num_gpus": 0}},
-                                "init_args": {{"num_cpus": {os.cpu_count()}, "include_dashboard": False}}}})
-"""
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        env=ENV,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    result = json.loads(out.read_text())
-    learned(f"bare Flower, {sites} sites", result["accuracy"][1:], [0])
+    config = {"sites": sites, "rounds": rounds, "local_epochs": 5, "batch_size": 16, "lr": 0.2,
+              "out": str(out)}  # fmt: skip
+    result = bare_flower(sites, config, out)
+    learned(f"bare Flower, {sites} sites", result["accuracy"][1:], [0], above=DIGITS)
     return steady(result["ended_at"][1:])  # [0] is the initial evaluation, before round 1
 
 
