@@ -4,13 +4,14 @@ Theory of operation. Each process is started in a session (and process group) of
 Ctrl-C at the terminal reaches only fedcore, which then stops its children in order instead of
 having them die in a heap. Flower's daemons start children of their own (``flower-superexec``,
 which starts ``flwr-serverapp`` / ``flwr-clientapp``), also in new sessions, so killing a process
-group is not enough. Before stopping a process, :class:`ProcessSupervisor` therefore records its
-descendants (walking ``/proc``), sends ``SIGTERM`` to the process, waits, then sends ``SIGTERM`` and
-later ``SIGKILL`` to whichever recorded process is still alive. The walk freezes (``SIGSTOP``) the
-process and then each descendant as it finds it, waiting until each has stopped, and repeats until
-it finds no new one: a frozen process cannot start a child, so none escapes the snapshot (a
-SuperExec launching a ClientApp the moment its SuperNode is stopped; a child whose parent dies is
-handed to init and is no longer anyone's descendant). A supervisor given a ``mark`` (an environment
+group is not enough. To stop a process, :class:`ProcessSupervisor` freezes it (``SIGSTOP``), then
+walks ``/proc`` for its descendants, freezing each as it finds it and waiting until each has
+stopped, and walks again until it finds no new one: a frozen process cannot start a child, so none
+escapes the snapshot (a SuperExec launching a ClientApp the moment its SuperNode is stopped; a
+child whose parent dies is handed to init and is no longer anyone's descendant). Every process of
+the tree then gets ``SIGTERM`` while frozen and ``SIGCONT`` after, so each acts on the signal
+before it runs anything else, and no daemon's shutdown waits on a frozen child; whichever still
+runs after the grace period gets ``SIGKILL``. A supervisor given a ``mark`` (an environment
 variable every process it starts, and every process those start, inherits) also sweeps, last, for
 any process still carrying it.
 
@@ -188,16 +189,22 @@ class ProcessSupervisor:
 
     def stop(self, process: ManagedProcess) -> int | None:
         """Stop one process and its descendants; return its exit status (None if it lives on)."""
+        # A process stopped by SIGKILL (nothing in it needs a clean exit) has descendants that
+        # need none either: they get SIGKILL too, not SIGTERM and up to `grace` seconds.
+        first = signal.SIGKILL if process.stop_signal == signal.SIGKILL else signal.SIGTERM
         if process.running():
-            # The process, then its whole tree, frozen before any is signalled: none of them can
-            # start a child that the snapshot would miss. The descendants stay frozen until the
-            # process has exited (Flower's daemons do not wait for their children on the way out).
+            # The process, then its whole tree, frozen before any is signalled, so none of them
+            # can start a child that the snapshot would miss; then all are signalled while frozen
+            # and continued together (a continued process acts on the signal before anything
+            # else), so that a daemon's shutdown does not wait on a frozen child.
             _freeze({process.ident})
             process.descendants |= _freeze_descendants(process.pid)
+            for ident in process.descendants:
+                ident.signal(first)
             with contextlib.suppress(ProcessLookupError):
                 process.popen.send_signal(process.stop_signal)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)
+            for ident in (process.ident, *process.descendants):
+                ident.signal(signal.SIGCONT)
             try:
                 process.popen.wait(timeout=self.grace)
             except subprocess.TimeoutExpired:
@@ -205,9 +212,6 @@ class ProcessSupervisor:
                     process.popen.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.popen.wait(timeout=self.grace)
-        # A process stopped by SIGKILL (nothing in it needs a clean exit) has descendants that
-        # need none either: they get SIGKILL too, not SIGTERM and up to `grace` seconds.
-        first = signal.SIGKILL if process.stop_signal == signal.SIGKILL else signal.SIGTERM
         _stop_ids(process.descendants, grace=self.grace, first=first)
         return process.popen.poll()
 
