@@ -192,6 +192,7 @@ class ProcessSupervisor:
         # A process stopped by SIGKILL (nothing in it needs a clean exit) has descendants that
         # need none either: they get SIGKILL too, not SIGTERM and up to `grace` seconds.
         first = signal.SIGKILL if process.stop_signal == signal.SIGKILL else signal.SIGTERM
+        signalled = False
         if process.running():
             # The process, then its whole tree, frozen before any is signalled, so none of them
             # can start a child that the snapshot would miss; then all are signalled while frozen
@@ -205,6 +206,7 @@ class ProcessSupervisor:
                 process.popen.send_signal(process.stop_signal)
             for ident in (process.ident, *process.descendants):
                 ident.signal(signal.SIGCONT)
+            signalled = True
             try:
                 process.popen.wait(timeout=self.grace)
             except subprocess.TimeoutExpired:
@@ -212,7 +214,7 @@ class ProcessSupervisor:
                     process.popen.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.popen.wait(timeout=self.grace)
-        _stop_ids(process.descendants, grace=self.grace, first=first)
+        _stop_ids(process.descendants, grace=self.grace, first=None if signalled else first)
         return process.popen.poll()
 
     def stop_all(self) -> None:
@@ -382,14 +384,16 @@ def _marked(name: str, value: str) -> set[ProcessId]:
     return found
 
 
-def _stop_ids(ids: set[ProcessId], *, grace: float, first: int = signal.SIGTERM) -> None:
-    """Send ``first`` (then SIGCONT, so a frozen process acts on it), wait up to ``grace``
-    seconds, SIGKILL whichever still runs, and wait briefly until those are gone."""
+def _stop_ids(ids: set[ProcessId], *, grace: float, first: int | None = signal.SIGTERM) -> None:
+    """Send ``first`` (then SIGCONT, so a frozen process acts on it; None: they have been sent
+    it already), wait up to ``grace`` seconds, SIGKILL whichever still runs, and wait briefly until
+    those are gone."""
     alive = [i for i in ids if i.alive()]
-    for ident in alive:
-        ident.signal(first)
-    for ident in alive:
-        ident.signal(signal.SIGCONT)
+    if first is not None:
+        for ident in alive:
+            ident.signal(first)
+        for ident in alive:
+            ident.signal(signal.SIGCONT)
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         time.sleep(0.1)
