@@ -72,6 +72,21 @@ def _marked(name: str, value: str) -> list[int]:
     return found
 
 
+def _descendants_of_this_process() -> set[int]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                tree.setdefault(parent, []).append(int(entry.name))
+    found, stack = set(), list(tree.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        found.add(pid)
+        stack.extend(tree.get(pid, []))
+    return found
+
+
 def _kill_marked(marker: tuple[str, str]) -> None:
     """SIGKILL every process carrying ``marker``, again until none is left (a stray may still be
     starting children), by process id."""
@@ -238,13 +253,14 @@ def test_a_marked_supervisor_stops_a_process_that_left_the_tree(tmp_path):
     supervisor = ProcessSupervisor(grace=5, mark=marker)
     try:
         with supervisor:
-            supervisor.start(
+            parent = supervisor.start(
                 "double fork",
                 [sys.executable, "-c", script, str(pid_file)],
                 env={**os.environ, marker[0]: marker[1]},
             )
+            assert parent.popen.wait(timeout=60) == 0
             orphan = ProcessId.of(int(_wait_file(pid_file)))
-            assert orphan.alive()
+            assert orphan.alive() and orphan.pid not in _descendants_of_this_process()
             assert [i.pid for i in supervisor.leftovers()] == [orphan.pid]
         assert not orphan.alive()
         assert supervisor.leftovers() == []
