@@ -4,11 +4,9 @@ deployment running on behind it, and `--resume` still runs it to the end."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.deploy.conftest import processes_of
+from tests.deploy.conftest import end_deploy_local, processes_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="needs /proc")]
 
@@ -93,11 +91,4 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
         assert [r["round"] for r in _rows(out)] == list(range(1, 7))
         assert json.loads((out / "status.json").read_text())["status"] == "completed"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for workdir in workdirs:
-            for pid, _ in processes_of(workdir / "flwr-home"):  # whatever a failed check left
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_deploy_local(proc, workdirs)

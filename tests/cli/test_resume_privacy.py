@@ -3,12 +3,10 @@ point 2): the resumed round is re-sent by the sites, not retrained, so every sit
 one charge per round it released. A real ``fedcore simulate`` child, and a real ``fedcore
 deploy-local`` with all its processes, killed with SIGKILL."""
 
-import contextlib
 import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from fedcore.deploy.processes import ProcessId
 from fedcore.federation.checkpoint import read_checkpoint
 from fedcore.federation.site_store import SiteStore
 from tests.cli.test_lifecycle import rows, start, tree
-from tests.deploy.conftest import processes_of
+from tests.deploy.conftest import end_deploy_local, processes_of
 
 SITES, ROUNDS = 2, 6
 COMMON = [  # what deploy-local takes besides --sites and --rounds
@@ -46,6 +44,30 @@ def charged_rounds(store):
     return [e["round"] for e in json.loads(store.ledger_path.read_text())["entries"]]
 
 
+def kill_between_release_and_checkpoint(process, out, stores, run_id, *, victims, deadline, why):
+    """Wait until every site has released round k while the server has not completed it; freeze
+    every process of the run there (SIGSTOP; ``victims()`` names them), and kill them all if the
+    checkpoint is still at k - 1. If the server got further between the look and the freeze, let
+    it go on and try the next round. Returns k."""
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, why()
+        k = len(rows(out)) + 1
+        assert k < ROUNDS, "the run ended before a round could be caught between release and end"
+        if not all(released_round(s, run_id) == k for s in stores):
+            time.sleep(0.01)
+            continue
+        frozen = victims()
+        for victim in frozen:
+            victim.signal(signal.SIGSTOP)
+        checkpoint = read_checkpoint(out)
+        if checkpoint is not None and checkpoint.round == k - 1:
+            for victim in frozen:
+                victim.signal(signal.SIGKILL)
+            return k
+        for victim in frozen:
+            victim.signal(signal.SIGCONT)
+
+
 @pytest.mark.slow
 def test_sigkill_after_sites_released_a_round_then_resume_charges_each_round_once(tmp_path):
     out = tmp_path / "run"
@@ -57,28 +79,11 @@ def test_sigkill_after_sites_released_a_round_then_resume_charges_each_round_onc
     run_id = json.loads((out / "config.json").read_text())["fedcore_run_id"]
     stores = [SiteStore(out / "sites", s) for s in range(SITES)]
 
-    # Wait until every site has released round k while the server has not completed it; freeze
-    # the whole run there (SIGSTOP), and kill it if the checkpoint is still at k - 1. If the
-    # server got further between the look and the freeze, let it go on and try the next round.
-    killed_at = None
-    while killed_at is None:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        k = len(rows(out)) + 1
-        assert k < ROUNDS, "the run ended before a round could be caught between release and end"
-        if not all(released_round(s, run_id) == k for s in stores):
-            time.sleep(0.01)
-            continue
-        victims = {ProcessId.of(process.pid), *tree(process.pid)}
-        for victim in victims:
-            victim.signal(signal.SIGSTOP)
-        checkpoint = read_checkpoint(out)
-        if checkpoint is not None and checkpoint.round == k - 1:
-            for victim in victims:
-                victim.signal(signal.SIGKILL)
-            killed_at = k
-        else:
-            for victim in victims:
-                victim.signal(signal.SIGCONT)
+    killed_at = kill_between_release_and_checkpoint(
+        process, out, stores, run_id,
+        victims=lambda: {ProcessId.of(process.pid), *tree(process.pid)},
+        deadline=deadline, why=process.communicate,
+    )  # fmt: skip
     process.wait(timeout=30)
     assert not (out / "status.json").exists()
     for store in stores:  # round k was released and charged once before the kill
@@ -121,29 +126,12 @@ def test_deploy_local_killed_after_sites_released_a_round_then_resume_charges_ea
         run_id = json.loads((out / "config.json").read_text())["fedcore_run_id"]
         stores = [SiteStore(out / "sites", s) for s in range(SITES)]
 
-        killed_at = None
-        while killed_at is None:
-            assert process.poll() is None and time.monotonic() < deadline, err.read_text()
-            k = len(rows(out)) + 1
-            assert k < ROUNDS, (
-                "the run ended before a round could be caught between release and end"
-            )
-            if not all(released_round(s, run_id) == k for s in stores):
-                time.sleep(0.01)
-                continue
-            victims = {ProcessId.of(process.pid)} | {
-                ProcessId.of(pid) for pid, _ in processes_of(flwr_home)
-            }
-            for victim in victims:
-                victim.signal(signal.SIGSTOP)
-            checkpoint = read_checkpoint(out)
-            if checkpoint is not None and checkpoint.round == k - 1:
-                for victim in victims:
-                    victim.signal(signal.SIGKILL)
-                killed_at = k
-            else:
-                for victim in victims:
-                    victim.signal(signal.SIGCONT)
+        killed_at = kill_between_release_and_checkpoint(
+            process, out, stores, run_id,
+            victims=lambda: {ProcessId.of(process.pid)}
+            | {ProcessId.of(pid) for pid, _ in processes_of(flwr_home)},
+            deadline=deadline, why=err.read_text,
+        )  # fmt: skip
         process.wait(timeout=30)
         for _ in range(150):  # whatever started in the instant before the freeze follows its parent
             if not processes_of(flwr_home):
@@ -164,11 +152,4 @@ def test_deploy_local_killed_after_sites_released_a_round_then_resume_charges_ea
             assert charged_rounds(store) == list(range(1, ROUNDS + 1))
         assert json.loads((out / "status.json").read_text())["status"] == "completed"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for workdir in workdirs:
-            for pid, _ in processes_of(workdir / "flwr-home"):  # whatever a failed check left
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_deploy_local(process, workdirs)

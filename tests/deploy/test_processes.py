@@ -19,6 +19,7 @@ from fedcore.deploy.processes import (
     signals_stop,
 )
 from fedcore.errors import ConfigError
+from tests.deploy.conftest import processes_with
 
 # A parent that starts a detached grandchild (a session of its own, as Flower starts
 # flower-superexec) and writes its pid, then sleeps.
@@ -57,19 +58,7 @@ time.sleep(600)
 
 def _marked(name: str, value: str) -> list[int]:
     """Pids of running processes (zombies excluded) whose environment holds ``name=value``."""
-    wanted = f"{name}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if wanted in environ and state not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, _ in processes_with(name, value)]
 
 
 def _descendants_of_this_process() -> set[int]:
