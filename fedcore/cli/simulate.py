@@ -11,9 +11,10 @@ The federation runs in a child process in a session of its own
 (:func:`fedcore.federation.simulation.child_argv`), started before the checks so that its imports
 overlap them (it waits for a go, and is killed if a check fails); when the ServerApp has closed
 the record the child and Ray are killed at once rather than shut down (nothing in them needs it).
-The first SIGINT (Ctrl-C) or SIGTERM stops it: the round in flight is abandoned, the child and every process it started (Ray) are stopped by
-process id, and the record is closed as of the last completed round (``model.pt``, plots, summary
-"interrupted after round R"). ``--resume DIR`` continues such a record from its checkpoint.
+The first SIGINT (Ctrl-C) or SIGTERM stops it: the round in flight is abandoned, the child and
+every process it started (Ray) are stopped by process id, and the record is closed as of the last
+completed round (``model.pt``, plots, summary "interrupted after round R"). ``--resume DIR``
+continues such a record from its checkpoint.
 
 Exit status: 0 when the run completed, or stopped because a privacy budget is spent; 1 when it
 failed; 2 when it was refused before starting; 130 on SIGINT, 143 on SIGTERM (129 on SIGHUP).

@@ -115,6 +115,7 @@ class ProcessSupervisor:
         self.mark = mark  # (name, value) of an environment variable every started process has
         self.processes: list[ManagedProcess] = []
         self._closed = False
+        self._stopped = False  # stop_all has run to its end: nothing of ours is left to find
 
     def __enter__(self) -> ProcessSupervisor:
         return self
@@ -224,6 +225,8 @@ class ProcessSupervisor:
         stopped.
         """
         self._closed = True
+        if self._stopped:
+            return
         with _signals_deferred():
             self.refresh_descendants()
             for process in reversed(self.processes):
@@ -235,9 +238,11 @@ class ProcessSupervisor:
                         break
                     _freeze(found)
                     _stop_ids(found, grace=min(self.grace, 3.0))
+            self._stopped = True
 
     def leftovers(self) -> list[ProcessId]:
-        """Processes started here, or recorded as their descendants, that still run."""
+        """Processes started here, recorded as their descendants, or carrying the mark, that still
+        run."""
         ids = [p.ident for p in self.processes] + [d for p in self.processes for d in p.descendants]
         if self.mark is not None:
             ids += _marked(*self.mark)
