@@ -3,7 +3,7 @@
 The library is every ``fedcore*`` package. The Flower app's components, ``clients/`` and
 ``server/`` at the top of the checkout (what ``flwr run .`` loads), are installed once more under
 ``fedcore/_app/`` (the same files, mapped, not copied), so that ``fedcore simulate`` from an
-installed fedcore finds its app in any folder (:func:`fedcore.federation.simulation.find_app_dir`).
+installed fedcore finds its app in any folder (:func:`fedcore.federation.simulation.engine.find_app_dir`).
 """
 
 from setuptools import find_packages, setup

@@ -43,7 +43,7 @@ def bare_flower(sites: int, run_config: Mapping[str, object], out: Path) -> dict
     evaluation); return what it wrote."""
     code = f"""
 from pathlib import Path
-from fedcore.federation.simulation import run_app
+from fedcore.federation.simulation.engine import run_app
 run_app(Path({str(BARE)!r}), server_app="bare_app:server", client_app="bare_app:client",
         run_config={dict(run_config)!r}, sites={sites},
         backend={{"client_resources": {{"num_cpus": 1, "num_gpus": 0}},

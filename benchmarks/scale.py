@@ -175,9 +175,9 @@ def floor_round(sites: int, rounds: int) -> float:
 
     from fedcore.config import resolve
     from fedcore.data import load_holdout, load_site
-    from fedcore.federation.server import initial_model
-    from fedcore.federation.site import SiteUpdate, evaluate_round, train_round
-    from fedcore.federation.site_data import data_settings
+    from fedcore.federation.server.serve import initial_model
+    from fedcore.federation.site.data import data_settings
+    from fedcore.federation.site.rounds import SiteUpdate, evaluate_round, train_round
     from fedcore.training import evaluate
 
     torch.set_num_threads(1)

@@ -283,7 +283,7 @@ def flower_round(case: Case, *, rounds: int, timeout: float, tmp: Path) -> float
     }
     code = f"""
 from pathlib import Path
-from fedcore.federation.simulation import run_app
+from fedcore.federation.simulation.engine import run_app
 run_app(Path({str(APPS)!r}), server_app="secaggplus_app:server", client_app="secaggplus_app:client",
         run_config={run_config!r}, sites={case.sites},
         backend={{"client_resources": {{"num_cpus": 1, "num_gpus": 0}},

@@ -1,7 +1,7 @@
-"""fedcore's ClientApp: a thin adapter between Flower messages and :mod:`fedcore.federation.site`.
+"""fedcore's ClientApp: a thin adapter between Flower messages and :mod:`fedcore.federation.site.rounds`.
 
 Each handler reads the run's settings from ``context.run_config`` and the site's data from
-``context.node_config`` (:mod:`fedcore.federation.site_data`), calls the library,
+``context.node_config`` (:mod:`fedcore.federation.site.data`), calls the library,
 and wraps the result in a reply. A :class:`~fedcore.errors.FedcoreError` becomes a Flower error
 reply for this one site, so the round goes on with the others.
 """
@@ -17,12 +17,15 @@ from flwr.common.logger import log
 
 from fedcore.config import from_run_config
 from fedcore.errors import BudgetExceededError, FedcoreError, RemoteProtocolError
-from fedcore.federation import batched, secagg_registry, secagg_site, site_release
 from fedcore.federation import messages as m
-from fedcore.federation.site import SiteDeclined, affordability, evaluate_round, train_round
-from fedcore.federation.site_data import site_data
-from fedcore.federation.site_privacy import is_simulated, site_ledger, site_state_dir
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.simulation import batched
+from fedcore.federation.site import registry as secagg_registry
+from fedcore.federation.site import release as site_release
+from fedcore.federation.site import secagg as secagg_site
+from fedcore.federation.site.data import site_data
+from fedcore.federation.site.folders import is_simulated, site_ledger, site_state_dir
+from fedcore.federation.site.rounds import SiteDeclined, affordability, evaluate_round, train_round
+from fedcore.federation.site.store import SiteStore
 
 # Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
 FEDCORE_ERROR_CODE = 700
@@ -55,7 +58,7 @@ def secagg_mod(
     """Answer a secure-aggregation stage, training through ``call_next`` at the masked-input stage.
 
     Messages without a ``secagg`` record pass straight to the train handler. Protocol and privacy
-    rules live in :mod:`fedcore.federation.secagg_site`; this only translates messages.
+    rules live in :mod:`fedcore.federation.site.secagg`; this only translates messages.
     """
     request = msg.content.config_records.get(secagg_site.SECAGG)
     if request is None:
@@ -118,7 +121,7 @@ def secagg_mod(
 @app.train(mods=[secagg_mod])
 @_replies_with_errors
 def train(msg: Message, context: Context) -> Message:
-    if batched.is_batch(msg):  # a simulated node playing many sites (fedcore.federation.batched)
+    if batched.is_batch(msg):  # a simulated node playing many sites (fedcore.federation.simulation.batched)
         settings = from_run_config(context.run_config)
         return batched.answer_batch(msg, context, settings, train_site)
     return train_site(msg, context)

@@ -2,7 +2,7 @@
 
 - ``config.json``: the full resolved settings, plus versions, the start time and
   ``fedcore_run_id`` (random, made with the record, the same after ``--resume``: a site knows a
-  resumed run's round as one it may have answered; :mod:`fedcore.federation.site_release`);
+  resumed run's round as one it may have answered; :mod:`fedcore.federation.site.release`);
 - ``history.jsonl``: one JSON object per round, appended and flushed as each round ends, so a run
   that crashes keeps every finished round;
 - ``model.pt``: the final global model's ``state_dict`` (written atomically);
@@ -12,7 +12,7 @@
   not cover and that are therefore kept out of ``history.jsonl`` and ``summary.md``
   (:func:`withheld_fields`). It is for the operator, who already sees them; publish it and the
   epsilons no longer hold as stated.
-- ``checkpoint.pt`` (:mod:`fedcore.federation.checkpoint`): what a resumed run continues from;
+- ``checkpoint.pt`` (:mod:`fedcore.federation.server.checkpoint`): what a resumed run continues from;
 - ``sites.json``: which Flower node id was which site (failures are keyed by node id,
   ``site_epsilon`` by site id), as the sites reported it;
 - ``status.json``: how the run ended (``completed``, ``stopped``, ``failed``, ``interrupted``), its

@@ -1,4 +1,4 @@
-"""fedcore's ServerApp: a thin adapter that hands Flower's Grid to :func:`fedcore.federation.server.run_server`.
+"""fedcore's ServerApp: a thin adapter that hands Flower's Grid to :func:`fedcore.federation.server.serve.run_server`.
 
 The settings come from the run config (``fedcore simulate`` or ``flwr run`` put them there); the
 run record goes to the ``out`` setting, or ``runs/<timestamp>`` under the working directory.
@@ -10,10 +10,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcore.config import from_run_config
-from fedcore.federation.progress import RichReporter
-from fedcore.federation.ray_cleanup import stop_ray_on_exit
-from fedcore.federation.server import run_server
-from fedcore.federation.simulation import run_finished
+from fedcore.federation.server.progress import RichReporter
+from fedcore.federation.server.serve import run_server
+from fedcore.federation.simulation.engine import run_finished
+from fedcore.federation.simulation.ray_cleanup import stop_ray_on_exit
 from fedcore.runrecord import default_out_dir
 
 app = ServerApp()

@@ -8,7 +8,7 @@ legacy ``FedAvg``, and a ClientApp built from a ``NumPyClient`` with ``mods=[sec
 Everything except the protocol is fedcore's, so the two sides differ only in secure aggregation:
 the same sites (fedcore's synthetic partitions, by ``partition-id``), the same model
 (``bench_linear:linear``) and initial weights, the same local training and site evaluation
-(:func:`fedcore.federation.site.train_round` / ``evaluate_round``), and the same per-round work as
+(:func:`fedcore.federation.site.rounds.train_round` / ``evaluate_round``), and the same per-round work as
 ``fedcore simulate``: train every site, evaluate on every site, evaluate centrally on the server's
 holdout.
 
@@ -35,9 +35,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcore.config import Settings, SyntheticSettings
 from fedcore.data import load_holdout
-from fedcore.federation.server import initial_model
-from fedcore.federation.site import evaluate_round, train_round
-from fedcore.federation.site_data import data_settings, site_data
+from fedcore.federation.server.serve import initial_model
+from fedcore.federation.site.data import data_settings, site_data
+from fedcore.federation.site.rounds import evaluate_round, train_round
 from fedcore.models import build_model
 from fedcore.training import evaluate
 

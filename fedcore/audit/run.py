@@ -90,8 +90,8 @@ def audit(settings: Settings, *, canaries: int = DEFAULT_CANARIES, rng: CryptoRn
     """
     from fedcore.audit.canaries import train_with_canaries
     from fedcore.data import load_holdout, load_site
-    from fedcore.federation.site import dp_config
-    from fedcore.federation.site_data import data_settings
+    from fedcore.federation.site.data import data_settings
+    from fedcore.federation.site.rounds import dp_config
     from fedcore.models import build_model
 
     dp = settings.dp.site

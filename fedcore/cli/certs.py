@@ -8,7 +8,7 @@ Writes the files of :mod:`fedcore.deploy.pki` into ``DIR`` (never overwriting) a
 commands that start the SuperLink, register the sites and start each site's SuperNode. For
 ACTIVE-mode secure aggregation, a site prints its public signing key (creating its key and round
 journal in its ``state-dir`` if needed) and the CA holder issues the certificate that binds it to
-the site's name (:mod:`fedcore.federation.secagg_registry`).
+the site's name (:mod:`fedcore.federation.site.registry`).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from fedcore.deploy.pki import issue_secagg_certificate, site_names, write_certs
 
     if args.show_signing_key:
-        from fedcore.federation.secagg_registry import signing_public_key
-        from fedcore.federation.site_store import SiteStore
+        from fedcore.federation.site.registry import signing_public_key
+        from fedcore.federation.site.store import SiteStore
 
         if args.site_id is None:
             raise ConfigError("--show-signing-key needs --site-id (the site's partition id)")

@@ -39,7 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def ledger_path(state_dir: str, *, site: str | None, federation: bool) -> Path:
     """The ledger file the options name; ConfigError for a missing folder or choice."""
-    from fedcore.federation.site_store import SiteStore
+    from fedcore.federation.site.store import SiteStore
 
     if not state_dir:
         raise ConfigError("--state-dir is required")

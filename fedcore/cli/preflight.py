@@ -42,7 +42,7 @@ def data_and_model(settings: cfg.Settings) -> tuple[tuple[int, ...], int, int, l
     """Load the data and build the model once; returns ``(input_shape, num_classes, number of
     model parameters, site sizes)``."""
     from fedcore.data import load_holdout, load_site
-    from fedcore.federation.site_data import data_settings
+    from fedcore.federation.site.data import data_settings
     from fedcore.models import build_model
 
     import_path_has_cwd()
@@ -92,11 +92,11 @@ def secagg_threshold(settings: cfg.Settings) -> None:
 
 def dp_affords_one_round(settings: cfg.Settings, *, dim: int, site_sizes: list[int]) -> None:
     """With DP on, one round must fit in what is left of each budget (nothing is charged): the
-    federation's (:func:`~fedcore.federation.dp_server.check_before_run`, which also refuses a
+    federation's (:func:`~fedcore.federation.server.dp_round.check_before_run`, which also refuses a
     secure-aggregation ring too small for the DP encoding) and every site's
-    (:func:`~fedcore.federation.site_privacy.check_site_round`, once per distinct site size)."""
-    from fedcore.federation.dp_server import check_before_run
-    from fedcore.federation.site_privacy import check_site_round
+    (:func:`~fedcore.federation.site.folders.check_site_round`, once per distinct site size)."""
+    from fedcore.federation.server.dp_round import check_before_run
+    from fedcore.federation.site.folders import check_site_round
 
     check_before_run(settings, dim=dim)
     if settings.dp.site.epsilon is None:

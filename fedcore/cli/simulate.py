@@ -8,7 +8,7 @@ Settings are checked, and the data and model loaded once, before Ray starts
 no run record. The run record goes into exactly ``DIR`` (default ``runs/<timestamp>``).
 
 The federation runs in a child process in a session of its own
-(:func:`fedcore.federation.simulation.child_argv`), started before the checks so that its imports
+(:func:`fedcore.federation.simulation.engine.child_argv`), started before the checks so that its imports
 overlap them (it waits for a go, and is killed if a check fails); when the ServerApp has closed
 the record the child and Ray are killed at once rather than shut down (nothing in them needs it).
 The first SIGINT (Ctrl-C) or SIGTERM stops it: the round in flight is abandoned, the child and
@@ -86,8 +86,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[cfg.Settings, Path]:
             "--resume takes its settings and folder from DIR/config.json; "
             "give only --set for what may change (rounds, round_timeout, client_cpus, ...)"
         )
-    from fedcore.federation.checkpoint import read_checkpoint
-    from fedcore.federation.server import resume_settings
+    from fedcore.federation.server.checkpoint import read_checkpoint
+    from fedcore.federation.server.serve import resume_settings
     from fedcore.runrecord import check_not_in_use
 
     out_dir = Path(args.resume)
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     settings, out_dir = resolve_run(args)
     from fedcore.data.federation import DATA_CACHE_ENV
     from fedcore.deploy.processes import ProcessSupervisor
-    from fedcore.federation.simulation import GO, HANDSHAKE_ENV
+    from fedcore.federation.simulation.engine import GO, HANDSHAKE_ENV
 
     remove_stale_handshakes()
     handshake = Path(tempfile.mkdtemp(prefix=f"{HANDSHAKE_PREFIX}{os.getpid()}-"))
@@ -179,7 +179,7 @@ def start_child(
     handshake: Path,
 ) -> ManagedProcess:
     """Start the simulation's child process; it waits for ``handshake/go`` before it runs."""
-    from fedcore.federation.simulation import child_argv, child_env
+    from fedcore.federation.simulation.engine import child_argv, child_env
 
     return supervisor.start(
         "simulation",
@@ -205,7 +205,7 @@ def supervise(
     and Ray are stopped at once, not after seconds of Flower's and Ray's shutdown) or a signal
     stops it; exit status."""
     from fedcore.deploy.processes import signals_deferred
-    from fedcore.federation.simulation import DONE
+    from fedcore.federation.simulation.engine import DONE
 
     try:
         with signals_stop():
@@ -248,7 +248,7 @@ def remove_if_nothing_ran(out_dir: Path, *, resumed: bool) -> None:
 def close_crashed(out_dir: Path, *, returncode: int, resumed: bool) -> None:
     """The simulation process ended without closing the record: close it as failed as of its
     last checkpoint, or remove it if no round ran."""
-    from fedcore.federation.server import close_interrupted
+    from fedcore.federation.server.serve import close_interrupted
 
     reason = f"the simulation process exited with status {returncode} (see the output above)"
     if close_interrupted(out_dir, reason=reason, status="failed") is None:
@@ -257,7 +257,7 @@ def close_crashed(out_dir: Path, *, returncode: int, resumed: bool) -> None:
 
 def interrupted(out_dir: Path, signum: int, *, resumed: bool) -> int:
     """Close the record of a run stopped by ``signum``; the exit status for it."""
-    from fedcore.federation.server import close_interrupted
+    from fedcore.federation.server.serve import close_interrupted
 
     name = signal.Signals(signum).name
     rounds = close_interrupted(out_dir, reason=f"received {name}")

@@ -86,7 +86,7 @@ class LocalDeployment:
         verbose: bool = False,
         startup_timeout: float = 120.0,
     ) -> None:
-        from fedcore.federation.simulation import find_app_dir
+        from fedcore.federation.simulation.engine import find_app_dir
 
         self.bin_dir = cmd.flower_bin_dir()
         self.sites = settings.sites if sites is None else sites
@@ -277,8 +277,8 @@ class LocalDeployment:
         operator holds the CA and every site's folder here; across hosts the CA holder runs
         ``fedcore certs DIR --issue``)."""
         from fedcore.crypto.certs import Pem
-        from fedcore.federation.secagg_registry import certify_site
-        from fedcore.federation.site_store import SiteStore
+        from fedcore.federation.site.registry import certify_site
+        from fedcore.federation.site.store import SiteStore
 
         certs = self._need_certs()
         store = SiteStore(self.out_dir / "sites", index)

@@ -2,7 +2,7 @@
 steps, the noise multiplier (given or calibrated) and the privacy event a round will be charged.
 
 Apart from :mod:`fedcore.privacy.dpsgd` (which trains, and imports torch and Opacus) so that the
-checks before a run (:func:`fedcore.federation.site_privacy.check_site_round`) cost no Opacus import.
+checks before a run (:func:`fedcore.federation.site.folders.check_site_round`) cost no Opacus import.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ does not parse, fails its SHA-256 checksum or holds malformed events raises
 A ledger cannot lose a charge (issue 11, point 5):
 
 - *One writer at a time.* A charge holds an OS lock (``fcntl.flock`` on ``.<name>.lock`` beside
-  the file, :func:`fedcore.federation.site_store.lock_file`), re-reads the file under it, adopts
+  the file, :func:`fedcore.federation.site.store.lock_file`), re-reads the file under it, adopts
   charges another process committed meanwhile, checks the budget against the full history, and
   only then writes. Two processes charging one file both end up in it, or one is refused.
 - *A seal beside the ledger.* Every write is followed by the *seal* (``<name>.seal``): the number
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.errors import BudgetExceededError, ConfigError, InvalidMessage, LedgerLostError
-from fedcore.federation.site_store import atomic_write, lock_file
+from fedcore.federation.site.store import atomic_write, lock_file
 from fedcore.privacy.accountant import (
     DEFAULT_ACCOUNTANT,
     AccountantKind,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcore.federation.site_store import atomic_write, lock_file
+from fedcore.federation.site.store import atomic_write, lock_file
 from fedcore.privacy.accountant import AccountantKind, epsilon
 from fedcore.privacy.events import PrivacyEvent, SelfComposedEvent
 from fedcore.privacy.ledger import CorruptLedgerError

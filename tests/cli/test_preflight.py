@@ -10,7 +10,7 @@ import pytest
 
 from fedcore.config import resolve
 from fedcore.errors import ConfigError
-from fedcore.federation.simulation import child_env
+from fedcore.federation.simulation.engine import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,7 +137,7 @@ def test_a_crashed_run_is_closed_as_failed_or_removed_if_nothing_ran(tmp_path):
     import json
 
     from fedcore.cli.simulate import close_crashed, report
-    from fedcore.federation.server import run_server
+    from fedcore.federation.server.serve import run_server
     from tests.federation.conftest import FakeGrid, honest
 
     settings = resolve(overrides=["sites=2", "rounds=1", "local_epochs=1", "round_timeout=5"])
@@ -184,7 +184,7 @@ def test_cheap_refusals_come_before_the_data_loads(tmp_path, monkeypatch, overri
 def test_a_round_far_over_the_site_budget_is_refused_on_the_quick_bound(monkeypatch):
     """The accountant's exact cost (seconds for small noise) is not computed when the quick
     lower bound already exceeds the budget; the message says "at least"."""
-    from fedcore.federation.site_privacy import check_site_round
+    from fedcore.federation.site.folders import check_site_round
     from fedcore.privacy import accountant
 
     monkeypatch.setattr(accountant._DpAccountingAccountant, "epsilon", _no_expensive_step)

@@ -15,7 +15,7 @@ import pytest
 
 from fedcore.config import resolve
 from fedcore.errors import RecordInUseError
-from fedcore.federation import server
+from fedcore.federation.server import serve as server
 from fedcore.runrecord import WRITER_LOCK, check_not_in_use, record_writer
 from tests.cli.test_preflight import fedcore, refused
 from tests.federation.conftest import FakeGrid, flower_identity, honest  # noqa: F401 - a fixture

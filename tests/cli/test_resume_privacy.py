@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fedcore.deploy.processes import ProcessId
-from fedcore.federation.checkpoint import read_checkpoint
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.server.checkpoint import read_checkpoint
+from fedcore.federation.site.store import SiteStore
 from tests.cli.test_lifecycle import rows, start, tree
 from tests.deploy.conftest import end_deploy_local, processes_of
 

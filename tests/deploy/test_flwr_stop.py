@@ -4,7 +4,7 @@ and the run record closed as interrupted.
 Flower 1.41: ``flwr run`` against a SuperLink started with ``--simulation`` makes it start one
 ``flwr-simulation`` process per run, which starts a local Ray cluster (GCS, raylet, dashboard,
 monitors, workers, and the raylet's ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent``).
-Without :mod:`fedcore.federation.ray_cleanup`, ``flwr stop`` left the two agents running, handed
+Without :mod:`fedcore.federation.simulation.ray_cleanup`, ``flwr stop`` left the two agents running, handed
 to init, after every stopped run. Every process is tracked here by process id (and start time) as a
 descendant of the SuperLink, since Ray's agents do not inherit ``FLWR_HOME``.
 """

@@ -183,7 +183,7 @@ time.sleep(600)
 
 
 def test_stop_descendants_stops_a_tree_and_spares_its_root(tmp_path):
-    """What a Flower simulation process runs on exit (fedcore.federation.ray_cleanup): every
+    """What a Flower simulation process runs on exit (fedcore.federation.simulation.ray_cleanup): every
     descendant, detached grandchildren and one ignoring SIGTERM included, is stopped by process
     id; the root itself and unrelated processes are not."""
     from fedcore.deploy.processes import _children_map, _descendants, stop_descendants

@@ -9,8 +9,8 @@ from fedcore.cli import main
 from fedcore.crypto import certs as c
 from fedcore.crypto.signing import verify_key_of
 from fedcore.errors import InvalidMessage
-from fedcore.federation import secagg_registry
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.site import registry as secagg_registry
+from fedcore.federation.site.store import SiteStore
 
 
 def test_a_site_shows_its_key_and_the_ca_certifies_it(tmp_path, capsys):

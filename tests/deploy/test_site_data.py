@@ -9,7 +9,7 @@ import pytest
 from fedcore.config import resolve
 from fedcore.data import load_site
 from fedcore.errors import ConfigError
-from fedcore.federation.site_data import class_ids, data_settings, site_data
+from fedcore.federation.site.data import class_ids, data_settings, site_data
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import clients.app as client_app
 from fedcore.config import Settings, resolve
 from fedcore.federation import messages as m
-from fedcore.federation.site_privacy import SIMULATION_MARKER
+from fedcore.federation.site.folders import SIMULATION_MARKER
 
 Behaviour = Callable[[Message, Context], Message | None]
 

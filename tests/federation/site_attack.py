@@ -21,9 +21,10 @@ from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.errors import FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
-from fedcore.federation import secagg_registry, secagg_site
-from fedcore.federation.secagg_site import SECAGG, TrainedUpdate
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.site import registry as secagg_registry
+from fedcore.federation.site import secagg as secagg_site
+from fedcore.federation.site.secagg import SECAGG, TrainedUpdate
+from fedcore.federation.site.store import SiteStore
 from fedcore.secagg import SecAggClient, SecAggServer, SessionConfig, SessionEncoding, encode
 from fedcore.secagg.config import Mode, ring_dtype
 from fedcore.secagg.floors import Floors
@@ -165,8 +166,8 @@ class AppSite:
 
     def model(self) -> tuple[object, object]:
         from fedcore.data import load_holdout
-        from fedcore.federation.server import initial_model
-        from fedcore.federation.site_data import data_settings
+        from fedcore.federation.server.serve import initial_model
+        from fedcore.federation.site.data import data_settings
 
         _, input_shape, num_classes = load_holdout(data_settings(self.settings))
         model = initial_model(self.settings, input_shape=input_shape, num_classes=num_classes)

@@ -20,9 +20,9 @@ import clients.app as client_app
 from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError
-from fedcore.federation import batched
-from fedcore.federation.server import run_server
-from fedcore.federation.site_privacy import SIMULATION_MARKER
+from fedcore.federation.server.serve import run_server
+from fedcore.federation.simulation import batched
+from fedcore.federation.site.folders import SIMULATION_MARKER
 from tests.federation.conftest import FakeGrid, honest
 
 BASE = [
@@ -220,7 +220,7 @@ def test_a_node_holds_only_the_site_it_is_training(tmp_path, monkeypatch):
 def test_batched_equals_one_site_per_node_under_dp_fedavg(tmp_path, monkeypatch):
     """Poisson sampling and the server's noise come from the federation's generator, seeded here
     (tests only): both engines sample the same sites and release the same model."""
-    import fedcore.federation.dp_server as dp_server
+    import fedcore.federation.server.dp_round as dp_server
 
     real_create = dp_server.DPFedAvgRound.create.__func__
 
@@ -247,7 +247,7 @@ def test_batched_equals_one_site_per_node_under_dp_fedavg(tmp_path, monkeypatch)
 def test_simulate_starts_one_flower_node_per_sites_per_node(tmp_path, monkeypatch):
     """``fedcore simulate`` asks Flower for ceil(sites / sites_per_node) nodes and tells the
     ServerApp (same process) how many, for the run only."""
-    from fedcore.federation import simulation
+    from fedcore.federation.simulation import engine as simulation
 
     seen = {}
 
@@ -266,7 +266,7 @@ def test_simulate_starts_one_flower_node_per_sites_per_node(tmp_path, monkeypatc
 def test_the_server_runs_torch_on_client_cpus_threads_for_the_run_only(tmp_path, monkeypatch):
     """The ServerApp (this process) uses ``client_cpus`` torch threads while the simulation runs
     (it shares the CPUs with the workers), and the caller's thread count comes back after."""
-    from fedcore.federation import simulation
+    from fedcore.federation.simulation import engine as simulation
 
     seen = []
     monkeypatch.setattr(simulation, "run_app", lambda *a, **k: seen.append(torch.get_num_threads()))
@@ -322,7 +322,7 @@ def test_the_prompt_engine_loops_deliver_on_the_event_not_the_poll(monkeypatch):
     import queue
     import threading
 
-    from fedcore.federation import delivery
+    from fedcore.federation.simulation import delivery
 
     monkeypatch.setattr(delivery, "FALLBACK", 3600.0)
 
@@ -367,7 +367,7 @@ def test_the_prompt_engine_loops_deliver_on_the_event_not_the_poll(monkeypatch):
 def test_prompt_delivery_puts_flowers_loops_back():
     from flwr.server.superlink.fleet.vce import vce_api
 
-    from fedcore.federation import delivery
+    from fedcore.federation.simulation import delivery
 
     before = (vce_api.add_messages_to_queue, vce_api.put_message_into_state)
     with delivery.prompt_delivery():

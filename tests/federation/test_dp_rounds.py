@@ -6,7 +6,7 @@ import pytest
 
 from fedcore.config import resolve
 from fedcore.errors import BudgetExceededError
-from fedcore.federation.server import run_server
+from fedcore.federation.server.serve import run_server
 from fedcore.privacy import PoissonSubsampledGaussian, PrivacyLedger, epsilon
 from fedcore.runrecord import read_rows
 from tests.federation.conftest import FakeGrid, honest, nan_update

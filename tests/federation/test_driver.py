@@ -6,7 +6,7 @@ import math
 import pytest
 
 from fedcore.errors import ConfigError
-from fedcore.federation.server import run_server
+from fedcore.federation.server.serve import run_server
 from tests.federation.conftest import (
     FakeGrid,
     honest,

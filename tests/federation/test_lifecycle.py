@@ -9,9 +9,9 @@ import torch
 
 from fedcore.config import resolve
 from fedcore.errors import ConfigError
-from fedcore.federation.checkpoint import CHECKPOINT_FILE, read_checkpoint
-from fedcore.federation.server import close_interrupted, resume_settings, run_server
-from fedcore.federation.strategies import DEFAULT_SERVER_LR, build_strategy, server_lr
+from fedcore.federation.server.checkpoint import CHECKPOINT_FILE, read_checkpoint
+from fedcore.federation.server.serve import close_interrupted, resume_settings, run_server
+from fedcore.federation.server.strategies import DEFAULT_SERVER_LR, build_strategy, server_lr
 from tests.federation.conftest import FakeGrid, honest, raises_config_error_in_train
 
 
@@ -194,7 +194,7 @@ def test_checkpoint_keeps_the_servers_random_state(tmp_path, small_settings):
         small_settings,
         tmp_path / "run",
     )
-    from fedcore.federation.checkpoint import restore_random_state
+    from fedcore.federation.server.checkpoint import restore_random_state
 
     checkpoint = read_checkpoint(tmp_path / "run")
     restore_random_state(checkpoint.random_state)
@@ -223,7 +223,7 @@ class _DiesInEvaluate(FakeGrid):
 
 
 def test_a_round_charged_but_not_completed_stays_charged_and_its_retry_is_a_new_charge(tmp_path):
-    from fedcore.federation.dp_server import LEDGER_FILE
+    from fedcore.federation.server.dp_round import LEDGER_FILE
     from fedcore.privacy import PrivacyLedger
 
     out = tmp_path / "run"

@@ -12,9 +12,9 @@ import pytest
 from fedcore.cli import main as cli
 from fedcore.config import resolve
 from fedcore.errors import ConfigError, LedgerLostError
-from fedcore.federation.dp_server import check_before_run
-from fedcore.federation.server import run_server
-from fedcore.federation.site_privacy import check_site_round
+from fedcore.federation.server.dp_round import check_before_run
+from fedcore.federation.server.serve import run_server
+from fedcore.federation.site.folders import check_site_round
 from fedcore.privacy import GaussianEvent, PrivacyLedger, epsilon
 from fedcore.privacy.sample_known import TALLY_FILE
 from fedcore.runrecord import SITE_LEVEL_WITHHELD, read_rows
@@ -196,7 +196,7 @@ def test_a_closed_or_resumed_record_publishes_no_more_than_the_live_one(tmp_path
     # Closing an interrupted run and resuming one rewrite history.jsonl from the checkpoint, which
     # holds every field: the rewrite must withhold what the live run withheld, and the checkpoint
     # itself is private.
-    from fedcore.federation.server import close_interrupted
+    from fedcore.federation.server.serve import close_interrupted
 
     out = tmp_path / "run"
     _run(out, ["rounds=2", "fraction_train=0.5", "dp.server.epsilon=30", "dp.server.noise_multiplier=1.0"])

@@ -7,7 +7,7 @@ import sys
 
 from flwr.supercore.exit import exit_handler
 
-from fedcore.federation import ray_cleanup
+from fedcore.federation.simulation import ray_cleanup
 
 
 def test_registered_once_in_flwr_simulation_and_never_elsewhere(monkeypatch):

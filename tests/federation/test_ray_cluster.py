@@ -130,7 +130,7 @@ def test_a_federation_runs_on_an_existing_two_node_ray_cluster(tmp_path):
 def test_on_a_cluster_ray_is_joined_not_sized():
     """Ray refuses CPU counts when joining a cluster: the cluster's own resources count."""
     from fedcore.config import resolve
-    from fedcore.federation.simulation import backend_config
+    from fedcore.federation.simulation.engine import backend_config
 
     backend = backend_config(resolve(overrides=["ray_address=10.0.0.5:6379", "client_cpus=2"]))
     assert backend["init_args"] == {"address": "10.0.0.5:6379", "log_to_driver": False}

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from fedcore.config import resolve
-from fedcore.federation.server import run_server
+from fedcore.federation.server.serve import run_server
 from fedcore.provenance import content_sha256, dataset_identity
 from fedcore.report import privacy_mode
 from tests.federation.conftest import FakeGrid, honest
@@ -79,8 +79,8 @@ def test_waiting_for_sites_prints_a_line_every_few_seconds(monkeypatch):
 
     from rich.console import Console
 
-    from fedcore.federation import progress
-    from fedcore.federation.driver import wait_for_sites
+    from fedcore.federation.server import progress
+    from fedcore.federation.server.driver import wait_for_sites
 
     clock = iter(range(0, 1000))
     monkeypatch.setattr(progress.time, "monotonic", lambda: float(next(clock)))
@@ -94,7 +94,7 @@ def test_waiting_for_sites_prints_a_line_every_few_seconds(monkeypatch):
             Grid.calls += 1
             return [1] if Grid.calls < 12 else [1, 2]
 
-    monkeypatch.setattr("fedcore.federation.driver.time.sleep", lambda s: None)
+    monkeypatch.setattr("fedcore.federation.server.driver.time.sleep", lambda s: None)
     assert wait_for_sites(Grid(), expected=2, timeout=1e9, reporter=reporter) == 2
     lines = [line for line in out.getvalue().splitlines() if "waiting for sites" in line]
     assert lines and all(line == "waiting for sites: 1/2 connected" for line in lines)

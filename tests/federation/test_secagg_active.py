@@ -8,8 +8,8 @@ import pytest
 from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError
-from fedcore.federation import secagg_registry
-from fedcore.federation.server import run_server
+from fedcore.federation.server.serve import run_server
+from fedcore.federation.site import registry as secagg_registry
 from fedcore.secagg import default_threshold
 from fedcore.secagg.config import Mode
 from tests.federation.conftest import FakeGrid, honest

@@ -9,8 +9,9 @@ import pytest
 
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError, ImplausibleSumError
-from fedcore.federation import dp_server, secagg_site
-from fedcore.federation.secagg_dp import (
+from fedcore.federation.server import dp_round as dp_server
+from fedcore.federation.site import secagg as secagg_site
+from fedcore.mechanisms.central_on_secagg import (
     SiteClipping,
     decode_clipped_sum,
     dp_encoding,

@@ -6,7 +6,7 @@ import pytest
 
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError, ImplausibleSumError
-from fedcore.federation.secagg_dp import (
+from fedcore.mechanisms.central_on_secagg import (
     SiteClipping,
     check_dp_ring,
     decode_clipped_sum,
@@ -105,7 +105,7 @@ def test_an_unclipped_site_makes_the_round_implausible():
 def test_a_poisoned_sum_discards_the_round_through_the_real_path(tmp_path, monkeypatch):
     """One site skips clipping inside the real secure-aggregation round: the server discards the
     round with its reason, charges nothing and releases nothing; the run goes on."""
-    from fedcore.federation import secagg_site
+    from fedcore.federation.site import secagg as secagg_site
     from fedcore.privacy import PrivacyLedger
     from fedcore.runrecord import read_rows
     from tests.federation.test_secagg_rounds import _run

@@ -12,8 +12,8 @@ from flwr.app import Message
 
 from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
-from fedcore.federation import secagg_site
-from fedcore.federation.server import run_server
+from fedcore.federation.server.serve import run_server
+from fedcore.federation.site import secagg as secagg_site
 from fedcore.secagg import encode
 from fedcore.secagg.messages import (
     EncryptedShares,

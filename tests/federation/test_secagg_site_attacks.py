@@ -22,9 +22,9 @@ from fedcore.config import resolve
 from fedcore.crypto.certs import issue_signing_certificate, make_ca
 from fedcore.crypto.signing import verify_key_of
 from fedcore.errors import ConfigError, CorruptJournalError
-from fedcore.federation import secagg_registry
-from fedcore.federation.secagg_journal import RoundJournal
-from fedcore.federation.site_privacy import SIMULATION_MARKER
+from fedcore.federation.site import registry as secagg_registry
+from fedcore.federation.site.folders import SIMULATION_MARKER
+from fedcore.federation.site.journal import RoundJournal
 from fedcore.secagg import SessionEncoding
 from fedcore.secagg.config import Mode
 from fedcore.secagg.floors import Floors
@@ -515,7 +515,7 @@ def test_the_property_reaches_the_unmask_stage():
 
 
 def test_config_error_for_bad_node_config_floors():
-    from fedcore.federation.secagg_site import site_floors
+    from fedcore.federation.site.secagg import site_floors
 
     with pytest.raises(ConfigError, match="'secagg-mode'"):
         site_floors({"secagg-mode": "paranoid"})

@@ -18,14 +18,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 import clients.app as client_app
 from fedcore.config import resolve
 from fedcore.errors import RemoteProtocolError
-from fedcore.federation import batched, site_release
 from fedcore.federation import messages as m
-from fedcore.federation.checkpoint import read_checkpoint
-from fedcore.federation.secagg_site import SECAGG
-from fedcore.federation.server import initial_model, resume_settings, run_server
-from fedcore.federation.site import SiteUpdate, train_round
-from fedcore.federation.site_data import data_settings, site_data
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.server.checkpoint import read_checkpoint
+from fedcore.federation.server.serve import initial_model, resume_settings, run_server
+from fedcore.federation.simulation import batched
+from fedcore.federation.site import release as site_release
+from fedcore.federation.site.data import data_settings, site_data
+from fedcore.federation.site.rounds import SiteUpdate, train_round
+from fedcore.federation.site.secagg import SECAGG
+from fedcore.federation.site.store import SiteStore
 from tests.federation.conftest import FakeGrid, honest
 
 RUN_A = "a" * 32
@@ -150,7 +151,7 @@ def _garbage(path):
 def test_a_damaged_release_is_never_re_sent_the_site_trains_and_is_charged(site, damage, caplog):
     first, _ = site.ask()
     damage(site.store.release_path(RUN_A))
-    with caplog.at_level(logging.WARNING, logger="fedcore.federation.site_release"):
+    with caplog.at_level(logging.WARNING, logger="fedcore.federation.site.release"):
         again, _ = site.ask()
     assert "ignoring the release file" in caplog.text
     assert not _same(first, again)  # fresh DP-SGD noise: not the (damaged) stored update
@@ -163,7 +164,7 @@ def test_a_damaged_release_is_never_re_sent_the_site_trains_and_is_charged(site,
 def test_a_release_file_that_is_not_private_is_not_re_sent(site, caplog):
     first, _ = site.ask()
     site.store.release_path(RUN_A).chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="fedcore.federation.site_release"):
+    with caplog.at_level(logging.WARNING, logger="fedcore.federation.site.release"):
         again, _ = site.ask()
     assert "mode 0644" in caplog.text
     assert not _same(first, again) and site.charged_rounds() == [1, 1]
@@ -174,7 +175,7 @@ def test_a_release_planted_from_another_run_is_not_re_sent(site, caplog):
     # Another run's file put where run B's would be (an attacker, or an operator's copy).
     shutil.copy(site.store.release_path(RUN_A), site.store.release_path(RUN_B))
     site.store.release_path(RUN_B).chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="fedcore.federation.site_release"):
+    with caplog.at_level(logging.WARNING, logger="fedcore.federation.site.release"):
         second, _ = site.ask(run_id=RUN_B)
     assert f"belongs to run {RUN_A}" in caplog.text
     assert not _same(first, second)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from fedcore.errors import ConfigError
-from fedcore.federation.site_store import (
+from fedcore.federation.site.store import (
     SiteStore,
     atomic_write,
     check_private,

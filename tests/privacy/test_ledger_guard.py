@@ -14,8 +14,8 @@ import pytest
 from fedcore.cli import main as cli
 from fedcore.config import resolve
 from fedcore.errors import LedgerLostError
-from fedcore.federation.site_privacy import site_ledger
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.site.folders import site_ledger
+from fedcore.federation.site.store import SiteStore
 from fedcore.privacy import Budget, GaussianEvent, NoPrivacyLoss, PrivacyLedger, Scope, ScopeKind
 
 SITE = Scope(ScopeKind.SITE_RECORDS, "site-0")

@@ -15,7 +15,7 @@ If no site of a round replies usably, the model is left as it was and the round 
 round* (``round_failed`` in its row); the run goes on, unless the last ``max_failed_rounds`` rounds
 all failed: then it stops as failed, naming the reason seen most often.
 
-Every aggregate is cast back to the global model's dtypes (:func:`~fedcore.federation.strategies.keep_dtypes`),
+Every aggregate is cast back to the global model's dtypes (:func:`~fedcore.federation.server.strategies.keep_dtypes`),
 and usable replies are ordered by site id before the strategy sees them, so a round's aggregate does
 not depend on the order in which replies arrived (a resumed run ends with the same model).
 
@@ -46,7 +46,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcore.errors import BudgetExceededError, FedcoreError, InvalidMessage, ProtocolError
 from fedcore.federation import messages as m
-from fedcore.federation.strategies import keep_dtypes
+from fedcore.federation.server.strategies import keep_dtypes
 from fedcore.runrecord import RoundRow, RunRecord
 from fedcore.training import EvalResult
 

@@ -17,7 +17,7 @@ stopped run, a failed one, and a completed one (where Ray has already shut down 
 whatever Ray left). ``fedcore simulate`` needs none of this: its supervisor stops the whole tree.
 
 The same handler first closes the run record the ServerApp was writing
-(:func:`fedcore.federation.server.close_open_records`: status ``interrupted`` as of the last
+(:func:`fedcore.federation.server.serve.close_open_records`: status ``interrupted`` as of the last
 checkpoint, resumable): the ServerApp runs in a thread of ``flwr-simulation`` that waits for
 replies and never sees the exit, so without it the record of a stopped run stayed open.
 """
@@ -53,7 +53,7 @@ def stop_ray_on_exit() -> bool:
 
 def _on_exit() -> None:
     from fedcore.deploy.processes import stop_descendants
-    from fedcore.federation.server import close_open_records
+    from fedcore.federation.server.serve import close_open_records
 
     close_open_records()
 

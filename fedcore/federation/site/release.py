@@ -1,7 +1,7 @@
 """A site's release cache: the update it last released in a run, re-sent if that round is asked again.
 
 Theory of operation. Under record-level DP (DP-SGD, ``dp.site.epsilon``) every update a site sends
-is a release, charged to the site's ledger before it leaves (:mod:`fedcore.federation.site_privacy`).
+is a release, charged to the site's ledger before it leaves (:mod:`fedcore.federation.site.folders`).
 A resumed run (``fedcore simulate --resume``) asks again for the round it was in when it stopped,
 and some sites may have answered that round already. Training afresh would be a second release of
 the same records, charged again; sending the *same bytes* again reveals nothing new
@@ -23,13 +23,13 @@ uncharged release.
 
 Never under secure aggregation: there the server learns only a sum, and putting one update into
 two sessions with different survivor sets would reveal the difference of the two sums
-(:mod:`fedcore.federation.secagg_journal`), so a resumed round is a new session with fresh
+(:mod:`fedcore.federation.site.journal`), so a resumed round is a new session with fresh
 training, charged as a new release; :func:`release_key` gives no key under ``secagg.enabled``
-or for a secure-aggregation message, and :func:`fedcore.federation.site.train_round` ignores one
+or for a secure-aggregation message, and :func:`fedcore.federation.site.rounds.train_round` ignores one
 under ``secagg.enabled``.
 
 A stored file is trusted only after every check: a private regular file owned by this user
-(:func:`~fedcore.federation.site_store.read_private`), its own SHA-256 over key and content, and
+(:func:`~fedcore.federation.site.store.read_private`), its own SHA-256 over key and content, and
 its key equal to the question asked. A file that fails any check is ignored with a WARNING: the
 site trains and is charged afresh (budget spent, privacy intact), and never re-sends an update that
 was not the answer to this exact question. The digest detects damage, not forgery: whoever can
@@ -56,8 +56,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedcore.config import Settings
 from fedcore.federation import messages as m
-from fedcore.federation.secagg_site import SECAGG
-from fedcore.federation.site_store import SiteStore, atomic_write, read_private
+from fedcore.federation.site.secagg import SECAGG
+from fedcore.federation.site.store import SiteStore, atomic_write, read_private
 
 log = logging.getLogger(__name__)
 

@@ -57,8 +57,8 @@ from fedcore.crypto.certs import (
 )
 from fedcore.crypto.signing import PUBLIC_BYTES, verify_key_of
 from fedcore.errors import ConfigError, InvalidMessage
-from fedcore.federation.site_privacy import is_simulated, run_sites_dir, site_state_dir
-from fedcore.federation.site_store import SiteStore, create_exclusive, read_private
+from fedcore.federation.site.folders import is_simulated, run_sites_dir, site_state_dir
+from fedcore.federation.site.store import SiteStore, create_exclusive, read_private
 
 FOLDER = "secagg-registry"
 SUFFIX = ".ed25519.pub"
@@ -270,7 +270,7 @@ def simulation_ca(path: Path) -> Pem:
 def signing_public_key(store: SiteStore) -> bytes:
     """The site's public signing key (its key and journal are created if this is its first use):
     what the federation CA certifies for the site."""
-    from fedcore.federation.secagg_journal import RoundJournal
+    from fedcore.federation.site.journal import RoundJournal
 
     key, _ = RoundJournal.open_site(store)
     return verify_key_of(signing_seed(key))

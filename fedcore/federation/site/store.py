@@ -160,7 +160,7 @@ class SiteStore:
 
     def release_path(self, run_id: str) -> Path:
         """The last update the site released in fedcore run ``run_id`` under record-level DP
-        (:mod:`fedcore.federation.site_release`). ``run_id`` must be a checked run id (hex)."""
+        (:mod:`fedcore.federation.site.release`). ``run_id`` must be a checked run id (hex)."""
         return self.root / f"site-{self.site_id}.release.{run_id}.pt"
 
     def release_paths(self) -> list[Path]:

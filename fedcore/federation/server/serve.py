@@ -5,7 +5,7 @@ strategy and the run record, runs the rounds, saves the final model and writes t
 record is finished (summary and plot) also when a round raises, with the status ``failed``.
 
 After the initial evaluation and after every round it writes ``checkpoint.pt``
-(:mod:`fedcore.federation.checkpoint`). With ``resume`` set, it continues the record in ``out``
+(:mod:`fedcore.federation.server.checkpoint`). With ``resume`` set, it continues the record in ``out``
 from that checkpoint instead of starting one: same settings (checked against ``config.json`` by
 :func:`resume_settings`), model, strategy memory, clip norm and random state. A run stopped by a
 signal is closed from outside by :func:`close_interrupted`.
@@ -27,35 +27,35 @@ from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.errors import ConfigError
 from fedcore.federation import messages as m
-from fedcore.federation.batched import grid_for
-from fedcore.federation.checkpoint import (
+from fedcore.federation.server.checkpoint import (
     Checkpoint,
     capture_random_state,
     read_checkpoint,
     restore_random_state,
     write_checkpoint,
 )
-from fedcore.federation.dp_server import (
+from fedcore.federation.server.dp_round import (
     LEDGER_FILE,
     DPFedAvgRound,
     check_before_run,
     federation_ledger,
 )
-from fedcore.federation.driver import (
+from fedcore.federation.server.driver import (
     NullReporter,
     Reporter,
     TrainRound,
     plain_train_round,
     run_rounds,
 )
-from fedcore.federation.secagg_round import SecAggTrainRound
-from fedcore.federation.site_data import data_settings
-from fedcore.federation.site_privacy import run_sites_dir
-from fedcore.federation.strategies import (
+from fedcore.federation.server.secagg_round import SecAggTrainRound
+from fedcore.federation.server.strategies import (
     build_strategy,
     restore_strategy_state,
     strategy_state,
 )
+from fedcore.federation.simulation.batched import grid_for
+from fedcore.federation.site.data import data_settings
+from fedcore.federation.site.folders import run_sites_dir
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
 from fedcore.runrecord import RoundRow, RunRecord, Status, record_writer
@@ -103,7 +103,7 @@ def close_open_records(reason: str = STOPPED) -> list[Path]:
     """Close, as interrupted at their last checkpoint, the records a server in this process is
     still writing, because the process is exiting under it: ``flwr stop`` on a simulation
     SuperLink ends ``flwr-simulation`` while its ServerApp thread waits for replies and never
-    sees the exit (:mod:`fedcore.federation.ray_cleanup` calls this from Flower's exit handler).
+    sees the exit (:mod:`fedcore.federation.simulation.ray_cleanup` calls this from Flower's exit handler).
     This process holds their writer lock. Returns the records closed."""
     closed = []
     for path in list(_writing):
@@ -128,7 +128,7 @@ def _serve(
     grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None
 ) -> RunRecord:
     reporter = reporter or NullReporter()
-    grid = grid_for(grid, settings)  # many sites per simulated node (fedcore.federation.batched)
+    grid = grid_for(grid, settings)  # many sites per simulated node (fedcore.federation.simulation.batched)
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
     model = initial_model(settings, input_shape=input_shape, num_classes=num_classes)
     device = pick_device(settings.device)

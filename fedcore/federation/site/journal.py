@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fedcore.errors import ConfigError, CorruptJournalError, LocalProtocolError
-from fedcore.federation.site_store import SiteStore, create_exclusive, read_private
+from fedcore.federation.site.store import SiteStore, create_exclusive, read_private
 
 FORMAT = "fedcore.secagg.journal/1"
 HEADER = json.dumps({"format": FORMAT}).encode() + b"\n"

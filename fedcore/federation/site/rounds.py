@@ -1,6 +1,6 @@
 """What a site does in a round, as plain library calls (the ClientApp only translates messages).
 
-Given its data (:mod:`fedcore.federation.site_data`), a site builds the model the server names,
+Given its data (:mod:`fedcore.federation.site.data`), a site builds the model the server names,
 loads the global weights, trains locally and returns its new weights and example count; or
 evaluates the global weights on its own test split.
 """
@@ -19,10 +19,10 @@ from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.data import SiteData
 from fedcore.errors import BudgetExceededError, RemoteProtocolError
-from fedcore.federation import site_release
-from fedcore.federation.site_privacy import site_ledger, site_state_dir
-from fedcore.federation.site_release import Release, ReleaseKey
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.site import release as site_release
+from fedcore.federation.site.folders import site_ledger, site_state_dir
+from fedcore.federation.site.release import Release, ReleaseKey
+from fedcore.federation.site.store import SiteStore
 from fedcore.models import build_model
 from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
 
@@ -100,10 +100,10 @@ def train_round(
     """Train the global model on the site's training split for ``settings.local_epochs``.
 
     With record-level DP on (``dp.site.epsilon`` set) the site trains with DP-SGD and charges its
-    ledger (:mod:`fedcore.federation.site_privacy`); if the round would pass its budget it trains
+    ledger (:mod:`fedcore.federation.site.folders`); if the round would pass its budget it trains
     nothing and returns :class:`SiteDeclined`, its ledger unchanged. ``release`` (the key of the
-    question, :func:`~fedcore.federation.site_release.release_key`) lets it re-send, uncharged, the
-    release it already made for exactly that question (:mod:`fedcore.federation.site_release`);
+    question, :func:`~fedcore.federation.site.release.release_key`) lets it re-send, uncharged, the
+    release it already made for exactly that question (:mod:`fedcore.federation.site.release`);
     never under secure aggregation, where ``release`` is ignored.
     """
     _threads(settings)

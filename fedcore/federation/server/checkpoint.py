@@ -19,7 +19,7 @@ Privacy is not in the checkpoint: the federation's ledger (``federation.ledger.j
 site's ledger are written when a charge is made, before the release, so a round charged but not
 completed stays charged. The resumed attempt of that round is charged as a new release, except at
 a site with record-level DP and no secure aggregation that already answered it: that site re-sends
-the release it made, uncharged (:mod:`fedcore.federation.site_release`, keyed by the record's
+the release it made, uncharged (:mod:`fedcore.federation.site.release`, keyed by the record's
 ``fedcore_run_id``, which a resume keeps).
 """
 

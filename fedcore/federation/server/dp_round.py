@@ -1,4 +1,4 @@
-"""Site-level DP at a trusted server: DP-FedAvg as a :class:`~fedcore.federation.driver.TrainRound`.
+"""Site-level DP at a trusted server: DP-FedAvg as a :class:`~fedcore.federation.server.driver.TrainRound`.
 
 Theory of operation (McMahan et al., "Learning Differentially Private Recurrent Language Models",
 ICLR 2018; Andrew et al., NeurIPS 2021 for adaptive clipping). Each round:
@@ -57,8 +57,13 @@ from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.errors import BudgetExceededError, ConfigError
 from fedcore.federation import messages as m
-from fedcore.federation.driver import TrainOutcome, exchange, hand_to_strategy, instruction_for
-from fedcore.federation.secagg_dp import check_dp_ring
+from fedcore.federation.server.driver import (
+    TrainOutcome,
+    exchange,
+    hand_to_strategy,
+    instruction_for,
+)
+from fedcore.mechanisms.central_on_secagg import check_dp_ring
 from fedcore.privacy import (
     Budget,
     PrivacyLedger,

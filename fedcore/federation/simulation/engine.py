@@ -7,9 +7,9 @@ polling): with one Flower node per site, over 90 percent of a round at 1,000 sit
 So the simulation starts *fewer Flower nodes than sites*: ``simulation.sites_per_node`` sites per
 node (0, the default: ``ceil(sites / workers)``, workers = CPUs / ``client_cpus``, so one node per
 Ray worker), still on Flower's Message API and simulation engine
-(:mod:`fedcore.federation.batched`):
+(:mod:`fedcore.federation.simulation.batched`):
 
-- **Server.** :func:`~fedcore.federation.batched.grid_for` wraps Flower's Grid in a
+- **Server.** :func:`~fedcore.federation.simulation.batched.grid_for` wraps Flower's Grid in a
   ``BatchedGrid`` that shows one *virtual node* per site (id ``site + 1``). The strategy samples
   virtual nodes (``fraction_train``; Poisson sampling under DP-FedAvg), the driver builds and
   checks per-site messages, exactly as with one node per site. Only at the wire are the messages
@@ -19,7 +19,7 @@ Ray worker), still on Flower's Message API and simulation engine
   per-site failures and timeouts in the record (a node that does not answer in time fails each of
   its sites), the strategy. Site ``s`` is played by the ``s % nodes``-th node for the whole run.
 - **Node.** The ClientApp's handlers see a batched request and run the *same* per-site handler
-  (``train_round`` / ``evaluate_round`` of :mod:`fedcore.federation.site`) for each named site in
+  (``train_round`` / ``evaluate_round`` of :mod:`fedcore.federation.site.rounds`) for each named site in
   turn, with the node config the site's own node would have (``partition-id = s``), so per-site
   record-level ledgers, batch seeds and DP-SGD are those of the one-site path. A site's data is
   loaded when it trains and released after. A deployed site refuses a batched request: deployment
@@ -31,9 +31,9 @@ Ray worker), still on Flower's Message API and simulation engine
   ``sites_per_node``.
 - **Per round, nothing waits on a timer.** Flower's engine polls for instructions and replies
   every 0.1 s; inside :func:`simulate` its two loops are woken by events instead
-  (:mod:`fedcore.federation.delivery`). A node decodes the global model its sites share once
+  (:mod:`fedcore.federation.simulation.delivery`). A node decodes the global model its sites share once
   (:func:`fedcore.federation.messages.decoded_once`) and the server splits a node's reply in
-  one pass. Past :data:`~fedcore.federation.batched.MAX_AUTO_SITES_PER_NODE` sites a node, the
+  one pass. Past :data:`~fedcore.federation.simulation.batched.MAX_AUTO_SITES_PER_NODE` sites a node, the
   automatic setting starts more nodes, so that no message in flight holds thousands of sites.
 - **The server's torch runs on ``client_cpus`` threads** (:func:`server_threads`): the ServerApp
   shares this machine's CPUs with the workers, and its central evaluation and aggregate are a
@@ -63,7 +63,7 @@ Ray, deliberately:
 - Flower's telemetry is off (``FLWR_TELEMETRY_ENABLED=0``) unless the user set it.
 
 ``fedcore simulate`` runs all of this in a child process (:func:`child_argv`, ``python -m
-fedcore.federation.simulation``), started *before* its checks so that the child's imports (torch,
+fedcore.federation.simulation.engine``), started *before* its checks so that the child's imports (torch,
 Flower, Ray: seconds) overlap them; the child waits for a go (a file in a handshake folder,
 :data:`HANDSHAKE_ENV`) before it runs anything, and is killed instead if a check fails. Once the
 ServerApp has closed the record the child says so (:func:`run_finished`) and the parent stops it
@@ -88,7 +88,7 @@ from pathlib import Path
 
 from fedcore.config import Settings
 from fedcore.errors import ConfigError
-from fedcore.federation.site_privacy import SIMULATION_MARKER
+from fedcore.federation.site.folders import SIMULATION_MARKER
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
@@ -191,8 +191,8 @@ def simulate(
     """
     import torch
 
-    from fedcore.federation.batched import NODES_ENV, node_count
-    from fedcore.federation.delivery import prompt_delivery
+    from fedcore.federation.simulation.batched import NODES_ENV, node_count
+    from fedcore.federation.simulation.delivery import prompt_delivery
 
     cpus = connect_ray(settings.ray_address, verbose=verbose) if settings.ray_address else None
     nodes = node_count(settings, cpus)
@@ -319,7 +319,7 @@ def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]
     return [
         sys.executable,
         "-m",
-        "fedcore.federation.simulation",
+        "fedcore.federation.simulation.engine",
         json.dumps(run_config),
         *(["--verbose"] if verbose else []),
     ]
@@ -331,7 +331,7 @@ def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]
 HANDSHAKE_ENV = "FEDCORE_SIMULATION_HANDSHAKE"
 GO, DONE = "go", "done"
 # What the child imports while the parent checks the settings: the modules every run needs.
-WARM_MODULES = ("ray", "flwr.simulation.run_simulation", "fedcore.federation.server", "clients.app")
+WARM_MODULES = ("ray", "flwr.simulation.run_simulation", "fedcore.federation.server.serve", "clients.app")
 
 
 def run_finished() -> None:
@@ -374,7 +374,7 @@ def child_env(cwd: Path | None = None, *, handshake: Path | None = None) -> dict
 def main(argv: list[str] | None = None) -> int:
     from fedcore.config import from_run_config
 
-    parser = argparse.ArgumentParser(prog="python -m fedcore.federation.simulation")
+    parser = argparse.ArgumentParser(prog="python -m fedcore.federation.simulation.engine")
     parser.add_argument("run_config", help="the run config as JSON (what child_argv writes)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcore.config import Settings
 from fedcore.errors import ConfigError
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.site.store import SiteStore
 
 if TYPE_CHECKING:
     from fedcore.privacy import PrivacyLedger
@@ -101,7 +101,7 @@ def check_site_round(
     dp = settings.dp.site
     if dp.epsilon is None or num_examples < 1:
         return
-    from fedcore.federation.site import dp_config
+    from fedcore.federation.site.rounds import dp_config
     from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind, epsilon
     from fedcore.privacy.accountant import epsilon_lower_bound
     from fedcore.privacy.dpsgd_plan import plan_round

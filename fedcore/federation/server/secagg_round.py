@@ -1,4 +1,4 @@
-"""Secure aggregation as a :class:`~fedcore.federation.driver.TrainRound`: the server learns only
+"""Secure aggregation as a :class:`~fedcore.federation.server.driver.TrainRound`: the server learns only
 the weighted sum of the sampled sites' updates.
 
 Theory of operation. One training round runs the stages of :class:`fedcore.secagg.SecAggServer`
@@ -64,9 +64,8 @@ from fedcore.errors import (
     RemoteProtocolError,
 )
 from fedcore.federation import messages as m
-from fedcore.federation import secagg_registry
-from fedcore.federation.dp_server import DPFedAvgRound
-from fedcore.federation.driver import (
+from fedcore.federation.server.dp_round import DPFedAvgRound
+from fedcore.federation.server.driver import (
     Exchange,
     TrainOutcome,
     exchange,
@@ -74,14 +73,15 @@ from fedcore.federation.driver import (
     instruction_for,
     stop_when_all_declined,
 )
-from fedcore.federation.secagg_dp import (
+from fedcore.federation.site import registry as secagg_registry
+from fedcore.federation.site.secagg import ENROL, SECAGG, request_record
+from fedcore.mechanisms.central_on_secagg import (
     SiteClipping,
     decode_clipped_sum,
     dp_encoding,
     ring_clip_norm,
     session_length,
 )
-from fedcore.federation.secagg_site import ENROL, SECAGG, request_record
 from fedcore.privacy.dpfedavg import Clipping, poisson_sample
 from fedcore.secagg import (
     AggregateResult,
@@ -135,7 +135,7 @@ def neighbors_of(settings: Settings, sites: int) -> int:
 class SecAggTrainRound:
     """The training half of a round under secure aggregation.
 
-    With ``dp`` (site-level DP at a trusted server, :mod:`fedcore.federation.secagg_dp`), the
+    With ``dp`` (site-level DP at a trusted server, :mod:`fedcore.mechanisms.central_on_secagg`), the
     federation ledger is checked before anything is sent, sites are Poisson-sampled from a CSPRNG,
     each clips its update before masking, and the noise is added to the unmasked sum.
     """

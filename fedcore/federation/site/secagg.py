@@ -7,10 +7,10 @@ deployment), Flower's ``context.state`` lives for one run only (a SuperNode rest
 the server writes the run config. So nothing secret lives in memory from one stage to the next or
 in ``context.state``, and nothing the site's safety rests on comes from the run config:
 
-- The site's files live in its :class:`~fedcore.federation.site_store.SiteStore` (the node config's
+- The site's files live in its :class:`~fedcore.federation.site.store.SiteStore` (the node config's
   ``state-dir``; in simulation only, ``<run record>/sites``): a *site key* (32 random bytes, mode
   0600, refused if it is a link, another user's, or readable by others) and the *round journal*
-  (:mod:`fedcore.federation.secagg_journal`), written and fsynced before each answer leaves.
+  (:mod:`fedcore.federation.site.journal`), written and fsynced before each answer leaves.
 - Every secret of a round (both X25519 key pairs, the self-mask seed, the share coins) is drawn
   from ``derive_rng(site_key, "secagg|" + round_id + "|" + nonce)`` in a fixed order, where
   ``nonce`` is fresh CSPRNG output the journal stores for that round id; any process of the site
@@ -34,14 +34,14 @@ in ``context.state``, and nothing the site's safety rests on comes from the run 
   weight, norms, training errors are logged here, and the reply says only what kind of step failed).
 
 In ACTIVE mode the site also signs with an Ed25519 key derived from the same site key, publishes
-its public half in the registry folder (:mod:`fedcore.federation.secagg_registry`) when asked to
+its public half in the registry folder (:mod:`fedcore.federation.site.registry`) when asked to
 enrol and before advertising, and checks every signature against that folder.
 
 At the masked-input stage the site trains (the wrapped train handler), forms its update (new
 weights minus global weights, flattened in the global record's key order), and encodes weight x
 update together with the weight (:func:`fedcore.secagg.encode_update`), so the server can form the
 exact weighted mean from the sum alone. With site-level DP at the server, the session carries the
-L2 clip norm: the site clips before masking and weighs 1 (:mod:`fedcore.federation.secagg_dp`).
+L2 clip norm: the site clips before masking and weighs 1 (:mod:`fedcore.mechanisms.central_on_secagg`).
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedcore.crypto import CryptoRng
 from fedcore.crypto.agreement import derive_rng
 from fedcore.errors import ConfigError, FedcoreError, LocalProtocolError, RemoteProtocolError
-from fedcore.federation import secagg_registry
-from fedcore.federation.secagg_dp import SiteClipping, encode_clipped_update
-from fedcore.federation.secagg_journal import RoundEntry, RoundJournal, check_session
-from fedcore.federation.site_store import SiteStore
+from fedcore.federation.site import registry as secagg_registry
+from fedcore.federation.site.journal import RoundEntry, RoundJournal, check_session
+from fedcore.federation.site.store import SiteStore
+from fedcore.mechanisms.central_on_secagg import SiteClipping, encode_clipped_update
 from fedcore.secagg import (
     EncodingConfig,
     SecAggClient,

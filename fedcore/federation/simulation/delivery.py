@@ -9,7 +9,7 @@ nodes that each play many sites a round waited on average about 0.1 s for nothin
 
 Neither interval is a parameter, and Flower's files stay as installed. Instead, for the duration
 of fedcore's simulation (:func:`prompt_delivery`, entered by
-:func:`fedcore.federation.simulation.simulate`), the engine's two loop functions are Flower's
+:func:`fedcore.federation.simulation.engine.simulate`), the engine's two loop functions are Flower's
 own, line for line, except that they are woken by events: :data:`PUSHED` when the ServerApp has
 pushed instructions (set by :class:`PromptGrid`), :data:`REPLIED` when a reply is stored. Each
 still wakes after :data:`FALLBACK` seconds without an event, Flower's own interval, so a message

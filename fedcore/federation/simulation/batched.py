@@ -1,6 +1,6 @@
 """Many simulated sites per Flower node: one message per node per round, per-site results inside.
 
-The design is written down at the top of :mod:`fedcore.federation.simulation`. This module holds
+The design is written down at the top of :mod:`fedcore.federation.simulation.engine`. This module holds
 both halves of the wire format:
 
 - the server half, :class:`BatchedGrid`: a Grid that shows the strategy and the driver one
@@ -29,10 +29,10 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from fedcore.config import Settings
 from fedcore.data.federation import forget_sites
 from fedcore.errors import ConfigError, RemoteProtocolError
-from fedcore.federation import delivery
 from fedcore.federation import messages as m
-from fedcore.federation.site_data import NUM_PARTITIONS, PARTITION_ID
-from fedcore.federation.site_privacy import is_simulated
+from fedcore.federation.simulation import delivery
+from fedcore.federation.site.data import NUM_PARTITIONS, PARTITION_ID
+from fedcore.federation.site.folders import is_simulated
 
 BATCH = "fedcore.batch"
 SITES = "sites"
