@@ -14,34 +14,42 @@ Every failure is a :class:`~fedcore.errors.ConfigError` whose message names the 
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import json
-import math
 import tomllib
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedcore._schema import (
+    Scalar,
+    SettingSpec,
+    build,
+    check_bounds,
+    coerce,
+    flatten,
+    flatten_mapping,
+    specs,
+)
 from fedcore.errors import ConfigError
 
 Partition = Literal["iid", "dirichlet", "pathological"]
 StrategyName = Literal[
     "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian"
 ]
-# Strategies that need every site's individual update (refused under secure aggregation).
+# Strategies that need every site's individual update (refused under secure aggregation), and
+# the linear rest (a weighted mean of the replies, then perhaps a server optimizer step).
 NONLINEAR_STRATEGIES = ("fedmedian",)
+LINEAR_STRATEGIES = tuple(s for s in typing.get_args(StrategyName) if s not in NONLINEAR_STRATEGIES)
 Device = Literal["auto", "cpu", "cuda"]
 Clipping = Literal["fixed", "adaptive"]
 Accountant = Literal["pld", "rdp"]
 SecAggMode = Literal["semi-honest", "active"]
 BudgetAgainst = Literal["observers", "sample-known"]
 
-Scalar = bool | int | float | str
 
 
 def _doc(text: str, **meta: Any) -> dict[str, Any]:
@@ -249,11 +257,11 @@ class Settings:
 
     def to_dict(self) -> dict[str, Scalar | None]:
         """Flat ``{dotted key: value}`` of every setting (``None`` for unset optionals)."""
-        return dict(_flatten(self))
+        return dict(flatten(self))
 
     def to_run_config(self) -> dict[str, Scalar]:
         """The settings as Flower's run config: scalars only, an unset optional as ``""``."""
-        return {k: ("" if v is None else v) for k, v in _flatten(self)}
+        return {k: ("" if v is None else v) for k, v in flatten(self)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,68 +269,7 @@ class Settings:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class SettingSpec:
-    """One key of the schema."""
-
-    key: str
-    type: Any
-    default: Scalar | None
-    help: str
-    meta: Mapping[str, Any]
-
-    @property
-    def optional(self) -> bool:
-        return _is_optional(self.type)
-
-    @property
-    def choices(self) -> tuple[str, ...] | None:
-        base = _strip_optional(self.type)
-        return tuple(typing.get_args(base)) if typing.get_origin(base) is Literal else None
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_group(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(
-        None
-    ) in typing.get_args(tp)
-
-
-def _strip_optional(tp: Any) -> Any:
-    if _is_optional(tp):
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return inner
-    return tp
-
-
-def _specs(cls: type, prefix: str = "") -> Iterable[SettingSpec]:
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if _is_group(tp):
-            yield from _specs(tp, f"{prefix}{f.name}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        yield SettingSpec(f"{prefix}{f.name}", tp, default, f.metadata.get("help", ""), f.metadata)
-
-
-SPECS: dict[str, SettingSpec] = {s.key: s for s in _specs(Settings)}
-
-
-def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, Scalar | None]]:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _flatten(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value
+SPECS: dict[str, SettingSpec] = {s.key: s for s in specs(Settings)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,101 +285,9 @@ def _unknown_key(key: str) -> ConfigError:
     )
 
 
-def _coerce(spec: SettingSpec, value: Any, *, from_text: bool) -> Scalar | None:
-    """Convert ``value`` to the setting's type; text from ``--set`` is parsed, other input is not."""
-    base = _strip_optional(spec.type)
-    if spec.optional and (value is None or value == "" or (from_text and value.lower() == "none")):
-        return None
-    choices = spec.choices
-    try:
-        if choices is not None:
-            if value not in choices:
-                raise ValueError
-            return str(value)
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if from_text and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, int):
-                return value
-            if from_text:
-                return int(value)
-            raise ValueError
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value) if (from_text or isinstance(value, int | float)) else None
-            if number is None or not math.isfinite(number):
-                raise ValueError
-            return number
-        if base is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (TypeError, ValueError):
-        pass
-    else:
-        raise ConfigError(f"setting {spec.key!r} has an unsupported type {spec.type!r}")
-    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
-    expected = f"one of {', '.join(choices)}" if choices else names.get(base, str(base))
-    raise ConfigError(f"setting {spec.key!r} must be {expected}, got {value!r}")
-
-
-def _check_bounds(spec: SettingSpec, value: Scalar | None) -> None:
-    if value is None or isinstance(value, str | bool):
-        return
-    meta = spec.meta
-    for bound, ok in (
-        ("min", lambda v, b: v >= b),
-        ("ge", lambda v, b: v >= b),
-        ("gt", lambda v, b: v > b),
-        ("le", lambda v, b: v <= b),
-        ("lt", lambda v, b: v < b),
-    ):
-        if bound in meta and not ok(value, meta[bound]):
-            symbol = {"min": ">=", "ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[bound]
-            raise ConfigError(f"setting {spec.key!r} must be {symbol} {meta[bound]}, got {value!r}")
-
-
-def _build(cls: type, values: Mapping[str, Scalar | None], prefix: str = "") -> Any:
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if _is_group(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], values, f"{key}.")
-        elif key in values:
-            kwargs[f.name] = values[key]
-    return cls(**kwargs)
-
-
-def flatten_mapping(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (TOML tables become dotted keys)."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten_mapping(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _cross_check(settings: Settings) -> None:
-    if settings.secagg.enabled:
-        if settings.sites < 2:
-            raise ConfigError(
-                f"secure aggregation needs at least 2 sites, got sites={settings.sites}"
-            )
-        if settings.strategy in NONLINEAR_STRATEGIES:
-            raise ConfigError(
-                f"strategy {settings.strategy!r} needs every site's individual update, which secure "
-                "aggregation hides; use a linear strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)"
-            )
+    """Rules between fields of the schema. Rules between protections (secure aggregation's
+    strategies and thresholds, DP-SGD with fedprox) are :meth:`fedcore.protections.Protections.check`."""
     for group in ("site", "server"):
         dp = getattr(settings.dp, group)
         if dp.noise_multiplier is not None and dp.epsilon is None:
@@ -441,10 +296,6 @@ def _cross_check(settings: Settings) -> None:
                 f"'dp.{group}.epsilon' is unset, so DP would be off and the noise ignored; "
                 f"set 'dp.{group}.epsilon' (the budget the run may spend) or drop the noise multiplier"
             )
-    if settings.dp.site.epsilon is not None and settings.strategy == "fedprox":
-        raise ConfigError(
-            "strategy 'fedprox' adds a proximal term that DP-SGD does not support; use fedavg or fedadam"
-        )
     neighbors = settings.secagg.neighbors
     if neighbors != "complete" and not (
         neighbors.isdigit() and int(neighbors) >= 2 and int(neighbors) % 2 == 0
@@ -453,8 +304,6 @@ def _cross_check(settings: Settings) -> None:
             "setting 'secagg.neighbors' must be 'complete' or an even integer >= 2 "
             f"(the degree of a Harary graph), got {neighbors!r}"
         )
-    if settings.secagg.enabled and not settings.secagg.allow_unsafe:
-        _check_secagg_safety(settings)
     if settings.device == "cuda":
         import torch
 
@@ -466,32 +315,6 @@ def _cross_check(settings: Settings) -> None:
                 f"setting 'classes_per_site' is {settings.classes_per_site}, more than the "
                 f"{settings.synthetic.classes} classes of the synthetic dataset"
             )
-
-
-def _check_secagg_safety(settings: Settings) -> None:
-    """``secagg.threshold`` and ``secagg.neighbors`` against the protocol's safe rules for a round
-    of all ``sites`` (:mod:`fedcore.secagg.floors`, the rules every site enforces by default)."""
-    from fedcore.secagg.config import Mode
-    from fedcore.secagg.floors import safe_threshold
-
-    n = settings.sites
-    k = 0 if settings.secagg.neighbors == "complete" else int(settings.secagg.neighbors)
-    k = 0 if k >= n - 1 else k
-    mode = Mode.ACTIVE if settings.secagg.mode == "active" else Mode.SEMI_HONEST
-    try:
-        floor = safe_threshold(n, neighbors=k, mode=mode)
-    except ConfigError as exc:
-        raise ConfigError(
-            f"setting 'secagg.neighbors' is {settings.secagg.neighbors!r}: {exc} "
-            "(set 'secagg.allow_unsafe=true' to run it anyway, for experiments)"
-        ) from None
-    threshold = settings.secagg.threshold
-    if threshold is not None and threshold < floor:
-        raise ConfigError(
-            f"setting 'secagg.threshold' is {threshold}, below the safe {floor} for {n} sites "
-            f"({'complete graph' if k == 0 else f'{k} neighbours'}, {settings.secagg.mode} mode); "
-            "sites refuse such a round (set 'secagg.allow_unsafe=true' for experiments)"
-        )
 
 
 def resolve(
@@ -523,7 +346,7 @@ def resolve(
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
         merged[key.strip()] = _checked(key.strip(), text.strip(), from_text=True)
-    settings = _build(Settings, merged)
+    settings = build(Settings, merged)
     _cross_check(settings)
     return settings
 
@@ -543,8 +366,8 @@ def _checked(key: str, value: Any, *, from_text: bool) -> Scalar | None:
     spec = SPECS.get(key)
     if spec is None:
         raise _unknown_key(key)
-    coerced = _coerce(spec, value, from_text=from_text)
-    _check_bounds(spec, coerced)
+    coerced = coerce(spec, value, from_text=from_text)
+    check_bounds(spec, coerced)
     return coerced
 
 

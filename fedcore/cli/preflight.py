@@ -28,6 +28,7 @@ from pathlib import Path
 
 from fedcore import config as cfg
 from fedcore.errors import ConfigError
+from fedcore.protections import protections_of
 
 
 def import_path_has_cwd() -> None:
@@ -92,14 +93,15 @@ def secagg_threshold(settings: cfg.Settings) -> None:
 
 def dp_affords_one_round(settings: cfg.Settings, *, dim: int, site_sizes: list[int]) -> None:
     """With DP on, one round must fit in what is left of each budget (nothing is charged): the
-    federation's (:func:`~fedcore.federation.server.dp_round.check_before_run`, which also refuses a
+    federation's (:meth:`~fedcore.mechanisms.SiteLevelDP.check_before_run`, which also refuses a
     secure-aggregation ring too small for the DP encoding) and every site's
     (:func:`~fedcore.federation.site.folders.check_site_round`, once per distinct site size)."""
-    from fedcore.federation.server.dp_round import check_before_run
     from fedcore.federation.site.folders import check_site_round
 
-    check_before_run(settings, dim=dim)
-    if settings.dp.site.epsilon is None:
+    protections = protections_of(settings)
+    if protections.mechanism is not None:
+        protections.mechanism.check_before_run(dim=dim)
+    if protections.record is None:
         return
     first_of_size: dict[int, int] = {}
     for site_id, size in enumerate(site_sizes):
@@ -154,7 +156,9 @@ def _remove(created: Path | None) -> None:
 
 
 def check(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
-    """Every check but the out folder, cheapest first; returns ``(input_shape, num_classes)``."""
+    """Every check but the out folder, cheapest first; returns ``(input_shape, num_classes)``.
+    The protections' cross-checks come first (:meth:`fedcore.protections.Protections.check`)."""
+    protections_of(settings)
     secagg_threshold(settings)
     gpus(settings)
     model_importable(settings)

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError, ImplausibleSumError
+from fedcore.mechanisms.base import SiteLevelDP
 from fedcore.privacy.transforms import clip_to_norm
 from fedcore.secagg import EncodingConfig, decode_sum, encode_update, from_ring, to_ring
 
@@ -173,3 +175,34 @@ def decode_clipped_sum(
             f"{clipping.clip_norm:g} = {bound:.6g}: a site did not clip; round discarded"
         )
     return ClippedSum(total=summed, contributors=contributors, unclipped=unclipped)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CentralOnSecAgg(SiteLevelDP):
+    """DP-FedAvg on the securely aggregated sum: the site half clips and encodes
+    (:func:`encode_clipped_update`), the server half decodes (:func:`decode_clipped_sum`) and adds
+    the Gaussian (:func:`fedcore.privacy.dpfedavg.release_clipped_sum`). The server learns only the
+    sum, but it adds the noise: trusted for the privacy of the release."""
+
+    name: ClassVar[str] = "central-gaussian-on-secagg"
+    on_secagg: ClassVar[bool] = True
+
+    ring_bits: int
+
+    @property
+    def title(self) -> str:
+        return "DP-FedAvg on the securely aggregated sum, Gaussian noise at the server"
+
+    def _check_fit(self, *, dim: int) -> None:
+        check_dp_ring(bits=self.ring_bits, sites=self.sites, dim=dim)
+
+    def clipping(self, clip_norm: float) -> SiteClipping:
+        """What the sites must do this round, at the round's (possibly adaptive) ``clip_norm``."""
+        return SiteClipping(clip_norm, self.adaptive)
+
+    def encoding(self, clipping: SiteClipping, *, sites: int, dim: int) -> EncodingConfig:
+        """The ring encoding of a round of ``sites`` sites; ConfigError, before anything is sent,
+        when the ring is too coarse for the clip norm."""
+        config = dp_encoding(bits=self.ring_bits, clip_norm=clipping.clip_norm, sites=sites)
+        ring_clip_norm(clipping.clip_norm, dim=dim, config=config)
+        return config

@@ -51,10 +51,16 @@ def test_site_level_dp_publishes_two_epsilons_and_no_sample(tmp_path):
     for row in public:
         assert not set(SITE_LEVEL_WITHHELD) & set(row), row
         assert row["server_epsilon"] > 0 and row["server_epsilon_sample_known"] >= 0
-    # The sample-known epsilon is the Gaussian composed over the most-sampled site's rounds.
+    # Published: the sample-known epsilon of a site sampled in all 3 released rounds (the same
+    # whatever was sampled); the realised one, over the most-sampled site's rounds, is the
+    # operator's (issue 20, point 1: it grows with who was sampled).
     tally = json.loads((out / TALLY_FILE).read_text())["runs"]
     (most,) = tally.values()  # only the most rounds any site took part in is written
-    assert public[-1]["server_epsilon_sample_known"] == pytest.approx(_known(1.0, most))
+    assert public[-1]["server_epsilon_sample_known"] == pytest.approx(_known(1.0, 3))
+    operator_rows = read_rows(out, operator=True)
+    assert operator_rows[-1]["server_epsilon_sample_known_realised"] == pytest.approx(
+        _known(1.0, most)
+    )
     # ... which is what the issue's attack gets: without amplification, more than server_epsilon
     if most >= 2:
         assert public[-1]["server_epsilon_sample_known"] > public[-1]["server_epsilon"]

@@ -10,6 +10,7 @@ from flwr.app import Error, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
 from fedcore.config import resolve
+from fedcore.protections import protections_of
 from fedcore.errors import ConfigError
 from fedcore.federation.server.secagg_round import check_linear
 from fedcore.federation.server.serve import run_server
@@ -146,7 +147,7 @@ def test_only_linear_strategies_are_accepted():
         with pytest.raises(ConfigError, match="individual update"):
             check_linear(strategy)
     with pytest.raises(ConfigError, match="individual update"):
-        resolve(overrides=["secagg.enabled=true", "strategy=fedmedian"])
+        protections_of(resolve(overrides=["secagg.enabled=true", "strategy=fedmedian"]))
 
 
 def test_site_keeps_only_public_data_between_stages(tmp_path):

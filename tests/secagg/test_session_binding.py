@@ -12,6 +12,7 @@ from fedcore.cli import main
 from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError, InvalidMessage, LocalProtocolError
+from fedcore.protections import protections_of
 from fedcore.secagg import EncodingConfig, SessionConfig, SessionEncoding, encode, encode_update
 from fedcore.secagg.config import Mode
 from fedcore.secagg.floors import safe_threshold
@@ -88,13 +89,20 @@ def test_safe_thresholds_follow_bonawitz_and_the_finder():
 
 def test_the_server_refuses_unsafe_settings_before_a_run_unless_opted_in(capsys):
     with pytest.raises(ConfigError, match="'secagg.threshold' is 2, below the safe 6"):
-        resolve(overrides=["secagg.enabled=true", "secagg.threshold=2"])
+        protections_of(resolve(overrides=["secagg.enabled=true", "secagg.threshold=2"]))
     with pytest.raises(ConfigError, match="'secagg.neighbors' is '2'"):
-        resolve(overrides=["secagg.enabled=true", "secagg.neighbors=2", "sites=100"])
+        protections_of(
+            resolve(overrides=["secagg.enabled=true", "secagg.neighbors=2", "sites=100"])
+        )
     with pytest.raises(ConfigError, match="below the safe 7"):  # 2n/3 in active mode
-        resolve(overrides=["secagg.enabled=true", "secagg.mode=active", "secagg.threshold=6"])
-    assert resolve(
-        overrides=["secagg.enabled=true", "secagg.threshold=2", "secagg.allow_unsafe=true"]
-    ).secagg.threshold == 2
+        protections_of(
+            resolve(overrides=["secagg.enabled=true", "secagg.mode=active", "secagg.threshold=6"])
+        )
+    assert (
+        resolve(
+            overrides=["secagg.enabled=true", "secagg.threshold=2", "secagg.allow_unsafe=true"]
+        ).secagg.threshold
+        == 2
+    )
     assert main(["simulate", "--set", "secagg.enabled=true", "--set", "secagg.threshold=2"]) == 2
     assert "below the safe 6" in capsys.readouterr().err

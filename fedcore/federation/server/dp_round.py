@@ -49,6 +49,7 @@ from flwr.app import (
     ConfigRecord,
     Message,
     MessageType,
+    RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -58,146 +59,32 @@ from fedcore.crypto import CryptoRng
 from fedcore.errors import BudgetExceededError, ConfigError
 from fedcore.federation import messages as m
 from fedcore.federation.server.driver import (
+    Exchange,
     TrainOutcome,
     exchange,
     hand_to_strategy,
     instruction_for,
 )
-from fedcore.mechanisms.central_on_secagg import check_dp_ring
-from fedcore.privacy import (
-    Budget,
-    PrivacyLedger,
-    Scope,
-    ScopeKind,
-    calibrate_noise_multiplier,
-    epsilon,
-)
+from fedcore.mechanisms import BudgetAgainst, Mechanism
+from fedcore.privacy import PrivacyLedger
 from fedcore.privacy.dpfedavg import (
-    Clipping,
     ServerDPConfig,
     ServerRound,
-    SiteSampling,
     dp_fedavg_round,
     poisson_sample,
     release_clipped_sum,
 )
-from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
 from fedcore.privacy.sample_known import TALLY_FILE, ParticipationTally, sample_known_epsilon
-
-
-def federation_state_dir(settings: Settings, record_dir: Path) -> Path:
-    """Where the federation ledger lives: ``dp.server.state_dir``, else the run record."""
-    folder = Path(settings.dp.server.state_dir) if settings.dp.server.state_dir else record_dir
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create dp.server.state_dir {str(folder)!r}: {exc}") from None
-    return folder
-
-
-def federation_ledger(settings: Settings, path) -> PrivacyLedger:  # noqa: ANN001 - a path
-    """Open the federation ledger. ``path`` is the run record's ledger file; with
-    ``dp.server.state_dir`` set the ledger lives there instead and composes across runs.
-
-    Raises :class:`~fedcore.errors.LedgerLostError` for a ledger missing or older than its seal.
-    """
-    dp = settings.dp.server
-    if dp.epsilon is None:
-        raise ConfigError("setting 'dp.server.epsilon' is unset: site-level DP is off")
-    folder = federation_state_dir(settings, Path(path).parent)
-    return PrivacyLedger.open(
-        folder / LEDGER_FILE,
-        scope=Scope(ScopeKind.FEDERATION_SITES, "federation"),
-        budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
-        accountant=settings.dp.accountant,
-        # a participation tally means rounds were released here: a missing ledger is a lost one
-        released=(folder / TALLY_FILE).exists(),
-    )
-
-
-def server_dp_config(settings: Settings) -> ServerDPConfig:
-    """DP-FedAvg's configuration; the noise multiplier is calibrated over all rounds if unset.
-
-    With ``dp.server.budget_against = sample-known`` the calibration assumes a site may take part
-    in every round (sampling rate 1, no amplification), so the budget holds against observers who
-    know the sample.
-    """
-    dp = settings.dp.server
-    rate = settings.fraction_train
-    noise = dp.noise_multiplier
-    if noise is None:
-        if dp.epsilon is None:
-            raise ConfigError("setting 'dp.server.epsilon' is unset: site-level DP is off")
-        noise = calibrate_noise_multiplier(
-            target_epsilon=dp.epsilon,
-            delta=dp.delta,
-            sample_rate=1.0 if dp.budget_against == SAMPLE_KNOWN else rate,
-            steps=settings.rounds,
-            accountant=settings.dp.accountant,
-        )
-    return ServerDPConfig(
-        total_sites=settings.sites,
-        sites_per_round=rate * settings.sites,
-        noise_multiplier=float(noise),
-        clip_norm=dp.clip_norm,
-        clipping=Clipping(dp.clipping),
-        sampling=SiteSampling.POISSON,
-    )
-
-
-SAMPLE_KNOWN = "sample-known"
+from fedcore.protections import protections_of
 
 
 def check_before_run(settings: Settings, *, dim: int, record_dir: Path | None = None) -> None:
-    """Refuse, before anything starts, a site-level DP run that cannot work (issue 11, points 4
-    and 6): a secure-aggregation ring too small for the DP encoding, or a budget (what is left of
-    it, with ``dp.server.state_dir``) that one round cannot afford; the message gives one round's
-    cost. Reads the ledger without writing it. Raises :class:`ConfigError`.
-    """
-    dp = settings.dp.server
-    if dp.epsilon is None:
-        return
-    if settings.secagg.enabled:
-        check_dp_ring(bits=settings.secagg.bits, sites=settings.sites, dim=dim)
-    config = server_dp_config(settings)
-    folder = Path(dp.state_dir) if dp.state_dir else record_dir
-    budget = Budget(epsilon=dp.epsilon, delta=dp.delta)
-    scope = Scope(ScopeKind.FEDERATION_SITES, "federation")
-    path = None if folder is None else folder / LEDGER_FILE
-    if path is not None and path.exists():
-        ledger = PrivacyLedger.load(path)
-        ledger = PrivacyLedger(
-            scope=scope, budget=budget, accountant=settings.dp.accountant, entries=ledger.entries
-        )
-    else:
-        ledger = PrivacyLedger(scope=scope, budget=budget, accountant=settings.dp.accountant)
-    event = config.round_event()
-    cost = epsilon([event], delta=dp.delta, accountant=settings.dp.accountant)
-    after = ledger.epsilon_if_charged(event)
-    tally = ParticipationTally.open(None if folder is None else folder / TALLY_FILE)
-    known_after = sample_known_epsilon(
-        config.sample_known_event(),
-        rounds=tally.max_rounds(extra=1),
-        delta=dp.delta,
-        accountant=settings.dp.accountant,
-    )
-    known_cost = sample_known_epsilon(
-        config.sample_known_event(), rounds=1, delta=dp.delta, accountant=settings.dp.accountant
-    )
-    spent = ledger.epsilon()
-    if after > dp.epsilon:
-        raise ConfigError(
-            f"dp.server.epsilon={dp.epsilon:g} cannot afford one round: one round costs epsilon "
-            f"{cost:.4g} (noise multiplier {config.noise_multiplier:.4g}, sampling rate "
-            f"{config.sampling_rate:g}){f', and {spent:.4g} is already spent' if spent else ''}; "
-            "raise the budget or the noise multiplier"
-        )
-    if dp.budget_against == SAMPLE_KNOWN and known_after > dp.epsilon:
-        raise ConfigError(
-            f"dp.server.epsilon={dp.epsilon:g} (against observers who know the sample) cannot "
-            f"afford one round: one round costs epsilon {known_cost:.4g} to a site that takes part "
-            f"(noise multiplier {config.noise_multiplier:.4g}); raise the budget or the noise"
-        )
+    """Refuse, before anything starts, a site-level DP run that cannot work
+    (:meth:`fedcore.mechanisms.SiteLevelDP.check_before_run`); nothing when site-level DP is off.
+    Raises :class:`ConfigError`."""
+    mechanism = protections_of(settings).mechanism
+    if mechanism is not None:
+        mechanism.check_before_run(dim=dim, record_dir=record_dir)
 
 
 @dataclass(slots=True)
@@ -209,14 +96,14 @@ class DPFedAvgRound:
     rng: CryptoRng
     clip_norm: float
     tally: ParticipationTally
-    budget_against: str = "observers"
+    budget_against: BudgetAgainst = BudgetAgainst.OBSERVERS
     sample_known_epsilon: float = 0.0  # after the last released round
 
     @classmethod
     def create(
-        cls, settings: Settings, ledger: PrivacyLedger, rng: CryptoRng | None = None
+        cls, mechanism: Mechanism, ledger: PrivacyLedger, rng: CryptoRng | None = None
     ) -> DPFedAvgRound:
-        config = server_dp_config(settings)
+        config = mechanism.server_config()
         folder = ledger.path.parent if ledger.path is not None else None
         tally = ParticipationTally.open(None if folder is None else folder / TALLY_FILE)
         made = cls(
@@ -225,15 +112,18 @@ class DPFedAvgRound:
             rng=rng or CryptoRng(),
             clip_norm=config.clip_norm,
             tally=tally,
-            budget_against=settings.dp.server.budget_against,
+            budget_against=mechanism.budget_against,
         )
         made.sample_known_epsilon = made._known(0)
         return made
 
     def _known(self, extra: int) -> float:
+        """The sample-known epsilon of a site sampled in every released round (``extra`` more):
+        the budget check and the public record use this worst case, which depends on no sample
+        (stopping when the most-sampled site reached the budget would tell who was sampled)."""
         return sample_known_epsilon(
             self.config.sample_known_event(),
-            rounds=self.tally.max_rounds(extra=extra),
+            rounds=self.tally.worst_case_rounds(extra=extra),
             delta=self.ledger.budget.delta,
             accountant=self.ledger.accountant,
         )
@@ -243,7 +133,7 @@ class DPFedAvgRound:
         budget: the ledger's (observers who do not know the sample) always, and with
         ``budget_against = sample-known`` also the epsilon of a site that takes part once more."""
         self.ledger.check(self.config.round_event())
-        if self.budget_against == SAMPLE_KNOWN:
+        if self.budget_against is BudgetAgainst.SAMPLE_KNOWN:
             after = self._known(1)
             if not after <= self.ledger.budget.epsilon:
                 raise BudgetExceededError(
@@ -253,8 +143,31 @@ class DPFedAvgRound:
                 )
 
     def round_fields(self) -> dict[str, float]:
-        """The fields a released round adds to the run record."""
-        return {"server_epsilon_sample_known": self.sample_known_epsilon}
+        """The fields a released round adds to the run record. Public: the sample-known epsilon
+        of a site sampled in every released round (zero-out, and replace-one), which depends on
+        no sample; withheld to the operator (:mod:`fedcore.protections`, ``SITE_LEVEL_WITHHELD``):
+        the realised one, the most-sampled site's, which grows with who was sampled."""
+        from fedcore.privacy.relations import SiteRelation
+        from fedcore.privacy.sample_known import sample_known_round_event
+
+        z, delta, accountant = (
+            self.config.noise_multiplier,
+            self.ledger.budget.delta,
+            self.ledger.accountant,
+        )
+        known = self.tally.epsilons(
+            self.config.sample_known_event(), delta=delta, accountant=accountant
+        )
+        replace_one = sample_known_round_event(
+            noise_multiplier=z, relation=SiteRelation.REPLACE_ONE
+        )
+        return {
+            "server_epsilon_sample_known": known.worst_case,
+            "server_epsilon_sample_known_replace_one": self.tally.epsilons(
+                replace_one, delta=delta, accountant=accountant, relation=SiteRelation.REPLACE_ONE
+            ).worst_case,
+            "server_epsilon_sample_known_realised": known.realised,
+        }
 
     def _participated(self, participants: Sequence[object]) -> None:
         self.tally.record(participants)
@@ -288,6 +201,32 @@ class DPFedAvgRound:
         self._participated(participants)
         return released
 
+    def _exchange(
+        self,
+        grid: Grid,
+        strategy: Strategy,
+        *,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> tuple[list[Message], RecordDict, Exchange]:
+        """Send the strategy's instruction to the Poisson-sampled sites and collect their checked
+        replies. The strategy builds its instruction (and, for server optimizers, remembers the
+        current model); fedcore chooses who receives it."""
+        _, content = instruction_for(strategy, server_round, arrays, config, grid)
+        sampled = poisson_sample(
+            sorted(grid.get_node_ids()), rate=self.config.sampling_rate, rng=self.rng
+        )
+        outgoing = [
+            Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
+            for node in sampled
+        ]
+        train = exchange(
+            grid, outgoing, timeout=timeout, check=lambda reply: m.check_train_reply(reply, arrays)
+        )
+        return outgoing, content, train
+
     def __call__(
         self,
         grid: Grid,
@@ -303,18 +242,8 @@ class DPFedAvgRound:
         global_arrays = [arrays[k].numpy() for k in keys]
         if any(a.dtype.kind != "f" for a in global_arrays):
             raise ConfigError("site-level DP needs a model whose arrays are all floating point")
-        # The strategy builds its instruction (and, for server optimizers, remembers the current
-        # model); fedcore chooses who receives it.
-        _, content = instruction_for(strategy, server_round, arrays, config, grid)
-        sampled = poisson_sample(
-            sorted(grid.get_node_ids()), rate=self.config.sampling_rate, rng=self.rng
-        )
-        outgoing = [
-            Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN)
-            for node in sampled
-        ]
-        train = exchange(
-            grid, outgoing, timeout=timeout, check=lambda reply: m.check_train_reply(reply, arrays)
+        outgoing, content, train = self._exchange(
+            grid, strategy, server_round=server_round, arrays=arrays, config=config, timeout=timeout
         )
         updates = [
             [m.arrays_of(reply)[k].numpy() - g for k, g in zip(keys, global_arrays, strict=True)]

@@ -53,7 +53,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedcore.config import Settings
 from fedcore.errors import (
@@ -64,7 +64,6 @@ from fedcore.errors import (
     RemoteProtocolError,
 )
 from fedcore.federation import messages as m
-from fedcore.federation.server.dp_round import DPFedAvgRound
 from fedcore.federation.server.driver import (
     Exchange,
     TrainOutcome,
@@ -73,75 +72,53 @@ from fedcore.federation.server.driver import (
     instruction_for,
     stop_when_all_declined,
 )
+from fedcore.federation.server.secagg_sums import (
+    Release,
+    SecAggSum,
+    SumPlan,
+    check_plausible,
+    weight_budget,
+)
+from fedcore.federation.server.strategies import check_linear
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site.secagg import ENROL, SECAGG, request_record
-from fedcore.mechanisms.central_on_secagg import (
-    SiteClipping,
-    decode_clipped_sum,
-    dp_encoding,
-    ring_clip_norm,
-    session_length,
-)
-from fedcore.privacy.dpfedavg import Clipping, poisson_sample
+from fedcore.protections import SecureAggregation
 from fedcore.secagg import (
     AggregateResult,
-    EncodingConfig,
     SecAggServer,
     SessionConfig,
-    SessionEncoding,
     TooFewSurvivors,
-    decode_mean,
     default_threshold,
     encode,
 )
 from fedcore.secagg.config import Mode, Stage
 
-# Strategies whose aggregate is a (weighted) mean of the replies, possibly followed by a server
-# optimizer step: FedAvg and its subclasses (FedAvgM, FedProx, FedOpt: FedAdam, FedYogi, FedAdagrad).
-# FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan need the individual updates.
-_NONLINEAR = (
-    "FedMedian",
-    "FedTrimmedAvg",
-    "Krum",
-    "MultiKrum",
-    "Bulyan",
-    "QFedAvg",
-    "FedXgbBagging",
-    "FedXgbCyclic",
-)
+__all__ = ["SecAggTrainRound", "check_linear", "check_plausible", "weight_budget"]
 
 
-def check_linear(strategy: Strategy) -> None:
-    """Raise ConfigError unless ``strategy`` aggregates linearly (a weighted mean of the replies)."""
-    name = type(strategy).__name__
-    if not isinstance(strategy, FedAvg) or any(
-        c.__name__ in _NONLINEAR for c in type(strategy).__mro__
-    ):
-        raise ConfigError(
-            f"strategy {name} needs every site's individual update, which secure aggregation hides; "
-            "use a linear strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)"
-        )
+@dataclass(frozen=True, slots=True)
+class _Round:
+    """What a round has decided before its stages run: the sites, the threshold and the graph."""
 
-
-def neighbors_of(settings: Settings, sites: int) -> int:
-    """0 for the complete graph, else the even k of the SecAgg+ Harary graph (complete if k >= n-1)."""
-    if settings.secagg.neighbors == "complete":
-        return 0
-    k = int(settings.secagg.neighbors)
-    return 0 if k >= sites - 1 else k
+    nodes: tuple[int, ...]
+    threshold: int
+    neighbors: int
+    registry: dict[int, bytes] | None
 
 
 @dataclass(slots=True)
 class SecAggTrainRound:
     """The training half of a round under secure aggregation.
 
-    With ``dp`` (site-level DP at a trusted server, :mod:`fedcore.mechanisms.central_on_secagg`), the
-    federation ledger is checked before anything is sent, sites are Poisson-sampled from a CSPRNG,
-    each clips its update before masking, and the noise is added to the unmasked sum.
+    ``sums`` says what the sites encode and what the server releases
+    (:mod:`fedcore.federation.server.secagg_sums`): the exact weighted mean, or a site-level
+    mechanism's noised sum (then the federation ledger is checked before anything is sent, sites
+    are Poisson-sampled from a CSPRNG, each clips before masking, the noise goes on the sum).
     """
 
-    settings: Settings
-    dp: DPFedAvgRound | None = None
+    settings: Settings  # the registry's folder (active mode)
+    secagg: SecureAggregation
+    sums: SecAggSum
 
     def __call__(
         self,
@@ -154,133 +131,84 @@ class SecAggTrainRound:
         timeout: float,
     ) -> TrainOutcome:
         check_linear(strategy)
-        dp = self.dp
-        if dp is not None:
-            dp.check_round()  # stop before the round, not after
+        self.sums.check_round()  # stop before the round, not after
         template, content = instruction_for(strategy, server_round, arrays, config, grid)
-        if dp is None:
-            nodes = tuple(sorted({msg.metadata.dst_node_id for msg in template}))
-        else:
-            nodes = tuple(
-                poisson_sample(
-                    sorted(grid.get_node_ids()), rate=dp.config.sampling_rate, rng=dp.rng
-                )
-            )
-        clipping = (
-            None
-            if dp is None
-            else SiteClipping(dp.clip_norm, dp.config.clipping is Clipping.ADAPTIVE)
-        )
-        dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
+        invited = tuple(sorted({msg.metadata.dst_node_id for msg in template}))
+        nodes = self.sums.sample(sorted(grid.get_node_ids()), invited)
         stats = _Stats()
-        mode = Mode.ACTIVE if self.settings.secagg.mode == "active" else Mode.SEMI_HONEST
-        sampled = len(nodes)
-        registry = None
-        if mode is Mode.ACTIVE:
-            registry = self._enrol(grid, nodes, stats)
-            nodes = tuple(n for n in nodes if n in registry)
-        neighbors = neighbors_of(self.settings, len(nodes))
-        threshold = self.settings.secagg.threshold or (
-            default_threshold(len(nodes), neighbors=neighbors, mode=mode) if len(nodes) >= 2 else 2
-        )
-        if len(nodes) < 2 or threshold > len(nodes):
-            why = (
-                f"secure aggregation needs at least max(2, threshold={threshold}) sites, "
-                f"got {len(nodes)} of {sampled} sampled"
-            )
-            if dp is None and len(nodes) == sampled:  # the settings cannot work: stop the run
-                raise ConfigError(why)
-            # Poisson sampling drew too few, or sites failed to enrol: skip the round; nothing
-            # is revealed, released or charged.
-            stats.failures["round"] = f"{why}; nothing released"
-            return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
-        if clipping is None:
-            encoding = EncodingConfig(
-                bits=self.settings.secagg.bits,
-                clip=self.settings.secagg.clip_range,
-                max_total_weight=_weight_budget(self.settings.secagg.bits),
-            )
-        else:
-            encoding = dp_encoding(
-                bits=self.settings.secagg.bits, clip_norm=clipping.clip_norm, sites=len(nodes)
-            )
-            ring_clip_norm(clipping.clip_norm, dim=dim, config=encoding)  # refuse before sending
-        session = SessionConfig(
-            round_id=os.urandom(16),
-            clients=nodes,
-            threshold=threshold,
-            length=session_length(dim, clipping),
-            bits=self.settings.secagg.bits,
-            neighbors=neighbors,
-            mode=mode,
-            encoding=SessionEncoding(  # every parameter that changes what a site sends
-                clip=encoding.clip,
-                max_total_weight=encoding.max_total_weight,
-                dp_clip_norm=0.0 if clipping is None else clipping.clip_norm,
-                count_unclipped=clipping is not None and clipping.count_unclipped,
-            ),
-        )
+        plan_round = self._plan(grid, nodes, stats)
+        if plan_round is None:
+            return self._outcome(_Round(nodes, 0, 0, None), stats)
+        dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
+        plan = self.sums.plan(sites=len(plan_round.nodes), dim=dim)  # refuses before sending
         result = self._run_stages(
             grid,
-            SecAggServer(session, registry=registry),
+            SecAggServer(self._session(plan_round, plan), registry=plan_round.registry),
             content=content,
             stats=stats,
         )
         if result is None:
-            return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
-        reply_to = Message(content=content, dst_node_id=nodes[0], message_type=MessageType.TRAIN)
+            return self._outcome(plan_round, stats)
         survivors = sorted(result.survivors)
-        if clipping is None or dp is None:
-            try:
-                mean, total_weight = decode_mean(result.total, config=encoding)
-                check_plausible(mean, total_weight, sites=len(survivors), config=encoding)
-            except (ProtocolError, InvalidMessage) as exc:
-                stats.failures["round"] = f"decoded sum discarded, the model is kept: {exc}"
-                return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
-            aggregated = hand_to_strategy(
-                strategy,
-                server_round,
-                self._plus_mean(arrays, mean),
-                weight=total_weight,
-                reply_to=reply_to,
-            )
-            return self._outcome(
-                nodes,
-                stats,
-                threshold=threshold,
-                neighbors=neighbors,
-                aggregated=aggregated,
-                num_examples=total_weight,
-                survivors=survivors,
-            )
         try:
-            clipped = decode_clipped_sum(result.total, clipping=clipping, config=encoding)
+            release = self.sums.release(
+                result.total, plan, survivors=survivors, server_round=server_round
+            )
         except (ProtocolError, InvalidMessage) as exc:  # nothing released, nothing charged
             stats.failures["round"] = f"decoded sum discarded, the model is kept: {exc}"
-            return self._outcome(nodes, stats, threshold=threshold, neighbors=neighbors)
-        released = dp.release(
-            clipped.total,
-            contributors=clipped.contributors,
-            unclipped=clipped.unclipped,
-            server_round=server_round,
-            participants=survivors,
+            return self._outcome(plan_round, stats)
+        reply_to = Message(
+            content=content, dst_node_id=plan_round.nodes[0], message_type=MessageType.TRAIN
         )
         aggregated = hand_to_strategy(
             strategy,
             server_round,
-            self._plus_mean(arrays, released.aggregate[0]),
-            weight=1,
+            self._plus_mean(arrays, release.mean),
+            weight=release.weight,
             reply_to=reply_to,
         )
-        return self._outcome(  # num_examples 0: sites weigh the same and do not send their counts
-            nodes,
-            stats,
-            threshold=threshold,
-            neighbors=neighbors,
-            aggregated=aggregated,
-            survivors=survivors,
-            server_epsilon=released.epsilon,
-            clip_norm=released.clip_norm,
+        return self._outcome(
+            plan_round, stats, aggregated=aggregated, survivors=survivors, release=release
+        )
+
+    def _plan(self, grid: Grid, nodes: tuple[int, ...], stats: _Stats) -> _Round | None:
+        """Enrol (active mode), then the threshold and the graph for the sites that remain; None
+        (the reason in ``stats``) when too few remain for the protocol. Raises ConfigError when the
+        settings themselves cannot work (the strategy's own choice of sites is too small)."""
+        sampled = len(nodes)
+        registry = None
+        if self.secagg.mode is Mode.ACTIVE:
+            registry = self._enrol(grid, nodes, stats)
+            nodes = tuple(n for n in nodes if n in registry)
+        neighbors = self.secagg.neighbors_for(len(nodes))
+        threshold = self.secagg.threshold or (
+            default_threshold(len(nodes), neighbors=neighbors, mode=self.secagg.mode)
+            if len(nodes) >= 2
+            else 2
+        )
+        if len(nodes) >= 2 and threshold <= len(nodes):
+            return _Round(nodes, threshold, neighbors, registry)
+        why = (
+            f"secure aggregation needs at least max(2, threshold={threshold}) sites, "
+            f"got {len(nodes)} of {sampled} sampled"
+        )
+        if self.sums.stops_on_too_few and len(nodes) == sampled:
+            raise ConfigError(why)
+        # Poisson sampling drew too few, or sites failed to enrol: skip the round; nothing is
+        # revealed, released or charged.
+        stats.failures["round"] = f"{why}; nothing released"
+        return None
+
+    def _session(self, plan_round: _Round, plan: SumPlan) -> SessionConfig:
+        return SessionConfig(
+            round_id=os.urandom(16),
+            clients=plan_round.nodes,
+            threshold=plan_round.threshold,
+            length=plan.length,
+            bits=self.secagg.bits,
+            neighbors=plan_round.neighbors,
+            mode=self.secagg.mode,
+            encoding=plan.session,  # every parameter that changes what a site sends
         )
 
     def _run_stages(
@@ -303,7 +231,7 @@ class SecAggTrainRound:
                     for node, req in requests.items()
                 ]
                 replies = exchange(
-                    grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
+                    grid, outgoing, timeout=self.secagg.timeout, check=_check_secagg_reply
                 )
                 stats.add(stage.value, replies)
                 for reply in replies.valid:
@@ -344,14 +272,10 @@ class SecAggTrainRound:
         missing = [n for n in nodes if n not in registry]
         if missing:
             started = time.perf_counter()
-            outgoing = [
-                self._message(n, ENROL, ENROL.encode(), RecordDict()) for n in missing
-            ]
+            outgoing = [self._message(n, ENROL, ENROL.encode(), RecordDict()) for n in missing]
             stats.add(
                 ENROL,
-                exchange(
-                    grid, outgoing, timeout=self.settings.secagg.timeout, check=_check_secagg_reply
-                ),
+                exchange(grid, outgoing, timeout=self.secagg.timeout, check=_check_secagg_reply),
             )
             registry = secagg_registry.load_registry(folder, ca=secagg_registry.folder_ca(folder))
             stats.stage_seconds[ENROL] = time.perf_counter() - started
@@ -362,33 +286,28 @@ class SecAggTrainRound:
 
     def _outcome(
         self,
-        nodes: tuple[int, ...],
+        plan_round: _Round,
         stats: _Stats,
         *,
-        threshold: int,
-        neighbors: int,
         aggregated: ArrayRecord | None = None,
-        num_examples: int = 0,
         survivors: Sequence[int] = (),
-        server_epsilon: float | None = None,
-        clip_norm: float | None = None,
+        release: Release | None = None,
     ) -> TrainOutcome:
         extra: dict[str, object] = {
             "secagg": {
-                "clients": len(nodes),
-                "threshold": threshold,
-                "neighbors": neighbors,
-                "bits": self.settings.secagg.bits,
-                "mode": self.settings.secagg.mode,
+                "clients": len(plan_round.nodes),
+                "threshold": plan_round.threshold,
+                "neighbors": plan_round.neighbors,
+                "bits": self.secagg.bits,
+                "mode": self.secagg.mode_name,
                 "survivors": list(survivors),
                 "bytes_up_by_site": dict(stats.bytes_by_site),  # this round only
                 "stage_seconds": dict(stats.stage_seconds),
             }
         }
-        if clip_norm is not None:
-            extra["clip_norm"] = clip_norm
-        if self.dp is not None and server_epsilon is not None:
-            extra.update(self.dp.round_fields())
+        if release is not None:
+            extra.update(release.fields)
+        nodes = plan_round.nodes
         return TrainOutcome(
             aggregated=aggregated,
             sent=len(nodes),
@@ -399,16 +318,18 @@ class SecAggTrainRound:
             bytes_up=stats.bytes_up,
             # per-site losses are not sent in the clear under secure aggregation
             train_loss=float("nan"),
-            num_examples=num_examples,
+            num_examples=0 if release is None else release.num_examples,
             site_epsilon=stats.site_epsilon,
-            server_epsilon=server_epsilon,
+            server_epsilon=None if release is None else release.server_epsilon,
             stop=stop_when_all_declined(sent=len(nodes), declined=len(stats.declined)),
             extra=extra,
         )
 
     def _message(self, node: int, stage: str, payload: bytes, content: RecordDict) -> Message:
         record = RecordDict({SECAGG: request_record(stage=stage, payload=payload)})
-        if stage == "masked_input":  # the sites train now: they need the model and the config
+        if (
+            stage == Stage.MASKED_INPUT.value
+        ):  # the sites train now: they need the model and the config
             record[m.ARRAYS] = content.array_records[m.ARRAYS]
             record[m.CONFIG] = content.config_records[m.CONFIG]
         return Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN)
@@ -426,27 +347,6 @@ class SecAggTrainRound:
         return ArrayRecord(new)
 
 
-def check_plausible(
-    mean: np.ndarray, total_weight: int, *, sites: int, config: EncodingConfig
-) -> None:
-    """Raise RemoteProtocolError unless the decoded mean could come from honest sites.
-
-    Every site clips to ``[-clip, clip]`` and adds w x clip(x) x scale rounded stochastically (an
-    error below 1 per site), so an honest weighted mean lies within ``clip + sites / (scale W)``
-    of zero in every coordinate, and the total weight W is at least 1 (else there is no mean).
-    """
-    if total_weight < 1:
-        raise RemoteProtocolError(f"total weight {total_weight}: no site contributed a weight")
-    bound = config.clip + sites / (config.scale * total_weight)
-    peak = float(np.max(np.abs(mean))) if mean.size else 0.0
-    if not peak <= bound:  # also catches NaN
-        raise RemoteProtocolError(
-            f"a coordinate of the decoded mean is {peak / config.clip:.3g} times the clip range "
-            f"{config.clip:g}: some site's input was not a valid encoding (a weight coordinate "
-            "that cancels the others', or a value beyond the clip range); the sum cannot say whose"
-        )
-
-
 def _blame_unopened(server: SecAggServer, stats: _Stats) -> None:
     """Name, for the record, each site whose sealed shares did not open at some neighbours (it is
     left out of the sum); the server cannot tell a sender of garbage from a receiver that lies,
@@ -457,11 +357,6 @@ def _blame_unopened(server: SecAggServer, stats: _Stats) -> None:
             f"share: its sealed shares did not open at sites {sorted(reporters)[:8]}; "
             "left out of this round's sum",
         )
-
-
-def _weight_budget(bits: int) -> int:
-    """A bound on a round's total weight (examples): 2**24, or less in a small ring."""
-    return 1 << min(24, bits - 8)
 
 
 def _payload(reply: Message) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,7 @@ from fedcore.federation.server.checkpoint import (
     restore_random_state,
     write_checkpoint,
 )
-from fedcore.federation.server.dp_round import (
-    LEDGER_FILE,
-    DPFedAvgRound,
-    check_before_run,
-    federation_ledger,
-)
+from fedcore.federation.server.dp_round import DPFedAvgRound
 from fedcore.federation.server.driver import (
     NullReporter,
     Reporter,
@@ -48,6 +44,7 @@ from fedcore.federation.server.driver import (
     run_rounds,
 )
 from fedcore.federation.server.secagg_round import SecAggTrainRound
+from fedcore.federation.server.secagg_sums import NoisedSum, WeightedMean
 from fedcore.federation.server.strategies import (
     build_strategy,
     restore_strategy_state,
@@ -58,6 +55,8 @@ from fedcore.federation.site.data import data_settings
 from fedcore.federation.site.folders import run_sites_dir
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
+from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
+from fedcore.protections import Protections, protections_of
 from fedcore.runrecord import RoundRow, RunRecord, Status, record_writer
 from fedcore.training import EvalResult, evaluate, pick_device
 
@@ -124,73 +123,79 @@ def _close_stopped(path: Path, reason: str) -> None:
         ).finish(status="interrupted", reason=reason)
 
 
+@dataclass(slots=True)
+class _Rounds:
+    """How the run trains: the round (plain, DP-FedAvg, secure aggregation), and the federation
+    ledger and DP round when a site-level mechanism is on."""
+
+    train_round: TrainRound
+    ledger: PrivacyLedger | None = None
+    dp_round: DPFedAvgRound | None = None
+
+
+def train_rounds(
+    settings: Settings, protections: Protections, *, dim: int, record_dir: Path
+) -> _Rounds:
+    """The run's training round, from its protections (the one place the server chooses it)."""
+    mechanism, secagg = protections.mechanism, protections.secagg
+    rounds = _Rounds(plain_train_round)
+    if mechanism is not None:
+        mechanism.check_before_run(dim=dim, record_dir=record_dir)
+        rounds.ledger = mechanism.open_ledger(record_dir)
+        rounds.train_round = rounds.dp_round = DPFedAvgRound.create(mechanism, rounds.ledger)
+    if secagg is not None:
+        sums = (
+            WeightedMean(bits=secagg.bits, clip_range=secagg.clip_range)
+            if rounds.dp_round is None
+            else NoisedSum(mechanism=mechanism, dp=rounds.dp_round)  # type: ignore[arg-type]
+        )
+        rounds.train_round = SecAggTrainRound(settings, secagg=secagg, sums=sums)
+    return rounds
+
+
+def _open_record(
+    settings: Settings,
+    out_dir: Path,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    device: str,
+) -> tuple[RunRecord, Checkpoint | None]:
+    """A new run record, or (``resume``) the one in ``out_dir`` as of its checkpoint."""
+    if settings.resume:
+        return reopen(out_dir, settings)
+    from fedcore.provenance import run_facts
+
+    extra = {"input_shape": list(input_shape), "num_classes": num_classes}
+    return RunRecord(out_dir, settings, extra={**extra, **run_facts(settings, device=device)}), None
+
+
 def _serve(
     grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None
 ) -> RunRecord:
     reporter = reporter or NullReporter()
-    grid = grid_for(grid, settings)  # many sites per simulated node (fedcore.federation.simulation.batched)
+    protections = protections_of(settings)
+    grid = grid_for(grid, settings)  # many sites per simulated node (simulation.batched)
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
     model = initial_model(settings, input_shape=input_shape, num_classes=num_classes)
     device = pick_device(settings.device)
-    resumed: Checkpoint | None = None
-    if settings.resume:
-        record, resumed = reopen(Path(out_dir), settings)
-    else:
-        from fedcore.provenance import run_facts
-
-        record = RunRecord(
-            out_dir,
-            settings,
-            extra={
-                "input_shape": list(input_shape),
-                "num_classes": num_classes,
-                **run_facts(settings, device=str(device)),
-            },
-        )
+    record, resumed = _open_record(
+        settings,
+        Path(out_dir),
+        input_shape=input_shape,
+        num_classes=num_classes,
+        device=str(device),
+    )
 
     def central_eval(arrays: ArrayRecord) -> EvalResult:
         model.load_state_dict(m.record_to_state(arrays))
         return evaluate(model, holdout.x, holdout.y, device=device)
 
-    train_round: TrainRound = plain_train_round
-    ledger, dp_round = None, None
-    if settings.dp.server.epsilon is not None:
-        dim = sum(int(p.numel()) for p in model.state_dict().values())
-        check_before_run(settings, dim=dim, record_dir=record.path)
-        ledger = federation_ledger(settings, record.path / LEDGER_FILE)
-        train_round = dp_round = DPFedAvgRound.create(settings, ledger)
-    if settings.secagg.enabled:
-        train_round = SecAggTrainRound(settings, dp=dp_round)
+    dim = sum(int(p.numel()) for p in model.state_dict().values())
+    rounds = train_rounds(settings, protections, dim=dim, record_dir=record.path)
     strategy = build_strategy(settings)
-    initial = m.state_to_record(model.state_dict())
-    resumes = 0
-    if resumed is not None:
-        # Secure aggregation needs nothing here: every round draws a fresh random round id, so a
-        # resumed round is a new session in which the sites train afresh. Without it, a site with
-        # record-level DP re-sends a round it answered (same fedcore_run_id, round and model).
-        initial = m.state_to_record(resumed.arrays)
-        restore_strategy_state(strategy, resumed.strategy)
-        restore_random_state(resumed.random_state)
-        if dp_round is not None and resumed.clip_norm is not None:
-            dp_round.clip_norm = resumed.clip_norm
-        resumes = resumed.resumes + 1
-
-    def checkpoint(server_round: int, arrays: ArrayRecord, strategy: Any) -> None:
-        write_checkpoint(
-            record.path,
-            Checkpoint(
-                round=server_round,
-                arrays=m.record_to_state(arrays),
-                history=[row.to_json() for row in record.rows],
-                initial_loss=record.initial_loss,
-                initial_accuracy=record.initial_accuracy,
-                strategy=strategy_state(strategy),
-                clip_norm=None if dp_round is None else dp_round.clip_norm,
-                random_state=capture_random_state(),
-                resumes=resumes,
-            ),
-        )
-
+    initial, resumes = _restore(model, strategy, rounds, resumed)
+    checkpoint = _checkpointer(record, rounds, resumes)
     try:
         outcome = run_rounds(
             grid,
@@ -208,21 +213,15 @@ def _serve(
             central_eval=central_eval,
             record=record,
             reporter=reporter,
-            train_round=train_round,
+            train_round=rounds.train_round,
             first_round=1 if resumed is None else resumed.round + 1,
             max_failed_rounds=settings.max_failed_rounds,
             checkpoint=checkpoint,
         )
     except BaseException as exc:
-        if record.path in _closed_on_exit:  # the process is exiting; the record is closed
-            raise
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # how Flower ends a stopped run
-            _close_stopped(record.path, STOPPED)
-            raise
-        _write_privacy(record, settings, ledger)
-        record.finish(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        _close_after(record, settings, rounds.ledger, exc)
         raise
-    _write_privacy(record, settings, ledger)
+    _write_privacy(record, settings, rounds.ledger)
     record.save_model(m.record_to_state(outcome.arrays))
     if outcome.failed:
         record.finish(status="failed", reason=outcome.failed)
@@ -231,6 +230,60 @@ def _serve(
     else:
         record.finish(status="completed")
     return record
+
+
+def _restore(
+    model: torch.nn.Module, strategy: Any, rounds: _Rounds, resumed: Checkpoint | None
+) -> tuple[ArrayRecord, int]:
+    """The first round's global model and the count of resumes; on resume, the strategy's memory,
+    the random state and the clip norm as the checkpoint kept them.
+
+    Secure aggregation needs nothing here: every round draws a fresh random round id, so a resumed
+    round is a new session in which the sites train afresh. Without it, a site with record-level
+    DP re-sends a round it answered (same fedcore_run_id, round and model)."""
+    if resumed is None:
+        return m.state_to_record(model.state_dict()), 0
+    restore_strategy_state(strategy, resumed.strategy)
+    restore_random_state(resumed.random_state)
+    if rounds.dp_round is not None and resumed.clip_norm is not None:
+        rounds.dp_round.clip_norm = resumed.clip_norm
+    return m.state_to_record(resumed.arrays), resumed.resumes + 1
+
+
+def _checkpointer(record: RunRecord, rounds: _Rounds, resumes: int) -> Any:
+    def checkpoint(server_round: int, arrays: ArrayRecord, strategy: Any) -> None:
+        dp_round = rounds.dp_round
+        write_checkpoint(
+            record.path,
+            Checkpoint(
+                round=server_round,
+                arrays=m.record_to_state(arrays),
+                history=[row.to_json() for row in record.rows],
+                initial_loss=record.initial_loss,
+                initial_accuracy=record.initial_accuracy,
+                strategy=strategy_state(strategy),
+                clip_norm=None if dp_round is None else dp_round.clip_norm,
+                random_state=capture_random_state(),
+                resumes=resumes,
+            ),
+        )
+
+    return checkpoint
+
+
+def _close_after(
+    record: RunRecord, settings: Settings, ledger: PrivacyLedger | None, exc: BaseException
+) -> None:
+    """Close the record of a run that raised: as stopped (Flower ends a stopped run with
+    KeyboardInterrupt or SystemExit), else as failed; not at all when the process is exiting and
+    :func:`close_open_records` closed it already."""
+    if record.path in _closed_on_exit:
+        return
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        _close_stopped(record.path, STOPPED)
+        return
+    _write_privacy(record, settings, ledger)
+    record.finish(status="failed", reason=f"{type(exc).__name__}: {exc}")
 
 
 # Settings a resumed run may change: how it runs here, not what the federation computes.
@@ -280,10 +333,7 @@ def resume_settings(out_dir: Path, overrides: dict[str, Any]) -> Settings:
             f"what the federation computes (recorded: "
             f"{', '.join(f'{k}={before.get(k)!r}' for k in refused)}); start a new run instead"
         )
-    calibrated = (
-        recorded.dp.site.epsilon is not None and recorded.dp.site.noise_multiplier is None
-    ) or (recorded.dp.server.epsilon is not None and recorded.dp.server.noise_multiplier is None)
-    if "rounds" in changed and calibrated:
+    if "rounds" in changed and protections_of(recorded).calibrated_over_rounds:
         raise ConfigError(
             "cannot resume with a different 'rounds': the DP noise multiplier was calibrated over "
             f"{recorded.rounds} rounds"
@@ -346,8 +396,9 @@ def _close_at_checkpoint(out_dir: Path, *, reason: str, status: Status) -> int |
     settings = recorded_settings(out_dir)
     record = _reopen_at(out_dir, settings, checkpoint)
     ledger = None
-    if settings.dp.server.epsilon is not None and (out_dir / LEDGER_FILE).exists():
-        ledger = federation_ledger(settings, out_dir / LEDGER_FILE)
+    mechanism = protections_of(settings).mechanism
+    if mechanism is not None and (out_dir / LEDGER_FILE).exists():
+        ledger = mechanism.open_ledger(out_dir)
     _write_privacy(record, settings, ledger)
     record.save_model(checkpoint.arrays)
     record.finish(status=status, reason=reason)
@@ -356,18 +407,13 @@ def _close_at_checkpoint(out_dir: Path, *, reason: str, status: Status) -> int |
 
 def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger | None) -> None:
     """``privacy.json``: the federation's ledger, the sites' ledgers where this machine holds them
-    (simulation), what every site reported each round, both site-level epsilons, the neighbouring
-    relation of each mechanism and the noise. Written only when some DP is on. Under site-level DP
-    the sites' ledgers and per-round reports (which reveal who was sampled) go to ``operator.jsonl``."""
-    if settings.dp.site.epsilon is None and ledger is None:
+    (simulation), what every site reported each round, the site-level epsilons, the neighbouring
+    relation of each and the noise. Written only when some DP is on. Under site-level DP the
+    sites' ledgers and per-round reports (which reveal who was sampled) go to ``operator.jsonl``."""
+    protections = protections_of(settings)
+    if protections.record is None and ledger is None:
         return
-    from fedcore.privacy.noise import MECHANISM
-
-    sites: dict[str, object] = {}
-    if settings.dp.site.epsilon is not None:
-        folder = run_sites_dir(settings)
-        for path in sorted(folder.glob("site-*.ledger.json")) if folder.is_dir() else []:
-            sites[path.name.split(".")[0].removeprefix("site-")] = json.loads(path.read_text())
+    sites = _site_ledgers(settings, protections)
     per_site = [
         {
             "round": row.round,
@@ -377,26 +423,10 @@ def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger 
         for row in record.rows
     ]
     sample_hidden = ledger is not None
-    if sample_hidden and settings.dp.site.epsilon is not None:
+    if sample_hidden and protections.record is not None:
         record.write_operator({"privacy_sites": sites, "rounds": per_site})
     doc = {
-        "accountant": settings.dp.accountant,
-        "noise": MECHANISM,
-        "site_budget": None
-        if settings.dp.site.epsilon is None
-        else {"epsilon": settings.dp.site.epsilon, "delta": settings.dp.site.delta},
-        "site_neighbouring_relation": None
-        if settings.dp.site.epsilon is None
-        else "add or remove one training record of a site (the site reports weight 1, not its "
-        "example count)",
-        "server_budget": None
-        if ledger is None
-        else {
-            "epsilon": ledger.budget.epsilon,
-            "delta": ledger.budget.delta,
-            "binds": settings.dp.server.budget_against,
-        },
-        "server_neighbouring_relation": None if ledger is None else "add or remove one whole site",
+        **_privacy_claims(protections, ledger),
         "federation": None if ledger is None else ledger.to_json(),
         "sites": {} if sample_hidden else sites,
         "rounds": [
@@ -410,3 +440,44 @@ def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger 
         ],
     }
     record.write_json("privacy.json", doc)
+
+
+def _site_ledgers(settings: Settings, protections: Protections) -> dict[str, object]:
+    """The sites' record-level ledgers this machine holds (simulation), by site id."""
+    if protections.record is None:
+        return {}
+    from fedcore.federation.site.store import SiteStore
+
+    folder = run_sites_dir(settings)
+    sites: dict[str, object] = {}
+    for path in sorted(folder.glob(SiteStore.LEDGER_GLOB)) if folder.is_dir() else []:
+        sites[path.name.split(".")[0].removeprefix("site-")] = json.loads(path.read_text())
+    return sites
+
+
+def _privacy_claims(protections: Protections, ledger: PrivacyLedger | None) -> dict[str, object]:
+    """Each budget of ``privacy.json`` with the relation it holds for, and the noise."""
+    from fedcore.privacy.noise import MECHANISM
+
+    record, mechanism = protections.record, protections.mechanism
+    site_level = ledger is not None and mechanism is not None
+    return {
+        "accountant": protections.accountant,
+        "noise": MECHANISM,
+        "site_budget": None
+        if record is None
+        else {"epsilon": record.epsilon, "delta": record.delta},
+        "site_neighbouring_relation": None if record is None else record.relation,
+        "server_budget": None
+        if not site_level
+        else {
+            "epsilon": ledger.budget.epsilon,
+            "delta": ledger.budget.delta,
+            "binds": mechanism.budget_against.value,
+        },
+        "server_mechanism": None if not site_level else mechanism.name,
+        "server_neighbouring_relation": None if not site_level else mechanism.relation,
+        "server_sample_known_neighbouring_relation": None
+        if not site_level
+        else mechanism.sample_known_relation,
+    }

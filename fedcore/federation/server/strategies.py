@@ -35,8 +35,9 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from fedcore.config import Settings
+from fedcore.config import LINEAR_STRATEGIES, Settings
 from fedcore.errors import ConfigError
+from fedcore.protections import nonlinear_refusal
 
 _STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
@@ -47,6 +48,18 @@ _STRATEGIES: dict[str, type[FedAvg]] = {
     "fedadagrad": FedAdagrad,
     "fedmedian": FedMedian,
 }
+
+# The Flower classes whose aggregate is a (weighted) mean of the replies, possibly followed by a
+# server optimizer step: the ones the linear strategy names map to (fedcore.config.LINEAR_STRATEGIES).
+LINEAR_CLASSES: tuple[type[FedAvg], ...] = tuple(_STRATEGIES[name] for name in LINEAR_STRATEGIES)
+
+
+def check_linear(strategy: Strategy) -> None:
+    """Raise ConfigError unless ``strategy`` aggregates linearly (secure aggregation gives the
+    server only the sum, so it can serve nothing else)."""
+    if type(strategy) not in LINEAR_CLASSES:
+        raise ConfigError(nonlinear_refusal(type(strategy).__name__))
+
 
 # Flower 1.41's defaults (FedAvgM's server_learning_rate, FedOpt's eta).
 DEFAULT_SERVER_LR: dict[str, float] = {
