@@ -3,7 +3,12 @@ sans-IO state machines, with an in-memory harness and a float <-> ring encoding.
 
 Integers in, integers out: the core sums vectors of unsigned integers modulo 2**bits. Modules:
 
-- :mod:`~fedcore.secagg.client`, :mod:`~fedcore.secagg.server`: the two state machines;
+- :mod:`~fedcore.secagg.client`, :mod:`~fedcore.secagg.server`: the two state machines, with
+  their one transition table each in :mod:`~fedcore.secagg.state`; the client's stages lean on
+  :mod:`~fedcore.secagg.client_keys` (its secrets), :mod:`~fedcore.secagg.sealing`,
+  :mod:`~fedcore.secagg.masking`, :mod:`~fedcore.secagg.survivors` and
+  :mod:`~fedcore.secagg.rules`, the server's last stage on :mod:`~fedcore.secagg.recovery`;
+- :mod:`~fedcore.secagg.floors`: the weakest round a site joins, held at every stage;
 - :mod:`~fedcore.secagg.messages`: the ten messages and their wire format;
 - :mod:`~fedcore.secagg.config`: round settings, modes, stages, default threshold;
 - :mod:`~fedcore.secagg.params`: (k, t) for SecAgg+ after Bell et al. as in Google's FCP;

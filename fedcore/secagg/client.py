@@ -33,21 +33,19 @@ inconsistent with the shares it received. In ACTIVE mode it also checks each adv
 signature against its registry of site keys and, before unmasking, t valid signatures on the same
 survivor set (Bonawitz et al., section 6).
 
-State machine: all legal transitions are in ``_TRANSITIONS``. Any exception raised while handling a
-message moves the client to ``ABORTED`` for good; a message that the table does not allow in the
-current state raises LocalProtocolError (the driver fed it at the wrong time).
+Floors. A client refuses a round weaker than its :class:`~fedcore.secagg.floors.Floors` (by default
+the protocol's safe rules; only an explicit ``allow_unsafe`` drops them), held against the sites
+that actually take part before each thing it releases (:mod:`fedcore.secagg.floors` says where).
 
-Re-creating a client (Flower may start a fresh process for each message): every secret of a client
-is drawn from the ``rng`` it is given, in a fixed order, at construction (both key pairs, b_u, and a
-key from which each session's Shamir coefficients and AEAD nonces are derived). So a site that
-builds the generator as ``derive_rng(site_key, context=b"secagg|" + round_id)`` gets the same
-client back in any process, and :meth:`SecAggClient.rebuild` replays the server messages the client
-has received so far to reach the same state. The input vector is needed only to answer the
-masked-input request; a replayed masked-input request updates the state without it, so the unmask
-stage runs on a client rebuilt without the vector. A site that rebuilds clients must persist, per
-round id, the session id it answered (:attr:`SecAggClient.session_id`) and whether it has answered
-an unmask request, and refuse to serve a second, different one: a fresh process cannot otherwise
-know that a server is replaying a different history to it (forking the client).
+State machine: all legal transitions are in one table (:mod:`fedcore.secagg.state`). Any exception
+raised while handling a message moves the client to ``ABORTED`` for good; a message that the table
+does not allow in the current state raises LocalProtocolError (the driver fed it at the wrong time).
+
+Re-creating a client: every secret is drawn from the ``rng`` the client is given, in a fixed
+order (:mod:`fedcore.secagg.client_keys` states the contract and what a site must persist);
+:meth:`SecAggClient.rebuild` replays the server messages received so far. The input vector is
+needed only to answer the masked-input request; a replayed masked-input request updates the state
+without it, so the unmask stage runs on a client rebuilt without the vector.
 
 Replay does only what later stages need. A replayed share-keys request runs every check of the live
 stage and draws the same Shamir coefficients, but evaluates the polynomials at the client's own
@@ -61,25 +59,21 @@ expands no mask. Every later answer of a rebuilt client is byte-identical to the
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fedcore.crypto import aead, signing
-from fedcore.crypto.agreement import AgreementKey, agree, derive_key, x25519_keypair
-from fedcore.crypto.expand import add_keystreams
+from fedcore.crypto import signing
+from fedcore.crypto.agreement import agree
 from fedcore.crypto.stream import CryptoRng
-from fedcore.errors import (
-    FedcoreError,
-    InvalidMessage,
-    LocalProtocolError,
-    RemoteProtocolError,
-)
+from fedcore.errors import FedcoreError, LocalProtocolError, RemoteProtocolError
 from fedcore.secagg import rules, shamir
-from fedcore.secagg.config import Mode, SessionConfig, ring_dtype
+from fedcore.secagg.client_keys import ClientKeys
+from fedcore.secagg.config import Mode, SessionConfig
 from fedcore.secagg.errors import TooFewSurvivors
+from fedcore.secagg.floors import Floors
 from fedcore.secagg.graph import NeighborGraph, ring_reveal, ring_seed, sparse
+from fedcore.secagg.masking import mask_input
 from fedcore.secagg.messages import (
     AdvertiseRequest,
     ClientMessage,
@@ -94,60 +88,24 @@ from fedcore.secagg.messages import (
     RingReveal,
     ServerMessage,
     ShareKeysRequest,
-    ShareValue,
     UnmaskRequest,
     UnmaskShares,
     decode_server_message,
     encode,
 )
+from fedcore.secagg.sealing import open_share, opened_shares, seal_shares
 from fedcore.secagg.session import (
     advert_signed_bytes,
-    decode_share_pair,
-    encode_share_pair,
-    pairwise_seed,
     seed_commitment,
-    self_mask_key,
     session_id,
-    share_associated_data,
-    share_key_from_secret,
-    survivors_signed_bytes,
 )
+from fedcore.secagg.state import ClientState, client_next_state
+from fedcore.secagg.survivors import Holdings, sign_survivors, unmask_answer
+
+__all__ = ["ClientState", "InputVector", "SecAggClient"]
 
 # The input of the masked-input stage: the ring vector, or a function computing it after the checks.
 InputVector = np.ndarray | Callable[[], np.ndarray]
-
-
-class ClientState(enum.Enum):
-    WAIT_ADVERTISE = "wait_advertise"
-    WAIT_SHARE = "wait_share"
-    WAIT_GRAPH = "wait_graph"  # revealed; waits for every member's reveal (sparse graph only)
-    WAIT_MASKED_INPUT = "wait_masked_input"
-    WAIT_CONSISTENCY = "wait_consistency"
-    WAIT_UNMASK = "wait_unmask"
-    DONE = "done"
-    ABORTED = "aborted"
-
-
-_S = ClientState
-# The one table of legal transitions: (state, message type) -> (next state in SEMI_HONEST mode,
-# next state in ACTIVE mode); None where the pair is illegal in that mode. Anything absent is
-# illegal in every mode.
-_TRANSITIONS: dict[tuple[ClientState, type], tuple[ClientState | None, ClientState | None]] = {
-    (_S.WAIT_ADVERTISE, AdvertiseRequest): (_S.WAIT_SHARE, _S.WAIT_SHARE),
-    (_S.WAIT_SHARE, ShareKeysRequest): (_S.WAIT_MASKED_INPUT, _S.WAIT_MASKED_INPUT),
-    (_S.WAIT_SHARE, RevealRequest): (_S.WAIT_GRAPH, _S.WAIT_GRAPH),
-    (_S.WAIT_GRAPH, ShareKeysRequest): (_S.WAIT_MASKED_INPUT, _S.WAIT_MASKED_INPUT),
-    (_S.WAIT_MASKED_INPUT, MaskedInputRequest): (_S.WAIT_UNMASK, _S.WAIT_CONSISTENCY),
-    (_S.WAIT_CONSISTENCY, ConsistencyRequest): (None, _S.WAIT_UNMASK),
-    (_S.WAIT_UNMASK, UnmaskRequest): (_S.DONE, _S.DONE),
-}
-# Rows legal for one kind of graph only: True for a sparse graph (the ring is drawn by
-# commit-reveal, so the share-keys request must follow the reveal), False for the complete one.
-_SPARSE_ONLY: dict[tuple[ClientState, type], bool] = {
-    (_S.WAIT_SHARE, RevealRequest): True,
-    (_S.WAIT_GRAPH, ShareKeysRequest): True,
-    (_S.WAIT_SHARE, ShareKeysRequest): False,
-}
 
 
 class SecAggClient:
@@ -155,7 +113,9 @@ class SecAggClient:
 
     ``rng``: the source of every secret (OS-keyed CryptoRng by default; see the module docstring
     for re-creating a client). ``signing_key``: the site's Ed25519 seed, and ``registry``: every
-    site's Ed25519 public key by client id; both are required in ACTIVE mode only.
+    site's Ed25519 public key by client id; both are required in ACTIVE mode only. ``floors``:
+    the weakest round this client joins (default :class:`Floors`: the protocol's safe rules);
+    ``allow_unsafe``: drop the safe rules, keeping the floors' own minimums (experiments only).
     """
 
     def __init__(
@@ -165,19 +125,17 @@ class SecAggClient:
         rng: CryptoRng | None = None,
         signing_key: bytes | None = None,
         registry: Mapping[int, bytes] | None = None,
+        floors: Floors | None = None,
+        allow_unsafe: bool = False,
     ) -> None:
         rng = rng if rng is not None else CryptoRng()
         self.client_id = client_id
+        floors = floors if floors is not None else Floors()
+        self._floors = dataclasses.replace(floors, safe_rules=False) if allow_unsafe else floors
         self._state = ClientState.WAIT_ADVERTISE
         self._signing_key = signing_key
         self._registry = dict(registry) if registry is not None else None
-        # The draw order is part of the re-creation contract: never reorder these four lines.
-        self._enc_private, self._enc_public = x25519_keypair(rng)
-        self._mask_private, self._mask_public = x25519_keypair(rng)
-        self._seed = rng.bytes(32)
-        self._coin_key = rng.bytes(32)
-        self._enc_key = AgreementKey(self._enc_private)
-        self._mask_key = AgreementKey(self._mask_private)
+        self._keys = ClientKeys(rng)
         self._config: SessionConfig | None = None
         self._advert: KeyAdvert | None = None
         self._adverts: dict[int, KeyAdvert] = {}
@@ -204,11 +162,18 @@ class SecAggClient:
         return self._session_id
 
     @property
+    def floors(self) -> Floors:
+        """The weakest round this client joins (held at every stage; see the module docstring)."""
+        return self._floors
+
+    @property
     def error(self) -> FedcoreError | None:
         """The error that aborted the client, if any."""
         return self._error
 
-    def receive(self, message: ServerMessage, *, vector: InputVector | None = None) -> ClientMessage:
+    def receive(
+        self, message: ServerMessage, *, vector: InputVector | None = None
+    ) -> ClientMessage:
         """Handle one server message and return the answer to send.
 
         ``vector`` (unsigned integers below 2**bits, of the session's length) is required with a
@@ -241,13 +206,22 @@ class SecAggClient:
         rng: CryptoRng,
         signing_key: bytes | None = None,
         registry: Mapping[int, bytes] | None = None,
+        floors: Floors | None = None,
+        allow_unsafe: bool = False,
     ) -> SecAggClient:
         """Re-create a client from the generator it was built with and the server messages it has
         received, in order. A MaskedInputRequest is replayed without an input vector; replaying an
         UnmaskRequest is refused (LocalProtocolError), since answering it twice is what the
         one-unmask rule forbids. Raises what :meth:`receive` raises if the history is not legal.
         """
-        client = cls(client_id, rng=rng, signing_key=signing_key, registry=registry)
+        client = cls(
+            client_id,
+            rng=rng,
+            signing_key=signing_key,
+            registry=registry,
+            floors=floors,
+            allow_unsafe=allow_unsafe,
+        )
         for message in history:
             if isinstance(message, UnmaskRequest):
                 raise LocalProtocolError("an unmask request is answered once and never replayed")
@@ -264,7 +238,7 @@ class SecAggClient:
         self, message: ServerMessage, *, vector: InputVector | None, replay: bool
     ) -> ClientMessage | None:
         try:
-            next_state = self._next_state(message)
+            next_state = client_next_state(self._state, message, self._config)
             if vector is not None and not isinstance(message, MaskedInputRequest):
                 raise LocalProtocolError(
                     "an input vector goes with a MaskedInputRequest only, "
@@ -292,30 +266,6 @@ class SecAggClient:
             raise error from exc
         self._state = next_state
         return answer
-
-    def _next_state(self, message: ServerMessage) -> ClientState:
-        row = _TRANSITIONS.get((self._state, type(message)))
-        mode = (
-            message.config.mode
-            if isinstance(message, AdvertiseRequest)
-            else (self._config.mode if self._config is not None else Mode.SEMI_HONEST)
-        )
-        target = None if row is None else row[0 if mode is Mode.SEMI_HONEST else 1]
-        graph_kind = _SPARSE_ONLY.get((self._state, type(message)))
-        if graph_kind is not None and self._config is not None:
-            if sparse(self._config) is not graph_kind:
-                target = None
-        if target is None:
-            graph = (
-                ""
-                if self._config is None
-                else (", sparse graph" if sparse(self._config) else ", complete graph")
-            )
-            raise LocalProtocolError(
-                f"client in state {self._state.value} cannot take a {type(message).__name__}"
-                f" ({mode.name} mode{graph})"
-            )
-        return target
 
     def _abort(self, error: FedcoreError) -> None:
         self._state = ClientState.ABORTED
@@ -352,15 +302,6 @@ class SecAggClient:
             )
         return self._signing_key, self._registry
 
-    def _ids(self, ids: tuple[int, ...], what: str) -> frozenset[int]:
-        if list(ids) != sorted(set(ids)):
-            raise RemoteProtocolError(f"{what} must be sorted and distinct")
-        graph, _ = self._session()
-        unknown = [i for i in ids if i not in graph]
-        if unknown:
-            raise RemoteProtocolError(f"{what} names clients outside the session: {unknown[:5]}")
-        return frozenset(ids)
-
     # ------------------------------------------------------------------ stage 0: advertise keys
 
     def _on_advertise(self, message: AdvertiseRequest) -> KeyAdvert:
@@ -371,15 +312,20 @@ class SecAggClient:
             )
         if self.client_id not in config.clients:
             raise RemoteProtocolError(f"client {self.client_id} is not invited to this round")
+        self._floors.check(config)  # a weaker offer is refused before anything is drawn or sent
         if config.mode is Mode.ACTIVE:
             self._active_keys()  # raises LocalProtocolError when the keys are missing
         commitment = seed_commitment(
             config.round_id,
             self.client_id,
-            ring_reveal(config.round_id, self.client_id, self._seed),
+            ring_reveal(config.round_id, self.client_id, self._keys.seed),
         )
         advert = KeyAdvert(
-            self.client_id, config.round_id, self._enc_public, self._mask_public, commitment
+            self.client_id,
+            config.round_id,
+            self._keys.enc_public,
+            self._keys.mask_public,
+            commitment,
         )
         if config.mode is Mode.ACTIVE:
             signature = signing.sign(self._active_keys()[0], advert_signed_bytes(advert))
@@ -395,15 +341,56 @@ class SecAggClient:
         adverts = rules.checked_adverts(
             message.adverts, config=config, own=self._advert, registry=self._registry
         )
+        self._floors.check_joined(config, adverts)
         self._adverts = adverts
         self._session_id = session_id(config, adverts.values())
-        reveal = ring_reveal(config.round_id, self.client_id, self._seed)
+        reveal = ring_reveal(config.round_id, self.client_id, self._keys.seed)
         return RingReveal(self.client_id, config.round_id, reveal)
 
     # ------------------------------------------------------------------ stage 1: share keys
 
     def _on_share_keys(self, message: ShareKeysRequest, *, replay: bool) -> EncryptedShares | None:
         config = self._check_addressing(message.recipient, message.round_id)
+        adverts, sid, graph = self._share_session(message, config)
+        holders = sorted(graph.holders(self.client_id))
+        if len(holders) < config.threshold:
+            raise TooFewSurvivors(
+                f"{len(holders)} share holders for client {self.client_id}, "
+                f"threshold is {config.threshold}"
+            )
+        session_rng = self._keys.coins(sid)
+        secrets = [self._keys.seed, self._keys.mask_private]
+        self._adverts, self._session_id, self._graph = adverts, sid, graph
+        if replay:  # the sealed shares are never re-sent: keep only this client's own shares
+            own_seed, own_key = shamir.share_of(
+                secrets,
+                holders=holders,
+                threshold=config.threshold,
+                rng=session_rng,
+                holder=self.client_id,
+            )
+            self._own_shares = (own_seed, own_key)
+            return None
+        seed_shares, key_shares = shamir.split(
+            secrets, holders=holders, threshold=config.threshold, rng=session_rng
+        )
+        sealed, self._enc_secrets = seal_shares(
+            me=self.client_id,
+            holders=holders,
+            seed_shares=seed_shares,
+            key_shares=key_shares,
+            enc_key=self._keys.enc,
+            adverts=adverts,
+            sid=sid,
+            rng=session_rng,
+        )
+        self._own_shares = (seed_shares[self.client_id], key_shares[self.client_id])
+        return EncryptedShares(self.client_id, config.round_id, sealed)
+
+    def _share_session(
+        self, message: ShareKeysRequest, config: SessionConfig
+    ) -> tuple[dict[int, KeyAdvert], bytes, NeighborGraph]:
+        """U1 (checked, and held against the floors), the session id and the neighbour graph."""
         if sparse(config):
             # U1 was fixed, and every advert checked, at the reveal stage: the same set or nothing
             adverts = self._adverts
@@ -423,52 +410,8 @@ class SecAggClient:
             sid = seed = session_id(config, adverts.values())
             if message.reveals:
                 raise RemoteProtocolError("ring reveals sent for a complete graph")
-        graph = NeighborGraph(adverts, neighbors=config.neighbors, seed=seed)
-        holders = sorted(graph.holders(self.client_id))
-        if len(holders) < config.threshold:
-            raise TooFewSurvivors(
-                f"{len(holders)} share holders for client {self.client_id}, "
-                f"threshold is {config.threshold}"
-            )
-        session_rng = CryptoRng(
-            derive_key(self._coin_key, salt=sid, info=b"fedcore/secagg/v1/coins")
-        )
-        secrets = [self._seed, self._mask_private]
-        if replay:  # the sealed shares are never re-sent: keep only this client's own shares
-            own_seed, own_key = shamir.share_of(
-                secrets,
-                holders=holders,
-                threshold=config.threshold,
-                rng=session_rng,
-                holder=self.client_id,
-            )
-            self._adverts, self._session_id, self._graph = adverts, sid, graph
-            self._own_shares = (own_seed, own_key)
-            return None
-        seed_shares, key_shares = shamir.split(
-            secrets, holders=holders, threshold=config.threshold, rng=session_rng
-        )
-        sealed = []
-        enc_secrets: dict[int, bytes] = {}
-        for v in holders:
-            if v == self.client_id:
-                continue
-            enc_secrets[v] = agree(self._enc_key, adverts[v].enc_public)
-            key = share_key_from_secret(enc_secrets[v], sid, self.client_id, v)
-            plaintext = encode_share_pair(self.client_id, v, seed_shares[v], key_shares[v])
-            ciphertext = aead.seal(
-                key,
-                plaintext,
-                associated_data=share_associated_data(sid, self.client_id, v),
-                rng=session_rng,
-            )
-            sealed.append(EncryptedShare(self.client_id, v, ciphertext))
-        self._adverts = adverts
-        self._session_id = sid
-        self._graph = graph
-        self._own_shares = (seed_shares[self.client_id], key_shares[self.client_id])
-        self._enc_secrets = enc_secrets
-        return EncryptedShares(self.client_id, config.round_id, tuple(sealed))
+        self._floors.check_joined(config, adverts)
+        return adverts, sid, NeighborGraph(adverts, neighbors=config.neighbors, seed=seed)
 
     # ------------------------------------------------------------------ stage 2: masked input
 
@@ -478,121 +421,76 @@ class SecAggClient:
         config = self._check_addressing(message.recipient, message.round_id)
         graph, sid = self._session()
         neighbors = graph.neighbors(self.client_id)
-        received: dict[int, tuple[int, int]] = {}
-        unopened: set[int] = set()
-        for share in message.shares:
-            if share.receiver != self.client_id:
-                raise RemoteProtocolError(
-                    f"share from {share.sender} is addressed to {share.receiver}, "
-                    f"not to {self.client_id}"
-                )
-            if share.sender not in neighbors:
-                raise RemoteProtocolError(f"share from client {share.sender}, not a neighbour")
-            if share.sender in received or share.sender in unopened:
-                raise RemoteProtocolError(f"two shares from client {share.sender}")
-            try:
-                received[share.sender] = self._open_share(share, sid)
-            except InvalidMessage:
-                unopened.add(share.sender)  # that sender counts as dropped for this client
+        received, unopened = opened_shares(
+            message.shares,
+            me=self.client_id,
+            neighbors=neighbors,
+            open_one=lambda share: self._open_share(share, sid),
+        )
         if len(received) + 1 < config.threshold:
             raise TooFewSurvivors(
                 f"client {self.client_id} holds shares from {len(received)} neighbours plus "
                 f"itself, threshold is {config.threshold}"
             )
+        if config.complete or config.neighbors >= len(self._adverts) - 1:  # U2 is visible here
+            self._floors.check_participants(
+                len(received) + 1, what="sites sent this site shares that opened"
+            )
         if replay:
             if vector is not None:  # pragma: no cover - rebuild never passes one
                 raise LocalProtocolError("replay takes no vector")
-            self._received, self._unopened = received, frozenset(unopened)
+            self._received, self._unopened = received, unopened
             return None
         if vector is None:
             raise LocalProtocolError("a MaskedInputRequest needs the input vector")
         if callable(vector):  # a site computes its input only now, after every check above
             vector = vector()
-        y = rules.ring_input(vector, config)
-        adds: list[bytes] = [self_mask_key(self._seed, sid)]
-        subtracts: list[bytes] = []
-        for v in sorted(received):
-            seed = pairwise_seed(
-                self._mask_key, self._adverts[v].mask_public, sid, self.client_id, v
-            )
-            (subtracts if self.client_id > v else adds).append(seed)
-        add_keystreams(y, adds=adds, subtracts=subtracts)  # one pass over y for all the masks
-        if config.bits not in (32, 64):
-            y &= ring_dtype(config.bits)((1 << config.bits) - 1)
-        self._received, self._unopened = received, frozenset(unopened)
-        y.flags.writeable = False
+        y = mask_input(
+            rules.ring_input(vector, config),
+            me=self.client_id,
+            bits=config.bits,
+            seed=self._keys.seed,
+            mask_key=self._keys.mask,
+            peers=received,
+            adverts=self._adverts,
+            sid=sid,
+        )
+        self._received, self._unopened = received, unopened
         return MaskedInput(self.client_id, config.round_id, config.bits, y, tuple(sorted(unopened)))
 
     def _open_share(self, share: EncryptedShare, sid: bytes) -> tuple[int, int]:
-        """The (seed share, key share) sealed in ``share``; InvalidMessage when it does not open
-        or holds something else (the sender's fault, or the carrier's: either way unusable)."""
+        """The (seed share, key share) sealed in ``share``; InvalidMessage when unusable."""
         shared = self._enc_secrets.get(share.sender)
         if shared is None:  # a rebuilt client: its replayed share-keys stage agreed nothing
-            shared = agree(self._enc_key, self._adverts[share.sender].enc_public)
-        key = share_key_from_secret(shared, sid, share.sender, self.client_id)
-        plaintext = aead.open_sealed(
-            key,
-            share.ciphertext,
-            associated_data=share_associated_data(sid, share.sender, self.client_id),
-        )
-        sender, receiver, seed_share, key_share = decode_share_pair(plaintext)
-        if (sender, receiver) != (share.sender, self.client_id):
-            raise InvalidMessage(f"sealed share of client {share.sender} names another pair")
-        if seed_share >= shamir.PRIME or key_share >= shamir.PRIME:
-            raise InvalidMessage(f"share from client {sender} is not a field element")
-        return seed_share, key_share
+            shared = agree(self._keys.enc, self._adverts[share.sender].enc_public)
+        return open_share(share, me=self.client_id, shared=shared, sid=sid)
 
-    # ------------------------------------------------------------------ stage 3: consistency
+    # ------------------------------------------------------------------ stages 3 and 4
+
+    def _holdings(self, config: SessionConfig) -> Holdings:
+        graph, sid = self._session()
+        return Holdings(
+            self.client_id, config, graph, sid, self._own_shares, self._received, self._unopened
+        )
 
     def _on_consistency(self, message: ConsistencyRequest) -> ConsistencySignature:
         config = self._check_addressing(message.recipient, message.round_id)
-        survivors = self._ids(message.survivors, "survivor set")
-        self._check_survivors(survivors, config)
-        _, sid = self._session()
-        signature = signing.sign(
-            self._active_keys()[0], survivors_signed_bytes(sid, message.survivors)
+        answer = sign_survivors(
+            message,
+            self._holdings(config),
+            floors=self._floors,
+            signing_key=self._active_keys()[0],
         )
         self._survivors = message.survivors
-        return ConsistencySignature(self.client_id, config.round_id, signature)
-
-    def _check_survivors(self, alive: frozenset[int], config: SessionConfig) -> None:
-        graph, _ = self._session()
-        rules.check_survivors(
-            alive,
-            me=self.client_id,
-            graph=graph,
-            seen=frozenset(self._received),
-            threshold=config.threshold,
-        )
-
-    # ------------------------------------------------------------------ stage 4: unmask
+        return answer
 
     def _on_unmask(self, message: UnmaskRequest) -> UnmaskShares:
         config = self._check_addressing(message.recipient, message.round_id)
-        alive = self._ids(message.alive, "alive set")
-        dropped = self._ids(message.dropped, "dropped set")
-        graph, sid = self._session()
-        seen = frozenset(self._received)
-        rules.check_unmask_sets(
-            alive,
-            dropped,
-            me=self.client_id,
-            graph=graph,
-            seen=seen | self._unopened,
-            unopened=self._unopened,
+        active = config.mode is Mode.ACTIVE
+        return unmask_answer(
+            message,
+            self._holdings(config),
+            floors=self._floors,
+            signed_by_me=self._survivors,
+            registry=self._active_keys()[1] if active else None,
         )
-        self._check_survivors(alive, config)
-        if config.mode is Mode.ACTIVE:
-            rules.check_consistency_signatures(
-                message.signatures,
-                alive=message.alive,
-                signed_by_me=self._survivors,
-                signed_bytes=survivors_signed_bytes(sid, message.alive),
-                registry=self._active_keys()[1],
-                threshold=config.threshold,
-            )
-        seed_shares = [ShareValue(self.client_id, self._own_shares[0])]
-        seed_shares += [ShareValue(v, self._received[v][0]) for v in sorted(alive & seen)]
-        key_shares = [ShareValue(v, self._received[v][1]) for v in sorted(dropped & seen)]
-        seed_shares.sort(key=lambda s: s.owner)
-        return UnmaskShares(self.client_id, config.round_id, tuple(seed_shares), tuple(key_shares))

@@ -182,12 +182,20 @@ def encode_update(
 def decode_sum(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray, int]:
     """The weighted sum ``sum_i w_i clip(x_i)`` (float64, up to rounding) and the total weight.
 
-    Raises LocalProtocolError when the total weight is negative or above ``max_total_weight``
-    (the sum may have wrapped around the ring: the result would be wrong).
+    Raises LocalProtocolError when ``total`` is not a vector of ring elements (integers in
+    0..2**bits-1: a larger entry would be silently reduced, hiding a wrapped weight) or when the
+    total weight is negative or above ``max_total_weight`` (the sum may have wrapped around the
+    ring: the result would be wrong).
     """
     v = np.asarray(total)
     if v.ndim != 1 or v.size < 2:
         raise LocalProtocolError(f"a sum of encoded updates has d + 1 >= 2 entries, got {v.shape}")
+    if v.dtype.kind not in "ui":
+        raise LocalProtocolError(f"a sum of encoded updates holds ring integers, got {v.dtype}")
+    if int(v.min()) < 0 or int(v.max()) >> config.bits:
+        raise LocalProtocolError(
+            f"a sum of encoded updates has entries outside the ring Z/2**{config.bits}"
+        )
     signed = from_ring(v, bits=config.bits)
     total_weight = int(signed[-1])
     if not 0 <= total_weight <= config.max_total_weight:
@@ -201,10 +209,14 @@ def decode_sum(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray
 def decode_mean(total: np.ndarray, *, config: EncodingConfig) -> tuple[np.ndarray, int]:
     """The weighted mean of the sites' (clipped) updates and their total weight, from the sum.
 
-    Raises LocalProtocolError when the total weight is zero (no mean) or above
-    ``max_total_weight`` (the sum may have wrapped around the ring: the result would be wrong).
+    Raises LocalProtocolError when the total weight is outside 1..``max_total_weight``: zero (no
+    mean), or a wrapped weight (the sum may have wrapped around the ring: the result would be
+    wrong), and for a ``total`` that is not a vector of ring elements (:func:`decode_sum`).
     """
     weighted_sum, total_weight = decode_sum(total, config=config)
     if total_weight == 0:
-        raise LocalProtocolError(f"total weight is {total_weight}; there is no mean")
+        raise LocalProtocolError(
+            f"total weight is 0, outside 1..max_total_weight={config.max_total_weight}; "
+            "there is no mean"
+        )
     return weighted_sum / total_weight, total_weight

@@ -18,11 +18,22 @@ requires, and the least threshold, degree and number of participants. A weaker o
 with its reason, before the site sends anything. ``safe_rules=False`` drops the protocol's rules
 (keeping the operator's floors); only a simulation whose user opted into unsafe settings
 (``secagg.allow_unsafe``) runs so, since there the server and the sites are the same person.
+
+The floors hold against the sites that actually take part, not only the invitees (a server could
+invite 100 sites and let only the target and a few colluders take part). Every
+:class:`~fedcore.secagg.SecAggClient` enforces them itself, before each thing it releases: the offer
+at the advertise stage (:meth:`Floors.check`); the advertisers U1 before its ring reveal and its
+shares, re-checking the round as if only U1 had been invited, since the graph is drawn over U1
+(:meth:`Floors.check_joined`); with the complete graph, the senders whose shares opened before its
+masked input (all of U2 it can see; with a sparse graph it sees only its neighbours, and the next
+check covers it); and the survivors U3 before it signs them (ACTIVE mode) and before it reveals
+any unmask share (:meth:`Floors.check_participants`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 
 from fedcore.errors import ConfigError, RemoteProtocolError
 from fedcore.secagg.config import Mode, SessionConfig, default_threshold
@@ -107,3 +118,30 @@ class Floors:
                 + (f" with {config.neighbors} neighbours" if sparse else " (complete graph)")
                 + f" in {config.mode.name} mode"
             )
+
+    def check_participants(self, count: int, *, what: str) -> None:
+        """Raise RemoteProtocolError if fewer than ``min_clients`` sites take part: ``count``
+        ``what`` (for example "sites survived to the masked input")."""
+        if count < self.min_clients:
+            raise RemoteProtocolError(
+                f"refused: {count} {what}; this site requires at least {self.min_clients} "
+                "participants (node config 'secagg-min-participants')"
+            )
+
+    def check_joined(self, config: SessionConfig, joined: Collection[int]) -> None:
+        """Raise RemoteProtocolError unless the round over the sites that advertised keys (U1,
+        over which the graph is drawn) passes every floor, as if only they had been invited."""
+        self.check_participants(len(joined), what="sites advertised keys")
+        try:
+            actual = replace(config, clients=tuple(sorted(joined)))
+        except ConfigError as exc:
+            raise RemoteProtocolError(
+                f"refused: the advertised set breaks the round: {exc}"
+            ) from None
+        try:
+            self.check(actual)
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(
+                f"{exc} (counting the {len(joined)} sites that advertised keys, "
+                f"of {len(config.clients)} invited)"
+            ) from None

@@ -31,7 +31,9 @@ signature, wrong addressing) fails alone: its slot is closed, it counts as a dro
 RemoteProtocolError or InvalidMessage is raised for the driver to report to that client; the round
 goes on. Misuse by the driver (LocalProtocolError: wrong state, a stage closed while clients are
 still pending) and too few survivors (TooFewSurvivors) move the whole machine to ``ABORTED`` for
-good. All legal transitions are in ``_TRANSITIONS``.
+good. All legal transitions are in one table (:mod:`fedcore.secagg.state`); the unmask stage
+itself, from the shares each survivor must reveal to the unmasked sum, is
+:class:`fedcore.secagg.recovery.Recovery`.
 
 The masked inputs are kept as read-only views of the messages' bytes (no copy) and summed in
 place, modulo 2**32 or 2**64, when the stage closes and U3 is known.
@@ -39,7 +41,6 @@ place, modulo 2**32 or 2**64, when the stage closes and U3 is known.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Collection, Mapping
 from typing import NoReturn
 
@@ -49,11 +50,9 @@ from fedcore.crypto import signing
 from fedcore.crypto.agreement import AgreementKey, agree
 from fedcore.errors import (
     FedcoreError,
-    InvalidMessage,
     LocalProtocolError,
     RemoteProtocolError,
 )
-from fedcore.secagg import recovery, shamir
 from fedcore.secagg.config import Mode, SessionConfig, Stage, ring_dtype
 from fedcore.secagg.errors import TooFewSurvivors
 from fedcore.secagg.graph import NeighborGraph, check_reveal, ring_seed, sparse
@@ -72,57 +71,15 @@ from fedcore.secagg.messages import (
     ServerMessage,
     ShareKeysRequest,
     UnmaskRequest,
-    UnmaskShares,
     decode_client_message,
 )
-from fedcore.secagg.recovery import AggregateResult
+from fedcore.secagg.recovery import AggregateResult, Recovery
 from fedcore.secagg.session import advert_signed_bytes, session_id, survivors_signed_bytes
+from fedcore.secagg.state import COLLECTING, Command, ServerState, server_row, server_target
+
+__all__ = ["AggregateResult", "Command", "SecAggServer", "ServerState"]
 
 
-class ServerState(enum.Enum):
-    IDLE = "idle"
-    ADVERTISE = "advertise"
-    REVEAL = "reveal"
-    SHARE = "share"
-    MASKED_INPUT = "masked_input"
-    CONSISTENCY = "consistency"
-    UNMASK = "unmask"
-    DONE = "done"
-    ABORTED = "aborted"
-
-
-class Command(enum.Enum):
-    """What the driver asks of the server besides handing it a message."""
-
-    START = "start"
-    ADVANCE = "advance"
-    FINISH = "finish"
-
-
-_S = ServerState
-# The one table of legal transitions: (state, command or message type) -> (next state in
-# SEMI_HONEST mode, next state in ACTIVE mode); None where illegal in that mode. A message type
-# maps a collecting state to itself. Anything absent is illegal.
-_TRANSITIONS: dict[
-    tuple[ServerState, Command | type], tuple[ServerState | None, ServerState | None]
-] = {
-    (_S.IDLE, Command.START): (_S.ADVERTISE, _S.ADVERTISE),
-    (_S.ADVERTISE, KeyAdvert): (_S.ADVERTISE, _S.ADVERTISE),
-    (_S.ADVERTISE, Command.ADVANCE): (_S.SHARE, _S.SHARE),  # _S.REVEAL for a sparse graph
-    (_S.REVEAL, RingReveal): (_S.REVEAL, _S.REVEAL),
-    (_S.REVEAL, Command.ADVANCE): (_S.SHARE, _S.SHARE),
-    (_S.SHARE, EncryptedShares): (_S.SHARE, _S.SHARE),
-    (_S.SHARE, Command.ADVANCE): (_S.MASKED_INPUT, _S.MASKED_INPUT),
-    (_S.MASKED_INPUT, MaskedInput): (_S.MASKED_INPUT, _S.MASKED_INPUT),
-    (_S.MASKED_INPUT, Command.ADVANCE): (_S.UNMASK, _S.CONSISTENCY),
-    (_S.CONSISTENCY, ConsistencySignature): (None, _S.CONSISTENCY),
-    (_S.CONSISTENCY, Command.ADVANCE): (None, _S.UNMASK),
-    (_S.UNMASK, UnmaskShares): (_S.UNMASK, _S.UNMASK),
-    (_S.UNMASK, Command.FINISH): (_S.DONE, _S.DONE),
-}
-_COLLECTING = frozenset(
-    {_S.ADVERTISE, _S.REVEAL, _S.SHARE, _S.MASKED_INPUT, _S.CONSISTENCY, _S.UNMASK}
-)
 # A fixed scalar to test advertised keys: any small-order point gives the all-zero secret with
 # every clamped scalar (RFC 7748 section 6.1), so one agreement tells whether a key is usable.
 _PROBE_PRIVATE = AgreementKey(bytes(range(32)))
@@ -155,13 +112,10 @@ class SecAggServer:
         self._shares_to: dict[int, list[EncryptedShare]] = {}
         self._u2: frozenset[int] = frozenset()
         self._u3: frozenset[int] = frozenset()
-        self._asked_to_unmask: frozenset[int] = frozenset()
         self._signatures: dict[int, ConsistencySignature] = {}
-        self._seed_shares: dict[int, dict[int, int]] = {}  # owner -> holder -> share
-        self._key_shares: dict[int, dict[int, int]] = {}
+        self._recovery: Recovery | None = None  # the unmask stage, once U3 is fixed
         self._inputs: dict[int, np.ndarray] = {}  # masked inputs, summed when the stage closes
         self._unopened_by: dict[int, set[int]] = {}  # client -> those its sealed share failed at
-        self._culprits: dict[int, str] = {}
         self._total = np.zeros(config.length, dtype=ring_dtype(config.bits))
 
     # ------------------------------------------------------------------ public surface
@@ -173,7 +127,7 @@ class SecAggServer:
     @property
     def stage(self) -> Stage | None:
         """The stage being collected, or None when idle, done or aborted."""
-        return Stage(self._state.value) if self._state in _COLLECTING else None
+        return self._state.stage
 
     @property
     def pending(self) -> frozenset[int]:
@@ -202,7 +156,7 @@ class SecAggServer:
     def culprits(self) -> Mapping[int, str]:
         """Holders whose revealed shares did not fit the secret rebuilt from the others, with why
         (filled by :meth:`finish`; their shares were left out and the round went on)."""
-        return dict(self._culprits)
+        return dict(self._recovery.culprits) if self._recovery is not None else {}
 
     @property
     def error(self) -> FedcoreError | None:
@@ -222,9 +176,9 @@ class SecAggServer:
         RemoteProtocolError or InvalidMessage when the message breaks a rule: then only that
         client's slot is closed and the server stays in its stage.
         """
-        if self._state not in _COLLECTING:
+        if self._state not in COLLECTING:
             self._fail_round(
-                LocalProtocolError(f"server in state {self._state.value} takes no messages")
+                LocalProtocolError(f"server in state {self._state.label} takes no messages")
             )
         try:
             self._accept(sender, message)
@@ -237,9 +191,9 @@ class SecAggServer:
 
     def receive_bytes(self, sender: int, data: bytes) -> None:
         """Parse and take one message; a parse failure closes the sender's slot only."""
-        if self._state not in _COLLECTING:
+        if self._state not in COLLECTING:
             self._fail_round(
-                LocalProtocolError(f"server in state {self._state.value} takes no messages")
+                LocalProtocolError(f"server in state {self._state.label} takes no messages")
             )
         try:
             message = decode_client_message(data)
@@ -300,14 +254,7 @@ class SecAggServer:
     # ------------------------------------------------------------------ transitions
 
     def _target(self, event: Command | type) -> ServerState:
-        row = _TRANSITIONS.get((self._state, event))
-        target = None if row is None else row[0 if self.config.mode is Mode.SEMI_HONEST else 1]
-        if self._state is _S.ADVERTISE and event is Command.ADVANCE and sparse(self.config):
-            target = _S.REVEAL
-        if target is None:
-            name = event.value if isinstance(event, Command) else event.__name__
-            raise LocalProtocolError(f"server in state {self._state.value} cannot {name}")
-        return target
+        return server_target(self._state, event, self.config)
 
     def _command(self, command: Command) -> None:
         try:
@@ -345,19 +292,18 @@ class SecAggServer:
     # ------------------------------------------------------------------ receiving
 
     def _accept(self, sender: int, message: ClientMessage) -> None:
-        row = _TRANSITIONS.get((self._state, type(message)))
-        if row is None or row[0 if self.config.mode is Mode.SEMI_HONEST else 1] is None:
+        if server_row(self._state, type(message), self.config.mode) is None:
             raise RemoteProtocolError(
                 f"a {type(message).__name__} from client {sender} during the "
-                f"{self._state.value} stage"
+                f"{self._state.label} stage"
             )
         if sender not in self._expected:
             raise RemoteProtocolError(
-                f"client {sender} is not expected in the {self._state.value} stage"
+                f"client {sender} is not expected in the {self._state.label} stage"
             )
         if sender in self._answered:
             raise RemoteProtocolError(
-                f"client {sender} already answered the {self._state.value} stage"
+                f"client {sender} already answered the {self._state.label} stage"
             )
         if getattr(message, "sender", None) != sender:
             raise RemoteProtocolError(f"message from client {sender} claims another sender")
@@ -376,7 +322,7 @@ class SecAggServer:
         elif isinstance(message, ConsistencySignature):
             self._on_signature(sender, message)
         else:
-            self._on_unmask_shares(sender, message)
+            self._require_recovery().take(sender, message)
         self._answered.add(sender)
 
     def _on_advert(self, sender: int, advert: KeyAdvert) -> None:
@@ -435,30 +381,6 @@ class SecAggServer:
         signing.verify(self._registry[sender], message.signature, signed)
         self._signatures[sender] = message
 
-    def _on_unmask_shares(self, sender: int, message: UnmaskShares) -> None:
-        graph = self._require_graph()
-        # The graph is undirected: sender holds v's shares iff v is among sender's holders, and
-        # its share opened there (the sender reported those that did not).
-        want_seed = self._u3 & graph.holders(sender)
-        want_key = {
-            v
-            for v in (self._u2 - self._u3) & graph.neighbors(sender)
-            if sender not in self._unopened_by.get(v, ())
-        }
-        seed_owners = [s.owner for s in message.seed_shares]
-        key_owners = [s.owner for s in message.key_shares]
-        if sorted(seed_owners) != sorted(want_seed) or len(set(seed_owners)) != len(seed_owners):
-            raise RemoteProtocolError(f"client {sender} revealed the wrong set of seed shares")
-        if sorted(key_owners) != sorted(want_key) or len(set(key_owners)) != len(key_owners):
-            raise RemoteProtocolError(f"client {sender} revealed the wrong set of key shares")
-        for s in (*message.seed_shares, *message.key_shares):
-            if not 0 <= s.value < shamir.PRIME:
-                raise InvalidMessage(f"share from client {sender} is not a field element")
-        for s in message.seed_shares:
-            self._seed_shares.setdefault(s.owner, {})[sender] = s.value
-        for s in message.key_shares:
-            self._key_shares.setdefault(s.owner, {})[sender] = s.value
-
     # ------------------------------------------------------------------ closing stages
 
     def _after_advertise(self) -> dict[int, ServerMessage]:
@@ -514,38 +436,35 @@ class SecAggServer:
         # with it and holds none of its shares.
         u3 = frozenset(self._expected) - set(self._unopened_by)
         self._u3 = u3
-        self._check_recoverable(u3)
+        self._recovery = Recovery(
+            threshold=self.config.threshold,
+            round_id=self.config.round_id,
+            graph=self._require_graph(),
+            adverts=self._adverts,
+            session_id=self._session_id,
+            bits=self.config.bits,
+            u2=self._u2,
+            u3=u3,
+            unopened_by=self._unopened_by,
+        )
+        self._recovery.check_recoverable(u3)
         for u in sorted(u3):
             np.add(self._total, self._inputs[u], out=self._total)
         self._inputs.clear()
         rid, alive = self.config.round_id, tuple(sorted(u3))
         if self.config.mode is Mode.ACTIVE:
             return {u: ConsistencyRequest(u, rid, alive) for u in alive}
-        self._asked_to_unmask = u3
         dropped = tuple(sorted(self._u2 - u3))
         return {u: UnmaskRequest(u, rid, alive, dropped) for u in alive}
 
     def _after_consistency(self) -> dict[int, ServerMessage]:
         u4 = frozenset(self._expected)
         self._require(len(u4), "consistency signatures")
-        self._check_recoverable(u4)
-        self._asked_to_unmask = u4
+        self._require_recovery().check_recoverable(u4)
         rid, alive = self.config.round_id, tuple(sorted(self._u3))
         dropped = tuple(sorted(self._u2 - self._u3))
         sigs = tuple(self._signatures[u] for u in sorted(u4))
         return {u: UnmaskRequest(u, rid, alive, dropped, sigs) for u in sorted(u4)}
-
-    def _check_recoverable(self, responders: frozenset[int]) -> None:
-        """Before anyone unmasks: every secret needed must have t holders among ``responders``."""
-        graph = self._require_graph()
-        self._require(len(self._u3), "clients sent masked inputs")
-        for v in self._u3:
-            self._require(len(graph.holders(v) & responders), f"alive holders of client {v}'s seed")
-        for v in self._u2 - self._u3:
-            unusable = self._unopened_by.get(v, set())
-            if (graph.neighbors(v) & self._u3) - unusable:  # someone masked with v
-                holders = (graph.neighbors(v) & responders) - unusable
-                self._require(len(holders), f"alive holders of client {v}'s mask key")
 
     def _require_graph(self) -> NeighborGraph:
         if self._graph is None:
@@ -556,55 +475,10 @@ class SecAggServer:
         if count < self.config.threshold:
             raise TooFewSurvivors(f"{count} {what}; the threshold is {self.config.threshold}")
 
-    # ------------------------------------------------------------------ unmasking
+    def _require_recovery(self) -> Recovery:
+        if self._recovery is None:
+            raise LocalProtocolError("no unmask stage: the masked-input stage has not closed")
+        return self._recovery
 
     def _unmask(self) -> AggregateResult:
-        graph = self._require_graph()
-        t, rid = self.config.threshold, self.config.round_id
-        responders = frozenset(self._expected)
-
-        def revealed(store: dict[int, dict[int, int]], v: int) -> dict[int, int]:
-            return {h: y for h, y in store.get(v, {}).items() if h in responders}
-
-        def blame(found: frozenset[int], v: int, what: str) -> None:
-            for h in found:
-                self._culprits.setdefault(
-                    h, f"revealed a share of client {v}'s {what} that does not fit the others"
-                )
-
-        seeds: dict[int, bytes] = {}
-        for v in sorted(self._u3):
-            seeds[v], bad = recovery.rebuild_seed(
-                v,
-                revealed(self._seed_shares, v),
-                threshold=t,
-                round_id=rid,
-                advert=self._adverts[v],
-                suspects=self._culprits,
-            )
-            blame(bad, v, "self-mask seed")
-        mask_keys: dict[int, bytes] = {}
-        for v in sorted(self._u2 - self._u3):
-            if not (graph.neighbors(v) & self._u3) - self._unopened_by.get(v, set()):
-                continue  # no survivor masked with v
-            mask_keys[v], bad = recovery.rebuild_mask_key(
-                v,
-                revealed(self._key_shares, v),
-                threshold=t,
-                advert=self._adverts[v],
-                suspects=self._culprits,
-            )
-            blame(bad, v, "mask key")
-        recovery.remove_masks(
-            self._total,
-            seeds=seeds,
-            mask_keys=mask_keys,
-            graph=graph,
-            survivors=self._u3,
-            adverts=self._adverts,
-            session_id=self._session_id,
-            bits=self.config.bits,
-            unmasked_pairs=self._unopened_by,
-        )
-        self._total.flags.writeable = False
-        return AggregateResult(self._total, self._u3)
+        return self._require_recovery().finish(self._total, frozenset(self._expected))

@@ -23,13 +23,19 @@ whether the good shares still suffice. The shares are a Reed-Solomon codeword: m
 t - 1 polynomial correct up to e = floor((m - t) / 2) wrong ones by Berlekamp-Welch decoding
 (Welch and Berlekamp, US patent 4,633,470, 1986; Gemmell and Sudan, IPL 1992, give the linear
 system used here): find Q of degree < t + e and a monic E of degree e with
-Q(x_i) = y_i E(x_i) for every share, then f = Q / E, and the holders whose share is not f(x_i) are
-the culprits. Beyond e, the check itself decides: t-subsets are tried until one rebuilds a secret
+Q(x_i) = y_i E(x_i) for every share, then f = Q / E. Beyond e, the check itself decides: t-subsets are tried until one rebuilds a secret
 the check accepts (at most ``max_subsets``; one wrong share among t + 1, which decoding cannot
 place, takes t + 1 tries). Cost: nothing on the honest path (the t lowest holders, one check, as
 before); with wrong shares, one Gauss-Jordan elimination of an m x (t + 2e) system over GF(p),
 O(m^3) field operations (well under a second in Python at m = 100), per secret that needs it.
 A wrong share that is never used (beyond the t the honest path takes) is never looked at.
+
+Culprits are named on evidence only. The check admits exactly one secret s (it compares exact
+bytes), so (0, s) is one more point of the codeword; the holders named are those off the
+polynomial that decoding all m + 1 points finds within floor((m + 1 - t) / 2) errors, the only
+polynomial through (0, s) that fits so many shares. Farther out, colluders can fit their shares
+and t - 2 honest ones to a second polynomial through (0, s), and nothing tells which side lied:
+the secret is still right, and nobody is named.
 """
 
 from __future__ import annotations
@@ -209,45 +215,83 @@ def reconstruct_checked(
     holders = sorted(usable)
     if len(holders) < threshold:
         raise InvalidMessage(f"{len(holders)} shares are field elements; need {threshold}")
-    xs = _xs(holders)
-    ys = [usable[h] for h in holders]
+    fit = _Fit(holders, [usable[h] for h in holders], threshold, check)
+    poly = _berlekamp_welch(fit.xs, fit.ys, threshold)
+    found = fit.accept(poly) if poly is not None else None
+    if found is None:
+        found = _search_subsets(fit, max_subsets)
+    if found is None:
+        raise InvalidMessage(
+            f"no {threshold} of the {len(shares)} shares rebuild a secret that passes its check"
+        )
+    return found, fit.culprits(found) | outside
 
-    def accept(poly: list[int]) -> tuple[bytes, frozenset[int]] | None:
-        value = poly[0] % PRIME if poly else 0
+
+class _Fit:
+    """The field-element shares being decoded, and the test a candidate polynomial must pass."""
+
+    def __init__(
+        self, holders: list[int], ys: list[int], threshold: int, check: Callable[[bytes], None]
+    ) -> None:
+        self.holders, self.ys, self.threshold, self.check = holders, ys, threshold, check
+        self.xs = _xs(holders)
+
+    def secret_of(self, value: int) -> bytes | None:
+        """``value`` as a secret if it is one and passes the check, else None."""
         if value >> (8 * SECRET_BYTES):
             return None
         secret = value.to_bytes(SECRET_BYTES, "big")
         try:
-            check(secret)
+            self.check(secret)
         except InvalidMessage:
             return None
-        fitted = _evaluate(poly, xs)
-        bad = frozenset(h for h, y, f in zip(holders, ys, fitted, strict=True) if y != f)
-        if len(holders) - len(bad) < threshold:
-            return None
-        return secret, bad | outside
+        return secret
 
-    poly = _berlekamp_welch(xs, ys, threshold)
-    if poly is not None and (found := accept(poly)) is not None:
-        return found
-    for chosen in itertools.islice(
-        itertools.combinations(range(len(holders)), threshold), max_subsets
-    ):
-        sub_xs = tuple(xs[i] for i in chosen)
+    def off(self, poly: list[int]) -> frozenset[int]:
+        """The holders whose share is not on ``poly``."""
+        pairs = zip(self.holders, self.ys, _evaluate(poly, self.xs), strict=True)
+        return frozenset(h for h, y, f in pairs if y != f)
+
+    def accept(self, poly: list[int]) -> bytes | None:
+        """The secret f(0), if it passes the check and at least t holders lie on f."""
+        secret = self.secret_of(poly[0] % PRIME if poly else 0)
+        if secret is None or len(self.holders) - len(self.off(poly)) < self.threshold:
+            return None
+        return secret
+
+    def culprits(self, secret: bytes) -> frozenset[int]:
+        """The holders whose share is off the one polynomial that the exact ``secret`` and the
+        shares determine, or nobody when no polynomial is determined (see the module docstring).
+
+        The check admits one secret, so (0, secret) is one more point of the codeword: decoding
+        the m + 1 points corrects e = floor((m + 1 - t) / 2) errors, and a polynomial within that
+        distance is the only one through (0, secret) fitting that many shares. Beyond it, two
+        polynomials through the secret may each fit t shares (colluders can fit theirs to a
+        second one) and nothing says which holders lied: nobody is named."""
+        xs, ys = (0, *self.xs), [int.from_bytes(secret, "big"), *self.ys]
+        e = (len(xs) - self.threshold) // 2
+        poly = _berlekamp_welch(xs, ys, self.threshold)
+        if poly is None or _evaluate(poly, (0,))[0] != ys[0]:
+            return frozenset()  # e = 0 (no redundancy), or too many wrong shares to tell
+        bad = self.off(poly)
+        return bad if len(bad) <= e else frozenset()
+
+
+def _search_subsets(fit: _Fit, max_subsets: int) -> bytes | None:
+    """Try up to ``max_subsets`` t-subsets of the shares: the first whose interpolation passes
+    the check and fits at least t holders."""
+    t = fit.threshold
+    subsets = itertools.islice(itertools.combinations(range(len(fit.holders)), t), max_subsets)
+    for chosen in subsets:
+        sub_xs = tuple(fit.xs[i] for i in chosen)
         lam = lagrange_at_zero(sub_xs)
-        value = sum(c * ys[i] for c, i in zip(lam, chosen, strict=True)) % PRIME
-        if value >> (8 * SECRET_BYTES):
+        value = sum(c * fit.ys[i] for c, i in zip(lam, chosen, strict=True)) % PRIME
+        if fit.secret_of(value) is None:
             continue
-        try:
-            check(value.to_bytes(SECRET_BYTES, "big"))
-        except InvalidMessage:
-            continue
-        coeffs = _solve([_powers(x, threshold) for x in sub_xs], [ys[i] for i in chosen])
-        if coeffs is not None and (found := accept(coeffs)) is not None:
+        coeffs = _solve([_powers(x, t) for x in sub_xs], [fit.ys[i] for i in chosen])
+        if coeffs is not None and (found := fit.accept(coeffs)) is not None:
             return found
-    raise InvalidMessage(
-        f"no {threshold} of the {len(shares)} shares rebuild a secret that passes its check"
-    )
+    return None
 
 
 def _powers(x: int, count: int) -> list[int]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedcore.crypto import CryptoRng, signing
+from fedcore.crypto import CryptoRng
 from fedcore.crypto.agreement import derive_rng
 from fedcore.secagg import (
     AggregateResult,
@@ -15,8 +15,9 @@ from fedcore.secagg import (
     SecAggServer,
     ServerState,
     SessionConfig,
-    default_threshold,
 )
+from fedcore.secagg.floors import Floors
+from fedcore.secagg.harness import build_round
 from fedcore.secagg.messages import ClientMessage, ServerMessage
 
 
@@ -76,40 +77,26 @@ def make_world(
     mode: Mode = Mode.SEMI_HONEST,
     seed: int = 0,
     ids: list[int] | None = None,
+    floors: dict[int, Floors] | None = None,
+    allow_unsafe: bool = False,
 ) -> World:
+    """The harness's set-up (:func:`fedcore.secagg.harness.build_round`), then each site's input."""
     ids = sorted(ids) if ids is not None else list(range(n))
     master = CryptoRng.from_seed(seed, purpose="tests.secagg.world")
-    round_id = master.bytes(16)
-    t = threshold or default_threshold(len(ids), neighbors=neighbors, mode=mode)
-    config = SessionConfig(
-        round_id=round_id,
-        clients=tuple(ids),
-        threshold=t,
+    r = build_round(
+        ids,
+        master=master,
         length=length,
         bits=bits,
+        threshold=threshold or None,
         neighbors=neighbors,
         mode=mode,
-    )
-    site_keys = {c: master.bytes(32) for c in ids}
-    signing_keys = {c: master.bytes(32) for c in ids}
-    registry = (
-        {c: signing.verify_key_of(k) for c, k in signing_keys.items()}
-        if mode is Mode.ACTIVE
-        else None
+        floors=floors,
+        allow_unsafe=allow_unsafe,
     )
     inputs = {c: master.integers_below_pow2(length, bits) for c in ids}
-    clients = {
-        c: SecAggClient(
-            c,
-            rng=derive_rng(site_keys[c], context=b"secagg|" + round_id),
-            signing_key=signing_keys[c] if mode is Mode.ACTIVE else None,
-            registry=registry,
-        )
-        for c in ids
-    }
-    server = SecAggServer(config, registry=registry)
-    w = World(config, server, clients, inputs, site_keys, signing_keys, registry)
-    w.requests = server.start()
+    w = World(r.config, r.server, r.clients, inputs, r.site_keys, r.signing_keys, r.registry)
+    w.requests = r.server.start()
     return w
 
 

@@ -51,7 +51,7 @@ def _expect_abort(w: World, cid: int, message: object, error: type[Exception], *
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_client_never_reveals_both_shares_of_a_peer(data: st.DataObject) -> None:
-    w = make_world(7, threshold=3, seed=1)
+    w = make_world(7, threshold=3, seed=1, allow_unsafe=True)
     _to_unmask(w, skip_masked={5, 6})
     request = w.requests[0]
     assert isinstance(request, UnmaskRequest)
@@ -266,7 +266,7 @@ def test_active_client_checks_consistency_signatures() -> None:
 
 
 def test_active_client_refuses_an_alive_set_it_did_not_sign() -> None:
-    w = make_world(5, mode=Mode.ACTIVE, threshold=3, seed=15)
+    w = make_world(5, mode=Mode.ACTIVE, threshold=3, seed=15, allow_unsafe=True)
     _to_unmask(w)
     request = w.requests[0]
     assert isinstance(request, UnmaskRequest)
@@ -278,7 +278,7 @@ def test_active_client_refuses_an_alive_set_it_did_not_sign() -> None:
 
 
 def test_server_closes_the_slot_of_a_misbehaving_client_and_goes_on() -> None:
-    w = make_world(6, threshold=3, seed=16)
+    w = make_world(6, threshold=3, seed=16, allow_unsafe=True)
     w.step()
     w.step()
     good = w.answer(1)
@@ -305,7 +305,7 @@ def test_server_closes_the_slot_of_a_misbehaving_client_and_goes_on() -> None:
 
 
 def test_server_refuses_duplicate_and_small_order_keys() -> None:
-    w = make_world(4, threshold=2, seed=17)
+    w = make_world(4, threshold=2, seed=17, allow_unsafe=True)
     a0 = w.answer(0)
     w.server.receive(0, a0)
     a1 = w.answer(1)

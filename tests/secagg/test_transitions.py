@@ -6,8 +6,6 @@ import pytest
 
 from fedcore.errors import LocalProtocolError, RemoteProtocolError
 from fedcore.secagg import ClientState, Mode, ServerState
-from fedcore.secagg.client import _SPARSE_ONLY
-from fedcore.secagg.client import _TRANSITIONS as CLIENT_TABLE
 from fedcore.secagg.messages import (
     CLIENT_MESSAGES,
     SERVER_MESSAGES,
@@ -15,8 +13,10 @@ from fedcore.secagg.messages import (
     MaskedInputRequest,
     ServerMessage,
 )
-from fedcore.secagg.server import _TRANSITIONS as SERVER_TABLE
-from fedcore.secagg.server import Command
+from fedcore.secagg.state import CLIENT_SPARSE_ONLY as _SPARSE_ONLY
+from fedcore.secagg.state import CLIENT_TRANSITIONS as CLIENT_TABLE
+from fedcore.secagg.state import SERVER_TRANSITIONS as SERVER_TABLE
+from fedcore.secagg.state import Command
 
 from .helpers import World, make_world
 
@@ -211,3 +211,12 @@ def _answer_all_then(w: World, command) -> object:  # type: ignore[no-untyped-de
         for cid in sorted(w.requests):
             w.server.receive(cid, w.answer(cid))
     return command()
+
+
+def test_each_stage_is_exactly_one_collecting_server_state() -> None:
+    """ServerState carries Stage members, not copies of their strings: nothing to drift."""
+    from fedcore.secagg import Stage
+
+    collecting = [s for s in ServerState if s.stage is not None]
+    assert [s.stage for s in collecting] == list(Stage)
+    assert all(ServerState(s.stage) is s for s in collecting)
