@@ -52,6 +52,8 @@ from fedcore.privacy.events import (
     PrivacyEvent,
 )
 from fedcore.privacy.ledger import PrivacyLedger, ScopeKind
+from fedcore.privacy.relations import SiteRelation
+from fedcore.privacy.sample_known import sample_known_round_event
 from fedcore.privacy.transforms import (
     add_gaussian_noise,
     check_update,
@@ -157,12 +159,17 @@ class ServerDPConfig:
             return z
         return (z**-2 - (2 * self.count_std) ** -2) ** -0.5
 
-    def sample_known_event(self) -> GaussianEvent:
+    def sample_known_event(self, relation: SiteRelation = SiteRelation.ZERO_OUT) -> GaussianEvent:
         """A round's event for one participating site against an observer who knows the sample:
-        the Gaussian mechanism without amplification (sensitivity ``2C`` under fixed-size sampling,
-        as :class:`FixedSizeSubsampledGaussian` explains)."""
-        z = float(self.noise_multiplier)
-        return GaussianEvent(noise_multiplier=z if self.sampling is SiteSampling.POISSON else z / 2)
+        the Gaussian mechanism without amplification, under ``relation`` (zero-out: sensitivity
+        ``C``; replace-one: ``2C``; :func:`~fedcore.privacy.sample_known.sample_known_round_event`).
+        Under fixed-size sampling it is replace-one's for either relation (sensitivity ``2C``, as
+        :class:`FixedSizeSubsampledGaussian` explains). ConfigError for add/remove."""
+        if self.sampling is SiteSampling.FIXED_SIZE:
+            relation = relation if relation is SiteRelation.ADD_REMOVE else SiteRelation.REPLACE_ONE
+        return sample_known_round_event(
+            noise_multiplier=float(self.noise_multiplier), relation=relation
+        )
 
     def round_event(self) -> PrivacyEvent:
         """The event one round charges to the federation ledger (the same every round)."""
@@ -263,19 +270,13 @@ def release_clipped_sum(
     (adaptive clipping only; None for fixed). Charges ``ledger`` first: BudgetExceededError leaves
     it unchanged and releases nothing. Then adds the noise of eq. (2) and divides by ``m``.
     """
-    if ledger.scope.kind is not ScopeKind.FEDERATION_SITES:
-        raise ConfigError(f"DP-FedAvg charges a federation_sites ledger, got {ledger.scope}")
-    if not isinstance(clip_norm, int | float) or not (math.isfinite(clip_norm) and clip_norm > 0):
-        raise ConfigError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
-    if config.clipping is Clipping.FIXED and clip_norm != config.clip_norm:
-        raise ConfigError(f"fixed clipping uses clip_norm {config.clip_norm}, got {clip_norm}")
-    if (unclipped is None) != (config.clipping is Clipping.FIXED):
-        raise LocalProtocolError(
-            "adaptive clipping needs the unclipped count and fixed clipping takes none; "
-            f"got {unclipped!r} with {config.clipping.value} clipping"
-        )
-    if unclipped is not None and not 0 <= unclipped <= contributors:
-        raise LocalProtocolError(f"unclipped count {unclipped} outside 0..{contributors}")
+    _check_release(
+        config=config,
+        clip_norm=clip_norm,
+        ledger=ledger,
+        unclipped=unclipped,
+        contributors=contributors,
+    )
     event = config.round_event()
     entry = ledger.charge(event, round_number=round_number, label="dp-fedavg round")
 
@@ -288,14 +289,9 @@ def release_clipped_sum(
     released: list[GaussianEvent] = [noised.event]  # type: ignore[list-item]
     next_clip, fraction = float(clip_norm), None
     if unclipped is not None:
-        count = noisy_count(
-            unclipped - contributors / 2.0, noise_std=config.count_std, rng=rng
-        )
+        count = noisy_count(unclipped - contributors / 2.0, noise_std=config.count_std, rng=rng)
         released.append(count.event)  # type: ignore[arg-type]
-        fraction = count.value / config.sites_per_round + 0.5
-        next_clip = clip_norm * math.exp(
-            -config.clip_learning_rate * (fraction - config.target_quantile)
-        )
+        fraction, next_clip = _adapted_clip(config, clip_norm=clip_norm, centred_count=count.value)
     # What was released must be at least as noisy as what was charged.
     if combine_gaussians(released).noise_multiplier < config.noise_multiplier * (1 - 1e-9):
         raise LocalProtocolError("released noise is below the charged noise multiplier")
@@ -309,6 +305,47 @@ def release_clipped_sum(
         unclipped_fraction=fraction,
         contributors=contributors,
     )
+
+
+def _check_release(
+    *,
+    config: ServerDPConfig,
+    clip_norm: float,
+    ledger: PrivacyLedger,
+    unclipped: int | None,
+    contributors: int,
+) -> None:
+    """Raise unless a release with these arguments is well-formed; nothing is charged or drawn.
+
+    :class:`ConfigError` for a ledger of another scope or a bad ``clip_norm``;
+    :class:`LocalProtocolError` for an unclipped count that does not match the clipping mode or
+    lies outside ``0..contributors``.
+    """
+    if ledger.scope.kind is not ScopeKind.FEDERATION_SITES:
+        raise ConfigError(f"DP-FedAvg charges a federation_sites ledger, got {ledger.scope}")
+    if not isinstance(clip_norm, int | float) or not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ConfigError(f"clip_norm must be finite and > 0, got {clip_norm!r}")
+    if config.clipping is Clipping.FIXED and clip_norm != config.clip_norm:
+        raise ConfigError(f"fixed clipping uses clip_norm {config.clip_norm}, got {clip_norm}")
+    if (unclipped is None) != (config.clipping is Clipping.FIXED):
+        raise LocalProtocolError(
+            "adaptive clipping needs the unclipped count and fixed clipping takes none; "
+            f"got {unclipped!r} with {config.clipping.value} clipping"
+        )
+    if unclipped is not None and not 0 <= unclipped <= contributors:
+        raise LocalProtocolError(f"unclipped count {unclipped} outside 0..{contributors}")
+
+
+def _adapted_clip(
+    config: ServerDPConfig, *, clip_norm: float, centred_count: float
+) -> tuple[float, float]:
+    """Andrew et al. 2021, Alg. 1: the noisy unclipped fraction ``b~ = count / m + 1/2`` (the count
+    was centred at ``contributors / 2``) and the next clip ``C exp(-eta_C (b~ - gamma))``."""
+    fraction = centred_count / config.sites_per_round + 0.5
+    next_clip = clip_norm * math.exp(
+        -config.clip_learning_rate * (fraction - config.target_quantile)
+    )
+    return fraction, next_clip
 
 
 def poisson_sample(sites: Sequence[S], *, rate: float, rng: CryptoRng) -> list[S]:

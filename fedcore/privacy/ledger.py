@@ -23,7 +23,7 @@ does not parse, fails its SHA-256 checksum or holds malformed events raises
 A ledger cannot lose a charge (issue 11, point 5):
 
 - *One writer at a time.* A charge holds an OS lock (``fcntl.flock`` on ``.<name>.lock`` beside
-  the file, :func:`fedcore.federation.site.store.lock_file`), re-reads the file under it, adopts
+  the file, :func:`fedcore._files.lock_file`), re-reads the file under it, adopts
   charges another process committed meanwhile, checks the budget against the full history, and
   only then writes. Two processes charging one file both end up in it, or one is refused.
 - *A seal beside the ledger.* Every write is followed by the *seal* (``<name>.seal``): the number
@@ -36,85 +36,56 @@ A ledger cannot lose a charge (issue 11, point 5):
   than its seal, which opens (and the seal is brought up to date). What the seal does not catch:
   the ledger and its seal removed or restored *together* where nothing else marks the scope as
   used; keep the state folder where only the operator writes.
+
+The files themselves (document, checksum, seal, lock) are :mod:`fedcore.privacy.ledger_files`;
+:class:`Scope` and :class:`Budget` are :mod:`fedcore.privacy.scope`.
 """
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcore._files import lock_file
 from fedcore.errors import BudgetExceededError, ConfigError, InvalidMessage, LedgerLostError
-from fedcore.federation.site.store import atomic_write, lock_file
 from fedcore.privacy.accountant import (
     DEFAULT_ACCOUNTANT,
     AccountantKind,
-    check_delta,
     epsilon,
     parse_accountant,
 )
 from fedcore.privacy.events import NoPrivacyLoss, PrivacyEvent, event_from_json, event_to_json
+from fedcore.privacy.ledger_files import (
+    CorruptLedgerError,
+    digest,
+    lock_path_of,
+    read_seal,
+    seal_path_of,
+    write_document,
+    write_seal,
+)
+from fedcore.privacy.scope import Budget, Scope, ScopeKind
 
 FORMAT = "fedcore.privacy.ledger"
 VERSION = 1
-SEAL_FORMAT = "fedcore.privacy.ledger-seal"
 # The federation ledger's file in its state folder (dp.server.state_dir, or the run record).
 FEDERATION_LEDGER_FILE = "federation.ledger.json"
 
-
-def seal_path_of(path: str | os.PathLike[str]) -> Path:
-    """The seal beside ledger ``path``: ``site-3.ledger.json`` -> ``site-3.ledger.seal``."""
-    p = Path(path)
-    return p.with_name(p.name.removesuffix(".json") + ".seal")
-
-
-def lock_path_of(path: str | os.PathLike[str]) -> Path:
-    """The lock file beside ledger ``path``: ``site-3.ledger.json`` -> ``.site-3.ledger.lock``."""
-    p = Path(path)
-    return p.with_name("." + p.name.removesuffix(".json") + ".lock")
-
-
-class CorruptLedgerError(InvalidMessage):
-    """A ledger file could not be parsed or failed its integrity check; the file is untouched."""
-
-
-class ScopeKind(enum.Enum):
-    """Whose privacy a ledger accounts for."""
-
-    SITE_RECORDS = "site_records"  # one site's records (record-level DP-SGD)
-    FEDERATION_SITES = "federation_sites"  # whole sites, at the server (DP-FedAvg)
-
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    kind: ScopeKind
-    name: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.kind, ScopeKind):
-            raise ConfigError(f"scope kind must be a ScopeKind, got {self.kind!r}")
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"scope name must be a non-empty string, got {self.name!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """A total (epsilon, delta) a scope may spend."""
-
-    epsilon: float
-    delta: float
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.epsilon, int | float) or not (
-            math.isfinite(self.epsilon) and self.epsilon > 0
-        ):
-            raise ConfigError(f"budget epsilon must be finite and > 0, got {self.epsilon!r}")
-        check_delta(self.delta)
+__all__ = [
+    "FEDERATION_LEDGER_FILE",
+    "Budget",
+    "CorruptLedgerError",
+    "LedgerEntry",
+    "PrivacyLedger",
+    "Scope",
+    "ScopeKind",
+    "lock_path_of",
+    "reset_ledger",
+    "seal_path_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,12 +241,12 @@ class PrivacyLedger:
         """The ledger, then its seal (call with the lock held)."""
         assert self._path is not None
         doc = self._document(entries)
-        _atomic_write(self._path, doc)
-        _write_seal(self._path, charges=len(entries), digest=doc["sha256"])
+        write_document(self._path, doc)
+        write_seal(self._path, charges=len(entries), digest=doc["sha256"])
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the ledger to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
-        _atomic_write(Path(path), self._document(self._entries))
+        write_document(Path(path), self._document(self._entries))
 
     def to_json(self) -> dict[str, Any]:
         """The ledger as the JSON object :meth:`save` writes (with its checksum)."""
@@ -298,7 +269,7 @@ class PrivacyLedger:
                 for e in entries
             ],
         }
-        return {**body, "sha256": _digest(body)}
+        return {**body, "sha256": digest(body)}
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -330,7 +301,7 @@ class PrivacyLedger:
                 f"{where}: expected format {FORMAT!r} version {VERSION}, got "
                 f"{doc.get('format')!r} version {doc.get('version')!r}"
             )
-        if doc.get("sha256") != _digest(body):
+        if doc.get("sha256") != digest(body):
             raise CorruptLedgerError(f"{where}: checksum mismatch (the file was altered or torn)")
         try:
             scope = Scope(kind=ScopeKind(body["scope"]["kind"]), name=body["scope"]["name"])
@@ -361,59 +332,83 @@ class PrivacyLedger:
         """
         path = Path(path)
         with lock_file(lock_path_of(path)):
-            seal = _read_seal(path)
+            seal = read_seal(path)
             if path.exists():
-                ledger = cls.load(path)
-                wanted = (scope, budget, parse_accountant(accountant))
-                found = (ledger.scope, ledger.budget, ledger.accountant)
-                if wanted != found:
-                    raise ConfigError(
-                        f"ledger {str(path)!r} holds scope/budget/accountant {found}, "
-                        f"but {wanted} was asked for"
-                    )
-                if seal is not None and (
-                    len(ledger.entries) < seal["charges"]
-                    or (
-                        len(ledger.entries) == seal["charges"]
-                        and ledger.to_json()["sha256"] != seal["ledger_sha256"]
-                    )
-                ):
-                    raise LedgerLostError(
-                        f"ledger {str(path)!r} holds {len(ledger.entries)} charges but its seal "
-                        f"records {seal['charges']}: it is older than what this scope has "
-                        "released (a copy put back?). Nothing is released until an operator runs "
-                        f"`fedcore ledger reset` for {scope.name!r} with a reason"
-                    )
-                if seal is None or len(ledger.entries) > seal["charges"]:
-                    doc = ledger.to_json()
-                    _write_seal(path, charges=len(ledger.entries), digest=doc["sha256"])
-                return ledger
-            pending = None if seal is None else seal.get("pending_reset")
-            if pending is None and (released or (seal is not None and seal["charges"] > 0)):
-                why = (
-                    f"its seal records {seal['charges']} charges"
-                    if seal is not None and seal["charges"] > 0
-                    else "it has released data before (a site key, round journal or participation tally exists)"
+                return cls._open_existing(
+                    path, seal, wanted=(scope, budget, parse_accountant(accountant))
                 )
-                raise LedgerLostError(
-                    f"ledger {str(path)!r} is missing but {why}: its spend would restart at 0. "
-                    f"Nothing is released until an operator runs `fedcore ledger reset` for "
-                    f"{scope.name!r} with a reason"
-                )
-            ledger = cls(scope=scope, budget=budget, accountant=accountant, path=path)
-            entries: tuple[LedgerEntry, ...] = ()
-            if pending is not None:
-                entries = (
-                    LedgerEntry(
-                        event=NoPrivacyLoss(),
-                        round_number=None,
-                        label=str(pending),
-                        epsilon_after=0.0,
-                    ),
-                )
-            ledger._write(entries)
-            ledger._entries = entries
-            return ledger
+            return cls._create(
+                path, seal, scope=scope, budget=budget, accountant=accountant, released=released
+            )
+
+    @classmethod
+    def _open_existing(
+        cls,
+        path: Path,
+        seal: dict[str, Any] | None,
+        *,
+        wanted: tuple[Scope, Budget, AccountantKind],
+    ) -> PrivacyLedger:
+        """The ledger file at ``path``, checked against what was asked for and against its seal
+        (call with the lock held); the seal is brought up to date if the ledger is newer."""
+        ledger = cls.load(path)
+        found = (ledger.scope, ledger.budget, ledger.accountant)
+        if wanted != found:
+            raise ConfigError(
+                f"ledger {str(path)!r} holds scope/budget/accountant {found}, "
+                f"but {wanted} was asked for"
+            )
+        charges, sha256 = len(ledger.entries), ledger.to_json()["sha256"]
+        if seal is not None and (
+            charges < seal["charges"]
+            or (charges == seal["charges"] and sha256 != seal["ledger_sha256"])
+        ):
+            raise LedgerLostError(
+                f"ledger {str(path)!r} holds {charges} charges but its seal records "
+                f"{seal['charges']}: it is older than what this scope has released (a copy put "
+                "back?). Nothing is released until an operator runs `fedcore ledger reset` for "
+                f"{ledger.scope.name!r} with a reason"
+            )
+        if seal is None or charges > seal["charges"]:
+            write_seal(path, charges=charges, digest=sha256)
+        return ledger
+
+    @classmethod
+    def _create(
+        cls,
+        path: Path,
+        seal: dict[str, Any] | None,
+        *,
+        scope: Scope,
+        budget: Budget,
+        accountant: AccountantKind | str,
+        released: bool,
+    ) -> PrivacyLedger:
+        """A new ledger file at ``path`` (call with the lock held): empty, or holding the
+        operator's pending reset first. Refused (LedgerLostError) where the scope has released
+        before, by ``released`` or its seal, and no reset is pending."""
+        pending = None if seal is None else seal.get("pending_reset")
+        if pending is None and (released or (seal is not None and seal["charges"] > 0)):
+            why = (
+                f"its seal records {seal['charges']} charges"
+                if seal is not None and seal["charges"] > 0
+                else "it has released data before (a site key, round journal or participation tally exists)"
+            )
+            raise LedgerLostError(
+                f"ledger {str(path)!r} is missing but {why}: its spend would restart at 0. "
+                f"Nothing is released until an operator runs `fedcore ledger reset` for "
+                f"{scope.name!r} with a reason"
+            )
+        ledger = cls(scope=scope, budget=budget, accountant=accountant, path=path)
+        entries: tuple[LedgerEntry, ...] = ()
+        if pending is not None:
+            reset = LedgerEntry(
+                event=NoPrivacyLoss(), round_number=None, label=str(pending), epsilon_after=0.0
+            )
+            entries = (reset,)
+        ledger._write(entries)
+        ledger._entries = entries
+        return ledger
 
     def __repr__(self) -> str:
         return (
@@ -436,45 +431,6 @@ def _entry_from_json(obj: Any) -> LedgerEntry:
     )
 
 
-def _digest(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _atomic_write(path: Path, doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` so that a reader sees the old file or the new, never a mix."""
-    atomic_write(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-
-
-def _read_seal(path: Path) -> dict[str, Any] | None:
-    """The seal of ledger ``path`` (None if there is none); CorruptLedgerError if unreadable."""
-    seal = seal_path_of(path)
-    if not seal.exists():
-        return None
-    try:
-        doc = json.loads(seal.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptLedgerError(f"ledger seal {str(seal)!r} is unreadable: {exc}") from None
-    charges = doc.get("charges") if isinstance(doc, dict) else None
-    if (
-        doc.get("format") != SEAL_FORMAT
-        or isinstance(charges, bool)
-        or not isinstance(charges, int)
-        or charges < 0
-    ):
-        raise CorruptLedgerError(f"ledger seal {str(seal)!r} is malformed: {doc!r:.200}")
-    return doc
-
-
-def _write_seal(
-    path: Path, *, charges: int, digest: str | None, pending_reset: str | None = None
-) -> None:
-    doc: dict[str, Any] = {"format": SEAL_FORMAT, "charges": charges, "ledger_sha256": digest}
-    if pending_reset is not None:
-        doc["pending_reset"] = pending_reset
-    atomic_write(seal_path_of(path), (json.dumps(doc, sort_keys=True) + "\n").encode("utf-8"))
-
-
 def reset_ledger(path: str | os.PathLike[str], *, reason: str) -> str:
     """An operator's explicit reset of a ledger that refuses to open (:class:`LedgerLostError`).
 
@@ -492,7 +448,7 @@ def reset_ledger(path: str | os.PathLike[str], *, reason: str) -> str:
     when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     with lock_file(lock_path_of(path)):
         try:
-            seal = _read_seal(path)
+            seal = read_seal(path)
         except CorruptLedgerError:
             seal = None
         sealed = 0 if seal is None else seal["charges"]
@@ -518,5 +474,5 @@ def reset_ledger(path: str | os.PathLike[str], *, reason: str) -> str:
             f"operator reset at {when}: {reason.strip()} (the ledger was missing or unreadable; "
             f"the seal recorded {sealed} charges)"
         )
-        _write_seal(path, charges=0, digest=None, pending_reset=label)
+        write_seal(path, charges=0, digest=None, pending_reset=label)
         return f"{path}: the ledger is created at its next use with the entry '{label}'"

@@ -20,7 +20,10 @@ Differential Privacy", NeurIPS 2020) prescribe:
    coordinate, with ``sigma' = sigma (1 + gamma sqrt(d) / Delta)``, so that
    ``sigma' / Delta' = sigma / Delta``: the noise multiplier the ledger was charged is kept
    exactly (CKS Thm 4 and Sec. 3: the discrete Gaussian is at least as private, in concentrated
-   DP, as the continuous one with the same sigma and sensitivity);
+   DP, as the continuous one with the same sigma and sensitivity). The ledger charges the
+   continuous Gaussian's PLD, which is tighter than that concentrated-DP bound and not proven for
+   the discrete one; :mod:`fedcore.privacy.discrete_charge` gives the proven bound and its gap to
+   the charge (:func:`~fedcore.privacy.discrete_charge.charge_gap`), and the exact 1-D curve;
 4. release ``gamma (k_x + K)``: an integer times a power of two, computed exactly in float64
    (``|k_x + K| < 2**53`` is checked). Every output is a grid point, whatever ``x`` was, so its
    low-order bits carry nothing; casting it to float32 afterwards is post-processing.

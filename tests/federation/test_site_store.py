@@ -7,14 +7,9 @@ import threading
 
 import pytest
 
+from fedcore._files import atomic_write, check_private, create_exclusive, read_private
 from fedcore.errors import ConfigError
-from fedcore.federation.site.store import (
-    SiteStore,
-    atomic_write,
-    check_private,
-    create_exclusive,
-    read_private,
-)
+from fedcore.federation.site.store import SiteStore
 
 
 def test_atomic_write_is_private_and_replaces(tmp_path):

@@ -103,7 +103,11 @@ def test_save_and_load_give_the_same_epsilon_and_refusals(tmp_path):
     with pytest.raises(BudgetExceededError):
         again.charge(EVENTS[0])
     # no temp files left: the ledger, its seal and its lock file
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ledger.lock", "ledger.json", "ledger.seal"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".ledger.lock",
+        "ledger.json",
+        "ledger.seal",
+    ]
 
 
 def test_open_refuses_a_different_budget(tmp_path):
@@ -130,7 +134,7 @@ def test_a_corrupt_file_raises_a_typed_error_and_is_left_alone(tmp_path, damage)
     else:  # a well-formed file whose event is malformed, with a valid checksum
         doc = json.loads(text)
         doc["entries"][0]["event"]["noise_multiplier"] = -1
-        from fedcore.privacy.ledger import _digest
+        from fedcore.privacy.ledger_files import digest as _digest
 
         doc["sha256"] = _digest({k: v for k, v in doc.items() if k != "sha256"})
         path.write_text(json.dumps(doc))

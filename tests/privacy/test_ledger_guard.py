@@ -111,3 +111,17 @@ def test_a_ledger_newer_than_its_seal_opens(tmp_path):
     seal.write_text(json.dumps({**doc, "charges": 0}))
     assert len(PrivacyLedger.open(path, scope=SITE, budget=BUDGET).entries) == 1
     assert json.loads(seal.read_text())["charges"] == 1
+
+
+@pytest.mark.parametrize("seal", ["[1, 2]", '"text"', "null", '{"format": "x", "charges": 1}'])
+def test_a_seal_that_is_not_a_seal_object_is_a_corrupt_ledger_not_a_crash(tmp_path, seal):
+    """A seal holding JSON of the wrong shape raised AttributeError from ``doc.get``; it is a
+    CorruptLedgerError (an InvalidMessage) and nothing is created or changed."""
+    from fedcore.privacy import CorruptLedgerError
+    from fedcore.privacy.ledger import seal_path_of
+
+    path = tmp_path / "site-0.ledger.json"
+    seal_path_of(path).write_text(seal)
+    with pytest.raises(CorruptLedgerError, match="seal"):
+        PrivacyLedger.open(path, scope=SITE, budget=BUDGET)
+    assert not path.exists() and seal_path_of(path).read_text() == seal

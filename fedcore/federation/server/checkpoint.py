@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcore._files import PRIVATE_MODE, atomic_write_through
 from fedcore.errors import ConfigError
-from fedcore.runrecord import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 1
@@ -104,7 +104,9 @@ def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
         "resumes": checkpoint.resumes,
     }
     # Private (0600): the checkpoint holds the whole history, the diagnostics of operator.jsonl too.
-    atomic_write(Path(out_dir) / CHECKPOINT_FILE, lambda fh: torch.save(doc, fh), private=True)
+    atomic_write_through(
+        Path(out_dir) / CHECKPOINT_FILE, lambda fh: torch.save(doc, fh), mode=PRIVATE_MODE
+    )
 
 
 def read_checkpoint(out_dir: Path) -> Checkpoint | None:
