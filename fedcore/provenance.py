@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.config import Settings
-
-BUILTIN = ("digits", "synthetic")
-HUB_PREFIX = "hf:"
+from fedcore.data.settings import BUILTIN_DATASETS as BUILTIN
+from fedcore.data.settings import HUB_PREFIX
 
 
 def dataset_identity(settings: Settings) -> dict[str, Any]:

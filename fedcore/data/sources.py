@@ -27,7 +27,7 @@ from fedcore.data.arrays import ArrayDataset, check_features, encode_labels, one
 from fedcore.data.settings import BUILTIN_DATASETS, HUB_PREFIX, DataSettings
 from fedcore.errors import ConfigError
 
-__all__ = ["SourceData", "dataset_to_arrays", "load_source", "synthetic_arrays"]
+__all__ = ["SourceData", "dataset_to_arrays", "load_source", "read_local", "synthetic_arrays"]
 
 SourceData = tuple[ArrayDataset, int, str]
 """(all samples, number of classes, description) as returned by :func:`load_source`."""
@@ -62,15 +62,28 @@ def load_source(settings: DataSettings) -> SourceData:
             f"unknown dataset {name!r}: not one of {', '.join(BUILTIN_DATASETS)}, "
             f"'{HUB_PREFIX}<name>', nor an existing file or directory"
         )
+    x, labels = read_local(path, label_column=settings.label_column)
+    return _finish(x, labels, source=str(path))
+
+
+def read_local(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Checked float32 features and raw (not yet encoded) labels of a local dataset file or
+    ``save_to_disk`` directory: the one reader of each file type, for the simulation's whole
+    dataset and for a deployed site's own file alike.
+
+    Raises:
+        ConfigError: for an unsupported file type, a file that cannot be read, missing arrays or
+            label column, a non-numeric feature column, or non-finite features.
+    """
     if path.is_dir():
-        return _saved_hf_dataset(path, label_column=settings.label_column)
+        return _saved_hf_dataset(path, label_column=label_column)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         return _npz(path)
     if suffix in (".csv", ".parquet"):
-        return _table(path, label_column=settings.label_column)
+        return _table(path, label_column=label_column)
     raise ConfigError(
-        f"dataset file {name!r} has an unsupported type {suffix!r}; "
+        f"dataset file {str(path)!r} has an unsupported type {suffix!r}; "
         f"expected one of {', '.join(_FILE_SUFFIXES)} or a save_to_disk directory"
     )
 
@@ -176,6 +189,12 @@ def _is_numeric_arrow_type(dtype: str) -> bool:
     return dtype == "bool" or dtype.startswith(("int", "uint", "float"))
 
 
+def _rows(x: np.ndarray, raw_labels: np.ndarray, *, source: str) -> tuple[np.ndarray, np.ndarray]:
+    if raw_labels.ndim >= 1 and raw_labels.shape[0] != x.shape[0]:
+        raise ConfigError(f"{source}: {x.shape[0]} feature rows but {raw_labels.shape[0]} labels")
+    return x, raw_labels
+
+
 def _finish(x: np.ndarray, raw_labels: np.ndarray, *, source: str) -> SourceData:
     features = check_features(x, source=source)
     codes, classes = encode_labels(raw_labels, source=source)
@@ -214,7 +233,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images, bunch.target
 
 
-def _npz(path: Path) -> SourceData:
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [key for key in ("x", "y") if key not in archive.files]
@@ -226,10 +245,10 @@ def _npz(path: Path) -> SourceData:
             x, y = archive["x"], archive["y"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"cannot read {str(path)!r} as .npz: {one_line(exc)}") from exc
-    return _finish(x, y, source=str(path))
+    return _rows(check_features(x, source=str(path)), np.asarray(y), source=str(path))
 
 
-def _table(path: Path, *, label_column: str) -> SourceData:
+def _table(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     import pandas as pd
 
     try:
@@ -255,10 +274,10 @@ def _table(path: Path, *, label_column: str) -> SourceData:
     if labels.isna().any():
         raise ConfigError(f"{str(path)!r}: label column {label_column!r} has missing values")
     x = features.to_numpy(dtype=np.float64, na_value=np.nan)
-    return _finish(x, labels.to_numpy(), source=str(path))
+    return check_features(x, source=str(path)), labels.to_numpy()
 
 
-def _saved_hf_dataset(path: Path, *, label_column: str) -> SourceData:
+def _saved_hf_dataset(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     import datasets
 
     try:
@@ -280,5 +299,4 @@ def _saved_hf_dataset(path: Path, *, label_column: str) -> SourceData:
             ) from exc
     else:
         table = loaded
-    x, labels = dataset_to_arrays(table, label_column=label_column, source=str(path))
-    return _finish(x, labels, source=str(path))
+    return dataset_to_arrays(table, label_column=label_column, source=str(path))

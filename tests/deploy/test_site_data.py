@@ -120,3 +120,20 @@ def test_changed_file_is_reread(settings, tmp_path):
         + len(site_data(settings, {"data-path": path}).test)
         == 30
     )
+
+
+def test_site_csv_with_text_feature_is_refused_like_the_simulation(settings, tmp_path):
+    # The site used to read CSV/Parquet with its own copy of the reader, which skipped the
+    # numeric-column check; now both read through fedcore.data.sources.read_local.
+    from fedcore.data import DataSettings, load_federation
+
+    frame = pd.DataFrame(
+        {"a": np.arange(30.0), "colour": ["red", "green", "blue"] * 10, "label": [0, 1, 2] * 10}
+    )
+    path = tmp_path / "s.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(ConfigError, match="column 'colour' is not numeric") as at_site:
+        site_data(settings, {"data-path": str(path)})
+    with pytest.raises(ConfigError, match="column 'colour' is not numeric") as in_simulation:
+        load_federation(DataSettings(dataset=str(path), sites=2))
+    assert str(at_site.value).split(": ", 1)[1] == str(in_simulation.value).split(": ", 1)[1]

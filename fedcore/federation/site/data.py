@@ -35,7 +35,6 @@ checked where both are known, when the site trains.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -45,8 +44,9 @@ import numpy as np
 
 from fedcore.config import Settings
 from fedcore.data import ArrayDataset, DataSettings, SiteData, load_site
-from fedcore.data.arrays import check_features, one_line
+from fedcore.data.arrays import one_line
 from fedcore.data.partition import split_site
+from fedcore.data.sources import read_local
 from fedcore.errors import ConfigError
 
 PARTITION_ID = "partition-id"
@@ -171,7 +171,7 @@ def _local_site(
     test_fraction: float,
     seed: int,
 ) -> SiteData:
-    x, raw_labels = _read_raw(Path(path), label_column=label_column)
+    x, raw_labels = read_local(Path(path), label_column=label_column)
     y = class_ids(raw_labels, label_classes, source=path)
     if x.shape[0] != y.shape[0]:
         raise ConfigError(f"{path}: {x.shape[0]} feature rows but {y.shape[0]} labels")
@@ -227,58 +227,3 @@ def _label_text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return str(value)
-
-
-def _read_raw(path: Path, *, label_column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features (checked float32) and raw labels of a site-local file."""
-    source = str(path)
-    if path.is_dir():
-        import datasets
-
-        from fedcore.data.sources import dataset_to_arrays
-
-        try:
-            loaded = datasets.load_from_disk(source)
-        except (FileNotFoundError, OSError, ValueError) as exc:
-            raise ConfigError(
-                f"{source!r} is not a dataset written by save_to_disk: {one_line(exc)}"
-            ) from exc
-        if isinstance(loaded, datasets.DatasetDict):
-            if not loaded:
-                raise ConfigError(f"dataset directory {source!r} holds no split")
-            loaded = datasets.concatenate_datasets([loaded[s] for s in sorted(loaded.keys())])
-        return dataset_to_arrays(loaded, label_column=label_column, source=source)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                if "x" not in archive.files or "y" not in archive.files:
-                    raise ConfigError(
-                        f"{source!r} must hold arrays 'x' and 'y', it holds {archive.files}"
-                    )
-                x, y = archive["x"], archive["y"]
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise ConfigError(f"cannot read {source!r} as .npz: {one_line(exc)}") from exc
-        return check_features(x, source=source), y
-    if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-        except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-            raise ConfigError(f"cannot read {source!r}: {one_line(exc)}") from exc
-        if label_column not in frame.columns:
-            raise ConfigError(
-                f"{source!r} has no label column {label_column!r}; its columns are "
-                f"{[str(c) for c in frame.columns]}"
-            )
-        features = frame.drop(columns=[label_column])
-        if features.shape[1] == 0:
-            raise ConfigError(f"{source!r} has only the label column {label_column!r}")
-        if frame[label_column].isna().any():
-            raise ConfigError(f"{source!r}: label column {label_column!r} has missing values")
-        return check_features(features.to_numpy(), source=source), frame[label_column].to_numpy()
-    raise ConfigError(
-        f"site data {source!r} has an unsupported type {suffix!r}; expected .npz, .csv, .parquet "
-        "or a save_to_disk directory"
-    )
