@@ -291,3 +291,12 @@ def test_digits_read_without_scikit_learn_equal_load_digits():
     reference = load_digits()
     assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
     assert target.dtype == reference.target.dtype and np.array_equal(target, reference.target)
+
+
+def test_the_builtin_table_is_the_one_list_of_builtin_names():
+    """A new built-in dataset is one entry in one table (issue 19): the names the settings,
+    provenance and the help use are that table's keys."""
+    from fedcore.data.settings import BUILTIN_DATASETS
+    from fedcore.data.sources import BUILTIN_LOADERS
+
+    assert tuple(BUILTIN_LOADERS) == BUILTIN_DATASETS
