@@ -71,7 +71,10 @@ def epsilon_lower_bound(
     level = 1.0 - confidence
 
     def refuted(eps: float) -> bool:
-        return p_value(canaries=canaries, guesses=guesses, correct=correct, epsilon=eps, delta=delta) < level
+        return (
+            p_value(canaries=canaries, guesses=guesses, correct=correct, epsilon=eps, delta=delta)
+            < level
+        )
 
     if not refuted(0.0):
         return 0.0
@@ -136,7 +139,9 @@ def best_bound(
     s = np.asarray(scores, dtype=np.float64)
     truth = np.asarray(included, dtype=bool)
     if s.ndim != 1 or s.shape != truth.shape or len(s) < 2 or not np.all(np.isfinite(s)):
-        raise ConfigError(f"need one finite score per canary (>= 2), got shapes {s.shape}, {truth.shape}")
+        raise ConfigError(
+            f"need one finite score per canary (>= 2), got shapes {s.shape}, {truth.shape}"
+        )
     m = len(s)
     tried = tuple(counts) if counts is not None else guess_counts(m)
     per_test = 1.0 - (1.0 - confidence) / len(tried)

@@ -1,111 +1,112 @@
-"""Record-level DP-SGD with white-box gradient canaries, for a one-run audit.
+"""White-box gradient canaries as records of a site, trained by fedcore's own DP-SGD loop.
 
 Theory of operation. The audit of Steinke, Nasr and Jagielski (NeurIPS 2023, section 6, the
-white-box setting with Dirac canaries): each of ``m`` canaries is a "record" whose clipped
-gradient is ``C`` times a unit vector on one coordinate of its own (a Dirac canary), included in
-the site's data with probability 1/2. DP-SGD treats an included canary like any record: in each
-step it is Poisson-sampled with the same rate ``q`` and, when sampled, its gradient joins the
-clipped sum before the noise. After training, the auditor (who sees the final model) scores each
-canary by how far its coordinate moved against its gradient, and guesses which were included.
+white-box setting with Dirac canaries): each of ``m`` canaries is a *record* included in the
+site's data with probability 1/2, whose gradient points along one coordinate of its own. The
+canaries go through the site's real DP-SGD round, :func:`fedcore.privacy.dpsgd.train_round`:
+its Poisson sampler draws them with the site's rate ``q``, its clipper (the step a site runs for
+this model) clips their gradients, its release adds the noise. Nothing of the loop is copied here.
+After training, the auditor (who sees the final model) scores each canary by how far its
+coordinate moved against its gradient, and guesses which were included.
 
-The canaries' coordinates live in a block of parameters that the data's loss never reaches (a
-``Linear(1, m)`` fed zeros, whose output adds exactly 0 to the logits), so real gradients do not
-blur the scores: what the auditor sees on those coordinates is the DP-SGD mechanism itself, the
-sampling, the clip bound ``C``, fedcore's noise and its scale. That makes the audit as strong as
-this kind of audit can be, which the positive control (the same run with the noise off) needs.
+The canary coordinates are the ``R x K`` weights of a ``Linear(K, R)`` (``R K >= m``) that real
+records never reach (their canary inputs are 0). A canary record ``i = r K + c`` feeds the one-hot
+``e_c`` to that layer and selects output ``r``; its logits are ``[-k v, L, 0, ...]`` with label 0,
+``v`` the selected output, ``L`` = :data:`LOGIT_GAP` and ``k`` = :data:`CANARY_GRADIENT` times the
+clip norm ``C``. With ``L`` that large the cross entropy is ``k v + L`` to float32 precision, so
+the canary's gradient is exactly ``k`` on weight ``(r, c)`` and 0 elsewhere (the data model's
+output is masked to 0 on canary rows): a Dirac gradient of norm ``k = 100 C``, which the real
+clipping must bring down to ``C``. An audit therefore notices a step that does not clip.
 
-What is audited is fedcore's own DP-SGD: Poisson sampling from a :class:`CryptoRng`, the noise of
-:class:`~fedcore.privacy.dpsgd.CryptoDPOptimizer` (this module only adds the canaries to the
-clipped sum before that optimiser adds its noise), the noise multiplier that
-:func:`~fedcore.privacy.dpsgd.plan_round` calibrates, and the epsilon the site's ledger charges for
-the rounds. The step is the one a site would take for this model: the mode
-``fedcore.privacy.dpsgd._resolve_mode`` picks for the configured ``grad_sample_mode`` (fedcore's
-fused clipper, :class:`~fedcore.privacy.dpsgd.FusedDPStep`, for the bundled models; Opacus's
-per-sample hooks with :class:`~fedcore.privacy.dpsgd.CryptoDPOptimizer` otherwise), so the audit
-attacks the code that trains, and ``audit.json`` names it. The loop is fedcore's, run for all
-rounds of one site in a row: without momentum, ``rounds`` rounds of ``T`` steps from the model
-each round returns are the same as ``rounds * T`` steps.
+The site's plan (``q``, steps, noise multiplier) is computed from its own records; the canaries
+are sampled at that ``q``, which is what each record's guarantee depends on (the event is the
+Poisson-subsampled Gaussian per record, whatever the data set's size). The update divides by
+``q`` times all records, canaries included: a scale that is post-processing, undone in the scores.
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
-from opacus.grad_sample import GradSampleModule
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import ConfigError
 from fedcore.privacy.dpsgd import (
-    CryptoDPOptimizer,
-    FusedDPStep,
-    GradSampleMode,
     SiteDPConfig,
     SiteRoundPlan,
+    _private_copy,
     _resolve_mode,
-    plan_round,
+    train_round,
 )
-from fedcore.privacy.ledger import Budget, PrivacyLedger, Scope, ScopeKind
+
+CANARY_GRADIENT = 100.0  # a canary's gradient norm, in clip norms: only clipping bounds it
+LOGIT_GAP = 1e4  # the constant logit beside a canary's: makes its loss linear in its weight
 
 
 class WithCanaries(nn.Module):
-    """``model`` plus ``m`` canary coordinates (``canaries.weight[i, 0]``) that the loss never reaches."""
+    """``model`` plus ``m`` canary weights; inputs are rows ``[x flattened, e_c, e_r]``."""
 
-    def __init__(self, model: nn.Module, m: int) -> None:
+    def __init__(self, model: nn.Module, m: int, *, input_shape: tuple[int, ...], k: float) -> None:
         super().__init__()
         self.model = model
-        self.canaries = nn.Linear(1, m, bias=False)
+        self.input_shape = input_shape
+        self.width = math.prod(input_shape)
+        self.cols = math.ceil(math.sqrt(m))
+        self.rows = math.ceil(m / self.cols)
+        self.k = k
+        self.canaries = nn.Linear(self.cols, self.rows, bias=False)
         nn.init.zeros_(self.canaries.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        zero = logits.new_zeros(x.shape[0], 1)
-        return logits + self.canaries(zero).sum(dim=1, keepdim=True)  # adds exactly 0
+        d, c = self.width, self.cols
+        data = x[:, :d].reshape(-1, *self.input_shape)
+        select = x[:, d + c :]
+        is_canary = select.sum(dim=1, keepdim=True)  # 1 on canary rows, 0 on the site's records
+        logits = self.model(data)
+        if logits.dim() != 2 or logits.shape[1] < 2:
+            raise ConfigError(f"the audit needs a classifier with >= 2 classes, got {logits.shape}")
+        logits = logits * (1 - is_canary)
+        v = (self.canaries(x[:, d : d + c]) * select).sum(dim=1, keepdim=True)
+        canary = torch.zeros_like(logits)
+        canary[:, :1] = -self.k * v
+        canary[:, 1:2] = LOGIT_GAP
+        return logits + canary * is_canary
+
+    def scores(self, m: int) -> np.ndarray:
+        """Each canary's movement against its gradient (its weight, negated)."""
+        return -self.canaries.weight.detach().double().cpu().reshape(-1).numpy()[:m]
 
 
-class CanaryDPOptimizer(CryptoDPOptimizer):
-    """fedcore's DP-SGD optimiser, with the sampled canaries' gradients in the clipped sum."""
+@dataclass(frozen=True, slots=True)
+class CanaryRecords:
+    """The site's records followed by the included canaries (a :class:`~fedcore.privacy.dpsgd.Records`)."""
 
-    def __init__(self, *args, canary_weight: torch.Tensor, clip: float, **kwargs) -> None:  # noqa: ANN002, ANN003
-        super().__init__(*args, **kwargs)
-        self._canary_weight = canary_weight
-        self._clip = clip
-        self.sampled = np.zeros(0, dtype=np.int64)  # canaries in this step's Poisson sample
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: np.ndarray  # the included canaries, in record order after the site's records
+    work: WithCanaries
 
-    def add_noise(self) -> None:
-        if self.sampled.size:
-            summed = self._canary_weight.summed_grad.view(-1)  # type: ignore[attr-defined]
-            summed[torch.from_numpy(self.sampled)] += (
-                self._clip
-            )  # Dirac canary: C on its coordinate
-        if self.noise_multiplier == 0:  # the positive control: the clipped sum, no noise at all
-            for p in self.params:
-                _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
-                p.grad = p.summed_grad.view_as(p).clone()  # type: ignore[attr-defined]
-                _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
-            return
-        super().add_noise()
+    def __len__(self) -> int:
+        return len(self.x) + len(self.ids)
 
-
-class CanaryFusedStep(FusedDPStep):
-    """fedcore's fused DP-SGD step, with the sampled canaries' gradients in the clipped sum."""
-
-    def __init__(self, work: WithCanaries, *, noise: bool, **kwargs) -> None:  # noqa: ANN003
-        super().__init__(work, **kwargs)
-        self._canary = next(i for i, p in enumerate(self.params) if p is work.canaries.weight)
-        self._noise = noise
-        self.sampled = np.zeros(0, dtype=np.int64)  # canaries in this step's Poisson sample
-
-    def release(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.sampled.size:
-            sums[self._canary].view(-1)[torch.from_numpy(self.sampled)] += self.max_grad_norm
-        if not self._noise:  # the positive control: the clipped sum, no noise at all
-            return [s.detach().clone() for s in sums]
-        return super().release(sums)
+    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        n, w = len(self.x), self.work
+        out = torch.zeros(len(index), w.width + w.cols + w.rows)
+        labels = torch.zeros(len(index), dtype=torch.int64)  # a canary's label is class 0
+        real = index < n
+        at = torch.from_numpy(index[real])
+        out[torch.from_numpy(real), : w.width] = self.x[at].reshape(len(at), w.width)
+        labels[torch.from_numpy(real)] = self.y[at]
+        rows = torch.from_numpy(np.flatnonzero(~real))
+        ids = torch.from_numpy(self.ids[index[~real] - n])
+        out[rows, w.width + ids % w.cols] = 1.0
+        out[rows, w.width + w.cols + ids // w.cols] = 1.0
+        return out, labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,180 +115,55 @@ class CanaryRun:
 
     scores: np.ndarray  # per canary: movement against its gradient, in units of one sampled step
     included: np.ndarray  # bool per canary: the secret the auditor guesses
-    epsilon_formal: float  # what the site's ledger charged for all rounds
-    noise_multiplier: float  # as planned
-    noise_used: float  # what the run added: noise_multiplier, or 0 with the noise off
+    noise_used: float  # the noise std the run added, in units of one sampled canary step
     sample_rate: float
-    steps: int
-    train_examples: int
+    steps: int  # all rounds together
     grad_sample_mode: str  # the step that ran: what a site would run for this model
 
 
 def train_with_canaries(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
     *,
     config: SiteDPConfig,
+    plan: SiteRoundPlan,
     rounds: int,
-    epsilon: float,
-    delta: float,
-    accountant: str,
     canaries: int,
-    noise: bool,
+    clip: float,
     rng: CryptoRng,
 ) -> CanaryRun:
-    """Train ``rounds`` rounds of DP-SGD on ``(x, y)`` with ``canaries`` Dirac canaries.
+    """``rounds`` rounds of the site's DP-SGD (:func:`~fedcore.privacy.dpsgd.train_round`) on
+    ``(xs, ys)`` plus ``canaries`` Dirac canaries, each included with probability 1/2.
 
-    The noise multiplier is the one fedcore's site would use (``config``, calibrated to
-    ``epsilon`` over ``rounds`` if it has none); ``noise=False`` trains with the noise off (the
-    positive control), everything else equal. Raises :class:`ConfigError` for bad input.
+    ``config`` and ``plan`` are the mechanism run: the site's, or a weakened one (the audit's
+    controls: a larger clip norm, a smaller noise multiplier). Canary gradients are
+    :data:`CANARY_GRADIENT` times ``clip``, the site's configured clip norm. Scores and noise are
+    in units of what one sampled step of a canary moves its weight if the step clips as
+    ``config`` says (``C`` for the site's mechanism). Raises :class:`ConfigError`.
     """
     if canaries < 2:
         raise ConfigError(f"an audit needs at least 2 canaries, got {canaries}")
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
-    from fedcore.privacy.dpsgd import _check_data, _private_copy
-
-    xs, ys = _check_data(x, y)
-    ledger = PrivacyLedger(
-        scope=Scope(ScopeKind.SITE_RECORDS, "audit"),
-        budget=Budget(epsilon=epsilon, delta=delta),
-        accountant=accountant,
-    )
-    plan = plan_round(config, num_examples=len(xs), ledger=ledger)
-    for r in range(rounds):  # the formal claim: what a site's ledger charges for these rounds
-        ledger.charge(plan.event, round_number=r + 1, label="audited dp-sgd round")
-
     included = rng.uniform(canaries) < 0.5
-    work = WithCanaries(_private_copy(model), canaries)
-    n = len(xs)
-    expected_batch = plan.sample_rate * n
-    steps = plan.steps * rounds
-    mode = _resolve_mode(config.grad_sample_mode, work, probe=xs[:2])
-    if mode is GradSampleMode.GHOST:
-        _run_fused(
-            work,
-            xs,
-            ys,
-            config=config,
-            plan=plan,
-            steps=steps,
-            included=included,
-            noise=noise,
-            rng=rng,
-        )
-    else:
-        _run_hooks(
-            work,
-            xs,
-            ys,
-            config=config,
-            plan=plan,
-            steps=steps,
-            included=included,
-            noise=noise,
-            rng=rng,
-        )
-    moved = -work.canaries.weight.detach().double().view(-1).numpy()
-    unit = config.lr * config.max_grad_norm / expected_batch  # one sampled step of one canary
+    shape = tuple(xs.shape[1:])
+    k = CANARY_GRADIENT * clip
+    work = cast(WithCanaries, _private_copy(WithCanaries(model, canaries, input_shape=shape, k=k)))
+    records = CanaryRecords(xs, ys, np.flatnonzero(included), work)
+    mode = _resolve_mode(config.grad_sample_mode, work, probe=records.batch(np.arange(2))[0])
+    for _ in range(rounds):  # as a site: a fresh step (and optimiser) each round
+        train_round(work, records, config=config, plan=plan, mode=mode, rng=rng)
+    step = min(k, config.max_grad_norm)  # a sampled canary's clipped gradient, as claimed
+    unit = config.lr * step / (plan.sample_rate * len(records))
     return CanaryRun(
-        scores=moved / unit,
+        scores=work.scores(canaries) / unit,
         included=included,
-        epsilon_formal=ledger.epsilon(),
-        noise_multiplier=plan.noise_multiplier,
-        noise_used=plan.noise_multiplier if noise else 0.0,
+        noise_used=plan.noise_multiplier * config.max_grad_norm / step,
         sample_rate=plan.sample_rate,
-        steps=steps,
-        train_examples=n,
-        grad_sample_mode=mode.value if mode is GradSampleMode.GHOST else GradSampleMode.HOOKS.value,
+        steps=plan.steps * rounds,
+        grad_sample_mode=mode.value,
     )
-
-
-def _canaries_sampled(included: np.ndarray, sample_rate: float, rng: CryptoRng) -> np.ndarray:
-    return np.flatnonzero(included & (rng.uniform(len(included)) < sample_rate))
-
-
-def _run_fused(
-    work: WithCanaries,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    *,
-    config: SiteDPConfig,
-    plan: SiteRoundPlan,
-    steps: int,
-    included: np.ndarray,
-    noise: bool,
-    rng: CryptoRng,
-) -> None:
-    """``fedcore.privacy.dpsgd._train_fused``'s loop, with the canaries drawn after each batch."""
-    n = len(xs)
-    stepper = CanaryFusedStep(
-        work,
-        noise=noise,
-        max_grad_norm=config.max_grad_norm,
-        noise_multiplier=plan.noise_multiplier,
-        lr=config.lr,
-        momentum=0.0,  # as the hooks loop: the scores assume plain SGD steps
-        expected_batch_size=plan.sample_rate * n,
-        rng=rng,
-    )
-    work.train()
-    try:
-        for _ in range(steps):
-            idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
-            stepper.sampled = _canaries_sampled(included, plan.sample_rate, rng)
-            if idx.size == 0:
-                stepper.step(None, None)
-                continue
-            index = torch.from_numpy(idx)
-            stepper.step(xs[index], ys[index])
-    finally:
-        stepper.close()
-
-
-def _run_hooks(
-    work: WithCanaries,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    *,
-    config: SiteDPConfig,
-    plan: SiteRoundPlan,
-    steps: int,
-    included: np.ndarray,
-    noise: bool,
-    rng: CryptoRng,
-) -> None:
-    """``fedcore.privacy.dpsgd._train``'s per-sample-hooks loop, canaries drawn after each batch."""
-    gsm = GradSampleModule(work, batch_first=True, loss_reduction="mean")
-    n = len(xs)
-    optimizer = CanaryDPOptimizer(
-        torch.optim.SGD(gsm.parameters(), lr=config.lr),
-        noise_multiplier=plan.noise_multiplier if noise else 0.0,
-        max_grad_norm=config.max_grad_norm,
-        expected_batch_size=plan.sample_rate * n,
-        rng=rng,
-        canary_weight=work.canaries.weight,
-        clip=config.max_grad_norm,
-    )
-    criterion = nn.CrossEntropyLoss()
-    gsm.train()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-            for _ in range(steps):
-                idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
-                optimizer.sampled = _canaries_sampled(included, plan.sample_rate, rng)
-                if idx.size == 0:
-                    optimizer.noise_only_step()
-                    continue
-                index = torch.from_numpy(idx)
-                loss = criterion(gsm(xs[index]), ys[index])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    finally:
-        gsm._close()
 
 
 def guess_threshold(*, sample_rate: float, steps: int, noise_multiplier: float) -> float:

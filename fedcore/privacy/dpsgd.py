@@ -17,6 +17,10 @@ runs; for other models Opacus's (ghost clipping, Li et al. 2022 and Bu et al. 20
 trainable layer has a registered sampler; otherwise per-sample gradient hooks). The fused clipper
 is about twice as fast per step as Opacus's ghost clipping on the bundled models
 (``benchmarks/dp_overhead.py``) and gives the same clipped sum (tested against Opacus).
+The step itself (clip, sum, release, update) is :mod:`fedcore.privacy.dpsgd_step`; the loop
+around it, :func:`train_round`, is the one DP-SGD loop: a site's round runs it on the site's
+records and ``fedcore audit`` runs it on those records plus its canaries
+(:mod:`fedcore.audit.canaries`), so the audit attacks the sampler, clipping and noise that train.
 What fedcore replaces, and why:
 
 - *Sampling*: batches are Poisson draws from a :class:`~fedcore.crypto.stream.CryptoRng`, not
@@ -42,20 +46,13 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
-from opacus.grad_sample import (
-    GradSampleHooksFastGradientClipping,
-    GradSampleModule,
-    GradSampleModuleFastGradientClipping,
-)
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.grad_sample import GradSampleHooksFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import ConfigError, UnsupportedModel
@@ -65,10 +62,16 @@ from fedcore.privacy.dpsgd_plan import (  # noqa: F401 - re-exported: the plan n
     SiteRoundPlan,
     plan_round,
 )
+from fedcore.privacy.dpsgd_step import (  # noqa: F401 - re-exported: the steps this loop runs
+    CryptoDPOptimizer,
+    CryptoDPOptimizerGhost,
+    FusedDPStep,
+    OpacusDPStep,
+    release_noised_sum,
+)
 from fedcore.privacy.events import PoissonSubsampledGaussian
 from fedcore.privacy.fused_clip import FusedClipper
 from fedcore.privacy.ledger import PrivacyLedger, ScopeKind
-from fedcore.privacy.noise import add_grid_gaussian
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +122,7 @@ def train_dp_sgd(
     where = next((p.device for p in work.parameters()), torch.device("cpu"))
     xs, ys = xs.to(where), ys.to(where)
     mode = _resolve_mode(config.grad_sample_mode, work, probe=xs[:2])
-    with warnings.catch_warnings():
-        # Opacus warns on every step that PyTorch's full backward hooks ignore some inputs' grads;
-        # its own per-sample gradients do not depend on those, and the warning buries real output.
-        warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
-        warnings.filterwarnings("ignore", message=".*retain_graph.*")
-        loss = _train(work, xs, ys, config=config, plan=plan, mode=mode, rng=rng)
+    loss = train_round(work, TensorRecords(xs, ys), config=config, plan=plan, mode=mode, rng=rng)
     state = {k: v.detach().cpu().clone() for k, v in work.state_dict().items()}
 
     entry = ledger.charge(plan.event, round_number=round_number, label="dp-sgd round")
@@ -210,241 +208,115 @@ def _fused_support(module: nn.Module, probe: torch.Tensor) -> str:
     return "yes"
 
 
-def release_noised_sum(
-    sums: list[torch.Tensor], *, std: float, max_grad_norm: float, rng: CryptoRng
-) -> list[torch.Tensor]:
-    """The clipped gradient sums (one per parameter) released with the grid Gaussian, as float32
-    tensors on each sum's device. One grid over all parameters: the L2 sensitivity of the sum is
-    ``max_grad_norm``."""
-    # torch's flatten/unflatten helpers (those of DistributedDataParallel's buckets): one C++
-    # call each way instead of a reshape, a detach and a view per parameter.
-    flat = _flatten_dense_tensors(sums).detach().to("cpu", torch.float64).numpy()
-    noised, _ = add_grid_gaussian(flat, std=std, sensitivity=max_grad_norm, rng=rng)
-    out = torch.from_numpy(noised).to(sums[0].device, sums[0].dtype)
-    return list(_unflatten_dense_tensors(out, sums))
+class DPStep(Protocol):
+    """One DP-SGD step: clip each example's gradient, sum, release with noise, update."""
+
+    def step(self, xb: torch.Tensor | None, yb: torch.Tensor | None) -> float | None: ...
+
+    def close(self) -> None: ...
 
 
-class _CryptoNoise:
-    """Mixin for Opacus DP optimisers: Gaussian noise from a CryptoRng, never from torch."""
+class Records(Protocol):
+    """A site's training records as the DP-SGD loop reads them: a Poisson sample at a time."""
 
-    _rng: CryptoRng
-    params: list[nn.Parameter]
-    noise_multiplier: float
-    max_grad_norm: float
-    expected_batch_size: float
+    def __len__(self) -> int: ...
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        noise_multiplier: float,
-        max_grad_norm: float,
-        expected_batch_size: float,
-        rng: CryptoRng,
-    ) -> None:
-        super().__init__(  # type: ignore[call-arg]  # the Opacus optimiser after this mixin
-            optimizer,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size,
-            loss_reduction="mean",
-        )
-        self._rng = rng
-
-    def add_noise(self) -> None:
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]
-        noised = release_noised_sum(
-            [p.summed_grad for p in self.params],  # type: ignore[attr-defined]
-            std=self.noise_multiplier * self.max_grad_norm,
-            max_grad_norm=self.max_grad_norm,
-            rng=self._rng,
-        )
-        for p, grad in zip(self.params, noised, strict=True):
-            p.grad = grad.to(p.dtype)
-            _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]
-
-    def noise_only_step(self) -> None:
-        """A step on an empty Poisson sample: zero gradient sum plus noise, as the analysis says."""
-        for p in self.params:
-            p.summed_grad = torch.zeros_like(p)  # type: ignore[attr-defined]
-        self.add_noise()
-        for p in self.params:  # scale_grad, without the hooks optimiser's grad_sample bookkeeping
-            if p.grad is not None:
-                p.grad.div_(self.expected_batch_size)
-        self.original_optimizer.step()  # type: ignore[attr-defined]
-        self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
-        for p in self.params:
-            p.summed_grad = None  # type: ignore[attr-defined]
+    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and labels of the records at ``index`` (sorted, non-empty)."""
+        ...
 
 
-class CryptoDPOptimizer(_CryptoNoise, DPOptimizer):
-    """Opacus's per-sample-clipping optimiser with CryptoRng noise."""
+@dataclass(frozen=True, slots=True)
+class TensorRecords:
+    """Records held as two tensors on one device (what :func:`train_dp_sgd` trains on)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        at = torch.from_numpy(index).to(self.x.device)
+        return self.x[at], self.y[at]
 
 
-class CryptoDPOptimizerGhost(_CryptoNoise, DPOptimizerFastGradientClipping):
-    """Opacus's ghost-clipping optimiser with CryptoRng noise."""
+def poisson_sample(n: int, sample_rate: float, rng: CryptoRng) -> np.ndarray:
+    """The indices of one Poisson sample: each of ``n`` records independently with probability
+    ``sample_rate``, from ``rng`` (never torch's or numpy's generator)."""
+    return np.flatnonzero(rng.uniform(n) < sample_rate)
 
 
-def _train(
+def dp_step(
     work: nn.Module,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
+    *,
+    config: SiteDPConfig,
+    plan: SiteRoundPlan,
+    mode: GradSampleMode,
+    expected_batch_size: float,
+    rng: CryptoRng,
+) -> DPStep:
+    """The step ``mode`` runs (``ghost``: :class:`FusedDPStep`, else :class:`OpacusDPStep`),
+    clipping to ``config.max_grad_norm`` and adding noise of std ``plan.noise_multiplier`` times
+    that. It holds hooks on ``work`` until closed."""
+    if mode is GradSampleMode.GHOST:
+        return FusedDPStep(
+            work,
+            max_grad_norm=config.max_grad_norm,
+            noise_multiplier=plan.noise_multiplier,
+            lr=config.lr,
+            momentum=config.momentum,
+            expected_batch_size=expected_batch_size,
+            rng=rng,
+        )
+    return OpacusDPStep(
+        work,
+        mode=mode,
+        max_grad_norm=config.max_grad_norm,
+        noise_multiplier=plan.noise_multiplier,
+        lr=config.lr,
+        momentum=config.momentum,
+        expected_batch_size=expected_batch_size,
+        rng=rng,
+    )
+
+
+def train_round(
+    work: nn.Module,
+    records: Records,
     *,
     config: SiteDPConfig,
     plan: SiteRoundPlan,
     mode: GradSampleMode,
     rng: CryptoRng,
 ) -> float:
-    if mode is GradSampleMode.GHOST:
-        return _train_fused(work, xs, ys, config=config, plan=plan, rng=rng)
-    n = len(xs)
-    expected_batch = plan.sample_rate * n
-    criterion = nn.CrossEntropyLoss()
-    gsm: GradSampleModule | GradSampleModuleFastGradientClipping
-    optimizer: CryptoDPOptimizer | CryptoDPOptimizerGhost
-    if mode is GradSampleMode.OPACUS_GHOST:
-        gsm = GradSampleModuleFastGradientClipping(
-            work,
-            batch_first=True,
-            loss_reduction="mean",
-            max_grad_norm=config.max_grad_norm,
-            use_ghost_clipping=True,
-        )
-    else:
-        gsm = GradSampleModule(work, batch_first=True, loss_reduction="mean")
-    base = torch.optim.SGD(gsm.parameters(), lr=config.lr, momentum=config.momentum)
-    ghost = mode is GradSampleMode.OPACUS_GHOST
-    opt_cls = CryptoDPOptimizerGhost if ghost else CryptoDPOptimizer
-    optimizer = opt_cls(
-        base,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=config.max_grad_norm,
-        expected_batch_size=expected_batch,
-        rng=rng,
-    )
-    dp_loss = DPLossFastGradientClipping(gsm, optimizer, criterion, "mean") if ghost else None
-    gsm.train()
-    losses: list[float] = []
-    try:
-        for _ in range(plan.steps):
-            idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
-            if idx.size == 0:
-                optimizer.noise_only_step()
-                continue
-            index = torch.from_numpy(idx).to(xs.device)
-            xb, yb = xs[index], ys[index]
-            out = gsm(xb)
-            loss = dp_loss(out, yb) if dp_loss is not None else criterion(out, yb)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.item()))
-    finally:
-        gsm._close()
-    return float(np.mean(losses)) if losses else math.nan
+    """One round of DP-SGD on ``work`` (trained in place, a private copy): ``plan.steps`` Poisson
+    samples of ``records`` at rate ``plan.sample_rate``, each a :func:`dp_step` (an empty sample
+    takes a noise-only step, as the analysis assumes). Returns the mean batch loss (not private).
 
-
-class FusedDPStep:
-    """One DP-SGD step with the fused clipper: a forward pass, one output-gradient pass, the
-    clipped sum, the grid-Gaussian release from ``rng`` and an SGD step on ``sum / (q n)``."""
-
-    def __init__(
-        self,
-        work: nn.Module,
-        *,
-        max_grad_norm: float,
-        noise_multiplier: float,
-        lr: float,
-        momentum: float,
-        expected_batch_size: float,
-        rng: CryptoRng,
-    ) -> None:
-        self.clipper = FusedClipper(work, max_grad_norm=max_grad_norm)
-        self.work = work
-        self.params = self.clipper.params
-        self.lr, self.momentum = lr, momentum
-        self._velocity: list[torch.Tensor] | None = None
-        self.max_grad_norm = max_grad_norm
-        self.std = noise_multiplier * max_grad_norm
-        self.expected_batch_size = expected_batch_size
-        self.rng = rng
-
-    def step(self, xb: torch.Tensor | None, yb: torch.Tensor | None) -> float | None:
-        """A step on the batch, or a noise-only step for ``None`` (an empty Poisson sample);
-        returns the batch's mean loss (not private), or None."""
-        loss_value = None
-        if xb is None or yb is None or len(xb) == 0:
-            sums = [torch.zeros_like(p) for p in self.params]
-        else:
-            with self.clipper.capture():
-                out = self.work(xb)
-            loss = nn.functional.cross_entropy(out, yb, reduction="sum")
-            sums, _ = self.clipper.clipped_sum(loss)
-            loss_value = float(loss.detach()) / len(xb)
-        self.apply(self.release(sums))
-        return loss_value
-
-    def release(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The clipped sums with the grid Gaussian (the one release of a step)."""
-        return release_noised_sum(
-            sums, std=self.std, max_grad_norm=self.max_grad_norm, rng=self.rng
-        )
-
-    @torch.no_grad()
-    def apply(self, noised_sums: list[torch.Tensor]) -> None:
-        """The SGD update on ``noised_sums / (q n)`` (consumed): ``torch.optim.SGD``'s rule
-        (momentum buffer started at the first gradient, no dampening, no weight decay) in at most
-        three multi-tensor operations, without the optimiser's per-step overhead. Without momentum
-        it is one, ``p -= (lr / (q n)) * sum`` (the same step up to float32 rounding)."""
-        if not self.momentum:
-            torch._foreach_add_(self.params, noised_sums, alpha=-self.lr / self.expected_batch_size)
-            return
-        torch._foreach_div_(noised_sums, self.expected_batch_size)
-        if self._velocity is None:
-            self._velocity = [g.clone() for g in noised_sums]
-        else:
-            torch._foreach_mul_(self._velocity, self.momentum)
-            torch._foreach_add_(self._velocity, noised_sums)
-        torch._foreach_add_(self.params, self._velocity, alpha=-self.lr)
-
-    def close(self) -> None:
-        self.clipper.close()
-
-
-def _train_fused(
-    work: nn.Module,
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    *,
-    config: SiteDPConfig,
-    plan: SiteRoundPlan,
-    rng: CryptoRng,
-) -> float:
-    """The DP-SGD loop with :class:`FusedDPStep`; its sampling and noise draws from ``rng`` are
-    the Opacus loop's, in the same order."""
-    n = len(xs)
-    stepper = FusedDPStep(
-        work,
-        max_grad_norm=config.max_grad_norm,
-        noise_multiplier=plan.noise_multiplier,
-        lr=config.lr,
-        momentum=config.momentum,
-        expected_batch_size=plan.sample_rate * n,
-        rng=rng,
+    The one DP-SGD loop: :func:`train_dp_sgd` runs it for a site, and the audit
+    (:mod:`fedcore.audit.canaries`) runs it on the site's records plus its canaries, so the
+    sampler, the clipping and the noise it audits are these. Charges nothing: the caller's ledger
+    does. The sampling and noise draws from ``rng`` alternate, a sample then its step's noise.
+    """
+    n = len(records)
+    stepper = dp_step(
+        work, config=config, plan=plan, mode=mode, expected_batch_size=plan.sample_rate * n, rng=rng
     )
     work.train()
     losses: list[float] = []
     try:
-        for _ in range(plan.steps):
-            idx = np.flatnonzero(rng.uniform(n) < plan.sample_rate)
-            if idx.size == 0:  # a noise-only step, as the analysis assumes
-                stepper.step(None, None)
-                continue
-            index = torch.from_numpy(idx).to(xs.device)
-            loss = stepper.step(xs[index], ys[index])
-            if loss is not None:
-                losses.append(loss)
+        with warnings.catch_warnings():
+            # Opacus warns on every step that PyTorch's full backward hooks ignore some inputs'
+            # grads; its per-sample gradients do not depend on those, and the warning buries
+            # real output.
+            warnings.filterwarnings("ignore", message=".*[Ff]ull backward hook.*")
+            warnings.filterwarnings("ignore", message=".*retain_graph.*")
+            for _ in range(plan.steps):
+                idx = poisson_sample(n, plan.sample_rate, rng)
+                loss = stepper.step(*records.batch(idx)) if idx.size else stepper.step(None, None)
+                if loss is not None:
+                    losses.append(loss)
     finally:
         stepper.close()
     return float(np.mean(losses)) if losses else math.nan

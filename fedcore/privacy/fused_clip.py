@@ -177,45 +177,73 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
     w_on = bool(weight is not None and weight.requires_grad)
     b_on = bool(bias is not None and bias.requires_grad)
     if isinstance(module, nn.GroupNorm):
-        xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
-        dims = tuple(range(2, a.dim()))
-        gw = (g * xhat).sum(dim=dims) if w_on else None
-        gb = g.sum(dim=dims) if b_on else None
-        if gw is not None:
-            sq.add_(_row_sq(gw))
-        if gb is not None:
-            sq.add_(_row_sq(gb))
-
-        def finish_norm(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-            out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
-            if gw is not None:
-                out.append((weight, c @ gw))
-            if gb is not None:
-                out.append((bias, c @ gb))
-            return out
-
-        return finish_norm
-    if isinstance(module, nn.Linear) and a.dim() == 2:
-        gg = _row_sq(g)
-        if w_on:
-            sq.addcmul_(gg, _row_sq(a))
-        if b_on:
-            sq.add_(gg)
-
-        def finish_linear(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-            cg = g * c.unsqueeze(1)
-            out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
-            if w_on:
-                out.append((weight, cg.t() @ a))
-            if b_on:
-                out.append((bias, cg.sum(0)))
-            return out
-
-        return finish_linear
-    batch = a.shape[0]
+        return _per_group_norm(module, a, g, sq, w_on=w_on, b_on=b_on)
     if isinstance(module, nn.Conv2d):
         return _per_conv(module, a, g, sq, w_on=w_on, b_on=b_on)
-    # Linear on (B, ..., in): A (B, T, k), G (B, T, out).
+    linear = cast(nn.Linear, module)  # the third supported type
+    if a.dim() == 2:
+        return _per_linear(linear, a, g, sq, w_on=w_on, b_on=b_on)
+    return _per_linear_sequence(linear, a, g, sq, w_on=w_on, b_on=b_on)
+
+
+def _per_group_norm(
+    module: nn.GroupNorm,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    sq: torch.Tensor,
+    *,
+    w_on: bool,
+    b_on: bool,
+):  # noqa: ANN202
+    """GroupNorm (affine): per-example gradients ``sum_t g_i * xhat_i`` and ``sum_t g_i``."""
+    xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
+    dims = tuple(range(2, a.dim()))
+    gw = (g * xhat).sum(dim=dims) if w_on else None
+    gb = g.sum(dim=dims) if b_on else None
+    if gw is not None:
+        sq.add_(_row_sq(gw))
+    if gb is not None:
+        sq.add_(_row_sq(gb))
+
+    def finish_norm(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        if gw is not None:
+            out.append((module.weight, c @ gw))
+        if gb is not None:
+            out.append((module.bias, c @ gb))
+        return out
+
+    return finish_norm
+
+
+def _per_linear(
+    module: nn.Linear, a: torch.Tensor, g: torch.Tensor, sq: torch.Tensor, *, w_on: bool, b_on: bool
+):  # noqa: ANN202
+    """Linear on ``(B, in)``: ghost norms ``||g_i||^2 ||a_i||^2``, clipped sum ``(c * G)^T A``."""
+    gg = _row_sq(g)
+    if w_on:
+        sq.addcmul_(gg, _row_sq(a))
+    if b_on:
+        sq.add_(gg)
+
+    def finish_linear(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        cg = g * c.unsqueeze(1)
+        out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        if w_on:
+            out.append((module.weight, cg.t() @ a))
+        if b_on:
+            out.append((module.bias, cg.sum(0)))
+        return out
+
+    return finish_linear
+
+
+def _per_linear_sequence(
+    module: nn.Linear, a: torch.Tensor, g: torch.Tensor, sq: torch.Tensor, *, w_on: bool, b_on: bool
+):  # noqa: ANN202
+    """Linear on ``(B, ..., in)``: A ``(B, T, k)``, G ``(B, T, out)``; the weight's norms from the
+    per-example gradients or the ghost identity, whichever is smaller (module docstring)."""
+    batch = a.shape[0]
     cols = a.reshape(batch, -1, a.shape[-1])
     gt = g.reshape(batch, -1, g.shape[-1])
     t, k, o = cols.shape[1], cols.shape[2], gt.shape[2]
@@ -228,11 +256,8 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
             per_example = torch.bmm(gt.transpose(1, 2), cols).reshape(batch, -1)  # (B, out * k)
             sq.add_(_row_sq(per_example))
         else:
-            sq.add_(
-                (torch.bmm(cols, cols.transpose(1, 2)) * torch.bmm(gt, gt.transpose(1, 2))).sum(
-                    (1, 2)
-                )
-            )
+            ghost = torch.bmm(cols, cols.transpose(1, 2)) * torch.bmm(gt, gt.transpose(1, 2))
+            sq.add_(ghost.sum((1, 2)))
 
     def finish_matrix(c: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         out: list[tuple[torch.Tensor | None, torch.Tensor]] = []
@@ -241,9 +266,9 @@ def _per_layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor, sq: torch.Te
                 w = c @ per_example
             else:
                 w = (gt * c.view(-1, 1, 1)).reshape(-1, o).t() @ cols.reshape(-1, k)
-            out.append((weight, w))
+            out.append((module.weight, w))
         if gb is not None:
-            out.append((bias, c @ gb))
+            out.append((module.bias, c @ gb))
         return out
 
     return finish_matrix
