@@ -15,10 +15,16 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedcore.errors import FedcoreError
+from fedcore.errors import ConfigError, FedcoreError
+
+if TYPE_CHECKING:
+    from fedcore.config import Settings
 
 # Subcommand name -> module under fedcore.cli. Modules are imported lazily so that `fedcore budget`
 # does not pay for importing Flower and Ray.
@@ -35,7 +41,12 @@ SUBCOMMANDS: dict[str, str] = {
 EXIT_BAD_INPUT = 2
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, *, verbose_help: str) -> None:
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    verbose_help: str,
+    out_help: str = "run record directory (default: runs/<timestamp>)",
+) -> None:
     """``--config``, ``--set``, ``--out`` and ``--verbose``: how every federation command takes settings."""
     parser.add_argument(
         "--config", metavar="FILE.toml", help="settings file (keys as in --set; tables allowed)"
@@ -46,12 +57,73 @@ def add_settings_arguments(parser: argparse.ArgumentParser, *, verbose_help: str
         action="append",
         default=[],
         dest="overrides",
-        help="override one setting (repeatable; `fedcore simulate --help-settings` lists them)",
+        help="override one setting (repeatable; fedcore simulate --help-settings lists them)",
     )
     parser.add_argument(
-        "--out", metavar="DIR", help="run record directory (default: runs/<timestamp>)"
+        "--out", metavar="DIR", help=out_help
     )
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
+
+
+def add_resume_argument(parser: argparse.ArgumentParser) -> None:
+    """``--resume DIR``: continue a run record (``fedcore simulate`` and ``deploy-local``)."""
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run record DIR from its last completed round, with its settings "
+        "(--set may change only how it runs: rounds, round_timeout, client_cpus, ...)",
+    )
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Settings, Path]:
+    """The settings and out folder of a new run, or of the record ``--resume`` names. Raises
+    :class:`ConfigError` for a bad setting, or a record that cannot be continued."""
+    from fedcore import config as cfg
+
+    if args.resume is None:
+        settings = cfg.resolve(file=args.config, overrides=args.overrides)
+        out = args.out or settings.out
+        if not out:
+            from fedcore.runrecord import default_out_dir  # imports torch: only when needed
+
+            out = default_out_dir()
+        return settings, Path(out)
+    if args.config is not None or args.out is not None:
+        raise ConfigError(
+            "--resume takes its settings and folder from DIR/config.json; "
+            "give only --set for what may change (rounds, round_timeout, client_cpus, ...)"
+        )
+    from fedcore.federation.server.checkpoint import read_checkpoint
+    from fedcore.federation.server.serve import resume_settings
+    from fedcore.runrecord import check_not_in_use
+
+    out_dir = Path(args.resume)
+    check_not_in_use(out_dir)  # before anything reads or changes the record
+    settings = resume_settings(out_dir, cfg.parse_overrides(args.overrides))
+    checkpoint = read_checkpoint(out_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{str(out_dir)!r} has no checkpoint: it stopped before its first round")
+    if checkpoint.round >= settings.rounds:
+        raise ConfigError(
+            f"{str(out_dir)!r} already ran {checkpoint.round} of {counted(settings.rounds, 'round')} "
+            "(--set rounds=N continues it to round N)"
+        )
+    return settings, out_dir
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 site``, ``3 sites``: a count with its noun in the number it takes."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def description_of(doc: str | None) -> str | None:
+    """The first paragraph of a module docstring as plain text for ``--help``: reStructuredText
+    markup (``literal``, :role:`target`, `title`) shown as the words it marks."""
+    if not doc:
+        return None
+    text = doc.strip().split("\n\n")[0]
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "").replace("`", "")
 
 
 def version_line() -> str:

@@ -17,6 +17,7 @@ import json
 import math
 from typing import Any
 
+from fedcore.cli import description_of
 from fedcore.errors import ConfigError
 from fedcore.privacy.accountant import (
     DEFAULT_ACCOUNTANT,
@@ -32,7 +33,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "budget",
         help="epsilon for a noise multiplier, or the noise multiplier for a target epsilon",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=description_of(__doc__),
+        # The values are checked in run(), so argparse would show the required ones as optional.
+        usage=(
+            "fedcore budget --sample-rate Q --steps T --delta D\n"
+            "                      (--noise-multiplier Z | --target-epsilon E)\n"
+            "                      [--accountant pld|rdp] [--json]"
+        ),
     )
     # Values are parsed in run(), so that a bad one is a ConfigError (one line, exit 2).
     parser.add_argument("--sample-rate", metavar="Q", help="Poisson sampling rate in (0, 1]")

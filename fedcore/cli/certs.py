@@ -16,8 +16,12 @@ from __future__ import annotations
 import argparse
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedcore.deploy.pki import CertLayout
 
 DEFAULT_PORT = 9092
 STATE_DIR = "/var/lib/fedcore"  # the site's own folder for its keys, round journal and ledger
@@ -119,15 +123,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def instructions(files, *, host: str, port: int) -> str:  # noqa: ANN001 - a CertLayout
-    """The commands that use a certificate folder, as text to print."""
-    from fedcore.deploy import commands as cmd
+# Step 4's epilogue: how ACTIVE-mode sites get their secure-aggregation certificates.
+ACTIVE_SECAGG_STEPS = """\
+   ACTIVE-mode secure aggregation (secagg.mode=active): on each site print its signing key,
+     fedcore certs {state_dir} --show-signing-key --site-id I
+   the CA holder certifies it (writes sites/NAME.secagg.crt; copy it to the site as \
+{state_dir}/site-I.secagg.cert.pem),
+     fedcore certs {directory} --issue NAME --signing-key HEX
+   and each site adds to its --node-config: \
+secagg-mode="active" secagg-ca="{state_dir}/ca.crt" secagg-registry="/shared/registry"
+   (copy ca.crt there; the registry folder is shared by the sites, see docs/deployment.md)."""
 
-    d = files.directory
+
+def instructions(files: CertLayout, *, host: str, port: int) -> str:
+    """The commands that use a certificate folder, as text to print: the files written, then
+    the five steps of a deployment across hosts."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bare = Path("")
-    superlink = cmd.superlink_argv(bare, host="0.0.0.0", port=port, tls=files.tls, node_auth=True)
-    lines = [
+    sections = [
+        _files_written(files),
+        _superlink_step(files, port=port),
+        _flwr_connection_step(files, address=address),
+        _register_step(files),
+        _supernode_step(files, address=address),
+        _run_step(files),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _files_written(files: CertLayout) -> list[str]:
+    d = files.directory
+    return [
         f"Wrote {len(files.files())} files to {d} (private keys mode 0600).",
         f"  CA certificate      {files.ca_certificate}   -> every site and every flwr user",
         f"  CA key              {files.ca_key}   -> keep offline",
@@ -135,31 +160,50 @@ def instructions(files, *, host: str, port: int) -> str:  # noqa: ANN001 - a Cer
         "   -> SuperLink host only",
         f"  site keys           {d / 'sites'}/NAME.key -> that site only;"
         " NAME.pub -> registered below",
-        "",
+    ]
+
+
+def _superlink_step(files: CertLayout, *, port: int) -> list[str]:
+    from fedcore.deploy import commands as cmd
+
+    superlink = cmd.superlink_argv(
+        Path(""), host="0.0.0.0", port=port, tls=files.tls, node_auth=True
+    )
+    return [
         f"1. On the SuperLink host (open TCP port {port} to the sites and to flwr users):",
         "   " + cmd.shell_line(superlink),
-        "",
+    ]
+
+
+def _flwr_connection_step(files: CertLayout, *, address: str) -> list[str]:
+    return [
         "2. Where you run flwr (the operator): add this connection to $FLWR_HOME/config.toml "
         "(default ~/.flwr/config.toml):",
         f"   [superlink.{CONNECTION}]",
         f'   address = "{address}"',
         f'   root-certificates = "{files.ca_certificate}"',
-        "",
-        "3. Register the sites (the operator, once per site):",
     ]
+
+
+def _register_step(files: CertLayout) -> list[str]:
+    from fedcore.deploy import commands as cmd
+
+    lines = ["3. Register the sites (the operator, once per site):"]
     for site in files.sites:
-        lines.append(
-            "   "
-            + cmd.shell_line(
-                cmd.register_argv(
-                    bare, public_key=site.public_key, connection=CONNECTION, name=site.name
-                )
-            )
+        argv = cmd.register_argv(
+            Path(""), public_key=site.public_key, connection=CONNECTION, name=site.name
         )
-    lines += ["", "4. On each site's host (copy ca.crt and that site's .key there first):"]
+        lines.append("   " + cmd.shell_line(argv))
+    return lines
+
+
+def _supernode_step(files: CertLayout, *, address: str) -> list[str]:
+    from fedcore.deploy import commands as cmd
+
+    lines = ["4. On each site's host (copy ca.crt and that site's .key there first):"]
     for i, site in enumerate(files.sites):
         node = cmd.supernode_argv(
-            bare,
+            Path(""),
             superlink=address,
             root_certificates=Path("ca.crt"),
             private_key=Path(site.private_key.name),
@@ -175,31 +219,11 @@ def instructions(files, *, host: str, port: int) -> str:  # noqa: ANN001 - a Cer
             f'--node-config \'data-path="/data/site.npz" state-dir="{STATE_DIR}"\''
         )
         lines.append("   " + cmd.shell_line(node))
-    lines += [
-        "",
-        "   ACTIVE-mode secure aggregation (secagg.mode=active): on each site print its signing key,",
-        f"     fedcore certs {STATE_DIR} --show-signing-key --site-id I",
-        "   the CA holder certifies it (writes sites/NAME.secagg.crt; copy it to the site as "
-        f"{STATE_DIR}/site-I.secagg.cert.pem),",
-        f"     fedcore certs {d} --issue NAME --signing-key HEX",
-        "   and each site adds to its --node-config: "
-        f'secagg-mode="active" secagg-ca="{STATE_DIR}/ca.crt" secagg-registry="/shared/registry"',
-        "   (copy ca.crt there; the registry folder is shared by the sites, see docs/deployment.md).",
-    ]
-    lines += [
-        "",
-        "5. Start a run (the operator, in the fedcore checkout):",
-        "   "
-        + shlex.join(
-            [
-                "flwr",
-                "run",
-                ".",
-                CONNECTION,
-                "--stream",
-                "--run-config",
-                f'sites={len(files.sites)} rounds=3 out="/abs/path/on/superlink/host"',
-            ]
-        ),
-    ]
-    return "\n".join(lines)
+    lines += ["", ACTIVE_SECAGG_STEPS.format(state_dir=STATE_DIR, directory=files.directory)]
+    return lines
+
+
+def _run_step(files: CertLayout) -> list[str]:
+    run_config = f'sites={len(files.sites)} rounds=3 out="/abs/path/on/superlink/host"'
+    argv = ["flwr", "run", ".", CONNECTION, "--stream", "--run-config", run_config]
+    return ["5. Start a run (the operator, in the fedcore checkout):", "   " + shlex.join(argv)]

@@ -25,8 +25,7 @@ import os
 import sys
 import time
 
-from fedcore.cli import add_settings_arguments
-from fedcore.cli.simulate import add_resume_argument
+from fedcore.cli import add_resume_argument, add_settings_arguments, counted, resolve_run
 from fedcore.errors import ConfigError
 
 
@@ -36,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="run the app on Flower's deployment engine on 127.0.0.1 (TLS, node authentication)",
         description=(
             "Start a SuperLink and N SuperNodes on 127.0.0.1 with TLS and node authentication, "
-            "run the fedcore app on them with `flwr run`, write the run record, stop everything."
+            "run the fedcore app on them with flwr run, write the run record, stop everything."
         ),
     )
     parser.add_argument(
@@ -59,15 +58,16 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"rounds={args.rounds}")
     args.overrides = overrides
     from fedcore.cli import preflight as checks
-    from fedcore.cli.simulate import (
+    from fedcore.deploy.local import deploy_local
+    from fedcore.deploy.processes import Stopped, signals_deferred, signals_stop
+    from fedcore.lifecycle import (
+        EXIT_FAILED,
         close_crashed,
         interrupted,
         report,
-        resolve_run,
+        rounds_text,
         run_status,
     )
-    from fedcore.deploy.local import deploy_local
-    from fedcore.deploy.processes import Stopped, signals_deferred, signals_stop
 
     settings, out_dir = resolve_run(args)
     out_dir = out_dir.expanduser().resolve()
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     echo(
-        f"fedcore: deployment engine on 127.0.0.1, {settings.sites} sites, "
-        f"{settings.rounds} rounds, "
+        f"fedcore: deployment engine on 127.0.0.1, {counted(settings.sites, 'site')}, "
+        f"{rounds_text(settings.rounds)}, "
         f"dataset {settings.dataset!r}; run record: {out_dir}"
     )
     start = time.monotonic()
@@ -87,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
             outcome = deploy_local(settings, out_dir=out_dir, echo=echo, verbose=args.verbose)
     except Stopped as stop:  # deploy_local has stopped every process on the way out
         with signals_deferred():
-            return interrupted(out_dir, stop.signum, resumed=settings.resume)
+            resume_with = f"fedcore deploy-local --sites {settings.sites}"
+            return interrupted(
+                out_dir, stop.signum, resumed=settings.resume, resume_with=resume_with
+            )
     echo(
         f"deploy: every process stopped; {time.monotonic() - start:.0f} s in all, "
         f"the run {outcome.seconds:.0f} s"
@@ -96,5 +99,5 @@ def run(args: argparse.Namespace) -> int:
         close_crashed(out_dir, returncode=outcome.returncode, resumed=settings.resume)
     if not (out_dir / "history.jsonl").exists():
         echo(f"fedcore: the run wrote no run record (flwr run exited with {outcome.returncode})")
-        return 1
+        return EXIT_FAILED
     return report(out_dir, settings, returncode=outcome.returncode)

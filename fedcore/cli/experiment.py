@@ -6,8 +6,12 @@ Every point of the spec (:mod:`fedcore.experiment.spec`) is one ``fedcore simula
 subprocess, ``N`` at a time. The folder (default ``runs/experiment-<name>``, ``-quick`` with
 ``--quick``) gets ``spec.toml``, ``results.csv``, ``summary.md``, the plots and one run record per
 point under ``runs/``; with ``audit = true`` in ``[axes]``, a ``fedcore audit`` of every
-record-level point beside its run. Rerunning the same command skips the points already finished. Exit status:
-0 when every run completed every round, 1 otherwise, 2 for a bad spec (before anything runs).
+record-level point beside its run. Each point's console output (per-round losses and site counts,
+which the privacy guarantees do not cover) goes to ``logs/``, readable by the owner only.
+Rerunning the same command skips the points already finished; a point that a signal stopped
+(exit 130, 143, or killed) is no result and runs again (:mod:`fedcore.experiment.runner`). Exit
+status: 0 when every run completed every round, 1 otherwise, 2 for a bad spec (before anything
+runs).
 """
 
 from __future__ import annotations
@@ -17,16 +21,21 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fedcore.cli import counted, description_of
 from fedcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedcore.experiment import ExperimentSpec, Point
+    from fedcore.experiment.runner import PointOutcome
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "experiment",
         help="run a privacy-budget experiment from a TOML spec",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=description_of(__doc__),
     )
     parser.add_argument("spec", metavar="SPEC.toml", help="the experiment spec")
     parser.add_argument(
@@ -50,7 +59,10 @@ def _jobs(text: str) -> int:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     cores = os.cpu_count() or 1
     if jobs > cores:
-        print(f"fedcore experiment: --jobs {jobs} is more than the {cores} CPUs; using {cores}", file=sys.stderr)
+        print(
+            f"fedcore experiment: --jobs {jobs} is more than the {cores} CPUs; using {cores}",
+            file=sys.stderr,
+        )
         return cores
     return jobs
 
@@ -60,40 +72,67 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fedcore.experiment import Mode, load_spec, plan
     from fedcore.experiment.plots import write_plots
     from fedcore.experiment.results import collect, write_csv, write_summary
-    from fedcore.experiment.runner import AUDIT, audit_command, prepare, read_outcome, run_points
+    from fedcore.experiment.runner import prepare
 
     jobs = _jobs(args.jobs)
     # A TERM (from a job scheduler, or `kill`) stops the runs this command started, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     spec = load_spec(args.spec, quick=args.quick)
     points = plan(spec)
-    out = Path(args.out or Path("runs") / (f"experiment-{spec.name}" + ("-quick" if args.quick else "")))
+    out = Path(
+        args.out or Path("runs") / (f"experiment-{spec.name}" + ("-quick" if args.quick else ""))
+    )
     prepare(out, spec_text=Path(args.spec).read_text(), spec=spec, points=points)
     audited = [p for p in points if p.mode is Mode.RECORD] if spec.audit else []
-    done_before = sum(1 for p in points if read_outcome(out, p.run_id) is not None)
-    done_before += sum(1 for p in audited if read_outcome(out, p.run_id, AUDIT) is not None)
-    total = len(points) + len(audited)
+    _run_with_progress(spec, points, audited, out=out, jobs=jobs)
 
+    results = collect(points, out=out)
+    write_csv(results, spec, out / "results.csv")
+    plots = write_plots(results, spec, out)
+    write_summary(results, spec, out / "summary.md", plots=plots)
+    complete = sum(
+        1 for r in results if r.returncode == 0 and r.rounds_completed == r.rounds_planned
+    )
+    print(f"{complete} of {counted(len(results), 'run')} completed every round")
+    print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.md'}")
+    return 0 if complete == len(results) else 1
+
+
+def _run_with_progress(
+    spec: ExperimentSpec, points: list[Point], audited: list[Point], *, out: Path, jobs: int
+) -> None:
+    """Run the unfinished points, then the unfinished audits, with a progress bar over both."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedcore.experiment.runner import AUDIT, audit_command, is_finished, run_points
+
+    done_before = sum(1 for p in points if is_finished(out, p.run_id))
+    done_before += sum(1 for p in audited if is_finished(out, p.run_id, AUDIT))
     console = Console(stderr=True)
     console.print(
-        f"fedcore experiment {spec.name!r}: {len(points)} runs"
-        + (f" and {len(audited)} audits" if audited else "")
+        f"fedcore experiment {spec.name!r}: {counted(len(points), 'run')}"
+        + (f" and {counted(len(audited), 'audit')}" if audited else "")
         + f" ({done_before} already finished), "
         f"{jobs} at a time; folder {out}"
     )
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console) as progress:
-        overall = progress.add_task("runs", total=total, completed=done_before)
+        overall = progress.add_task("runs", total=len(points) + len(audited), completed=done_before)
 
-        def on_done(point, outcome) -> None:  # noqa: ANN001
+        def on_done(point: Point, outcome: PointOutcome) -> None:
             progress.advance(overall)
             note = "" if outcome.returncode == 0 else f" (exit {outcome.returncode})"
+            if not outcome.finished:
+                note += ": stopped by a signal; a rerun runs it again"
             progress.console.print(f"  {point.run_id}: {outcome.seconds:.0f} s{note}")
 
         run_points(points, out=out, jobs=jobs, on_done=on_done)
@@ -107,12 +146,3 @@ def run(args: argparse.Namespace) -> int:
                 command=lambda p, o: audit_command(p, out=o, canaries=canaries),
                 on_done=on_done,
             )
-
-    results = collect(points, out=out)
-    write_csv(results, spec, out / "results.csv")
-    plots = write_plots(results, spec, out)
-    write_summary(results, spec, out / "summary.md", plots=plots)
-    complete = sum(1 for r in results if r.returncode == 0 and r.rounds_completed == r.rounds_planned)
-    print(f"{complete} of {len(results)} runs completed every round")
-    print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.md'}")
-    return 0 if complete == len(results) else 1

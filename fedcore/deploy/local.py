@@ -57,7 +57,7 @@ Echo = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
-class RunOutcome:
+class FlwrRunOutcome:
     """How ``flwr run`` ended: its exit status, Flower's run id, and the seconds it took."""
 
     returncode: int
@@ -317,7 +317,7 @@ class LocalDeployment:
                 f"logs in {self.logs}"
             )
 
-    def run(self, *, run_timeout: float | None = None) -> RunOutcome:
+    def run(self, *, run_timeout: float | None = None) -> FlwrRunOutcome:
         """``flwr run APP CONNECTION --run-config FILE --stream``; progress goes to ``echo``.
 
         Watches the daemons meanwhile: if the SuperLink dies the run is stopped and
@@ -345,43 +345,38 @@ class LocalDeployment:
         run_id: str | None = None
         reported_dead: set[int] = set()
         last_scan = 0.0
-        finished = False
-        while not finished:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                line = ""
-            if line is None:
-                finished = True
-            elif line:
-                if run_id is None and (found := _RUN_STARTED.search(line)):
-                    run_id = found.group(1)
-                shown = self._shown(line)
-                if shown is not None:
-                    self.echo(shown)
+        while (line := _next_line(lines)) is not None:
+            if line and run_id is None and (found := _RUN_STARTED.search(line)):
+                run_id = found.group(1)
+            if line and (shown := self._shown(line)) is not None:
+                self.echo(shown)
             now = time.monotonic()
             if now - last_scan > 2.0:
                 last_scan = now
-                self.supervisor.refresh_descendants()
-                if self.superlink is not None and not self.superlink.running():
-                    self.failed = True
-                    raise ConfigError(
-                        f"the SuperLink exited with status {self.superlink.returncode()} "
-                        "during the run: "
-                        f"{self.superlink.log_tail(8)}"
-                    )
-                for node in self.supernodes:
-                    if not node.running() and node.pid not in reported_dead:
-                        reported_dead.add(node.pid)
-                        self.echo(
-                            f"deploy: {node.name} exited with status {node.returncode()} "
-                            "during the run"
-                        )
+                self._watch_daemons(reported_dead)
                 if run_timeout is not None and now - start > run_timeout:
                     self.failed = True
                     raise ConfigError(f"the run took longer than {run_timeout:g} s")
         code = process.popen.wait()
-        return RunOutcome(returncode=code, run_id=run_id, seconds=time.monotonic() - start)
+        return FlwrRunOutcome(returncode=code, run_id=run_id, seconds=time.monotonic() - start)
+
+    def _watch_daemons(self, reported_dead: set[int]) -> None:
+        """During a run: raise :class:`ConfigError` if the SuperLink has exited (the deployment
+        is then marked failed); report each SuperNode that exited, once (``reported_dead``: their
+        pids, updated)."""
+        self.supervisor.refresh_descendants()
+        if self.superlink is not None and not self.superlink.running():
+            self.failed = True
+            raise ConfigError(
+                f"the SuperLink exited with status {self.superlink.returncode()} during the run: "
+                f"{self.superlink.log_tail(8)}"
+            )
+        for node in self.supernodes:
+            if not node.running() and node.pid not in reported_dead:
+                reported_dead.add(node.pid)
+                self.echo(
+                    f"deploy: {node.name} exited with status {node.returncode()} during the run"
+                )
 
     def _shown(self, line: str) -> str | None:
         """What of a streamed line the user sees: Flower's INFO chatter only with ``verbose``."""
@@ -402,6 +397,14 @@ class LocalDeployment:
                 "certificates have not been made; call make_certs() or start_superlink() first"
             )
         return self.certs
+
+
+def _next_line(lines: queue.Queue[str | None], timeout: float = 0.5) -> str | None:
+    """The next streamed line; ``""`` when none came within ``timeout``; None at the end."""
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return ""
 
 
 def _pump(process: ManagedProcess, lines: queue.Queue[str | None], log_path: Path) -> None:
@@ -427,7 +430,7 @@ def deploy_local(
     echo: Echo = print,
     verbose: bool = False,
     app_dir: Path | None = None,
-) -> RunOutcome:
+) -> FlwrRunOutcome:
     """Start a loopback deployment, run the app once, stop everything; return how the run ended.
 
     The run record goes to ``out_dir``. Raises :class:`ConfigError` when a step fails (nothing is

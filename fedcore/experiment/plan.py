@@ -3,8 +3,9 @@
 A point's settings are, in order: the spec's ``[base]``, the point's non-privacy axis values, the
 settings of its mode (:func:`~fedcore.experiment.spec.mode_settings`), then ``[modes.<mode>]``.
 A ``none`` point ignores the epsilon axis, so it appears once per combination of the other axes.
-Each point's settings are resolved with :func:`fedcore.config.resolve` here, so a combination
-that fedcore refuses (for example secure aggregation with one site) fails before anything runs.
+Each point's settings are resolved with :func:`fedcore.config.resolve` and its protections with
+:func:`fedcore.protections.protections_of` here, so a combination that fedcore refuses (for
+example secure aggregation with one site) fails before anything runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedcore.experiment.spec import (
     Scalar,
     mode_settings,
 )
+from fedcore.protections import protections_of
 
 SEED_AXIS = "seed"
 
@@ -87,7 +89,8 @@ def plan(spec: ExperimentSpec) -> list[Point]:
         if run_id in seen:
             continue
         seen.add(run_id)
-        cfg.resolve(values=settings)  # raises ConfigError for a combination fedcore refuses
+        # Raises ConfigError for a combination fedcore refuses (a setting, or between protections).
+        protections_of(cfg.resolve(values=settings))
         points.append(Point(run_id=run_id, swept=swept, settings=settings))
     return points
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.experiment.plan import Point, display, resolved_settings
-from fedcore.experiment.runner import AUDIT, RunOutcome, read_outcome, run_dir
+from fedcore.experiment.runner import AUDIT, LOGS, PointOutcome, read_outcome, run_dir
 from fedcore.experiment.spec import ExperimentSpec
 
 EPSILON_COLUMNS = ("record_epsilon", "server_epsilon", "server_epsilon_sample_known")
@@ -38,7 +38,11 @@ METRIC_COLUMNS = (
     "returncode",
     "run_dir",
 )
-AUDIT_COLUMNS = ("audit_epsilon_formal", "audit_epsilon_lower_bound", "audit_control_epsilon_lower_bound")
+AUDIT_COLUMNS = (
+    "audit_epsilon_formal",
+    "audit_epsilon_lower_bound",
+    "audit_control_epsilon_lower_bound",
+)
 CONFIDENCE = 0.95
 
 
@@ -64,6 +68,7 @@ class RunResult:
     status: str
     returncode: int | None
     run_dir: str
+    finished: bool = False  # a result a rerun keeps (not "not run", not stopped by a signal)
     per_round: tuple[RoundEpsilon, ...] = field(default=())
     audit_epsilon_formal: float | None = None
     audit_epsilon_lower_bound: float | None = None
@@ -94,7 +99,7 @@ def _last(values: Sequence[float | None]) -> float | None:
 def read_run(point: Point, *, out: Path) -> RunResult:
     """The result of one point from its run record (absent fields are None)."""
     folder = run_dir(out, point.run_id)
-    outcome: RunOutcome | None = read_outcome(out, point.run_id)
+    outcome: PointOutcome | None = read_outcome(out, point.run_id)
     rows: list[dict[str, Any]] = []
     try:
         for line in (folder / "history.jsonl").read_text().splitlines():
@@ -132,15 +137,20 @@ def read_run(point: Point, *, out: Path) -> RunResult:
         server_epsilon=_last([r.server_epsilon for r in per_round]),
         server_epsilon_sample_known=sample_known,
         rounds_completed=len(rows),
-        rounds_planned=int(planned) if isinstance(planned, int) else int(resolved_settings(point)["rounds"]),
+        rounds_planned=int(planned)
+        if isinstance(planned, int)
+        else int(resolved_settings(point)["rounds"]),
         seconds=round(outcome.seconds, 1) if outcome else None,
         status=_status(folder, outcome),
         returncode=outcome.returncode if outcome else None,
+        finished=outcome is not None and outcome.finished,
         run_dir=str(folder),
         per_round=tuple(per_round),
         audit_epsilon_formal=_number(audit.get("epsilon_formal")),
         audit_epsilon_lower_bound=_number(audit.get("epsilon_lower_bound")),
-        audit_control_epsilon_lower_bound=_number((audit.get("control") or {}).get("epsilon_lower_bound")),
+        audit_control_epsilon_lower_bound=_number(
+            (audit.get("control") or {}).get("epsilon_lower_bound")
+        ),
     )
 
 
@@ -161,20 +171,31 @@ def _privacy_json_sample_known(folder: Path) -> float | None:
         return None
     value = _number(doc.get("server_epsilon_sample_known"))
     if value is None and isinstance(doc.get("rounds"), list):
-        value = _last([_number(r.get("server_epsilon_sample_known")) for r in doc["rounds"] if isinstance(r, dict)])
+        value = _last(
+            [
+                _number(r.get("server_epsilon_sample_known"))
+                for r in doc["rounds"]
+                if isinstance(r, dict)
+            ]
+        )
     return value
 
 
-def _status(folder: Path, outcome: RunOutcome | None) -> str:
+def _status(folder: Path, outcome: PointOutcome | None) -> str:
     if outcome is None:
         return "not run"
+    if not outcome.finished:
+        return (
+            f"stopped by a signal (exit {outcome.returncode}); "
+            "rerunning the experiment runs it again"
+        )
     try:
         for line in (folder / "summary.md").read_text().splitlines():
             if line.startswith("- **Status**:"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"fedcore simulate exited {outcome.returncode} (see {folder.name}.log)"
+    return f"fedcore simulate exited {outcome.returncode} (see {LOGS}/{folder.name}.log)"
 
 
 def write_csv(results: Sequence[RunResult], spec: ExperimentSpec, path: Path) -> None:
@@ -202,7 +223,9 @@ class Interval:
         return f"{self.mean:.4g} ± {self.half_width:.2g}"
 
 
-def mean_interval(values: Sequence[float | None], *, confidence: float = CONFIDENCE) -> Interval | None:
+def mean_interval(
+    values: Sequence[float | None], *, confidence: float = CONFIDENCE
+) -> Interval | None:
     """Mean and Student-t confidence half-width of the present values (None if there are none)."""
     present = [v for v in values if v is not None]
     if not present:
@@ -239,56 +262,89 @@ def differing_settings(points: Sequence[Point]) -> dict[str, list[str]]:
 def write_summary(
     results: Sequence[RunResult], spec: ExperimentSpec, path: Path, *, plots: Sequence[str]
 ) -> None:
-    axes = [name for name, _ in spec.axes if name != "seed"]
+    """``summary.md``: what was run, one row per point (means and intervals over seeds), the
+    settings that differ between points, the runs that did not complete, the plots."""
+    lines = _summary_preamble(results, spec)
+    lines += ["", "## Results", "", *_results_table(results, spec)]
+    lines += ["", "## Settings that differ between points", "", *_differences(results, spec)]
+    unusual = [
+        r
+        for r in results
+        if r.returncode is not None and (not r.finished or r.rounds_completed != r.rounds_planned)
+    ]
+    if unusual:
+        lines += ["", "## Runs that did not complete every round", ""]
+        lines += [f"- `{r.point.run_id}`: {r.status}" for r in unusual]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
+    path.write_text("\n".join(lines) + "\n")
+
+
+EPSILONS_NOTE = (
+    "- **Epsilons**: `record ε` is record-level DP-SGD (largest over sites) against anyone who "
+    "sees a site's updates; `server ε` is site-level DP-FedAvg against observers of the released "
+    "models who do not know which sites were sampled; `server ε (sample known)` holds against "
+    "observers who know which sites took part (blank where the run record does not give it)."
+)
+AUDIT_NOTE = (
+    "- **Audit**: each record-level point's settings were also audited with `fedcore audit` "
+    "(a one-run lower bound on the record-level ε at 95 % confidence, from a separate "
+    "training of site 0 with gradient canaries; the control is the same audit without noise, "
+    "which must exceed the formal ε for the audit to mean anything)."
+)
+
+
+def _summary_preamble(results: Sequence[RunResult], spec: ExperimentSpec) -> list[str]:
+    """The title, the description, and what the counts, intervals and epsilons mean."""
     lines = [f"# Experiment `{spec.name}`" + (" (--quick)" if spec.quick else ""), ""]
     if spec.description:
         lines += [spec.description, ""]
-    finished = [r for r in results if r.returncode is not None]
+    finished = [r for r in results if r.finished]
     complete = [r for r in finished if r.rounds_completed == r.rounds_planned]
     lines += [
-        f"- **Runs**: {len(results)} planned, {len(finished)} finished, {len(complete)} with every round",
+        f"- **Runs**: {len(results)} planned, {len(finished)} finished, "
+        f"{len(complete)} with every round",
         f"- **Seeds per point**: {len(spec.axis('seed') or (None,))}; "
         f"intervals are means ± the {CONFIDENCE:.0%} Student-t confidence half-width over seeds",
-        "- **Epsilons**: `record ε` is record-level DP-SGD (largest over sites) against anyone who "
-        "sees a site's updates; `server ε` is site-level DP-FedAvg against observers of the released "
-        "models who do not know which sites were sampled; `server ε (sample known)` holds against "
-        "observers who know which sites took part (blank where the run record does not give it).",
+        EPSILONS_NOTE,
     ]
     if spec.audit:
-        lines.append(
-            "- **Audit**: each record-level point's settings were also audited with `fedcore audit` "
-            "(a one-run lower bound on the record-level ε at 95 % confidence, from a separate "
-            "training of site 0 with gradient canaries; the control is the same audit without noise, "
-            "which must exceed the formal ε for the audit to mean anything)."
-        )
-    lines += [
-        "",
-        "## Results",
-        "",
-    ]
-    header = [*axes, "runs", "final accuracy", "best accuracy", "record ε", "server ε",
-              "server ε (sample known)", "rounds", "s/run"]
+        lines.append(AUDIT_NOTE)
+    return lines
+
+
+def _interval_cell(values: Sequence[float | None]) -> str:
+    interval = mean_interval(values)
+    return "-" if interval is None else str(interval)
+
+
+def _results_table(results: Sequence[RunResult], spec: ExperimentSpec) -> list[str]:
+    """One row per point (its seeds grouped): accuracies, epsilons, rounds, seconds, audits."""
+    axes = [name for name, _ in spec.axes if name != "seed"]
+    header = [*axes, "runs", "final accuracy", "best accuracy", "record ε", "server ε"]
+    header += ["server ε (sample known)", "rounds", "s/run"]
     if spec.audit:
         header += ["audit: ε lower bound", "audit: control"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, runs in groups(results).items():
         cells = [v or "-" for _, v in key]
-        cells.append(str(len([r for r in runs if r.returncode is not None])))
+        cells.append(str(len([r for r in runs if r.finished])))
         for column in ("final_accuracy", "best_accuracy", *EPSILON_COLUMNS):
-            interval = mean_interval([r.value(column) for r in runs])
-            cells.append("-" if interval is None else str(interval))
-        rounds = sorted({f"{r.rounds_completed}/{r.rounds_planned}" for r in runs})
-        cells.append(", ".join(rounds))
+            cells.append(_interval_cell([r.value(column) for r in runs]))
+        cells.append(", ".join(sorted({f"{r.rounds_completed}/{r.rounds_planned}" for r in runs})))
         secs = mean_interval([r.seconds for r in runs])
         cells.append("-" if secs is None else f"{secs.mean:.0f}")
         if spec.audit:
-            for column in AUDIT_COLUMNS[1:]:
-                interval = mean_interval([r.value(column) for r in runs])
-                cells.append("-" if interval is None else str(interval))
+            cells += [_interval_cell([r.value(c) for r in runs]) for c in AUDIT_COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Settings that differ between points", ""]
+    return lines
+
+
+def _differences(results: Sequence[RunResult], spec: ExperimentSpec) -> list[str]:
+    """The settings that take more than one value across the points, and why."""
     differing = differing_settings([r.point for r in results])
     swept = {name for name, _ in spec.axes}
+    lines: list[str] = []
     if differing:
         lines += ["| setting | values | why |", "|---|---|---|"]
         for setting, values in differing.items():
@@ -296,15 +352,12 @@ def write_summary(
             lines.append(f"| `{setting}` | {', '.join(values)} | {why} |")
     else:
         lines.append("None: every point ran with the same settings.")
-    lines += ["", "Every other setting is the same at every point (`[base]` of `spec.toml`, then "
-              "fedcore's defaults)."]
-    unusual = [r for r in results if r.returncode is not None and r.rounds_completed != r.rounds_planned]
-    if unusual:
-        lines += ["", "## Runs that did not complete every round", ""]
-        lines += [f"- `{r.point.run_id}`: {r.status}" for r in unusual]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
-    path.write_text("\n".join(lines) + "\n")
+    lines += [
+        "",
+        "Every other setting is the same at every point (`[base]` of `spec.toml`, then "
+        "fedcore's defaults).",
+    ]
+    return lines
 
 
 def _why(key: str, spec: ExperimentSpec) -> str:

@@ -110,7 +110,7 @@ class _StoppedGrid(FakeGrid):
 @pytest.mark.usefixtures("flower_identity")
 @pytest.mark.parametrize("stop", [SystemExit(0), KeyboardInterrupt()])
 def test_a_server_stopped_mid_run_closes_its_record_as_interrupted_and_resumable(tmp_path, stop):
-    from fedcore.cli.simulate import report
+    from fedcore.lifecycle import report
 
     settings = resolve(overrides=["sites=2", "rounds=3", "local_epochs=1", "round_timeout=5"])
     out = tmp_path / "run"

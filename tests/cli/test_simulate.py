@@ -198,3 +198,15 @@ def test_a_killed_runs_handshake_folder_is_removed_by_the_next_run(tmp_path):
         (folder / "data.npz").write_bytes(b"x")
     assert remove_stale_handshakes(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_client_cpus_above_the_core_count_is_named_with_the_core_count():
+    from fedcore.cli.simulate import cpu_warning
+    from fedcore.config import resolve
+
+    warning = cpu_warning(resolve(overrides=["client_cpus=64"]), cores=2)
+    assert warning is not None
+    assert "client_cpus=64" in warning and "2 CPU cores" in warning and "client_cpus=2" in warning
+    assert cpu_warning(resolve(overrides=["client_cpus=2"]), cores=2) is None
+    on_a_cluster = resolve(overrides=["client_cpus=64", "ray_address=auto"])
+    assert cpu_warning(on_a_cluster, cores=2) is None  # the cluster's CPUs count, not ours

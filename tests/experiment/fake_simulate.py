@@ -7,42 +7,84 @@ Appends the run folder's name to CALLS_FILE (so a test can count runs), then wri
 round) and a ``summary.md`` status line, as ``fedcore simulate`` does. A seed of 99 makes it exit
 1 after round 1, like a run that crashed. With ``--audit`` it stands in for ``fedcore audit``
 instead and writes ``audit.json`` (lower bound a quarter of the budget, control 8.2).
+
+Like ``fedcore simulate`` it prints a line per round with the training loss (always
+:data:`TRAIN_LOSS`) and the sites that replied, and reports each round's sample count
+(:data:`NUM_EXAMPLES`): in ``history.jsonl`` without DP, and with DP only in the owner-only
+``operator.jsonl``, as the run record does.
+
+``FAKE_SIMULATE_STOP=RUN_ID:HOW`` in the environment stops the run of point RUN_ID after round 1
+as a signal would: ``HOW`` is an exit status (130, 143) or ``kill`` (SIGKILL to itself).
 """
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
-calls, args = Path(sys.argv[1]), sys.argv[2:]
-out = Path(args[args.index("--out") + 1])
-settings = {}
-for j, item in enumerate(args):
-    if item == "--set":
-        key, _, value = args[j + 1].partition("=")
-        settings[key] = value
-with calls.open("a") as fh:
-    fh.write(out.name + "\n")
-out.mkdir(parents=True)
-if "--audit" in args:
-    eps = float(settings["dp.site.epsilon"])
-    doc = {"epsilon_formal": eps, "epsilon_lower_bound": eps / 4, "control": {"epsilon_lower_bound": 8.2}}
-    (out / "audit.json").write_text(json.dumps(doc))
-    sys.exit(0)
-rounds = int(settings.get("rounds", "20"))
-seed = int(settings.get("seed", "0"))
-site_eps = float(settings["dp.site.epsilon"]) if "dp.site.epsilon" in settings else None
-server_eps = float(settings["dp.server.epsilon"]) if "dp.server.epsilon" in settings else None
-with (out / "history.jsonl").open("w") as fh:
-    for r in range(1, rounds + 1):
-        row = {
-            "round": r,
-            "eval_accuracy": 0.5 + 0.1 * seed + 0.01 * r,
-            "site_epsilon": {"0": site_eps * r / rounds, "1": site_eps * r / rounds / 2} if site_eps else {},
-            "server_epsilon": server_eps * r / rounds if server_eps else None,
+TRAIN_LOSS = 0.7071067  # markers a test looks for in every world-readable file
+NUM_EXAMPLES = 31337
+
+
+def main(argv: list[str]) -> None:
+    calls, args = Path(argv[0]), argv[1:]
+    out = Path(args[args.index("--out") + 1])
+    settings = {}
+    for j, item in enumerate(args):
+        if item == "--set":
+            key, _, value = args[j + 1].partition("=")
+            settings[key] = value
+    with calls.open("a") as fh:
+        fh.write(out.name + "\n")
+    out.mkdir(parents=True)
+    if "--audit" in args:
+        eps = float(settings["dp.site.epsilon"])
+        doc = {
+            "epsilon_formal": eps,
+            "epsilon_lower_bound": eps / 4,
+            "control": {"epsilon_lower_bound": 8.2},
         }
-        if server_eps and settings.get("secagg.enabled") == "true":
-            row["server_epsilon_sample_known"] = 2 * server_eps * r / rounds
-        fh.write(json.dumps(row) + "\n")
-        if seed == 99:
-            sys.exit(1)
-(out / "summary.md").write_text("# run\n\n- **Status**: completed\n")
+        (out / "audit.json").write_text(json.dumps(doc))
+        sys.exit(0)
+    rounds = int(settings.get("rounds", "20"))
+    seed = int(settings.get("seed", "0"))
+    site_eps = float(settings["dp.site.epsilon"]) if "dp.site.epsilon" in settings else None
+    server_eps = float(settings["dp.server.epsilon"]) if "dp.server.epsilon" in settings else None
+    stop_id, _, how = os.environ.get("FAKE_SIMULATE_STOP", "").partition(":")
+    with (out / "history.jsonl").open("w") as fh:
+        for r in range(1, rounds + 1):
+            row = {
+                "round": r,
+                "eval_accuracy": 0.5 + 0.1 * seed + 0.01 * r,
+                "site_epsilon": {"0": site_eps * r / rounds, "1": site_eps * r / rounds / 2}
+                if site_eps
+                else {},
+                "server_epsilon": server_eps * r / rounds if server_eps else None,
+            }
+            if server_eps and settings.get("secagg.enabled") == "true":
+                row["server_epsilon_sample_known"] = 2 * server_eps * r / rounds
+            diagnostics = {"train_loss": TRAIN_LOSS, "num_examples": NUM_EXAMPLES}
+            if server_eps or site_eps:  # withheld from the public record, as fedcore.runrecord does
+                fd = os.open(out / "operator.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "a") as private:
+                    private.write(json.dumps({"round": r, **diagnostics}) + "\n")
+            else:
+                row.update(diagnostics)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            print(
+                f"round {r:>3}/{rounds}  loss {TRAIN_LOSS:.4f}/0.5000  sites 3/3  {NUM_EXAMPLES} examples"
+            )
+            sys.stdout.flush()
+            if seed == 99:
+                sys.exit(1)
+            if stop_id == out.name:
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                sys.exit(int(how))
+    (out / "summary.md").write_text("# run\n\n- **Status**: completed\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

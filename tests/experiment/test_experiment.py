@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,8 @@ from fedcore.experiment import Mode, parse_spec, plan
 from fedcore.experiment.plan import Point
 from fedcore.experiment.plots import write_plots
 from fedcore.experiment.results import collect, mean_interval, write_csv, write_summary
-from fedcore.experiment.runner import AUDIT, prepare, run_dir, run_points
+from fedcore.experiment.runner import AUDIT, is_finished, log_path, prepare, run_dir, run_points
+from tests.experiment.fake_simulate import NUM_EXAMPLES, TRAIN_LOSS
 
 FAKE = Path(__file__).with_name("fake_simulate.py")
 
@@ -61,14 +65,17 @@ def test_plan_gives_each_mode_its_budget_and_shares_the_rest() -> None:
     ("text", "message"),
     [
         ('[axes]\nmode = ["record"]', "needs an 'epsilon' axis"),
-        ('[axes]\nepsilon = [1]', "needs an axis 'mode'"),
+        ("[axes]\nepsilon = [1]", "needs an axis 'mode'"),
         ('[axes]\nmode = ["record", "nonsense"]\nepsilon = [1]', "axis 'mode' takes"),
         ('[axes]\nmode = ["distributed"]\nepsilon = [1]', "not available"),
         ('[axes]\nmode = ["record"]\nepsilon = [0]', "finite numbers > 0"),
         ('[axes]\nmode = ["site"]\nepsilon = [1]\naudit = true', "has no 'record'"),
         ('[axes]\nmode = ["record"]\nepsilon = [1]\naudit = "yes"', "is a switch"),
-        ('[base]\ndp.site.epsilon = 3\n[axes]\nmode = ["record"]\nepsilon = [1]', "chosen by the 'mode' axis"),
-        ('[base]\nno_such_key = 1', "unknown setting 'no_such_key'"),
+        (
+            '[base]\ndp.site.epsilon = 3\n[axes]\nmode = ["record"]\nepsilon = [1]',
+            "chosen by the 'mode' axis",
+        ),
+        ("[base]\nno_such_key = 1", "unknown setting 'no_such_key'"),
         ("[base]\nrounds = 0", "'rounds' must be >= 1"),
         ("[axes]\nlr = []", "non-empty list"),
         ("[axes]\nnot_a_setting = [1, 2]", "neither 'mode'"),
@@ -83,7 +90,7 @@ def test_bad_specs_are_refused_before_anything_runs(text: str, message: str) -> 
 
 
 def test_quick_applies_the_quick_table_and_needs_one() -> None:
-    text = TINY + '\n[quick]\nrounds = 1\n[quick.axes]\nseed = [0]\n'
+    text = TINY + "\n[quick]\nrounds = 1\n[quick.axes]\nseed = [0]\n"
     quick = parse_spec(text, quick=True)
     assert quick.base["rounds"] == 1 and quick.axis("seed") == (0,)
     assert parse_spec(text).base["rounds"] == 2
@@ -104,9 +111,10 @@ def test_per_mode_settings_are_listed_as_a_difference(tmp_path: Path) -> None:
 
 
 def _fake(calls: Path):  # noqa: ANN202
-    return lambda point, out: [sys.executable, str(FAKE), str(calls), "--out", str(run_dir(out, point.run_id))] + [
-        a for item in point.overrides() for a in ("--set", item)
-    ]
+    return lambda point, out: (
+        [sys.executable, str(FAKE), str(calls), "--out", str(run_dir(out, point.run_id))]
+        + [a for item in point.overrides() for a in ("--set", item)]
+    )
 
 
 def _run(text: str, out: Path, calls: Path) -> list[Point]:
@@ -126,7 +134,9 @@ def test_experiment_writes_every_file_and_a_rerun_runs_nothing_finished(tmp_path
     points = _run(TINY, out, calls)
     assert sorted(calls.read_text().split()) == sorted(p.run_id for p in points)
     assert (out / "spec.toml").read_text() == TINY
-    assert json.loads((out / "plan.json").read_text())["points"].keys() == {p.run_id for p in points}
+    assert json.loads((out / "plan.json").read_text())["points"].keys() == {
+        p.run_id for p in points
+    }
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == len(points)
@@ -187,7 +197,9 @@ def test_another_spec_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     quick_text = TINY + "\n[quick]\nrounds = 1\n"
     prepare(tmp_path / "q", spec_text=quick_text, spec=parse_spec(quick_text), points=[])
     with pytest.raises(ConfigError, match="without --quick"):
-        prepare(tmp_path / "q", spec_text=quick_text, spec=parse_spec(quick_text, quick=True), points=[])
+        prepare(
+            tmp_path / "q", spec_text=quick_text, spec=parse_spec(quick_text, quick=True), points=[]
+        )
 
 
 def test_mean_interval_is_the_student_t_interval() -> None:
@@ -207,9 +219,14 @@ def test_audit_switch_audits_record_points_into_results_and_a_plot(tmp_path: Pat
     record = [p for p in points if p.mode is Mode.RECORD]
 
     def fake_audit(point: Point, out: Path) -> list[str]:
-        return [sys.executable, str(FAKE), str(calls), "--audit", "--out", str(run_dir(out, point.run_id, AUDIT))] + [
-            a for item in point.overrides() for a in ("--set", item)
-        ]
+        return [
+            sys.executable,
+            str(FAKE),
+            str(calls),
+            "--audit",
+            "--out",
+            str(run_dir(out, point.run_id, AUDIT)),
+        ] + [a for item in point.overrides() for a in ("--set", item)]
 
     run_points(record, out=out, jobs=2, suffix=AUDIT, command=fake_audit)
     results = collect(points, out=out)
@@ -223,3 +240,113 @@ def test_audit_switch_audits_record_points_into_results_and_a_plot(tmp_path: Pat
     calls.unlink()
     run_points(record, out=out, jobs=2, suffix=AUDIT, command=fake_audit)  # resumed: nothing
     assert not calls.exists()
+
+
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """umask 022, the usual one, under which a plain ``open`` makes a world-readable file."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _world_readable(path: Path, root: Path) -> bool:
+    """Whether another user can read ``path``: it grants read to others, and every folder from
+    ``root`` down to it grants them passage."""
+    folders = [root, *(root / p for p in reversed(path.relative_to(root).parents) if str(p) != ".")]
+    if not path.stat().st_mode & stat.S_IROTH:
+        return False
+    return all(folder.stat().st_mode & stat.S_IXOTH for folder in folders)
+
+
+SITE_LEVEL = TINY.replace('"none", "record", "site-secagg"', '"site", "site-secagg"').replace(
+    "seed = [0, 1]", "seed = [0]"
+)
+
+
+@pytest.mark.usefixtures("usual_umask")
+def test_a_site_level_dp_experiment_leaves_no_world_readable_loss_or_sample_count(
+    tmp_path: Path,
+) -> None:
+    out, calls = tmp_path / "exp", tmp_path / "calls.txt"
+    points = _run(SITE_LEVEL, out, calls)
+    markers = (f"{TRAIN_LOSS:.4f}", str(NUM_EXAMPLES), "train_loss", "num_examples")
+    seen_private = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        text = path.read_bytes().decode(errors="replace")
+        leaked = [m for m in markers if m in text]
+        if _world_readable(path, out):
+            assert not leaked, f"{path.relative_to(out)} is world-readable and holds {leaked}"
+        elif leaked:
+            seen_private.append(path.relative_to(out).as_posix())
+    # The console output of every point was written, owner-only, in an owner-only folder.
+    for p in points:
+        log = log_path(out, p.run_id)
+        assert f"loss {TRAIN_LOSS:.4f}" in log.read_text()
+        assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "logs").stat().st_mode) == 0o700
+    assert {f"logs/{p.run_id}.log" for p in points} <= set(seen_private)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["status"] for r in rows} == {"completed"} and all(r["server_epsilon"] for r in rows)
+
+
+@pytest.mark.usefixtures("usual_umask")
+def test_a_rerun_makes_an_old_world_readable_log_owner_only(tmp_path: Path) -> None:
+    spec = parse_spec(SITE_LEVEL)
+    (tmp_path / "runs").mkdir(parents=True)
+    old = tmp_path / "runs" / "mode-site_epsilon-2_seed-0.log"
+    old.write_text(f"round 1/2  loss {TRAIN_LOSS}\n")  # where an older fedcore left it, 0644
+    prepare(tmp_path, spec_text=SITE_LEVEL, spec=spec, points=plan(spec))
+    moved = log_path(tmp_path, "mode-site_epsilon-2_seed-0")
+    assert not old.exists() and stat.S_IMODE(moved.stat().st_mode) == 0o600
+    assert str(TRAIN_LOSS) in moved.read_text()
+
+
+@pytest.mark.parametrize("how", ["130", "143", "kill"])
+def test_a_point_stopped_by_a_signal_is_no_result_and_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    text = TINY.replace('"none", ', "").replace("seed = [0, 1]", "seed = [0]")
+    out, calls = tmp_path / "exp", tmp_path / "calls.txt"
+    victim = "mode-record_epsilon-2_seed-0"
+    monkeypatch.setenv("FAKE_SIMULATE_STOP", f"{victim}:{how}")
+    points = _run(text, out, calls)
+    assert victim in {p.run_id for p in points} and not is_finished(out, victim)
+    rows = {r["run_id"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert "stopped by a signal" in rows[victim]["status"]
+    assert rows[victim]["returncode"] == ("-9" if how == "kill" else how)
+    summary = (out / "summary.md").read_text()
+    assert f"- **Runs**: {len(points)} planned, {len(points) - 1} finished" in summary
+    assert f"`{victim}`: stopped by a signal" in summary
+
+    monkeypatch.delenv("FAKE_SIMULATE_STOP")
+    calls.unlink()
+    _run(text, out, calls)  # the rerun starts the stopped point again, and only it
+    assert calls.read_text().split() == [victim]
+    rows = {r["run_id"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert (rows[victim]["returncode"], rows[victim]["rounds_completed"]) == ("0", "2")
+    assert is_finished(out, victim)
+
+
+def test_the_command_counts_a_stopped_point_as_unfinished_and_reruns_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedcore.cli import main
+    from fedcore.experiment import runner
+
+    text = TINY.replace('"none", ', "").replace("seed = [0, 1]", "seed = [0]")
+    (tmp_path / "spec.toml").write_text(text)
+    out, calls = tmp_path / "exp", tmp_path / "calls.txt"
+    monkeypatch.setattr(runner, "simulate_command", lambda point, out: _fake(calls)(point, out))
+    argv = ["experiment", str(tmp_path / "spec.toml"), "--out", str(out)]
+    victim = "mode-record_epsilon-8_seed-0"
+    monkeypatch.setenv("FAKE_SIMULATE_STOP", f"{victim}:143")
+    assert main(argv) == 1
+    monkeypatch.delenv("FAKE_SIMULATE_STOP")
+    calls.unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "4 runs (3 already finished)" in capsys.readouterr().err
+    assert calls.read_text().split() == [victim]
