@@ -46,8 +46,14 @@ from typing import Any, Literal
 import torch
 
 from fedcore import __version__
+from fedcore._files import PUBLIC_MODE, atomic_write_through, json_bytes
 from fedcore.config import Settings
 from fedcore.errors import ConfigError, RecordInUseError
+from fedcore.protections import (  # noqa: F401 - the lists, re-exported for readers
+    RECORD_LEVEL_WITHHELD,
+    SITE_LEVEL_WITHHELD,
+    protections_of,
+)
 
 Status = Literal["completed", "stopped", "failed", "interrupted"]
 STATUS_FILE = "status.json"
@@ -118,37 +124,10 @@ class RoundRow:
 
 OPERATOR_FILE = "operator.jsonl"
 
-# With site-level DP (DP-FedAvg): who was sampled, how many, what they sent or measured. Each is a
-# function of the secret sample (amplification assumes nobody learns it) or a non-private per-site
-# statistic; the epsilon covers neither (issue 11, point 2).
-SITE_LEVEL_WITHHELD = (
-    "sites_sampled",
-    "sites_replied",
-    "sites_failed",
-    "sites_declined",
-    "train_loss",
-    "num_examples",
-    "site_eval_loss",
-    "site_eval_accuracy",
-    "failures",
-    "site_epsilon",
-    "bytes_down",
-    "bytes_up",
-    "secagg",
-    "round_failed",  # whether every sampled site failed: a function of the sample and the sites
-)
-# With record-level DP only (DP-SGD): what is computed from training records without noise. A
-# site's evaluation on its own test split stays, labelled as outside the guarantee.
-RECORD_LEVEL_WITHHELD = ("train_loss", "num_examples")
-
-
 def withheld_fields(settings: Settings) -> tuple[str, ...]:
-    """The history fields that go to ``operator.jsonl`` instead of ``history.jsonl``."""
-    if settings.dp.server.epsilon is not None:
-        return SITE_LEVEL_WITHHELD
-    if settings.dp.site.epsilon is not None:
-        return RECORD_LEVEL_WITHHELD
-    return ()
+    """The history fields that go to ``operator.jsonl`` instead of ``history.jsonl``: what the run
+    may publish is decided by its protections (:class:`fedcore.protections.Publication`)."""
+    return protections_of(settings).publication.withheld_fields()
 
 
 def read_rows(out_dir: str | Path, *, operator: bool = False) -> list[dict[str, Any]]:
@@ -178,22 +157,6 @@ def _append_private(path: Path, doc: Mapping[str, Any]) -> None:
 def default_out_dir(root: str | Path = "runs") -> Path:
     return Path(root) / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
-
-def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
-    """Write ``path`` through ``write(fh)`` into a temporary file, fsync it, then rename it;
-    ``private``: mode 0600 (for what the privacy guarantees do not cover)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    if private:
-        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its mode otherwise
-    with os.fdopen(fd, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-_atomic_write = atomic_write
 
 WRITER_LOCK = ".writer.lock"
 
@@ -276,8 +239,10 @@ class RunRecord:
             "started_at": self.started.isoformat(timespec="seconds"),
             **dict(extra or {}),
         }
-        _atomic_write(
-            self.path / "config.json", lambda fh: fh.write(json.dumps(config, indent=2).encode())
+        atomic_write_through(
+            self.path / "config.json",
+            lambda fh: fh.write(json.dumps(config, indent=2).encode()),
+            mode=PUBLIC_MODE,
         )
         (self.path / "history.jsonl").touch()
 
@@ -306,7 +271,9 @@ class RunRecord:
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"{str(record.path)!r} holds no readable run record: {exc}") from exc
         text = "".join(json.dumps(record._public(r.to_json())) + "\n" for r in rows)
-        atomic_write(record.path / "history.jsonl", lambda fh: fh.write(text.encode()))
+        atomic_write_through(
+            record.path / "history.jsonl", lambda fh: fh.write(text.encode()), mode=PUBLIC_MODE
+        )
         return record
 
     SITES_FILE = "sites.json"
@@ -357,11 +324,15 @@ class RunRecord:
         _append_private(self.path / OPERATOR_FILE, doc)
 
     def write_json(self, name: str, doc: Mapping[str, Any]) -> None:
-        """Write ``doc`` as ``name`` in the record, atomically."""
-        _atomic_write(self.path / name, lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
+        """Write ``doc`` as ``name`` in the record, atomically, as strict JSON: a NaN or an
+        infinity is written as ``null`` (bare ``NaN`` is not JSON; other readers refuse it)."""
+        data = json_bytes(doc, indent=2)
+        atomic_write_through(self.path / name, lambda fh: fh.write(data), mode=PUBLIC_MODE)
 
     def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
-        _atomic_write(self.path / "model.pt", lambda fh: torch.save(dict(state), fh))
+        atomic_write_through(
+            self.path / "model.pt", lambda fh: torch.save(dict(state), fh), mode=PUBLIC_MODE
+        )
 
     def finish(self, *, status: Status, reason: str = "") -> None:
         """Write ``summary.md`` and ``accuracy.png``; safe to call after a failure."""

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedcore.config import Settings
-from fedcore.errors import ConfigError
+from fedcore.data import SiteData
+from fedcore.errors import BudgetExceededError, ConfigError
 from fedcore.federation.site.store import SiteStore
+from fedcore.protections import RecordLevel, protections_of
 
 if TYPE_CHECKING:
     from fedcore.privacy import PrivacyLedger
@@ -61,30 +64,67 @@ def run_sites_dir(settings: Settings) -> Path:
     return Path(settings.out) / "sites"
 
 
+def record_level(settings: Settings) -> RecordLevel:
+    """The run's record-level DP (:attr:`fedcore.protections.Protections.record`). Raises
+    :class:`ConfigError` when it is off."""
+    record = protections_of(settings).record
+    if record is None:
+        raise ConfigError("setting 'dp.site.epsilon' is unset: record-level DP is off")
+    return record
+
+
 def site_ledger(
     settings: Settings, *, site_id: int, node_config: Mapping[str, Any]
 ) -> PrivacyLedger:
     """Open (or create) site ``site_id``'s record-level ledger with the run's budget.
 
-    Raises :class:`ConfigError` if the file holds another budget or accountant,
-    :class:`~fedcore.privacy.CorruptLedgerError` for a damaged file (left untouched),
+    Raises :class:`ConfigError` if record-level DP is off or the file holds another budget or
+    accountant, :class:`~fedcore.privacy.CorruptLedgerError` for a damaged file (left untouched),
     :class:`~fedcore.errors.LedgerLostError` for a lost or rolled-back ledger.
     """
     # Imported here: dp-accounting (through scipy) costs seconds, and in deployment every message
     # to a site starts a fresh ClientApp process; only sites with record-level DP pay for it.
-    from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind
+    from fedcore.privacy import PrivacyLedger
 
-    dp = settings.dp.site
-    if dp.epsilon is None:
-        raise ConfigError("setting 'dp.site.epsilon' is unset: record-level DP is off")
+    record = record_level(settings)
     store = SiteStore(site_state_dir(settings, node_config), site_id).ensure()
     return PrivacyLedger.open(
         store.ledger_path,
-        scope=Scope(ScopeKind.SITE_RECORDS, f"site-{site_id}"),
-        budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
-        accountant=settings.dp.accountant,
+        scope=record.scope(site_id),
+        budget=record.budget(),
+        accountant=record.accountant,
         released=store.has_released(),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SiteDeclined:
+    """The site will not train this round: its record-level budget cannot afford it."""
+
+    site_epsilon: float
+    reason: str
+
+
+def affordability(
+    settings: Settings, site: SiteData, *, node_config: Mapping[str, Any]
+) -> SiteDeclined | None:
+    """Whether the site's record-level budget affords this round (None: it does, or DP is off).
+
+    Lets a site decline before a multi-stage protocol (secure aggregation) starts, rather than
+    after it has joined. Charges nothing.
+    """
+    record = protections_of(settings).record
+    if record is None:
+        return None
+    from fedcore.privacy.dpsgd_plan import plan_round
+
+    ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
+    plan = plan_round(record.dp_config(), num_examples=len(site.train.y), ledger=ledger)
+    try:
+        ledger.check(plan.event)
+    except BudgetExceededError as exc:
+        return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))
+    return None
 
 
 def check_site_round(
@@ -98,29 +138,20 @@ def check_site_round(
     tenths of a second where the accountant can take seconds) is tried first: above the budget,
     the accountant's cost is too, and the round is refused at once. ``exact=False`` stops there
     (nothing is accepted on a lower bound, only refused)."""
-    dp = settings.dp.site
-    if dp.epsilon is None or num_examples < 1:
+    dp = protections_of(settings).record
+    if dp is None or num_examples < 1:
         return
-    from fedcore.federation.site.rounds import dp_config
-    from fedcore.privacy import Budget, PrivacyLedger, Scope, ScopeKind, epsilon
+    from fedcore.privacy import PrivacyLedger, epsilon
     from fedcore.privacy.accountant import epsilon_lower_bound
     from fedcore.privacy.dpsgd_plan import plan_round
 
-    ledger = PrivacyLedger(
-        scope=Scope(ScopeKind.SITE_RECORDS, f"site-{site_id}"),
-        budget=Budget(epsilon=dp.epsilon, delta=dp.delta),
-        accountant=settings.dp.accountant,
-    )
-    plan = plan_round(dp_config(settings), num_examples=num_examples, ledger=ledger)
+    ledger = PrivacyLedger(scope=dp.scope(site_id), budget=dp.budget(), accountant=dp.accountant)
+    plan = plan_round(dp.dp_config(), num_examples=num_examples, ledger=ledger)
     low = epsilon_lower_bound([plan.event], delta=dp.delta)
     if low <= dp.epsilon and not exact:
         return
     at_least = "at least " if low > dp.epsilon else ""
-    cost = (
-        low
-        if at_least
-        else epsilon([plan.event], delta=dp.delta, accountant=settings.dp.accountant)
-    )
+    cost = low if at_least else epsilon([plan.event], delta=dp.delta, accountant=dp.accountant)
     if not cost <= dp.epsilon:
         raise ConfigError(
             f"dp.site.epsilon={dp.epsilon:g} cannot afford one round at site {site_id}: one round "

@@ -39,8 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fedcore._files import create_exclusive, read_private
 from fedcore.errors import ConfigError, CorruptJournalError, LocalProtocolError
-from fedcore.federation.site.store import SiteStore, create_exclusive, read_private
+from fedcore.federation.site.store import SiteStore
 
 FORMAT = "fedcore.secagg.journal/1"
 HEADER = json.dumps({"format": FORMAT}).encode() + b"\n"

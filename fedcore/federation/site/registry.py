@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcore._files import create_exclusive, read_private
 from fedcore.config import Settings
 from fedcore.crypto.agreement import derive_key
 from fedcore.crypto.certs import (
@@ -58,7 +59,7 @@ from fedcore.crypto.certs import (
 from fedcore.crypto.signing import PUBLIC_BYTES, verify_key_of
 from fedcore.errors import ConfigError, InvalidMessage
 from fedcore.federation.site.folders import is_simulated, run_sites_dir, site_state_dir
-from fedcore.federation.site.store import SiteStore, create_exclusive, read_private
+from fedcore.federation.site.store import SiteStore
 
 FOLDER = "secagg-registry"
 SUFFIX = ".ed25519.pub"

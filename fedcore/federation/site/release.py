@@ -29,7 +29,7 @@ or for a secure-aggregation message, and :func:`fedcore.federation.site.rounds.t
 under ``secagg.enabled``.
 
 A stored file is trusted only after every check: a private regular file owned by this user
-(:func:`~fedcore.federation.site.store.read_private`), its own SHA-256 over key and content, and
+(:func:`~fedcore._files.read_private`), its own SHA-256 over key and content, and
 its key equal to the question asked. A file that fails any check is ignored with a WARNING: the
 site trains and is charged afresh (budget spent, privacy intact), and never re-sends an update that
 was not the answer to this exact question. The digest detects damage, not forgery: whoever can
@@ -54,10 +54,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedcore._files import atomic_write, read_private
 from fedcore.config import Settings
 from fedcore.federation import messages as m
 from fedcore.federation.site.secagg import SECAGG
-from fedcore.federation.site.store import SiteStore, atomic_write, read_private
+from fedcore.federation.site.store import SiteStore
 
 log = logging.getLogger(__name__)
 

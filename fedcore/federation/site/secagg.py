@@ -207,6 +207,7 @@ def answer_stage(
         rng=derive_rng(key, context=b"secagg|" + config.round_id + b"|" + entry.nonce),
         signing_key=secagg_registry.signing_seed(key) if active else None,
         registry=_certified(registry, identity) if active else None,
+        floors=floors,  # held by the client at every stage, against the sites that take part
     )
     round_id = config.round_id
     if isinstance(message, AdvertiseRequest | RevealRequest | ShareKeysRequest):

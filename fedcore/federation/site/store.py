@@ -3,129 +3,32 @@
 A site's secure-aggregation key, its round journal, its record-level privacy ledger and its
 registry material all live in one folder on the site's own disk (the node config's ``state-dir``;
 in simulation, where every site shares this machine, ``<run record>/sites``). :class:`SiteStore`
-names each file once and owns the two ways they are written:
+names each file once; every file in it is written and read through :mod:`fedcore._files`:
 
-- :func:`atomic_write`: a reader sees the old file or the new one, never a mix (temporary file,
-  fsync, rename, fsync of the folder), created with mode 0600;
-- :func:`create_exclusive`: written once, never replaced (``O_CREAT | O_EXCL``), mode 0600.
+- :func:`~fedcore._files.atomic_write`: a reader sees the old file or the new one, never a mix
+  (temporary file, fsync, rename, fsync of the folder), created with mode 0600;
+- :func:`~fedcore._files.create_exclusive`: written once, never replaced, mode 0600.
 
-Secret files are read only through :func:`read_private`, which refuses a file that is a symbolic
-link, is not owned by this user, or can be read or written by anyone else: a key planted by another
-user, or a link to a file an attacker controls, is refused with a :class:`ConfigError` rather than
-used silently.
+Secret files are read only through :func:`~fedcore._files.read_private`, which refuses a file that
+is a symbolic link, is not owned by this user, or can be read or written by anyone else: a key
+planted by another user, or a link to a file an attacker controls, is refused with a
+:class:`ConfigError` rather than used silently.
 
-:meth:`SiteStore.lock` is an OS advisory lock (``fcntl.flock``) on a lock file beside the data,
-held while a file is read, checked and rewritten, so two processes of one site never interleave a
-read-modify-write (a lost privacy charge, a journal entry written twice).
+:meth:`SiteStore.lock` is an OS advisory lock (:func:`~fedcore._files.lock_file`) on a lock file
+beside the data, held while a file is read, checked and rewritten, so two processes of one site
+never interleave a read-modify-write (a lost privacy charge, a journal entry written twice).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from fedcore._files import lock_file
 from fedcore.errors import ConfigError
-
-PRIVATE_MODE = 0o600
-
-
-def check_private(path: Path) -> None:
-    """Raise :class:`ConfigError` unless ``path`` is a regular file (not a link), owned by this
-    user, with no permission for group or others. Nothing is changed."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        raise ConfigError(f"{str(path)!r} does not exist") from None
-    if stat.S_ISLNK(info.st_mode):
-        raise ConfigError(f"{str(path)!r} is a symbolic link; a site's secret files must be plain files")
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{str(path)!r} is not a regular file")
-    if info.st_uid != os.geteuid():
-        raise ConfigError(
-            f"{str(path)!r} is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()})"
-        )
-    if info.st_mode & 0o077:
-        raise ConfigError(
-            f"{str(path)!r} has mode {stat.S_IMODE(info.st_mode):04o}; expected 0600 "
-            "(readable and writable by its owner only)"
-        )
-
-
-def read_private(path: Path) -> bytes:
-    """The bytes of a secret file, after :func:`check_private`. Raises :class:`ConfigError`."""
-    check_private(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read()
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = PRIVATE_MODE) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp file, fsync, rename, fsync dir)."""
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def create_exclusive(path: Path, data: bytes, *, mode: int = PRIVATE_MODE) -> bool:
-    """Create ``path`` holding ``data`` unless it exists; True if this call created it.
-
-    The file appears whole: it is written under a temporary name and linked into place, so a
-    concurrent reader never sees it half-written, and of two concurrent creators exactly one wins.
-    """
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=directory)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(directory)
-    return True
-
-
-@contextlib.contextmanager
-def lock_file(path: Path) -> Iterator[None]:
-    """Hold an exclusive OS lock (``fcntl.flock``) on ``path``, created 0600 if needed; waits for
-    another holder. Closing the descriptor on leaving releases it, also when a process dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +51,12 @@ class SiteStore:
         """The site's secure-aggregation round journal (one entry per round id it took part in)."""
         return self.root / f"site-{self.site_id}.secagg.journal"
 
+    # Every site's ledger in one folder (the simulation's server reads them for privacy.json).
+    LEDGER_GLOB: ClassVar[str] = "site-*.ledger.json"
+
     @property
     def ledger_path(self) -> Path:
-        """The site's record-level privacy ledger."""
+        """The site's record-level privacy ledger (one of :attr:`LEDGER_GLOB`)."""
         return self.root / f"site-{self.site_id}.ledger.json"
 
     @property
