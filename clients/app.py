@@ -23,9 +23,16 @@ from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site import release as site_release
 from fedcore.federation.site import secagg as secagg_site
 from fedcore.federation.site.data import site_data
-from fedcore.federation.site.folders import is_simulated, site_ledger, site_state_dir
-from fedcore.federation.site.rounds import SiteDeclined, affordability, evaluate_round, train_round
+from fedcore.federation.site.folders import (
+    SiteDeclined,
+    affordability,
+    is_simulated,
+    site_ledger,
+    site_state_dir,
+)
+from fedcore.federation.site.rounds import evaluate_round, train_round
 from fedcore.federation.site.store import SiteStore
+from fedcore.protections import protections_of
 
 # Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
 FEDCORE_ERROR_CODE = 700
@@ -66,7 +73,10 @@ def secagg_mod(
     try:
         settings = from_run_config(context.run_config)
         site = site_data(settings, context.node_config)
-        if settings.dp.site.epsilon is not None and request.get("stage") == secagg_site.ENROL:
+        if (
+            protections_of(settings).record is not None
+            and request.get("stage") == secagg_site.ENROL
+        ):
             # Open (or create) the ledger before enrolment creates the key: a key without a ledger
             # is a lost ledger (LedgerLostError), so a new site must make its ledger first.
             site_ledger(settings, site_id=site.site_id, node_config=context.node_config)
@@ -121,7 +131,8 @@ def secagg_mod(
 @app.train(mods=[secagg_mod])
 @_replies_with_errors
 def train(msg: Message, context: Context) -> Message:
-    if batched.is_batch(msg):  # a simulated node playing many sites (fedcore.federation.simulation.batched)
+    # a simulated node playing many sites (fedcore.federation.simulation.batched)
+    if batched.is_batch(msg):
         settings = from_run_config(context.run_config)
         return batched.answer_batch(msg, context, settings, train_site)
     return train_site(msg, context)

@@ -44,6 +44,7 @@ SITE_ID = "site-id"
 SITE_EPSILON = "site_epsilon"
 DECLINED = "declined"
 RUN_ID = "fedcore-run-id"
+SECAGG = "secagg"  # the record that carries a secure-aggregation stage, in requests and replies
 RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # what RunRecord makes: secrets.token_hex(16)
 
 _R = TypeVar("_R", ArrayRecord, ConfigRecord, MetricRecord)

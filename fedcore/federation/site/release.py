@@ -24,9 +24,9 @@ uncharged release.
 Never under secure aggregation: there the server learns only a sum, and putting one update into
 two sessions with different survivor sets would reveal the difference of the two sums
 (:mod:`fedcore.federation.site.journal`), so a resumed round is a new session with fresh
-training, charged as a new release; :func:`release_key` gives no key under ``secagg.enabled``
+training, charged as a new release; :func:`release_key` gives no key under secure aggregation
 or for a secure-aggregation message, and :func:`fedcore.federation.site.rounds.train_round` ignores one
-under ``secagg.enabled``.
+there.
 
 A stored file is trusted only after every check: a private regular file owned by this user
 (:func:`~fedcore._files.read_private`), its own SHA-256 over key and content, and
@@ -57,8 +57,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from fedcore._files import atomic_write, read_private
 from fedcore.config import Settings
 from fedcore.federation import messages as m
-from fedcore.federation.site.secagg import SECAGG
 from fedcore.federation.site.store import SiteStore
+from fedcore.protections import protections_of
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,10 @@ def release_key(msg: Message, settings: Settings) -> ReleaseKey | None:
     re-sent: record-level DP is off (nothing is charged), secure aggregation is on or the message
     is a secure-aggregation stage, or the server sent no run id. Raises
     :class:`~fedcore.errors.RemoteProtocolError` for a malformed instruction."""
-    if settings.dp.site.epsilon is None or settings.secagg.enabled:
+    protections = protections_of(settings)
+    if protections.record is None or protections.secagg is not None:
         return None
-    if SECAGG in msg.content.config_records:
+    if m.SECAGG in msg.content.config_records:
         return None
     arrays, config = m.instruction(msg)
     run_id = m.read_run_id(config)

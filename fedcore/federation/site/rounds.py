@@ -20,10 +20,11 @@ from fedcore.crypto import CryptoRng
 from fedcore.data import SiteData
 from fedcore.errors import BudgetExceededError, RemoteProtocolError
 from fedcore.federation.site import release as site_release
-from fedcore.federation.site.folders import site_ledger, site_state_dir
+from fedcore.federation.site.folders import SiteDeclined, record_level, site_ledger, site_state_dir
 from fedcore.federation.site.release import Release, ReleaseKey
 from fedcore.federation.site.store import SiteStore
 from fedcore.models import build_model
+from fedcore.protections import protections_of
 from fedcore.training import EvalResult, evaluate, pick_device, train_epochs
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,7 @@ class SiteUpdate:
     site_epsilon: float | None = None  # record-level spend after this round (DP-SGD only)
 
 
-@dataclass(frozen=True, slots=True)
-class SiteDeclined:
-    """The site will not train this round: its record-level budget cannot afford it."""
-
-    site_epsilon: float
-    reason: str
+__all__ = ["SiteDeclined", "SiteUpdate", "evaluate_round", "round_seed", "train_round"]
 
 
 def _model_with(
@@ -108,8 +104,9 @@ def train_round(
     """
     _threads(settings)
     model = _model_with(settings, site, num_classes, input_shape, global_state)
-    if settings.dp.site.epsilon is not None:
-        if release is not None and not settings.secagg.enabled:
+    protections = protections_of(settings)
+    if protections.record is not None:
+        if release is not None and protections.secagg is None:
             return _train_dp_once(
                 settings, site, model, release=release, node_config=node_config or {}
             )
@@ -129,41 +126,6 @@ def train_round(
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return SiteUpdate(state=state, num_examples=len(site.train.y), train_loss=result.loss)
-
-
-def affordability(
-    settings: Settings, site: SiteData, *, node_config: Mapping[str, Any]
-) -> SiteDeclined | None:
-    """Whether the site's record-level budget affords this round (None: it does, or DP is off).
-
-    Lets a site decline before a multi-stage protocol (secure aggregation) starts, rather than
-    after it has joined. Charges nothing.
-    """
-    if settings.dp.site.epsilon is None:
-        return None
-    from fedcore.privacy.dpsgd_plan import plan_round
-
-    ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
-    plan = plan_round(dp_config(settings), num_examples=len(site.train.y), ledger=ledger)
-    try:
-        ledger.check(plan.event)
-    except BudgetExceededError as exc:
-        return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))
-    return None
-
-
-def dp_config(settings: Settings):  # noqa: ANN202 - SiteDPConfig, imported lazily
-    from fedcore.privacy.dpsgd_plan import SiteDPConfig
-
-    dp = settings.dp.site
-    return SiteDPConfig(
-        epochs=settings.local_epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        max_grad_norm=dp.max_grad_norm,
-        noise_multiplier=dp.noise_multiplier,
-        planned_rounds=settings.rounds,
-    )
 
 
 def _train_dp_once(
@@ -225,7 +187,7 @@ def _train_dp(
     from fedcore.privacy.dpsgd import train_dp_sgd
 
     ledger = site_ledger(settings, site_id=site.site_id, node_config=node_config)
-    config = dp_config(settings)
+    config = record_level(settings).dp_config()
     try:
         result = train_dp_sgd(
             model,
