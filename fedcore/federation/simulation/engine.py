@@ -86,12 +86,17 @@ import time
 import tomllib
 from pathlib import Path
 
+import fedcore
 from fedcore.config import Settings
 from fedcore.errors import ConfigError
 from fedcore.federation.site.folders import SIMULATION_MARKER
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
+
+
+# The fedcore package's folder, wherever this module sits inside it.
+_PACKAGE = Path(fedcore.__file__).resolve().parent
 
 
 def find_app_dir(start: Path | None = None) -> Path:
@@ -102,7 +107,7 @@ def find_app_dir(start: Path | None = None) -> Path:
     candidates: list[Path] = []
     if env := os.environ.get("FEDCORE_APP_DIR"):
         candidates.append(Path(env))
-    candidates.append(Path(__file__).resolve().parents[2])
+    candidates.append(_PACKAGE.parent)  # the checkout the library lives in
     here = (start or Path.cwd()).resolve()
     candidates += [here, *here.parents]
     for folder in candidates:
@@ -124,7 +129,7 @@ def installed_app_dir() -> Path | None:
     temporary (removed when this process exits): links to the two packages and a pyproject whose
     ``[tool.flwr.app.config]`` is :class:`Settings`' defaults.
     """
-    installed = Path(__file__).resolve().parents[1] / "_app"
+    installed = _PACKAGE / "_app"
     if not all((installed / part / "app.py").is_file() for part in ("server", "clients")):
         return None
     import atexit
