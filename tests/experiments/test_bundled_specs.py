@@ -72,4 +72,7 @@ def test_tiny_experiment_through_fedcore_simulate(tmp_path: Path) -> None:
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0
     assert "(8 already finished)" in again.stderr.replace("\n", " ")
-    assert sorted(p.name for p in (out / "runs").glob("*.log")) == sorted(f"{r['run_id']}.log" for r in rows)
+    # each point's console output is the operator's: owner-only, in logs/ (issue 20, point 2)
+    logs = sorted((out / "logs").glob("*.log"))
+    assert [p.name for p in logs] == sorted(f"{r['run_id']}.log" for r in rows)
+    assert all(p.stat().st_mode & 0o077 == 0 for p in logs)
