@@ -1,20 +1,49 @@
-"""The human side of a run record: ``summary.md`` and ``accuracy.png``."""
+"""The human side of a run record: ``summary.md``, ``accuracy.png`` and ``privacy.png``.
+
+Every answer about the run's protections comes from :func:`fedcore.protections.protections_of`
+(never the raw ``dp.*`` settings), and every epsilon printed or plotted names the neighbouring
+relation it holds for (:mod:`fedcore.privacy.relations`, :data:`fedcore.protections.RECORD_RELATION`).
+:func:`close_record` closes a run: the record's own closing files (:meth:`RunRecord.finish`) and
+these; the record never imports this module.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedcore.runrecord import withheld_fields
+from fedcore.mechanisms import BudgetAgainst
+from fedcore.privacy.relations import SiteRelation
+from fedcore.protections import protections_of
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
     from fedcore.config import Settings
-    from fedcore.runrecord import RunRecord, Status
+    from fedcore.mechanisms import Mechanism
+    from fedcore.protections import Protections
+    from fedcore.runrecord import RoundRow, RunRecord, Status
+
+SAMPLE_KNOWN = "server_epsilon_sample_known"
+SAMPLE_KNOWN_REPLACE_ONE = "server_epsilon_sample_known_replace_one"
 
 
-def _fmt(value: float, spec: str = ".4f") -> str:
+def close_record(record: RunRecord, *, status: Status, reason: str = "") -> None:
+    """Close a run: ``accuracy.png``, ``privacy.png`` (with DP on) and ``summary.md``, then the
+    record's own closing files (:meth:`RunRecord.finish`: ``status.json``, written last, so a
+    program that sees it finds the rest). Safe to call after a failure."""
+    write_accuracy_plot(record, record.path / "accuracy.png")
+    write_privacy_plot(record, record.path / "privacy.png")
+    write_summary(record, record.path / "summary.md", status=status, reason=reason)
+    record.finish(status=status, reason=reason)
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
     return (
         "-"
         if value is None or (isinstance(value, float) and not math.isfinite(value))
@@ -32,29 +61,40 @@ def _bytes(n: int) -> str:
 
 def privacy_mode(settings: Settings) -> str:
     """The privacy protections of a run and their key parameters, in one line (summary and plots)."""
+    protections = protections_of(settings)
     parts = []
-    sa = settings.secagg
-    if sa.enabled:
+    sa = protections.secagg
+    if sa is not None:
         threshold = "default" if sa.threshold is None else str(sa.threshold)
+        neighbors = "complete" if sa.neighbors == 0 else str(sa.neighbors)
         parts.append(
-            f"secure aggregation ({sa.mode}, neighbors {sa.neighbors}, threshold {threshold}, "
+            f"secure aggregation ({sa.mode_name}, neighbors {neighbors}, threshold {threshold}, "
             f"{sa.bits} bits)"
         )
-    site = settings.dp.site
-    if site.epsilon is not None:
-        noise = "calibrated" if site.noise_multiplier is None else f"{site.noise_multiplier:g}"
+    site = protections.record
+    if site is not None:
+        noise = "calibrated" if site.calibrated else f"{site.noise_multiplier:g}"
         parts.append(
             f"record-level DP-SGD (eps {site.epsilon:g}, delta {site.delta:g}, noise {noise}, "
             f"clip {site.max_grad_norm:g})"
         )
-    server = settings.dp.server
-    if server.epsilon is not None:
-        noise = "calibrated" if server.noise_multiplier is None else f"{server.noise_multiplier:g}"
+    server = protections.mechanism
+    if server is not None:
+        noise = "calibrated" if server.calibrated else f"{server.noise_multiplier:g}"
         parts.append(
             f"site-level DP-FedAvg (eps {server.epsilon:g}, delta {server.delta:g}, noise {noise}, "
-            f"{server.clipping} clip {server.clip_norm:g}, sampling rate {settings.fraction_train:g})"
+            f"{server.clip.value} clip {server.clip_norm:g}, sampling rate {server.sampling_rate:g})"
         )
     return "; ".join(parts) if parts else "no privacy protection (plain federated averaging)"
+
+
+def _withheld(record: RunRecord) -> tuple[str, ...]:
+    """The history fields the run may not publish (:class:`fedcore.protections.Publication`)."""
+    return protections_of(record.settings).publication.withheld_fields()
+
+
+def has_privacy(record: RunRecord) -> bool:
+    return protections_of(record.settings).any_dp
 
 
 def write_accuracy_plot(record: RunRecord, path: Path) -> None:
@@ -70,7 +110,7 @@ def write_accuracy_plot(record: RunRecord, path: Path) -> None:
     loss = [record.initial_loss] + [r.eval_loss for r in record.rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     ax_acc.plot(rounds, accuracy, marker="o", label="central (held-out)")
-    withheld = withheld_fields(record.settings)
+    withheld = _withheld(record)
     if "site_eval_accuracy" not in withheld and any(
         math.isfinite(r.site_eval_accuracy) for r in record.rows
     ):
@@ -112,29 +152,28 @@ def write_accuracy_plot(record: RunRecord, path: Path) -> None:
     plt.close(fig)
 
 
-def has_privacy(record: RunRecord) -> bool:
-    dp = record.settings.dp
-    return dp.site.epsilon is not None or dp.server.epsilon is not None
+# -- the privacy plot ---------------------------------------------------------------------------
 
 
-def write_privacy_plot(record: RunRecord, path: Path) -> None:
-    """Epsilon spent per round: the federation's (DP-FedAvg) and each site's (DP-SGD), with budgets."""
-    if not has_privacy(record):
-        return
-    import matplotlib
+def _label(what: str, relation: str) -> str:
+    """A legend entry: what the line is, then the neighbouring relation it holds for."""
+    return textwrap.fill(f"{what}; relation: {relation}", width=90)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    dp = record.settings.dp
-    fig, ax = plt.subplots(figsize=(7, 4))
-    rounds = [r.round for r in record.rows]
-    # Which site reported in which round would reveal the sample under site-level DP.
-    withheld = withheld_fields(record.settings)
+def budget_relation(mechanism: Mechanism) -> str:
+    """The relation of the epsilon a site-level budget binds (``dp.server.budget_against``)."""
+    if mechanism.budget_against is BudgetAgainst.SAMPLE_KNOWN:
+        return mechanism.sample_known_relation
+    return mechanism.relation
+
+
+def _plot_record_level(ax: Axes, record: RunRecord, protections: Protections) -> list[float]:
+    """Each site's record-level epsilon (unless withheld: which site reported in which round would
+    reveal the sample under site-level DP) and the site budget. Returns the budget, for the axis."""
+    relation = protections.record.relation if protections.record is not None else ""
     sites = (
         []
-        if "site_epsilon" in withheld
+        if "site_epsilon" in _withheld(record)
         else sorted({site for r in record.rows for site in r.site_epsilon}, key=int)
     )
     for i, site in enumerate(sites):
@@ -144,96 +183,199 @@ def write_privacy_plot(record: RunRecord, path: Path) -> None:
             color="tab:blue",
             alpha=0.35,
             marker=".",
-            label="each site (record level)" if i == 0 else None,
+            label=_label("each site (record level)", relation) if i == 0 else None,
         )
-    if dp.site.epsilon is not None:
-        ax.axhline(
-            dp.site.epsilon,
-            color="tab:blue",
-            linestyle="--",
-            label=f"site budget {dp.site.epsilon:g}",
-        )
-    if dp.server.epsilon is not None:
-        ax.plot(
-            rounds,
+    if protections.record is None:
+        return []
+    budget = protections.record.epsilon
+    ax.axhline(
+        budget, color="tab:blue", linestyle="--", label=_label(f"site budget {budget:g}", relation)
+    )
+    return [budget]
+
+
+def _plot_site_level(ax: Axes, record: RunRecord, mechanism: Mechanism) -> list[float]:
+    """The federation's epsilons, one curve per observer and relation, and its budget. Returns
+    the values the axis must show."""
+    rounds = [r.round for r in record.rows]
+    known = "site level, observers who know the sample"
+    curves = (  # (what, relation, values, colour, marker)
+        (
+            "site level, observers who do not know the sample",
+            mechanism.relation,
             [r.server_epsilon for r in record.rows],
-            color="tab:red",
-            marker="o",
-            label="site level, observers who do not know the sample",
-        )
-        ax.plot(
-            rounds,
-            [sample_known(r) for r in record.rows],
-            color="tab:purple",
-            marker="s",
-            label="site level, observers who know the sample",
-        )
-        ax.axhline(
-            dp.server.epsilon,
-            color="tab:red",
-            linestyle="--",
-            label=f"federation budget {dp.server.epsilon:g} (binds {dp.server.budget_against})",
-        )
+            "tab:red",
+            "o",
+        ),
+        (
+            known,
+            mechanism.sample_known_relation,
+            [extra_epsilon(r, SAMPLE_KNOWN) for r in record.rows],
+            "tab:purple",
+            "s",
+        ),
+        (
+            known,
+            SiteRelation.REPLACE_ONE.value,
+            [extra_epsilon(r, SAMPLE_KNOWN_REPLACE_ONE) for r in record.rows],
+            "tab:pink",
+            "^",
+        ),
+    )
+    shown: list[float] = [mechanism.epsilon]
+    for what, relation, values, color, marker in curves:
+        finite = [v for v in values if math.isfinite(v)]
+        if finite or relation == mechanism.relation:
+            ax.plot(rounds, values, color=color, marker=marker, label=_label(what, relation))
+            shown += finite
+    binds = mechanism.budget_against.value
+    ax.axhline(
+        mechanism.epsilon,
+        color="tab:red",
+        linestyle="--",
+        label=_label(
+            f"federation budget {mechanism.epsilon:g} (binds {binds})", budget_relation(mechanism)
+        ),
+    )
+    return shown
+
+
+def privacy_figure(record: RunRecord) -> Figure:
+    """The privacy plot: epsilon spent per round, each curve and budget line labelled with the
+    neighbouring relation it holds for. The figure is closed (drawn off pyplot's list)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    protections = protections_of(record.settings)
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    shown = _plot_record_level(ax, record, protections)
+    if protections.mechanism is not None:
+        shown += _plot_site_level(ax, record, protections.mechanism)
     ax.set(
         xlabel="round",
-        ylabel="epsilon spent",
-        title=f"Privacy spent (delta as budgeted, {dp.accountant} accountant)",
+        ylabel="epsilon spent (at the budgeted delta)",
+        title=f"Privacy spent per round ({protections.accountant} accountant)",
     )
-    fig.suptitle(privacy_mode(record.settings), fontsize=8)
+    fig.suptitle(textwrap.fill(privacy_mode(record.settings), width=120), fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    budgets = [b for b in (dp.site.epsilon, dp.server.epsilon) if b is not None]
-    known = [sample_known(r) for r in record.rows] if dp.server.epsilon is not None else []
-    top = max([*budgets, *(k for k in known if math.isfinite(k))])
-    ax.set_ylim(bottom=0, top=1.15 * top)
+    if record.rows:  # every round, released or not (a skipped one has no point)
+        ax.set_xlim(record.rows[0].round - 0.5, record.rows[-1].round + 0.5)
+    ax.set_ylim(bottom=0, top=1.15 * max(shown, default=1.0))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
-def sample_known(row) -> float:  # noqa: ANN001 - a RoundRow
-    """A row's ``server_epsilon_sample_known`` (NaN where the round released nothing)."""
-    value = row.extra.get("server_epsilon_sample_known")
+def write_privacy_plot(record: RunRecord, path: Path) -> None:
+    """``privacy.png`` (:func:`privacy_figure`); nothing when the run has no DP."""
+    if has_privacy(record):
+        privacy_figure(record).savefig(path, dpi=110, bbox_inches="tight")
+
+
+def extra_epsilon(row: RoundRow, key: str) -> float:
+    """A row's epsilon added by a privacy layer (NaN where the round released nothing)."""
+    value = row.extra.get(key)
     return math.nan if value is None else float(value)
 
 
-def _privacy_lines(record: RunRecord) -> list[str]:
-    if not has_privacy(record):
+def sample_known(row: RoundRow) -> float:
+    """A row's ``server_epsilon_sample_known`` (NaN where the round released nothing)."""
+    return extra_epsilon(row, SAMPLE_KNOWN)
+
+
+# -- the summary ----------------------------------------------------------------------------------
+
+
+def _last_finite(values: Iterable[float]) -> float:
+    """The last finite value (the epsilon spent so far), NaN if none."""
+    finite = [v for v in values if math.isfinite(v)]
+    return finite[-1] if finite else math.nan
+
+
+def _record_level_line(record: RunRecord, protections: Protections) -> list[str]:
+    site = protections.record
+    if site is None:
         return []
-    dp = record.settings.dp
-    last = record.rows[-1] if record.rows else None
-    withheld = withheld_fields(record.settings)
-    lines = []
-    if dp.site.epsilon is not None:
-        if "site_epsilon" in withheld:
-            spend = "per-site spends are in `operator.jsonl` (they would reveal the sample)"
-        else:
-            spent = [e for r in record.rows for e in r.site_epsilon.values()]
-            top = f"{max(spent):.3f}" if spent else "-"
-            declined = sum(r.sites_declined for r in record.rows)
-            spend = f"largest spend reported {top}; {declined} site-rounds declined"
-        lines.append(
-            f"- **Record-level DP (DP-SGD)**: budget epsilon {dp.site.epsilon:g} at delta "
-            f"{dp.site.delta:g} per site; {spend}. Each site's epsilon covers one training record "
-            "of that site (add or remove one record; the site sends weight 1, not its example "
-            "count) against anyone who sees its updates or anything derived from them, the server "
-            "included; the sites' evaluation on their own test splits (`site_eval_*`) is outside it."
+    if "site_epsilon" in _withheld(record):
+        spend = "per-site spends are in `operator.jsonl` (they would reveal the sample)"
+    else:
+        spent = [e for r in record.rows for e in r.site_epsilon.values()]
+        top = f"{max(spent):.3f}" if spent else "-"
+        declined = sum(r.sites_declined for r in record.rows)
+        spend = f"largest spend reported {top}; {declined} site-rounds declined"
+    return [
+        f"- **Record-level DP (DP-SGD)**: budget epsilon {site.epsilon:g} at delta "
+        f"{site.delta:g} per site; {spend}. Each site's epsilon holds for the neighbouring "
+        f"relation *{site.relation}*, against anyone who sees its updates or anything derived "
+        "from them, the server included; the sites' evaluation on their own test splits "
+        "(`site_eval_*`) is outside it."
+    ]
+
+
+def _spent_so_far(record: RunRecord) -> str:
+    """``server_epsilon`` at the end: the last finite one, saying so when the last round released
+    nothing (a skipped round charges nothing, so what was spent before it still stands)."""
+    rows = record.rows
+    spent = _last_finite(r.server_epsilon for r in rows)
+    if not math.isfinite(spent):
+        return "- (no round released)"
+    if math.isfinite(rows[-1].server_epsilon):
+        return f"{spent:.3f}"
+    return f"{spent:.3f} (spent so far: round {rows[-1].round} released nothing)"
+
+
+def _site_level_lines(record: RunRecord, mechanism: Mechanism) -> list[str]:
+    known = _last_finite(sample_known(r) for r in record.rows)
+    replace = _last_finite(extra_epsilon(r, SAMPLE_KNOWN_REPLACE_ONE) for r in record.rows)
+    replace_text = (
+        f"; under *{SiteRelation.REPLACE_ONE.value}* `{SAMPLE_KNOWN_REPLACE_ONE}` {replace:.3f}"
+        if math.isfinite(replace)
+        else ""
+    )
+    return [
+        f"- **Site-level DP ({mechanism.title})**: budget epsilon {mechanism.epsilon:g} at delta "
+        f"{mechanism.delta:g}, binding the `{mechanism.budget_against.value}` epsilon (relation "
+        f"*{budget_relation(mechanism)}*).",
+        f"  - `server_epsilon` {_spent_so_far(record)}, for the neighbouring relation "
+        f"*{mechanism.relation}*, against anyone who sees the released models but not which "
+        "sites took part (amplification by sampling).",
+        f"  - `{SAMPLE_KNOWN}` {_fmt(known, '.3f')}, for the neighbouring relation "
+        f"*{mechanism.sample_known_relation}*{replace_text}, against anyone who also knows "
+        "which sites took part (the participants under secure aggregation, the operator), for a "
+        "site that took part in every released round (no amplification).",
+        "  - Neither holds against the server, which sees every update (under secure "
+        "aggregation, the exact sum) before the noise.",
+        _ledger_line(mechanism),
+    ]
+
+
+def _ledger_line(mechanism: Mechanism) -> str:
+    """Whether the federation ledger outlives the run (``dp.server.state_dir``)."""
+    if mechanism.persistent:
+        return (
+            f"  - The federation ledger is kept across runs in `{mechanism.state_dir}`: "
+            "`server_epsilon` counts the rounds of earlier runs with that ledger too."
         )
-    if dp.server.epsilon is not None:
-        known = [sample_known(r) for r in record.rows if math.isfinite(sample_known(r))]
-        lines.append(
-            f"- **Site-level DP (DP-FedAvg)**: budget epsilon {dp.server.epsilon:g} at delta "
-            f"{dp.server.delta:g}, binding the `{dp.server.budget_against}` epsilon. "
-            f"`server_epsilon` {_fmt(last.server_epsilon if last else math.nan, '.3f')} covers one "
-            "whole site (add or remove a site) against anyone who sees the released models but "
-            "not which sites took part (amplification by sampling). "
-            f"`server_epsilon_sample_known` {_fmt(known[-1] if known else math.nan, '.3f')} covers "
-            "one whole site against anyone who also knows which sites took part (the participants "
-            "under secure aggregation, the operator), over the rounds the most-sampled site took "
-            "part in. Neither holds against the server, which sees every update (under secure "
-            "aggregation, the exact sum) before the noise."
-        )
+    return (
+        "  - The federation ledger is per run: it started at zero for this run, and a new run "
+        "with the same sites starts at zero again (set `dp.server.state_dir` to keep it across "
+        "runs)."
+    )
+
+
+def _privacy_lines(record: RunRecord) -> list[str]:
+    protections = protections_of(record.settings)
+    if not protections.any_dp:
+        return []
+    lines = _record_level_line(record, protections)
+    if protections.mechanism is not None:
+        lines += _site_level_lines(record, protections.mechanism)
+    withheld = protections.publication.withheld_fields()
     if withheld:
         lines.append(
             "- **Withheld**: the per-round diagnostics these guarantees do not cover ("
@@ -245,7 +387,7 @@ def _privacy_lines(record: RunRecord) -> list[str]:
 
 
 def _traffic(record: RunRecord) -> str:
-    if "bytes_down" in withheld_fields(record.settings):
+    if "bytes_down" in _withheld(record):
         return "- **Traffic**: withheld under site-level DP (it counts the sampled sites)"
     rows = record.rows
     return (
@@ -268,7 +410,7 @@ _COLUMNS = (
 
 
 def _round_table(record: RunRecord) -> list[str]:
-    withheld = withheld_fields(record.settings)
+    withheld = _withheld(record)
     columns = [c for c in _COLUMNS if c[1] not in withheld]
     headers = [
         f"{name} (outside DP)" if key == "site_eval_accuracy" and has_privacy(record) else name
@@ -290,10 +432,27 @@ def status_line(status: Status, reason: str, *, rounds: int) -> str:
     return f"{status}" + (f": {reason}" if reason else "")
 
 
+def _failures(record: RunRecord) -> list[str]:
+    """The site failures, unless withheld (node ids and reasons would reveal the sample)."""
+    if "failures" in _withheld(record):
+        return []
+    failures = [(r.round, node, why) for r in record.rows for node, why in r.failures.items()]
+    if not failures:
+        return []
+    return ["", "## Site failures", ""] + [
+        f"- round {rnd}, node {node}: {why}" for rnd, node, why in failures
+    ]
+
+
 def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str) -> None:
     s = record.settings
     rows = record.rows
     elapsed = (dt.datetime.now(dt.UTC) - record.started).total_seconds()
+    operator = (
+        ", `operator.jsonl` (withheld diagnostics, mode 0600: not for publication)."
+        if _withheld(record)
+        else "."
+    )
     lines = [
         "# fedcore run",
         "",
@@ -310,17 +469,10 @@ def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str)
         "![accuracy](accuracy.png)",
         "",
         *_round_table(record),
-    ]
-    failures = [(r.round, node, why) for r in rows for node, why in r.failures.items()]
-    if "failures" in withheld_fields(s):
-        failures = []  # node ids and reasons would reveal the sample: operator.jsonl only
-    if failures:
-        lines += ["", "## Site failures", ""]
-        lines += [f"- round {rnd}, node {node}: {why}" for rnd, node, why in failures]
-    lines += [
+        *_failures(record),
         "",
-        "Files: `config.json` (settings), `history.jsonl` (one line per round), `model.pt` (final state_dict)"
-        + (", `operator.jsonl` (withheld diagnostics, mode 0600: not for publication)." if withheld_fields(s) else "."),
+        "Files: `config.json` (settings), `history.jsonl` (one line per round), `model.pt` "
+        "(final state_dict)" + operator,
         "",
     ]
     path.write_text("\n".join(lines))

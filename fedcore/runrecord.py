@@ -6,11 +6,13 @@
 - ``history.jsonl``: one JSON object per round, appended and flushed as each round ends, so a run
   that crashes keeps every finished round;
 - ``model.pt``: the final global model's ``state_dict`` (written atomically);
-- ``summary.md`` and ``accuracy.png``: what a person looks at first;
-- with DP on, ``privacy.json`` (the ledgers and every round's epsilons) and ``privacy.png``;
+- ``summary.md`` and ``accuracy.png``: what a person looks at first (and, with DP on,
+  ``privacy.png``), written by :func:`fedcore.report.close_record`, which the server calls to close
+  a run; this module never imports the report;
+- with DP on, ``privacy.json`` (the ledgers and every round's epsilons);
 - with DP on, ``operator.jsonl`` (mode 0600): per round, the diagnostics the privacy guarantee does
   not cover and that are therefore kept out of ``history.jsonl`` and ``summary.md``
-  (:func:`withheld_fields`). It is for the operator, who already sees them; publish it and the
+  (:class:`fedcore.protections.Publication`). It is for the operator, who already sees them; publish it and the
   epsilons no longer hold as stated.
 - ``checkpoint.pt`` (:mod:`fedcore.federation.server.checkpoint`): what a resumed run continues from;
 - ``sites.json``: which Flower node id was which site (failures are keyed by node id,
@@ -123,11 +125,6 @@ class RoundRow:
 
 
 OPERATOR_FILE = "operator.jsonl"
-
-def withheld_fields(settings: Settings) -> tuple[str, ...]:
-    """The history fields that go to ``operator.jsonl`` instead of ``history.jsonl``: what the run
-    may publish is decided by its protections (:class:`fedcore.protections.Publication`)."""
-    return protections_of(settings).publication.withheld_fields()
 
 
 def read_rows(out_dir: str | Path, *, operator: bool = False) -> list[dict[str, Any]]:
@@ -302,10 +299,10 @@ class RunRecord:
 
     def append(self, row: RoundRow) -> None:
         """Append one round to ``history.jsonl`` and flush it to disk; the fields the privacy
-        guarantee does not cover (:func:`withheld_fields`) go to ``operator.jsonl`` instead."""
+        guarantee does not cover (:meth:`_withheld`) go to ``operator.jsonl`` instead."""
         self.rows.append(row)
         doc = row.to_json()
-        withheld = withheld_fields(self.settings)
+        withheld = self._withheld()
         with open(self.path / "history.jsonl", "a") as fh:
             fh.write(json.dumps(self._public(doc)) + "\n")
             fh.flush()
@@ -316,8 +313,13 @@ class RunRecord:
 
     def _public(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """A history row without the fields the privacy guarantee does not cover."""
-        withheld = withheld_fields(self.settings)
+        withheld = self._withheld()
         return {k: v for k, v in doc.items() if k not in withheld}
+
+    def _withheld(self) -> tuple[str, ...]:
+        """The history fields that go to ``operator.jsonl`` instead of ``history.jsonl``: what the
+        run may publish is decided by its protections (:class:`fedcore.protections.Publication`)."""
+        return protections_of(self.settings).publication.withheld_fields()
 
     def write_operator(self, doc: Mapping[str, Any]) -> None:
         """Append one line to ``operator.jsonl`` (mode 0600): diagnostics kept out of the record."""
@@ -335,12 +337,9 @@ class RunRecord:
         )
 
     def finish(self, *, status: Status, reason: str = "") -> None:
-        """Write ``summary.md`` and ``accuracy.png``; safe to call after a failure."""
-        from fedcore.report import write_accuracy_plot, write_privacy_plot, write_summary
-
-        write_accuracy_plot(self, self.path / "accuracy.png")
-        write_privacy_plot(self, self.path / "privacy.png")
-        write_summary(self, self.path / "summary.md", status=status, reason=reason)
+        """Write the record's own closing file, ``status.json`` (how the run ended); safe to call
+        after a failure. The summary and the plots are the report's: a server closes a run with
+        :func:`fedcore.report.close_record`, which writes them and then calls this."""
         self.write_json(
             STATUS_FILE,
             {"status": status, "reason": reason, "rounds_completed": len(self.rows)},

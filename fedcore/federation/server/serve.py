@@ -57,6 +57,7 @@ from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
 from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
 from fedcore.protections import Protections, protections_of
+from fedcore.report import close_record
 from fedcore.runrecord import RoundRow, RunRecord, Status, record_writer
 from fedcore.training import EvalResult, evaluate, pick_device
 
@@ -118,9 +119,10 @@ def close_open_records(reason: str = STOPPED) -> list[Path]:
 def _close_stopped(path: Path, reason: str) -> None:
     if _close_at_checkpoint(path, reason=reason, status="interrupted") is None:
         settings = recorded_settings(path)  # stopped before its first round: nothing to resume
-        RunRecord.reopen(
+        record = RunRecord.reopen(
             path, settings, rows=[], initial_loss=math.nan, initial_accuracy=math.nan
-        ).finish(status="interrupted", reason=reason)
+        )
+        close_record(record, status="interrupted", reason=reason)
 
 
 @dataclass(slots=True)
@@ -224,11 +226,11 @@ def _serve(
     _write_privacy(record, settings, rounds.ledger)
     record.save_model(m.record_to_state(outcome.arrays))
     if outcome.failed:
-        record.finish(status="failed", reason=outcome.failed)
+        close_record(record, status="failed", reason=outcome.failed)
     elif outcome.stopped:
-        record.finish(status="stopped", reason=outcome.stopped)
+        close_record(record, status="stopped", reason=outcome.stopped)
     else:
-        record.finish(status="completed")
+        close_record(record, status="completed")
     return record
 
 
@@ -283,7 +285,7 @@ def _close_after(
         _close_stopped(record.path, STOPPED)
         return
     _write_privacy(record, settings, ledger)
-    record.finish(status="failed", reason=f"{type(exc).__name__}: {exc}")
+    close_record(record, status="failed", reason=f"{type(exc).__name__}: {exc}")
 
 
 # Settings a resumed run may change: how it runs here, not what the federation computes.
@@ -401,7 +403,7 @@ def _close_at_checkpoint(out_dir: Path, *, reason: str, status: Status) -> int |
         ledger = mechanism.open_ledger(out_dir)
     _write_privacy(record, settings, ledger)
     record.save_model(checkpoint.arrays)
-    record.finish(status=status, reason=reason)
+    close_record(record, status=status, reason=reason)
     return checkpoint.round
 
 
