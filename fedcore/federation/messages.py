@@ -30,10 +30,10 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
 
-from fedcore.errors import RemoteProtocolError
+from fedcore.errors import FedcoreError, RemoteProtocolError
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -373,3 +373,19 @@ def check_evaluate_reply(reply: Message) -> None:
     count = metrics[NUM_EXAMPLES]
     if not isinstance(count, int | float) or count <= 0:
         raise RemoteProtocolError(f"{NUM_EXAMPLES!r} must be positive, got {count!r}")
+
+
+# Error code carried by a reply whose handler raised a FedcoreError (Flower's own codes are < 100).
+FEDCORE_ERROR_CODE = 700
+
+
+def error_reply(message: Message, exc: FedcoreError) -> Message:
+    """The error reply for ``exc`` to ``message``, logged on the site's own console with the
+    reason it sends (the round goes on with the other sites)."""
+    from logging import WARNING
+
+    from flwr.common.logger import log
+
+    reason = f"{type(exc).__name__}: {exc}"
+    log(WARNING, "fedcore site: %s request refused: %s", message.metadata.message_type, reason)
+    return Message(Error(code=FEDCORE_ERROR_CODE, reason=reason), reply_to=message)

@@ -149,6 +149,7 @@ def test_secure_aggregation_and_record_level_dp_through_flower_simulation(tmp_pa
         *(("secagg.cert.pem",) if stacked else ()),
         "secagg.journal",
         "secagg.key",
+        "secagg.seal",
     )
     assert site_files == [
         *(["secagg-ca.pem"] if stacked else []),

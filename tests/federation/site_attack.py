@@ -96,6 +96,7 @@ class HandlerSite:
     identity: secagg_registry.SiteIdentity | None = None
     weight: int = 3
     length: int = 8  # the session length the stub trainer produces an update for
+    value: float = 0.25  # every coordinate of the stub trainer's update
     state: RecordDict = field(default_factory=RecordDict)
     trained: int = 0
 
@@ -107,28 +108,47 @@ class HandlerSite:
         """A new run, or a restarted SuperNode: Flower's state is gone, the disk is not."""
         self.state = RecordDict()
 
-    def train(self, length: int) -> Callable[[], TrainedUpdate]:
-        def run() -> TrainedUpdate:
-            self.trained += 1
-            return TrainedUpdate(update=np.full(length - 1, 0.25), weight=self.weight)
+    def train(self, length: int) -> _StubTrainer:
+        return _StubTrainer(self, length - 1)
 
-        return run
+    @property
+    def party(self) -> secagg_site.SiteParty:
+        return secagg_site.SiteParty(
+            client_id=self.node,
+            store=self.store,
+            registry=self.root / "registry",
+            floors=self.floors,
+            identity=self.identity,
+        )
 
     def ask(self, request: object) -> bytes:
         payload = encode(request)  # type: ignore[arg-type]
         try:
             return secagg_site.answer_stage(
                 secagg_site.request_record(stage=stage_of(request), payload=payload),
-                client_id=self.node,
-                store=self.store,
+                party=self.party,
                 state=self.state,
                 train=self.train(self.length),
-                registry=self.root / "registry",
-                floors=self.floors,
-                identity=self.identity,
             )
         except FedcoreError as exc:
             raise Refused(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class _StubTrainer:
+    """A model of ``size`` parameters whose training counts its calls and returns ``site.value``."""
+
+    site: HandlerSite
+    parameters: int
+
+    def size(self) -> int:
+        return self.parameters
+
+    def __call__(self) -> TrainedUpdate:
+        self.site.trained += 1
+        return TrainedUpdate(
+            update=np.full(self.parameters, self.site.value), weight=self.site.weight
+        )
 
 
 # ----------------------------------------------------------------------------- the ClientApp

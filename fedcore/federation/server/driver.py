@@ -303,6 +303,107 @@ def _weighted(replies: list[Message], key: str) -> float:
     return sum(m.metric(r, key) * m.metric(r, m.NUM_EXAMPLES) for r in reporting) / total
 
 
+def _aborted(exc: Exception) -> TrainOutcome:
+    """The outcome of a round that a protocol error ended: nothing aggregated, the model kept."""
+    return TrainOutcome(
+        aggregated=None,
+        sent=0,
+        replied=0,
+        declined=0,
+        failures={"round": f"aborted, the model is kept: {exc}"},
+        bytes_down=0,
+        bytes_up=0,
+        train_loss=math.nan,
+        num_examples=0,
+    )
+
+
+def round_row(
+    server_round: int,
+    train: TrainOutcome,
+    evaluation: Exchange,
+    central: EvalResult,
+    *,
+    seconds: float,
+) -> RoundRow:
+    """The record's row for one round: what training, the sites' and the central evaluation gave."""
+    return RoundRow(
+        round=server_round,
+        sites_sampled=train.sent,
+        sites_replied=train.replied,
+        sites_failed=train.sent - train.replied - train.declined,
+        train_loss=train.train_loss,
+        eval_loss=central.loss,
+        eval_accuracy=central.accuracy,
+        seconds=seconds,
+        bytes_down=train.bytes_down + evaluation.bytes_down,
+        bytes_up=train.bytes_up + evaluation.bytes_up,
+        num_examples=train.num_examples,
+        ended_at=time.time(),
+        site_eval_loss=_weighted(evaluation.valid, "eval_loss"),
+        site_eval_accuracy=_weighted(evaluation.valid, "eval_accuracy"),
+        failures={
+            **{f"{k} (evaluate)": v for k, v in evaluation.failures.items()},
+            **train.failures,
+        },
+        sites_declined=train.declined,
+        site_epsilon={str(k): v for k, v in sorted(train.site_epsilon.items())},
+        server_epsilon=math.nan if train.server_epsilon is None else train.server_epsilon,
+        extra=dict(train.extra),
+        round_failed=is_failed_round(
+            sent=train.sent, replied=train.replied, declined=train.declined
+        ),
+    )
+
+
+def _initial(
+    initial: ArrayRecord,
+    *,
+    first_round: int,
+    central_eval: Callable[[ArrayRecord], EvalResult],
+    record: RunRecord,
+) -> EvalResult:
+    """Round 0: from ``first_round`` 1 the initial model is evaluated first; a resumed run
+    (``first_round`` > 1) keeps the record's round 0."""
+    if first_round == 1:
+        first = central_eval(initial)
+        record.set_initial(loss=first.loss, accuracy=first.accuracy)
+        return first
+    return EvalResult(loss=record.initial_loss, accuracy=record.initial_accuracy, num_examples=0)
+
+
+def _ended(record: RunRecord, *, max_failed: int) -> str:
+    """Why the run fails after this round (its last ``max_failed`` rounds all failed), or ''."""
+    recent = record.rows[-max_failed:]
+    if len(recent) == max_failed and all(r.round_failed for r in recent):
+        return f"the last {max_failed} rounds all failed: {failure_reason(recent)}"
+    return ""
+
+
+def _train(
+    train_round: TrainRound,
+    grid: Grid,
+    strategy: Strategy,
+    server_round: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    timeout: float,
+) -> TrainOutcome:
+    """One round's training; a protocol error ends that round only (BudgetExceededError, which
+    ends the run, passes through)."""
+    try:
+        return train_round(
+            grid,
+            strategy,
+            server_round=server_round,
+            arrays=arrays,
+            config=config,
+            timeout=timeout,
+        )
+    except (ProtocolError, InvalidMessage) as exc:
+        return _aborted(exc)
+
+
 def run_rounds(
     grid: Grid,
     strategy: Strategy,
@@ -320,99 +421,41 @@ def run_rounds(
     max_failed_rounds: int = 3,
     checkpoint: Checkpoint | None = None,
 ) -> RunOutcome:
-    """Run rounds ``first_round``..``rounds`` of ``strategy`` from ``initial``.
-
-    ``config(round)`` builds the train/evaluate config record of a round. Each round's row is
-    appended to ``record`` as soon as the round ends, then ``checkpoint(round, arrays, strategy)``
-    is called. Returns the final global arrays, and why the run stopped early if ``train_round``
-    refused a round with :class:`BudgetExceededError`, or why it failed if its last
-    ``max_failed_rounds`` rounds all failed. From ``first_round`` 1 the initial model is evaluated
-    first (round 0); a resumed run (``first_round`` > 1) keeps the record's round 0.
-    """
-    if first_round == 1:
-        first = central_eval(initial)
-        record.set_initial(loss=first.loss, accuracy=first.accuracy)
-        if checkpoint is not None:
-            checkpoint(0, initial, strategy)
-    else:
-        first = EvalResult(
-            loss=record.initial_loss, accuracy=record.initial_accuracy, num_examples=0
-        )
+    """Run rounds ``first_round``..``rounds`` of ``strategy`` from ``initial`` (round 0 first, see
+    :func:`_initial`). ``config(round)`` builds a round's config record; each round's row is
+    appended to ``record`` as the round ends, then ``checkpoint(round, arrays, strategy)`` runs.
+    Returns the final arrays, and why the run stopped early (``train_round`` raised
+    :class:`BudgetExceededError`) or failed (its last ``max_failed_rounds`` rounds all failed)."""
+    first = _initial(initial, first_round=first_round, central_eval=central_eval, record=record)
+    if first_round == 1 and checkpoint is not None:
+        checkpoint(0, initial, strategy)
     reporter.started(rounds=rounds, initial=first)
     arrays = initial
     for server_round in range(first_round, rounds + 1):
         start = time.perf_counter()
         wait_for_sites(grid, expected=expected_sites, timeout=timeout, reporter=reporter)
+        round_config = config(server_round)
         try:
-            train = train_round(
-                grid,
-                strategy,
-                server_round=server_round,
-                arrays=arrays,
-                config=config(server_round),
-                timeout=timeout,
-            )
+            train = _train(train_round, grid, strategy, server_round, arrays, round_config, timeout)
         except BudgetExceededError as exc:
             return RunOutcome(arrays=arrays, stopped=f"round {server_round} not run: {exc}")
-        except (ProtocolError, InvalidMessage) as exc:  # a protocol error ends its round only
-            train = TrainOutcome(
-                aggregated=None,
-                sent=0,
-                replied=0,
-                declined=0,
-                failures={"round": f"aborted, the model is kept: {exc}"},
-                bytes_down=0,
-                bytes_up=0,
-                train_loss=math.nan,
-                num_examples=0,
-            )
         if train.aggregated is not None:
             arrays = keep_dtypes(train.aggregated, arrays)
         evaluation = exchange(
             grid,
-            strategy.configure_evaluate(server_round, arrays, config(server_round), grid),
+            strategy.configure_evaluate(server_round, arrays, round_config, grid),
             timeout=timeout,
             check=m.check_evaluate_reply,
         )
         central = central_eval(arrays)
-        row = RoundRow(
-            round=server_round,
-            sites_sampled=train.sent,
-            sites_replied=train.replied,
-            sites_failed=train.sent - train.replied - train.declined,
-            train_loss=train.train_loss,
-            eval_loss=central.loss,
-            eval_accuracy=central.accuracy,
-            seconds=time.perf_counter() - start,
-            bytes_down=train.bytes_down + evaluation.bytes_down,
-            bytes_up=train.bytes_up + evaluation.bytes_up,
-            num_examples=train.num_examples,
-            ended_at=time.time(),
-            site_eval_loss=_weighted(evaluation.valid, "eval_loss"),
-            site_eval_accuracy=_weighted(evaluation.valid, "eval_accuracy"),
-            failures={
-                **{f"{k} (evaluate)": v for k, v in evaluation.failures.items()},
-                **train.failures,
-            },
-            sites_declined=train.declined,
-            site_epsilon={str(k): v for k, v in sorted(train.site_epsilon.items())},
-            server_epsilon=math.nan if train.server_epsilon is None else train.server_epsilon,
-            extra=dict(train.extra),
-            round_failed=is_failed_round(
-                sent=train.sent, replied=train.replied, declined=train.declined
-            ),
-        )
+        row = round_row(server_round, train, evaluation, central, seconds=time.perf_counter() - start)
         record.append(row)
         record.note_sites({**evaluation.sites, **train.sites})
         if checkpoint is not None:
             checkpoint(server_round, arrays, strategy)
         reporter.round_done(row, rounds=rounds)
-        recent = record.rows[-max_failed_rounds:]
-        if len(recent) == max_failed_rounds and all(r.round_failed for r in recent):
-            return RunOutcome(
-                arrays=arrays,
-                failed=f"the last {max_failed_rounds} rounds all failed: {failure_reason(recent)}",
-            )
+        if failed := _ended(record, max_failed=max_failed_rounds):
+            return RunOutcome(arrays=arrays, failed=failed)
         if train.stop:
             return RunOutcome(
                 arrays=arrays, stopped=f"stopped after round {server_round}: {train.stop}"

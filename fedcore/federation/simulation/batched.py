@@ -274,3 +274,13 @@ def _answer_site(
     else:
         for key, record in reply.content.items():
             content[f"s{site}.{key}"] = record
+
+
+def dispatch(msg: Message, context: Context, handler: Handler) -> Message:
+    """``handler`` for one site, or for every site of a batched request (a simulated node playing
+    many sites; the run's settings read only then)."""
+    if not is_batch(msg):
+        return handler(msg, context)
+    from fedcore.config import from_run_config
+
+    return answer_batch(msg, context, from_run_config(context.run_config), handler)

@@ -28,8 +28,14 @@ in ``context.state``, and nothing the site's safety rests on comes from the run 
 - Before joining, the site checks the offer against its floors (:mod:`fedcore.secagg.floors`): the
   protocol's safe rules and the node config's ``secagg-mode``, ``secagg-min-threshold``,
   ``secagg-min-neighbors`` and ``secagg-min-participants`` (:func:`site_floors`).
-- Validate, then work: at the masked-input stage the transcript, the journal, the session and every
-  check of the request run before the site trains (and, with record-level DP, charges its ledger).
+- Validate, then work (:func:`_check_input`): at the masked-input stage the transcript, the
+  journal, the session, and every parameter that could make the site refuse after training (the
+  session's vector length against the model, the ring against the DP clip norm, the weight budget)
+  are checked before the site trains (and, with record-level DP, charges its ledger); the journal
+  then records ``trained`` durably, so a site trains and charges at most once per round id.
+- Whether a site answers never depends on its data: its weight is capped to the session's
+  per-site share ``max_total_weight // n`` (never refused, the cap logged at the site), and its
+  update is clipped to the session's range.
 - An error text may travel back to the server: nothing data-dependent goes into it (the site's
   weight, norms, training errors are logged here, and the reply says only what kind of step failed).
 
@@ -50,7 +56,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
@@ -59,9 +65,14 @@ from fedcore.crypto import CryptoRng
 from fedcore.crypto.agreement import derive_rng
 from fedcore.errors import ConfigError, FedcoreError, LocalProtocolError, RemoteProtocolError
 from fedcore.federation.site import registry as secagg_registry
-from fedcore.federation.site.journal import RoundEntry, RoundJournal, check_session
+from fedcore.federation.site.journal import AbandonLimits, RoundEntry, RoundJournal, check_session
 from fedcore.federation.site.store import SiteStore
-from fedcore.mechanisms.central_on_secagg import SiteClipping, encode_clipped_update
+from fedcore.mechanisms.central_on_secagg import (
+    SiteClipping,
+    encode_clipped_update,
+    ring_clip_norm,
+    session_length,
+)
 from fedcore.secagg import (
     EncodingConfig,
     SecAggClient,
@@ -90,6 +101,8 @@ NODE_MODE = "secagg-mode"
 NODE_MIN_THRESHOLD = "secagg-min-threshold"
 NODE_MIN_NEIGHBORS = "secagg-min-neighbors"
 NODE_MIN_PARTICIPANTS = "secagg-min-participants"
+NODE_MAX_ABANDONED_PER_RUN = "secagg-max-abandoned-per-run"
+NODE_MAX_ABANDONED_PER_DAY = "secagg-max-abandoned-per-day"
 
 _log = logging.getLogger(__name__)
 
@@ -149,24 +162,57 @@ def site_floors(node_config: Mapping[str, Any], *, allow_unsafe: bool = False) -
     )
 
 
-def answer_stage(
-    request: ConfigRecord,
-    *,
-    client_id: int,
-    store: SiteStore,
-    state: RecordDict,
-    train: Callable[[], TrainedUpdate],
-    registry: Path,
-    floors: Floors,
-    identity: secagg_registry.SiteIdentity | None = None,
-) -> bytes:
-    """Answer one protocol stage; return the reply payload (wire bytes).
+@dataclass(frozen=True, slots=True)
+class SiteParty:
+    """What makes a site a party of its own: its node id, its files (key and round journal), the
+    registry folder of signing keys (ACTIVE mode), the weakest offer it accepts, and its identity
+    (the federation CA and its certificate; ACTIVE mode, without it ACTIVE rounds are refused)."""
 
-    ``store``: the site's files (key and round journal). ``state``: the node's Flower
-    ``context.state``; only public data is written to it. ``train`` is called at the masked-input
-    stage only, after every check of the request. ``registry``: the folder of site signing keys
-    (used in ACTIVE mode). ``floors``: the weakest offer this site accepts. ``identity``: the
-    federation CA and this site's certificate (ACTIVE mode; without it ACTIVE rounds are refused).
+    client_id: int
+    store: SiteStore
+    registry: Path
+    floors: Floors
+    identity: secagg_registry.SiteIdentity | None = None
+    run_id: str | None = None  # the Flower run, for the abandoned-round bound per run
+    abandon: AbandonLimits | None = None  # None: no bound (the library's own tests)
+
+
+class Trainer(Protocol):
+    """The site's local training, called at the masked-input stage only, after every check."""
+
+    def size(self) -> int:
+        """The number of model parameters the update will have (read before training)."""
+        ...
+
+    def __call__(self) -> TrainedUpdate: ...
+
+
+def abandon_limits(node_config: Mapping[str, Any]) -> AbandonLimits:
+    """The abandoned-round bound from the operator's node config (defaults: :class:`AbandonLimits`).
+    Raises ConfigError naming a bad value."""
+    default = AbandonLimits()
+
+    def count(key: str, value: int) -> int:
+        raw = node_config.get(key, value)
+        if isinstance(raw, str) and raw.strip().isdigit():
+            raw = int(raw)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+            raise ConfigError(f"node config {key!r} must be an integer >= 1, got {raw!r}")
+        return raw
+
+    return AbandonLimits(
+        per_run=count(NODE_MAX_ABANDONED_PER_RUN, default.per_run),
+        per_day=count(NODE_MAX_ABANDONED_PER_DAY, default.per_day),
+    )
+
+
+def answer_stage(
+    request: ConfigRecord, *, party: SiteParty, state: RecordDict, train: Trainer
+) -> bytes:
+    """Answer one protocol stage for ``party``; return the reply payload (wire bytes).
+
+    ``state``: the node's Flower ``context.state``; only public data is written to it. ``train``
+    runs at the masked-input stage only, after every check of the request (:func:`_check_input`).
 
     Raises RemoteProtocolError / InvalidMessage for a request that breaks the protocol or offers
     less than the floors, LocalProtocolError for a request the journal refuses (a replayed round
@@ -177,49 +223,69 @@ def answer_stage(
     (fsynced for the masked input, the survivor signature and the unmask answer).
     """
     if request.get("stage") == ENROL:
-        key, _ = RoundJournal.open_site(store)
+        key, _ = RoundJournal.open_site(party.store)
         # The reply echoes the public key for the record; the server trusts only the folder.
-        return _publish(registry, client_id, key, identity)
+        return _publish(party.registry, party.client_id, key, party.identity)
     payload = request.get("payload")
     if not isinstance(payload, bytes):
         raise RemoteProtocolError("a secagg request needs a bytes 'payload'")
     message = decode_server_message(payload)
-    key, journal = RoundJournal.open_site(store)
-    if isinstance(message, AdvertiseRequest):
-        config = message.config
-        floors.check(config)  # a weaker offer is refused before anything is recorded or sent
-        if config.encoding is None:
-            raise RemoteProtocolError(
-                "refused: the session does not bind how sites encode their updates"
-            )
-        if config.mode is Mode.ACTIVE:  # a clear refusal if the registry holds another key
-            _publish(registry, client_id, key, identity)
-        transcript = _Transcript(config.round_id, [])
-        entry = journal.begin(config.round_id)  # refuses a round id the site ever served
-    else:
-        transcript = _Transcript.load(state, message.round_id)
-        config = transcript.config()
-        entry = _entry_for(journal, message)
+    key, journal = RoundJournal.open_site(party.store)
+    transcript, config, entry = _open_round(message, journal, key, state=state, party=party)
     active = config.mode is Mode.ACTIVE
     client = SecAggClient.rebuild(
-        client_id,
+        party.client_id,
         transcript.messages(),
         rng=derive_rng(key, context=b"secagg|" + config.round_id + b"|" + entry.nonce),
         signing_key=secagg_registry.signing_seed(key) if active else None,
-        registry=_certified(registry, identity) if active else None,
-        floors=floors,  # held by the client at every stage, against the sites that take part
+        registry=_certified(party.registry, party.identity) if active else None,
+        floors=party.floors,  # held by the client at every stage, against the sites taking part
     )
-    round_id = config.round_id
     if isinstance(message, AdvertiseRequest | RevealRequest | ShareKeysRequest):
         answer = client.receive(message)  # the session is fixed (and journaled) by this answer
     else:
-        check_session(entry, client.session_id)
+        sid = client.session_id
+        check_session(entry, sid)
         if isinstance(message, MaskedInputRequest):
-            answer = client.receive(message, vector=lambda: _input_vector(train, config))
+            answer = client.receive(
+                message,
+                vector=lambda: _input_vector(
+                    train, config, on_train=lambda: journal.mark(config.round_id, sid, "trained")
+                ),
+            )
         else:
             answer = client.receive(message)
-    sid = client.session_id
-    # The journal, durably, before the answer leaves.
+    _journal_answer(journal, message, answer, round_id=config.round_id, sid=client.session_id)
+    if not isinstance(message, UnmaskRequest):
+        transcript.append(state, payload, session_id=client.session_id)
+    return encode(answer)
+
+
+def _open_round(
+    message: Any, journal: RoundJournal, key: bytes, *, state: RecordDict, party: SiteParty
+) -> tuple[_Transcript, SessionConfig, RoundEntry]:
+    """The round a request belongs to: begun now (an advert, after the floors and the encoding
+    were checked), or the one in progress (its transcript from ``state``, its journal entry)."""
+    if not isinstance(message, AdvertiseRequest):
+        transcript = _Transcript.load(state, message.round_id)
+        return transcript, transcript.config(), _entry_for(journal, message)
+    config = message.config
+    party.floors.check(config)  # a weaker offer is refused before anything is recorded or sent
+    if config.encoding is None:
+        raise RemoteProtocolError(
+            "refused: the session does not bind how sites encode their updates"
+        )
+    if config.mode is Mode.ACTIVE:  # a clear refusal if the registry holds another key
+        _publish(party.registry, party.client_id, key, party.identity)
+    # refuses a round id the site ever served, and a round beyond the abandoned-round bound
+    entry = journal.begin(config.round_id, run_id=party.run_id, limits=party.abandon)
+    return _Transcript(config.round_id, []), config, entry
+
+
+def _journal_answer(
+    journal: RoundJournal, message: Any, answer: Any, *, round_id: bytes, sid: bytes | None
+) -> None:
+    """Journal an accepted answer, durably for the once-only kinds, before it leaves."""
     if isinstance(message, RevealRequest | ShareKeysRequest):
         # A sparse graph fixes the session at the reveal stage (the advert set is final there),
         # a complete graph at the share-keys stage; binding it at both refuses a server that shows
@@ -239,9 +305,6 @@ def answer_stage(
             seed_shares_of=tuple(s.owner for s in answer.seed_shares),
             key_shares_of=tuple(s.owner for s in answer.key_shares),
         )
-    if not isinstance(message, UnmaskRequest):
-        transcript.append(state, payload, session_id=sid)
-    return encode(answer)
 
 
 def _publish(
@@ -270,6 +333,11 @@ def _entry_for(journal: RoundJournal, message: Any) -> RoundEntry:
         )
     if isinstance(message, MaskedInputRequest) and entry.masked:
         raise LocalProtocolError("refused: this site already sent its masked input for this round")
+    if isinstance(message, MaskedInputRequest) and entry.trained:
+        raise LocalProtocolError(
+            "refused: this site already trained for this round (it trains and charges at most "
+            "once per round id)"
+        )
     if isinstance(message, ConsistencyRequest) and entry.signed:
         raise LocalProtocolError("refused: this site already signed a survivor set for this round")
     return entry
@@ -288,25 +356,57 @@ def session_encoding(config: SessionConfig) -> tuple[EncodingConfig, SiteClippin
     return encoding, SiteClipping(bound.dp_clip_norm, bound.count_unclipped)
 
 
-def _input_vector(train: Callable[[], TrainedUpdate], config: SessionConfig) -> np.ndarray:
-    """Train, then encode under the session's encoding. Nothing data-dependent leaves in an error:
-    the detail goes to the site's log, the raised error says which step failed."""
+def _check_input(
+    config: SessionConfig, *, size: int
+) -> tuple[EncodingConfig, SiteClipping | None, int]:
+    """Every parameter of the session that could make this site refuse after training, checked
+    before it trains: the encoding, the session's vector length against the model's ``size``, the
+    ring against the DP clip norm, and the per-site weight cap (``max_total_weight // n``, at least
+    1). Returns the encoding, the clipping and the cap. Raises RemoteProtocolError."""
     encoding, clipping = session_encoding(config)
+    if session_length(size, clipping) != config.length:
+        raise RemoteProtocolError(
+            f"refused before training: the session's vector length {config.length} does not fit "
+            f"this model's {size} parameters"
+        )
+    cap = encoding.max_total_weight // len(config.clients)
+    if clipping is None:
+        if cap < 1:
+            raise RemoteProtocolError(
+                f"refused before training: the session's weight budget "
+                f"{encoding.max_total_weight} leaves no weight for each of {len(config.clients)} sites"
+            )
+        return encoding, None, cap
+    if not encoding.clip >= clipping.clip_norm:
+        raise RemoteProtocolError(
+            f"refused before training: the encoding's coordinate range {encoding.clip:g} is below "
+            f"the clip norm {clipping.clip_norm:g}"
+        )
     try:
-        trained = train()
-    except FedcoreError as exc:
-        _log.warning("secagg: local training failed: %s", exc)
-        if isinstance(exc, ConfigError | LocalProtocolError | RemoteProtocolError):
-            raise LocalProtocolError("local training failed (details in the site's log)") from None
-        raise  # BudgetExceededError: the site declines, as without secure aggregation
-    except Exception as exc:  # noqa: BLE001 - a training bug must not leak its text either
-        _log.exception("secagg: local training failed")
-        raise LocalProtocolError("local training failed (details in the site's log)") from exc
+        ring_clip_norm(clipping.clip_norm, dim=size, config=encoding)
+    except ConfigError as exc:
+        raise RemoteProtocolError(f"refused before training: {exc}") from None
+    return encoding, clipping, cap
+
+
+def _input_vector(
+    train: Trainer, config: SessionConfig, *, on_train: Callable[[], object]
+) -> np.ndarray:
+    """Check the session (:func:`_check_input`), journal that the site trains (``on_train``), train,
+    then encode under the session's encoding. Nothing data-dependent leaves in an error: the
+    detail goes to the site's log, the raised error says which step failed."""
+    size = train.size()
+    encoding, clipping, cap = _check_input(config, size=size)
+    on_train()  # durable: a second masked-input request for this round id is refused
+    trained = _train(train)
+    if trained.update.size != size:  # the site's own trainer broke its promise
+        raise LocalProtocolError("local training produced an update of the wrong size")
+    if trained.weight > cap:
+        _log.info("secagg: weight %d capped to the session's per-site %d", trained.weight, cap)
     try:
         if clipping is None:
-            return encode_update(
-                trained.update, weight=trained.weight, config=encoding, rng=CryptoRng()
-            )
+            weight = min(trained.weight, cap)
+            return encode_update(trained.update, weight=weight, config=encoding, rng=CryptoRng())
         # site-level DP: clip here, before masking; every site weighs the same
         return encode_clipped_update(
             trained.update, clipping=clipping, config=encoding, rng=CryptoRng()
@@ -321,6 +421,21 @@ def _input_vector(train: Callable[[], TrainedUpdate], config: SessionConfig) -> 
         raise LocalProtocolError(
             "this site's update does not fit the session's encoding (details in the site's log)"
         ) from None
+
+
+def _train(train: Trainer) -> TrainedUpdate:
+    """Run the trainer; a training error leaves as a LocalProtocolError without its text (the
+    text goes to the site's log), a BudgetExceededError as itself (the site declines)."""
+    try:
+        return train()
+    except FedcoreError as exc:
+        _log.warning("secagg: local training failed: %s", exc)
+        if isinstance(exc, ConfigError | LocalProtocolError | RemoteProtocolError):
+            raise LocalProtocolError("local training failed (details in the site's log)") from None
+        raise  # BudgetExceededError: the site declines, as without secure aggregation
+    except Exception as exc:  # noqa: BLE001 - a training bug must not leak its text either
+        _log.exception("secagg: local training failed")
+        raise LocalProtocolError("local training failed (details in the site's log)") from exc
 
 
 class _Transcript:
