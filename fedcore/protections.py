@@ -142,6 +142,34 @@ class SecureAggregation:
         """0 for the complete graph, else k (complete, 0, when k >= sites - 1)."""
         return 0 if self.neighbors >= sites - 1 else self.neighbors
 
+    def round_shape(self, sites: int) -> tuple[int, int] | None:
+        """``(threshold, neighbours)`` of a round of ``sites`` sites, or None when the protocol
+        cannot run with so few (the server's plan: :class:`~fedcore.federation.server.
+        secagg_round.SecAggTrainRound`)."""
+        from fedcore.secagg.config import default_threshold
+
+        if sites < 2:
+            return None
+        k = self.neighbors_for(sites)
+        threshold = self.threshold or default_threshold(sites, neighbors=k, mode=self.mode)
+        return (threshold, k) if threshold <= sites else None
+
+    def runs_at(self, sites: int) -> bool:
+        """Whether a round of ``sites`` sampled sites runs: the server plans it and a site with the
+        default floors accepts it (:mod:`fedcore.privacy.skips` charges what this reveals)."""
+        from fedcore.secagg.floors import safe_threshold
+
+        shape = self.round_shape(sites)
+        if shape is None:
+            return False
+        if self.allow_unsafe:
+            return True
+        threshold, k = shape
+        try:
+            return threshold >= safe_threshold(sites, neighbors=k, mode=self.mode)
+        except ConfigError:
+            return False
+
 
 # Under site-level DP: every per-round field that depends on who was sampled or who answered.
 SITE_LEVEL_WITHHELD = (
@@ -197,11 +225,6 @@ class Publication:
 
     def audience(self, field: str) -> Audience:
         return Audience.OPERATOR if field in self.withheld_fields() else Audience.PUBLIC
-
-    @property
-    def progress_shows_losses(self) -> bool:
-        """Whether the console may show per-round training loss and sampled counts."""
-        return not self.sample_hidden
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +358,14 @@ def mechanism_for(settings: Settings, *, secagg: bool) -> Mechanism | None:
     )
     if secagg:
         from fedcore.mechanisms.central_on_secagg import CentralOnSecAgg
+        from fedcore.privacy.skips import skip_reveal_probability
 
-        return CentralOnSecAgg(ring_bits=settings.secagg.bits, **common)
+        shapes = SecureAggregation.from_settings(settings)
+        assert shapes is not None
+        skips = skip_reveal_probability(
+            sites=settings.sites, rate=settings.fraction_train, runs=shapes.runs_at
+        )
+        return CentralOnSecAgg(ring_bits=settings.secagg.bits, skip_probability=skips, **common)
     return CentralGaussian(**common)
 
 

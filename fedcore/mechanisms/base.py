@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from fedcore.privacy.dpfedavg import ServerDPConfig
     from fedcore.privacy.events import GaussianEvent
 
+
 class BudgetAgainst(enum.Enum):
     """Which epsilon a site-level budget binds."""
 
@@ -80,6 +81,12 @@ class SiteLevelDP:
     @property
     def adaptive(self) -> bool:
         return self.clip is Clip.ADAPTIVE
+
+    @property
+    def round_reveal(self) -> float:
+        """The probability, per round, that the round's outcome reveals a site's presence beyond
+        the noised sum (:class:`~fedcore.privacy.events.RevealedWithProbability`); 0 here."""
+        return 0.0
 
     # -- the accounting -------------------------------------------------------------------
 
@@ -170,12 +177,16 @@ class SiteLevelDP:
 def _server_config(mechanism: SiteLevelDP) -> ServerDPConfig:
     from fedcore.privacy import calibrate_noise_multiplier
     from fedcore.privacy.dpfedavg import Clipping, ServerDPConfig, SiteSampling
+    from fedcore.privacy.skips import delta_used
 
     noise = mechanism.noise_multiplier
     if noise is None:
+        left = mechanism.delta - delta_used(mechanism.round_reveal, mechanism.rounds)
+        if not left > 0:
+            mechanism._check_fit(dim=1)  # raises, naming the settings
         noise = calibrate_noise_multiplier(
             target_epsilon=mechanism.epsilon,
-            delta=mechanism.delta,
+            delta=left,
             sample_rate=1.0
             if mechanism.budget_against is BudgetAgainst.SAMPLE_KNOWN
             else mechanism.sampling_rate,
@@ -189,6 +200,7 @@ def _server_config(mechanism: SiteLevelDP) -> ServerDPConfig:
         clip_norm=mechanism.clip_norm,
         clipping=Clipping(mechanism.clip.value),
         sampling=SiteSampling.POISSON,
+        reveal_probability=mechanism.round_reveal,
     )
 
 

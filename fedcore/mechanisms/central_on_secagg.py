@@ -188,13 +188,30 @@ class CentralOnSecAgg(SiteLevelDP):
     on_secagg: ClassVar[bool] = True
 
     ring_bits: int
+    # Per round: the probability that whether the round runs reveals a site's presence (a round
+    # skipped for too few Poisson-sampled sites; :mod:`fedcore.privacy.skips`), charged each round.
+    skip_probability: float = 0.0
 
     @property
     def title(self) -> str:
         return "DP-FedAvg on the securely aggregated sum, Gaussian noise at the server"
 
+    @property
+    def round_reveal(self) -> float:
+        return self.skip_probability
+
     def _check_fit(self, *, dim: int) -> None:
+        from fedcore.privacy.skips import delta_used
+
         check_dp_ring(bits=self.ring_bits, sites=self.sites, dim=dim)
+        used = delta_used(self.skip_probability, self.rounds)
+        if not used < self.delta:
+            raise ConfigError(
+                f"with {self.sites} sites sampled at rate {self.sampling_rate:g}, a round is "
+                f"skipped for too few sampled sites often enough that {self.rounds} rounds reveal "
+                f"a site's presence with probability {used:.3g}, at least dp.server.delta "
+                f"{self.delta:g}: raise 'sites' or 'fraction_train', or lower 'secagg.threshold'"
+            )
 
     def clipping(self, clip_norm: float) -> SiteClipping:
         """What the sites must do this round, at the round's (possibly adaptive) ``clip_norm``."""

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         NoPrivacyLoss,
         PoissonSubsampledGaussian,
         PrivacyEvent,
+        RevealedWithProbability,
         SelfComposedEvent,
         UnsupportedEventError,
     )
@@ -51,6 +52,7 @@ _HOME = {
     "NoPrivacyLoss": "events",
     "PoissonSubsampledGaussian": "events",
     "PrivacyEvent": "events",
+    "RevealedWithProbability": "events",
     "SelfComposedEvent": "events",
     "UnsupportedEventError": "events",
     "LedgerEntry": "ledger",
@@ -75,6 +77,7 @@ __all__ = [
     "PoissonSubsampledGaussian",
     "PrivacyEvent",
     "PrivacyLedger",
+    "RevealedWithProbability",
     "Scope",
     "ScopeKind",
     "SelfComposedEvent",

@@ -55,6 +55,7 @@ from fedcore.privacy.events import (
     NoPrivacyLoss,
     PoissonSubsampledGaussian,
     PrivacyEvent,
+    RevealedWithProbability,
     SelfComposedEvent,
     UnsupportedEventError,
 )
@@ -117,6 +118,9 @@ def _lower(event: PrivacyEvent, times: int, out: Counter[Mechanism]) -> None:
     elif isinstance(event, FixedSizeSubsampledGaussian):
         # Sensitivity 2C under add/remove, no amplification (see the class docstring).
         out[("gaussian", float(event.noise_multiplier) / 2.0)] += times * event.count
+    elif isinstance(event, RevealedWithProbability):
+        if event.probability > 0:
+            out[("revealed", float(event.probability))] += times * event.count
     elif isinstance(event, SelfComposedEvent):
         _lower(event.event, times * event.count, out)
     elif isinstance(event, ComposedEvent):
@@ -164,6 +168,9 @@ class _DpAccountingAccountant:
     def epsilon(self, mechanisms: Mechanisms, *, delta: float) -> float:
         if any(m[0] == "non_private" for m, _ in mechanisms):
             return math.inf
+        mechanisms, delta = split_revealed(mechanisms, delta)
+        if delta <= 0:
+            return math.inf
         if not mechanisms:
             return 0.0
         # Gaussians without sampling compose exactly into one: noise (sum_i c_i / z_i^2)^-1/2
@@ -184,6 +191,15 @@ class _DpAccountingAccountant:
             )
         )
         return max(0.0, float(acct.get_epsilon(delta)))
+
+
+def split_revealed(mechanisms: Mechanisms, delta: float) -> tuple[Mechanisms, float]:
+    """The mechanisms without their reveal probabilities, and the ``delta`` left for them:
+    ``delta - (1 - prod (1 - p)^count)`` (:class:`~fedcore.privacy.events.RevealedWithProbability`;
+    zero or less when the reveals alone use it up)."""
+    kept = tuple((m, c) for m, c in mechanisms if m[0] != "revealed")
+    log_kept = sum(c * math.log1p(-float(m[1])) for m, c in mechanisms if m[0] == "revealed")
+    return kept, delta + math.expm1(log_kept)
 
 
 def _gaussian_log_delta(sigma: float, eps: float) -> float:
@@ -278,6 +294,8 @@ def epsilon_lower_bound(events: PrivacyEvent | Iterable[PrivacyEvent], *, delta:
     check_delta(delta)
     if any(m[0] == "non_private" for m, _ in mechanisms):
         return math.inf
+    # A lower bound may ignore the reveals: the rest alone at the whole delta is no more private.
+    mechanisms = tuple((m, c) for m, c in mechanisms if m[0] != "revealed")
     if not mechanisms:
         return 0.0
     composed = None

@@ -46,10 +46,12 @@ import numpy as np
 from fedcore.crypto.stream import CryptoRng
 from fedcore.errors import ConfigError, InvalidMessage, LocalProtocolError
 from fedcore.privacy.events import (
+    ComposedEvent,
     FixedSizeSubsampledGaussian,
     GaussianEvent,
     PoissonSubsampledGaussian,
     PrivacyEvent,
+    RevealedWithProbability,
 )
 from fedcore.privacy.ledger import PrivacyLedger, ScopeKind
 from fedcore.privacy.relations import SiteRelation
@@ -96,6 +98,9 @@ class ServerDPConfig:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     count_noise_std: float | None = None
+    # Per round, the probability that the round's outcome reveals a site beyond the noised sum
+    # (a round skipped for too few sampled sites under secure aggregation: fedcore.privacy.skips).
+    reveal_probability: float = 0.0
 
     def __post_init__(self) -> None:
         if (
@@ -174,13 +179,18 @@ class ServerDPConfig:
     def round_event(self) -> PrivacyEvent:
         """The event one round charges to the federation ledger (the same every round)."""
         z = float(self.noise_multiplier)
+        event: PrivacyEvent
         if self.sampling is SiteSampling.POISSON:
-            return PoissonSubsampledGaussian(sampling_rate=self.sampling_rate, noise_multiplier=z)
-        return FixedSizeSubsampledGaussian(
-            sample_size=int(self.sites_per_round),
-            population_size=self.total_sites,
-            noise_multiplier=z,
-        )
+            event = PoissonSubsampledGaussian(sampling_rate=self.sampling_rate, noise_multiplier=z)
+        else:
+            event = FixedSizeSubsampledGaussian(
+                sample_size=int(self.sites_per_round),
+                population_size=self.total_sites,
+                noise_multiplier=z,
+            )
+        if self.reveal_probability > 0:
+            return ComposedEvent((event, RevealedWithProbability(self.reveal_probability)))
+        return event
 
 
 @dataclass(frozen=True, slots=True)

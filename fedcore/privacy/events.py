@@ -154,6 +154,30 @@ class FixedSizeSubsampledGaussian(PrivacyEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class RevealedWithProbability(PrivacyEvent):
+    """A step that, with ``probability`` (independent of the data), may reveal anything about the
+    unit, and otherwise is dominated by the other events of its step.
+
+    Used for a round that may be skipped for a reason that depends on the secret sample
+    (:mod:`fedcore.privacy.skips`). Accounted exactly as a failure probability: if every step ``i``
+    is, with probability ``1 - p_i``, dominated by its other events, then ``T`` steps composed
+    satisfy ``delta(eps) <= delta_rest(eps) + 1 - prod_i (1 - p_i)`` (decompose each step's output
+    distributions into the good and the bad part, which have the same data-independent weight in
+    both neighbouring worlds, and compose the good parts), so the accountant computes the rest at
+    ``delta - (1 - prod_i (1 - p_i))`` and reports infinity when nothing is left of ``delta``.
+    """
+
+    kind: ClassVar[str] = "revealed_with_probability"
+    probability: float
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.probability, int | float) or not 0 <= self.probability < 1:
+            raise ConfigError(f"probability must be in [0, 1), got {self.probability!r}")
+        _check_count(self.count)
+
+
+@dataclass(frozen=True, slots=True)
 class SelfComposedEvent(PrivacyEvent):
     """``event`` run ``count`` times in sequence (adaptively)."""
 
@@ -187,6 +211,7 @@ LEAF_TYPES: tuple[type[PrivacyEvent], ...] = (
     GaussianEvent,
     PoissonSubsampledGaussian,
     FixedSizeSubsampledGaussian,
+    RevealedWithProbability,
 )
 _ALL_TYPES: tuple[type[PrivacyEvent], ...] = (*LEAF_TYPES, SelfComposedEvent, ComposedEvent)
 EVENT_TYPES: dict[str, type[PrivacyEvent]] = {cls.kind: cls for cls in _ALL_TYPES}

@@ -70,3 +70,61 @@ def test_the_replace_one_epsilon_is_the_halved_noise(tmp_path, monkeypatch):
     expected = epsilon([GaussianEvent(noise_multiplier=0.5, count=4)], delta=1e-5)
     assert last["server_epsilon_sample_known_replace_one"] == pytest.approx(expected, rel=1e-6)
     assert last["server_epsilon_sample_known_replace_one"] > last["server_epsilon_sample_known"]
+
+
+def _secagg_run(tmp_path, monkeypatch, name: str, seed: int):
+    from tests.federation.test_secagg_rounds import _run as run_federation
+
+    monkeypatch.setattr(dp_round, "CryptoRng", lambda: CryptoRng.from_seed(seed, purpose="test"))
+    overrides = ["sites=8", "local_epochs=1", "rounds=3", "fraction_train=0.15"]
+    overrides += ["secagg.enabled=true", "secagg.timeout=5", "dp.server.delta=0.3"]
+    overrides += ["dp.server.epsilon=40", "dp.server.noise_multiplier=1.0"]
+    nodes = {node: honest for node in range(21, 29)}
+    _, _, rows, _ = run_federation(tmp_path, name, overrides, nodes)
+    return tmp_path / name
+
+
+def test_secure_aggregation_rounds_skipped_for_the_sample_publish_the_same(tmp_path, monkeypatch):
+    """Under secure aggregation a round with fewer than 2 sampled sites is skipped. It used to be
+    published uncharged (server_epsilon NaN, the epsilon sequence flat there), which told that the
+    sample was small; now every round is charged, so seeds that skip different rounds publish the
+    same epsilons."""
+    keys = ("server_epsilon", "server_epsilon_sample_known")
+    runs = [_secagg_run(tmp_path, monkeypatch, f"seed-{seed}", seed) for seed in range(1, 7)]
+    skipped = [
+        tuple(
+            "nothing released" in str(r.get("failures", {}).get("round", ""))
+            for r in read_rows(out, operator=True)
+        )
+        for out in runs
+    ]
+    assert len(set(skipped)) > 1, "the seeds must skip different rounds"
+    published = [_epsilons(read_rows(out), *keys) for out in runs]
+    assert all(p == published[0] for p in published), "stopped by charging every round"
+    assert all(None not in row for row in published[0])
+
+
+def test_the_progress_line_shows_no_loss_or_sample_counts_under_site_level_dp(
+    tmp_path, monkeypatch
+):
+    """Issue 20, point 2: the console (saved as an experiment point's log) printed the training
+    loss and how many sites were sampled and replied, under site-level DP."""
+    import io
+
+    from rich.console import Console
+
+    from fedcore.federation.server.progress import RichReporter
+    from fedcore.protections import protections_of
+    from fedcore.runrecord import RoundRow
+
+    out = _run(tmp_path, monkeypatch, "run", 4)
+    settings = resolve(overrides=["sites=4", "fraction_train=0.5", "dp.server.epsilon=40"])
+    row = RoundRow.from_json(read_rows(out, operator=True)[-1])
+    hidden = RichReporter(
+        Console(file=io.StringIO()), publication=protections_of(settings).publication
+    )
+    line = hidden.round_line(row, rounds=4)
+    assert "sites" not in line and "loss nan" not in line and "eval loss" in line
+    assert f"{row.sites_replied}/{row.sites_sampled}" not in line
+    shown = RichReporter(Console(file=io.StringIO())).round_line(row, rounds=4)
+    assert "sites" in shown, "the plain reporter still shows them (so the test can fail)"

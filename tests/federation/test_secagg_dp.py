@@ -3,10 +3,12 @@ server noises the unmasked sum, and the release is the one plain DP-FedAvg makes
 noise draws, up to the encoding error."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
+from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
 from fedcore.errors import ConfigError, ImplausibleSumError
 from fedcore.federation.server import dp_round as dp_server
@@ -20,6 +22,8 @@ from fedcore.mechanisms.central_on_secagg import (
     session_length,
 )
 from fedcore.privacy import PrivacyLedger
+from fedcore.privacy.events import event_to_json
+from fedcore.protections import protections_of
 from fedcore.secagg import to_ring
 from tests.federation.conftest import honest
 from tests.federation.test_secagg_rounds import _run as run_federation
@@ -146,9 +150,30 @@ def test_budget_stops_the_run_and_dropouts_do_not_change_the_charge(tmp_path, mo
     assert privacy["server_budget"]["epsilon"] == 3.2 and len(privacy["federation"]["entries"]) == 2
 
 
-def test_too_few_poisson_sampled_sites_skip_the_round_without_a_charge(tmp_path, monkeypatch):
-    overrides = [*DP, "rounds=2", "secagg.enabled=true", "fraction_train=0.01"]
+def test_too_few_poisson_sampled_sites_skip_the_round_and_it_is_charged(tmp_path, monkeypatch):
+    """Issue 20, point 1: a round skipped for too few Poisson-sampled sites used to be published
+    uncharged (server_epsilon NaN), which told who was sampled. Now every round is charged, and
+    the skip's own reveal probability is in the round's event."""
+    overrides = [
+        *DP,
+        "rounds=2",
+        "secagg.enabled=true",
+        "fraction_train=0.01",
+        "dp.server.delta=0.01",
+    ]
     out, _, rows, _ = _run(tmp_path, monkeypatch, "run", overrides)
-    assert len(rows) == 2 and all(r["sites_replied"] == 0 for r in rows)
-    assert all("nothing released" in r["failures"]["round"] for r in rows)
-    assert PrivacyLedger.load(out / "federation.ledger.json").entries == ()
+    assert len(rows) == 2
+    entries = PrivacyLedger.load(out / "federation.ledger.json").entries
+    assert len(entries) == 2, "stopped by charging every round, released or not"
+    assert all(math.isfinite(r["server_epsilon"]) for r in rows)
+    assert "revealed_with_probability" in json.dumps([event_to_json(e.event) for e in entries])
+
+
+def test_a_federation_whose_skips_would_reveal_too_much_is_refused_before_it_starts():
+    """At 10 sites sampled at rate 0.5, whether a round is skipped reveals a site's presence with
+    probability 0.16 over 20 rounds, far above delta: refused before anything starts."""
+    settings = resolve(
+        overrides=["secagg.enabled=true", "dp.server.epsilon=4", "fraction_train=0.5"]
+    )
+    with pytest.raises(ConfigError, match="raise 'sites' or 'fraction_train'"):
+        protections_of(settings).mechanism.server_config()

@@ -201,6 +201,16 @@ class DPFedAvgRound:
         self._participated(participants)
         return released
 
+    def charge_unreleased(self, *, server_round: int) -> float:
+        """Charge a round that released nothing as if it had (and count it in the sample-known
+        worst case, with no participant): the published epsilons then depend on the schedule
+        only. Returns the ledger's epsilon after."""
+        entry = self.ledger.charge(
+            self.config.round_event(), round_number=server_round, label="round, nothing released"
+        )
+        self._participated(())
+        return entry.epsilon_after
+
     def _exchange(
         self,
         grid: Grid,

@@ -15,6 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from fedcore.protections import Publication
 from fedcore.runrecord import RoundRow
 from fedcore.training import EvalResult
 
@@ -24,10 +25,18 @@ def _f(x: float) -> str:
 
 
 class RichReporter:
-    """Shows ``round k/R`` with the latest loss and accuracy; prints a line per round."""
+    """Shows ``round k/R`` with the latest loss and accuracy; prints a line per round.
 
-    def __init__(self, console: Console | None = None) -> None:
+    The console is as public as the record (an experiment saves it as a point's log): a round line
+    shows only what the run's :class:`~fedcore.protections.Publication` publishes. Under
+    site-level DP that is no training loss and no count of sampled, replying or failed sites
+    (functions of the secret sample); under record-level DP no training loss."""
+
+    def __init__(
+        self, console: Console | None = None, *, publication: Publication | None = None
+    ) -> None:
         self.console = console or Console(stderr=True)
+        self.withheld = frozenset(() if publication is None else publication.withheld_fields())
         self.progress = Progress(
             TextColumn("[bold]rounds"),
             BarColumn(),
@@ -59,13 +68,23 @@ class RichReporter:
             self._last_waiting = now
             self.progress.console.print(status, soft_wrap=True)
 
-    def round_done(self, row: RoundRow, *, rounds: int) -> None:
-        failed = f", [red]{row.sites_failed} failed[/red]" if row.sites_failed else ""
-        self.progress.console.print(
-            f"round {row.round:>3}/{rounds}  loss {_f(row.train_loss)}/{_f(row.eval_loss)}  "
-            f"acc {_f(row.eval_accuracy)}  sites {row.sites_replied}/{row.sites_sampled}{failed}  {row.seconds:.1f}s",
-            soft_wrap=True,
+    def round_line(self, row: RoundRow, *, rounds: int) -> str:
+        """The round's line, without what the run does not publish."""
+        if "train_loss" in self.withheld:
+            loss = f"eval loss {_f(row.eval_loss)}"
+        else:
+            loss = f"loss {_f(row.train_loss)}/{_f(row.eval_loss)}"
+        sites = ""
+        if "sites_sampled" not in self.withheld:
+            failed = f", [red]{row.sites_failed} failed[/red]" if row.sites_failed else ""
+            sites = f"  sites {row.sites_replied}/{row.sites_sampled}{failed}"
+        return (
+            f"round {row.round:>3}/{rounds}  {loss}  acc {_f(row.eval_accuracy)}{sites}  "
+            f"{row.seconds:.1f}s"
         )
+
+    def round_done(self, row: RoundRow, *, rounds: int) -> None:
+        self.progress.console.print(self.round_line(row, rounds=rounds), soft_wrap=True)
         if self.task is not None:
             self.progress.update(self.task, advance=1, status=f"accuracy {_f(row.eval_accuracy)}")
         if row.round == rounds:

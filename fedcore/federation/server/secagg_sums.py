@@ -74,11 +74,21 @@ class SecAggSum(Protocol):
     @property
     def stops_on_too_few(self) -> bool: ...
 
+    @property
+    def holds_out(self) -> bool:
+        """Whether group testing may hold sites out of a round to find who spoils the sums."""
+        ...
+
     def plan(self, *, sites: int, dim: int) -> SumPlan: ...
 
     def release(
         self, total: np.ndarray, plan: SumPlan, *, survivors: list[int], server_round: int
     ) -> Release: ...
+
+    def unreleased(self, *, server_round: int) -> Release | None:
+        """What a round that released nothing (skipped, failed, discarded) still costs: the
+        record's fields, or None when nothing is charged."""
+        ...
 
 
 @dataclass(slots=True)
@@ -101,6 +111,10 @@ class WeightedMean:
         work, so the run stops."""
         return True
 
+    @property
+    def holds_out(self) -> bool:
+        return True
+
     def plan(self, *, sites: int, dim: int) -> SumPlan:
         encoding = EncodingConfig(
             bits=self.bits, clip=self.clip_range, max_total_weight=weight_budget(self.bits)
@@ -119,6 +133,9 @@ class WeightedMean:
         mean, total_weight = decode_mean(total, config=plan.encoding)
         check_plausible(mean, total_weight, sites=len(survivors), config=plan.encoding)
         return Release(mean=mean, weight=total_weight, num_examples=total_weight)
+
+    def unreleased(self, *, server_round: int) -> Release | None:
+        return None  # no privacy ledger: nothing to charge
 
 
 @dataclass(slots=True)
@@ -139,6 +156,13 @@ class NoisedSum:
 
     @property
     def stops_on_too_few(self) -> bool:
+        return False
+
+    @property
+    def holds_out(self) -> bool:
+        """No: a round with sites held out is skipped with other odds than the mechanism's skip
+        charge assumes (:mod:`fedcore.privacy.skips` bounds a round drawn from every site), so
+        under site-level DP an implausible sum is discarded and nobody is held out or named."""
         return False
 
     def _clipping(self) -> SiteClipping:
@@ -173,6 +197,20 @@ class NoisedSum:
             num_examples=0,
             server_epsilon=released.epsilon,
             clip_norm=released.clip_norm,
+            extra=self.dp.round_fields(),
+        )
+
+    def unreleased(self, *, server_round: int) -> Release | None:
+        """A round that released nothing is charged as if it had released: whether a round is
+        released depends on who was sampled (too few sampled sites skip it, sampled sites drop),
+        so charging only released rounds would publish epsilons that tell the sample. The skip
+        itself is charged as the mechanism's reveal probability (:mod:`fedcore.privacy.skips`)."""
+        epsilon = self.dp.charge_unreleased(server_round=server_round)
+        return Release(
+            mean=np.zeros(0),
+            weight=0,
+            num_examples=0,
+            server_epsilon=epsilon,
             extra=self.dp.round_fields(),
         )
 
