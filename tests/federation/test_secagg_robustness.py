@@ -145,7 +145,8 @@ def test_a_wrapped_weight_coordinate_discards_the_round_and_the_run_goes_on(tmp_
     assert "decoded sum discarded" in first["failures"]["round"]
     assert "wrapped" in first["failures"]["round"]
     assert "round" not in second["failures"]  # the next round runs, and aggregates
-    assert second["secagg"]["survivors"] == list(FIVE) and second["num_examples"] > 0
+    # (group testing may hold half the sites out of it, to find who spoiled round 1)
+    assert set(second["secagg"]["survivors"]) <= set(FIVE) and second["num_examples"] > 0
 
 
 def test_a_site_cancelling_the_others_weights_makes_the_round_implausible(tmp_path):
@@ -156,7 +157,7 @@ def test_a_site_cancelling_the_others_weights_makes_the_round_implausible(tmp_pa
     first, second = rows
     assert "clip range" in first["failures"]["round"]
     assert "decoded sum discarded" in first["failures"]["round"]
-    assert "round" not in second["failures"] and second["num_examples"] == total
+    assert "round" not in second["failures"] and 0 < second["num_examples"] <= total
 
 
 def test_a_site_falsely_reporting_a_neighbour_spoils_at_most_that_round(tmp_path):
@@ -172,4 +173,4 @@ def test_a_site_falsely_reporting_a_neighbour_spoils_at_most_that_round(tmp_path
     first, second = rows
     assert "decoded sum discarded" in first["failures"]["round"]
     assert "did not open at sites [101]" in first["failures"]["105"]
-    assert "round" not in second["failures"] and second["secagg"]["survivors"] == list(FIVE)
+    assert "round" not in second["failures"] and set(second["secagg"]["survivors"]) <= set(FIVE)

@@ -27,7 +27,8 @@ decoded sum is checked before the strategy sees it: a total weight outside
 ``1..max_total_weight`` (a wrapped weight coordinate) or a mean outside the clip range by more
 than the rounding margin (``|mean_i| <= clip + n / (scale x W)``: each site's stochastic rounding
 moves its scaled term by less than 1) is impossible for honest sites, so the round is discarded
-with that reason; the sum alone cannot say which site sent the bad input, so none is named. Sites encode ``weight x update`` and the weight itself
+with that reason; the sum alone cannot say which site sent the bad input, so later rounds find it
+by group testing (:mod:`fedcore.federation.server.suspects`), name it and leave it out. Sites encode ``weight x update`` and the weight itself
 (:mod:`fedcore.secagg.encoding`), so the exact weighted mean comes out of the sum. The strategy
 receives that mean as a single reply; this is only correct for strategies that aggregate
 linearly (FedAvg and the server optimizers built on it), so any other is refused.
@@ -80,6 +81,7 @@ from fedcore.federation.server.secagg_sums import (
     weight_budget,
 )
 from fedcore.federation.server.strategies import check_linear
+from fedcore.federation.server.suspects import GroupTesting
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site.secagg import ENROL, SECAGG, request_record
 from fedcore.protections import SecureAggregation
@@ -119,6 +121,8 @@ class SecAggTrainRound:
     settings: Settings  # the registry's folder (active mode)
     secagg: SecureAggregation
     sums: SecAggSum
+    # who made earlier sums implausible (group testing): one site cannot veto every round
+    suspects: GroupTesting = field(default_factory=GroupTesting)
 
     def __call__(
         self,
@@ -134,11 +138,13 @@ class SecAggTrainRound:
         self.sums.check_round()  # stop before the round, not after
         template, content = instruction_for(strategy, server_round, arrays, config, grid)
         invited = tuple(sorted({msg.metadata.dst_node_id for msg in template}))
-        nodes = self.sums.sample(sorted(grid.get_node_ids()), invited)
+        population = sorted(grid.get_node_ids())
+        sampled = self.sums.sample(population, invited)
+        nodes = self._admit(population, sampled)
         stats = _Stats()
         plan_round = self._plan(grid, nodes, stats)
         if plan_round is None:
-            return self._outcome(_Round(nodes, 0, 0, None), stats)
+            return self._outcome(_Round(nodes, 0, 0, None), stats, server_round=server_round)
         dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
         plan = self.sums.plan(sites=len(plan_round.nodes), dim=dim)  # refuses before sending
         result = self._run_stages(
@@ -148,15 +154,45 @@ class SecAggTrainRound:
             stats=stats,
         )
         if result is None:
-            return self._outcome(plan_round, stats)
+            return self._outcome(plan_round, stats, server_round=server_round)
+        return self._finish(
+            strategy, server_round, arrays, content, plan_round, plan, result, stats
+        )
+
+    def _admit(self, population: list[int], sampled: tuple[int, ...]) -> tuple[int, ...]:
+        """The sampled sites less those group testing holds out (never under site-level DP:
+        holding sites out changes the skip odds the mechanism charges)."""
+        if not self.sums.holds_out:
+            return sampled
+        return self.suspects.admit(population, sampled, runs=self.secagg.runs_at)
+
+    def _finish(
+        self,
+        strategy: Strategy,
+        server_round: int,
+        arrays: ArrayRecord,
+        content: RecordDict,
+        plan_round: _Round,
+        plan: SumPlan,
+        result: AggregateResult,
+        stats: _Stats,
+    ) -> TrainOutcome:
+        """Release the unmasked sum (or discard it as implausible, which group testing learns
+        from) and hand the mean to the strategy."""
         survivors = sorted(result.survivors)
         try:
             release = self.sums.release(
                 result.total, plan, survivors=survivors, server_round=server_round
             )
-        except (ProtocolError, InvalidMessage) as exc:  # nothing released, nothing charged
+        except (ProtocolError, InvalidMessage) as exc:  # nothing released (charged all the same)
             stats.failures["round"] = f"decoded sum discarded, the model is kept: {exc}"
-            return self._outcome(plan_round, stats)
+            if self.sums.holds_out:
+                stats.failures.update(
+                    self.suspects.learn(released=False, server_round=server_round)
+                )
+            return self._outcome(plan_round, stats, server_round=server_round, survivors=survivors)
+        if self.sums.holds_out:
+            self.suspects.learn(released=True, server_round=server_round)
         reply_to = Message(
             content=content, dst_node_id=plan_round.nodes[0], message_type=MessageType.TRAIN
         )
@@ -168,7 +204,12 @@ class SecAggTrainRound:
             reply_to=reply_to,
         )
         return self._outcome(
-            plan_round, stats, aggregated=aggregated, survivors=survivors, release=release
+            plan_round,
+            stats,
+            server_round=server_round,
+            aggregated=aggregated,
+            survivors=survivors,
+            release=release,
         )
 
     def _plan(self, grid: Grid, nodes: tuple[int, ...], stats: _Stats) -> _Round | None:
@@ -195,7 +236,8 @@ class SecAggTrainRound:
         if self.sums.stops_on_too_few and len(nodes) == sampled:
             raise ConfigError(why)
         # Poisson sampling drew too few, or sites failed to enrol: skip the round; nothing is
-        # revealed, released or charged.
+        # released, and under site-level DP the round is charged all the same (with the skip's
+        # own cost in the mechanism's event: fedcore.privacy.skips).
         stats.failures["round"] = f"{why}; nothing released"
         return None
 
@@ -289,10 +331,13 @@ class SecAggTrainRound:
         plan_round: _Round,
         stats: _Stats,
         *,
+        server_round: int,
         aggregated: ArrayRecord | None = None,
         survivors: Sequence[int] = (),
         release: Release | None = None,
     ) -> TrainOutcome:
+        if release is None:  # nothing released: charged all the same under site-level DP
+            release = self.sums.unreleased(server_round=server_round)
         extra: dict[str, object] = {
             "secagg": {
                 "clients": len(plan_round.nodes),
