@@ -125,3 +125,17 @@ class FakeGrid:
 @pytest.fixture
 def small_settings():
     return resolve(overrides=["sites=3", "rounds=2", "local_epochs=1", "round_timeout=5"])
+
+
+@pytest.fixture
+def counted_training(monkeypatch):
+    """The ClientApp's local training, counted: one entry per call of ``train_round``."""
+    calls = []
+    real = client_app.train_round
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "train_round", counting)
+    return calls

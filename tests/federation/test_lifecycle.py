@@ -223,8 +223,8 @@ class _DiesInEvaluate(FakeGrid):
 
 
 def test_a_round_charged_but_not_completed_stays_charged_and_its_retry_is_a_new_charge(tmp_path):
-    from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
     from fedcore.privacy import PrivacyLedger
+    from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
 
     out = tmp_path / "run"
     settings = resolve(

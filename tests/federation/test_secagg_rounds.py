@@ -10,11 +10,11 @@ from flwr.app import Error, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, Krum
 
 from fedcore.config import resolve
-from fedcore.protections import protections_of
 from fedcore.errors import ConfigError
 from fedcore.federation.server.secagg_round import check_linear
 from fedcore.federation.server.serve import run_server
 from fedcore.federation.site import secagg as secagg_site
+from fedcore.protections import protections_of
 from fedcore.runrecord import read_rows
 from fedcore.secagg import EncodingConfig
 from tests.federation.conftest import FakeGrid, honest

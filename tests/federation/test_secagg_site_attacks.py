@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import clients.app as client_app
 from fedcore.config import resolve
 from fedcore.crypto.certs import issue_signing_certificate, make_ca
 from fedcore.crypto.signing import verify_key_of
@@ -354,19 +353,6 @@ def test_error_text_that_leaves_the_site_carries_no_weight(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- the ClientApp
-
-
-@pytest.fixture
-def counted_training(monkeypatch):
-    calls = []
-    real = client_app.train_round
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(client_app, "train_round", counting)
-    return calls
 
 
 def _app_site(tmp_path, *overrides, **extra):

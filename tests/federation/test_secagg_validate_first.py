@@ -12,7 +12,6 @@ import json
 
 import pytest
 
-import clients.app as client_app
 from fedcore.config import resolve
 from fedcore.secagg import SessionEncoding
 from fedcore.secagg.messages import MaskedInput
@@ -24,21 +23,10 @@ R = b"R" * 16
 
 def _through_masked_input(round_: Round) -> None:
     """Run the round's stages up to and including the masked-input stage."""
-    while not round_.done and not any(type(r).__name__ == "MaskedInputRequest" for r in round_.sent):
+    while not round_.done and not any(
+        type(r).__name__ == "MaskedInputRequest" for r in round_.sent
+    ):
         round_.step()
-
-
-@pytest.fixture
-def counted_training(monkeypatch):
-    calls = []
-    real = client_app.train_round
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(client_app, "train_round", counting)
-    return calls
 
 
 def _dp_site(tmp_path) -> AppSite:

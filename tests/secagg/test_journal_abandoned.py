@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from fedcore.errors import ConfigError, LocalProtocolError
-from fedcore.federation.site.journal import DAY_SECONDS, AbandonLimits, RoundJournal
+from fedcore.federation.site.abandoned import DAY_SECONDS, AbandonLimits
+from fedcore.federation.site.journal import RoundJournal
 from fedcore.federation.site.store import SiteStore
 
 S = b"s" * 32

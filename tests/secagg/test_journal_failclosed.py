@@ -212,9 +212,9 @@ def test_journal_and_seal_rolled_back_together_are_not_detected(tmp_path):
     assert not RoundJournal.open_site(store)[1].entry(A).unmasked
 
 
-def test_an_old_unsealed_journal_opens_and_is_sealed_at_its_next_line(tmp_path):
-    """A site whose journal predates seals (no seal, no ``at``) goes on; a rollback after that
-    first sealed line is caught."""
+def test_an_old_unsealed_journal_opens_and_is_sealed_at_its_next_durable_line(tmp_path):
+    """A site whose journal predates seals (no seal, no ``at``) goes on; a rollback after its
+    first sealed (durable) line is caught."""
     store = SiteStore(tmp_path / "site", 1).ensure()
     old = HEADER + b'{"round":"' + A.hex().encode() + b'","nonce":"' + b"ab" * 32 + b'"}\n'
     store.journal_path.write_bytes(old)
@@ -222,6 +222,8 @@ def test_an_old_unsealed_journal_opens_and_is_sealed_at_its_next_line(tmp_path):
     _, journal = RoundJournal.open_site(store)
     assert not journal.seal_path.exists()
     journal.bind_session(A, S)
+    assert not journal.seal_path.exists(), "a session line is not durable: not sealed"
+    journal.mark(A, S, "trained")
     assert json.loads(journal.seal_path.read_bytes())["length"] == store.journal_path.stat().st_size
     store.journal_path.write_bytes(old)
     with pytest.raises(CorruptJournalError, match="lines cut"):

@@ -33,12 +33,18 @@ complete ``{"round": id, "torn": true}`` when they name their round, else ``{"to
 which damages every round begun before it and not unmasked. Every later event of a damaged round,
 and a read of its entry, is refused with :class:`LocalProtocolError`; a new round id still begins.
 
-Rollback. After each line the journal is fsynced, then its *seal* (:attr:`RoundJournal.seal_path`,
-replaced atomically) records the file's length and SHA-256. A journal shorter than its seal, or
-whose first ``length`` bytes do not hash to it (a copy put back, a cut at a line boundary, an
-edited line), is refused with CorruptJournalError; one longer than its seal (a crash between the
-two writes) opens and is sealed at its next line. A journal without a seal and without an ``at``
-in any begin line predates seals and is sealed at its next line; one with such a line is refused.
+Rollback. After each durable line (``trained``, ``masked``, ``signed``, ``unmasked``: the events
+whose repetition would leak or charge twice) the journal is fsynced, then its *seal*
+(:attr:`RoundJournal.seal_path`, written under a temporary name, then renamed)
+records the file's length and SHA-256. A journal shorter than its seal, or whose first ``length``
+bytes do not hash to it (a copy put back, a cut at a line boundary, an edited line), is refused with
+CorruptJournalError; one longer than its seal opens and is sealed at its next durable line: the
+begin and session lines are appended without an fsync or a seal, as before seals (losing them
+loses only the round's nonce, so the round is abandoned, never repeated), and a rename lost to a
+power cut leaves an older seal, which the longer journal still matches (so the folder is not
+fsynced either). A cut that removes only lines written since the last durable one is not seen.
+A journal without a seal and without an ``at`` in any begin line predates seals and is sealed at
+its next durable line; one with such a line is refused.
 Not detected: the journal and its seal rolled back (or removed) *together* by a writer of the
 site's disk, back to a state they were in; only a copy kept off the site could show that.
 
@@ -48,9 +54,10 @@ new round once too many rounds of its run, or begun in the last 24 h, were aband
 reveal (a ``session`` bound, no ``masked``).
 
 Cost. A stage reads the file once, hashes it once (one SHA-256 checks the seal and, updated with
-the new line, gives the next), parses only its own round's lines, appends a line, fsyncs, writes
-the seal; ``begin`` with limits scans twice more and parses only abandoned rounds' begin lines.
-Measured, 10,000 rounds (6 MB, ext4): 8 ms a stage (1.8 ms before seals), begin with limits 21 ms.
+the new line, gives the next), parses only its own round's lines, appends a line and, for a durable
+one, fsyncs and writes the seal; ``begin`` with limits scans twice more and parses only abandoned
+rounds' begin lines. Measured, 10,000 rounds (6 MB, ext4): 8 ms a durable stage (1.8 ms before
+seals), begin with limits 21 ms.
 """
 
 from __future__ import annotations
@@ -66,8 +73,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedcore._files import atomic_write, create_exclusive, read_private
+from fedcore._files import create_exclusive, read_private
 from fedcore.errors import ConfigError, CorruptJournalError, LocalProtocolError
+from fedcore.federation.site.abandoned import AbandonLimits, check_abandoned
 from fedcore.federation.site.store import SiteStore
 
 FORMAT = "fedcore.secagg.journal/1"
@@ -75,35 +83,10 @@ HEADER = json.dumps({"format": FORMAT}).encode() + b"\n"
 SEAL_FORMAT = "fedcore.secagg.journal-seal/1"
 KEY_BYTES = 32
 NONCE_BYTES = 32
-DAY_SECONDS = 86_400.0
 _ONCE = ("trained", "masked", "signed", "unmasked")
 _TORN_ROUND = re.compile(rb'\{"round":"([0-9a-f]+)"')
 _ALL_OPEN = b'{"torn":"all-open"}'
 _SEALED_MARK = b',"at":'  # in every begin line written since seals exist
-
-
-@dataclass(frozen=True, slots=True)
-class AbandonLimits:
-    """How many rounds abandoned after the reveal a site joins before it refuses new ones.
-
-    ``per_run`` counts the rounds of one fedcore run (node config ``secagg-max-abandoned-per-run``),
-    ``per_day`` the rounds of any run begun in the last 24 h (``secagg-max-abandoned-per-day``).
-    Defaults: the ring attack of issue 21 needed 51 and 70 draws of the graph (about 1 in 60 per
-    draw), so a run gives a grinding server at most 5 draws (about 8 % to succeed) and a day 17;
-    an honest run in which a few rounds drop after the reveal is not stopped. Raises ConfigError
-    for a limit that is not a whole number of at least 1.
-    """
-
-    per_run: int = 4
-    per_day: int = 16
-
-    def __post_init__(self) -> None:
-        for key, value in (
-            ("secagg-max-abandoned-per-run", self.per_run),
-            ("secagg-max-abandoned-per-day", self.per_day),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{key} must be a whole number of at least 1, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +185,8 @@ class _Loaded:
 
 class RoundJournal:
     """The journal file of one site. Every method reads the file afresh (another process of the
-    site may have written it) under the site's lock; every change is durable, and sealed, when the
-    method returns. A refusal leaves the file unchanged."""
+    site may have written it) under the site's lock; a durable change (see the module docstring)
+    is fsynced and sealed when the method returns. A refusal leaves the file unchanged."""
 
     def __init__(self, store: SiteStore) -> None:
         self.store = store
@@ -329,8 +312,20 @@ class RoundJournal:
         return _Loaded(loaded.lines + line, loaded.hasher)
 
     def _seal(self, hasher: Any, length: int) -> None:
+        """Replace the seal: written under a temporary name, then renamed over the old one. Neither
+        the seal nor the folder is fsynced (the journal line it seals already is): a rename lost
+        to a power cut leaves an older seal, which the journal still matches, and the rename over
+        an existing file is ordered after its data on the file systems fedcore runs on (ext4's
+        ``auto_da_alloc``, xfs); a seal that does not parse fails closed (CorruptJournalError)."""
         doc = {"format": SEAL_FORMAT, "length": length, "sha256": hasher.hexdigest()}
-        atomic_write(self.seal_path, json.dumps(doc, sort_keys=True).encode() + b"\n")
+        data = json.dumps(doc, sort_keys=True).encode() + b"\n"
+        tmp = self.seal_path.with_name(f".{self.seal_path.name}.{os.getpid()}.new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.seal_path)
 
     def _commit(
         self,
@@ -338,6 +333,7 @@ class RoundJournal:
         event: Callable[[RoundEntry | None], dict[str, Any]],
         *,
         check_all: Callable[[bytes], None] | None = None,
+        durable: bool = True,
     ) -> RoundEntry:
         """Under the site's lock: read the round's entry, refuse a damaged round, let
         ``check_all`` check the whole journal and ``event`` the entry (they raise to refuse) and
@@ -355,13 +351,15 @@ class RoundJournal:
             fd = os.open(self.store.journal_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
             try:
                 _write_all(fd, line)  # a failure leaves a torn line: the round fails closed
-                os.fsync(fd)  # before the seal, so a power cut never leaves a seal ahead of it
+                if durable:
+                    os.fsync(fd)  # before the seal, so a power cut never leaves a seal ahead of it
             except OSError as exc:
                 raise self._damaged(f"a line could not be written whole: {exc}") from None
             finally:
                 os.close(fd)
-            loaded.hasher.update(line)
-            self._seal(loaded.hasher, len(loaded.lines) + len(line))
+            if durable:
+                loaded.hasher.update(line)
+                self._seal(loaded.hasher, len(loaded.lines) + len(line))
         return after
 
     def begin(
@@ -381,7 +379,7 @@ class RoundJournal:
         def check(lines: bytes) -> None:
             try:
                 if limits is not None:
-                    _check_abandoned(lines, run_id=run_id, limits=limits, now=at)
+                    check_abandoned(lines, run_id=run_id, limits=limits, now=at, skip=len(HEADER))
             except (ValueError, AttributeError) as exc:  # a begin line that does not parse
                 raise self._damaged(f"{type(exc).__name__}: {exc}") from None
 
@@ -394,7 +392,7 @@ class RoundJournal:
             record: dict[str, Any] = {"nonce": os.urandom(NONCE_BYTES).hex(), "at": at}
             return record if run_id is None else {**record, "run": run_id}
 
-        return self._commit(round_id, start, check_all=check)
+        return self._commit(round_id, start, check_all=check, durable=False)
 
     def bind_session(self, round_id: bytes, session: bytes) -> RoundEntry:
         """Record the session answered at the reveal (sparse graph) or share-keys stage; refuse a
@@ -408,7 +406,7 @@ class RoundJournal:
                 )
             return {"session": session.hex()}
 
-        return self._commit(round_id, bind)
+        return self._commit(round_id, bind, durable=False)
 
     def mark(
         self,
@@ -436,7 +434,9 @@ class RoundJournal:
             if kind != "unmasked":
                 return {kind: True}
             if set(seed_shares_of) & set(key_shares_of):
-                raise LocalProtocolError("refused: this answer would reveal both shares of one peer")
+                raise LocalProtocolError(
+                    "refused: this answer would reveal both shares of one peer"
+                )
             return {
                 "unmasked": True,
                 "seed-shares-of": list(seed_shares_of),
@@ -444,44 +444,6 @@ class RoundJournal:
             }
 
         return self._commit(round_id, once)
-
-
-def _check_abandoned(data: bytes, *, run_id: str | None, limits: AbandonLimits, now: float) -> None:
-    """Raise LocalProtocolError if the rounds abandoned after the reveal (a session, no masked
-    input) of run ``run_id``, or begun in the 24 h before ``now``, reached ``limits``. Two scans of
-    the journal; only the begin lines of abandoned rounds are parsed (ValueError if one fails)."""
-    bound = _first_events(data, b"session")
-    abandoned = []
-    for rid in bound.keys() - _first_events(data, b"masked"):
-        start = data.rfind(b'{"round":"' + rid + b'","nonce":', 0, bound[rid])
-        if start >= 0:
-            record = json.loads(data[start : data.index(b"\n", start)])
-            abandoned.append((record.get("run"), record.get("at")))
-    per_run = sum(run_id is not None and run == run_id for run, _ in abandoned)
-    per_day = sum(type(at) in (int, float) and at > now - DAY_SECONDS for _, at in abandoned)
-    for count, limit, key, where in (
-        (per_run, limits.per_run, "secagg-max-abandoned-per-run", f"of run {run_id!r}"),
-        (per_day, limits.per_day, "secagg-max-abandoned-per-day", "in the last 24 h"),
-    ):
-        if count >= limit:
-            raise LocalProtocolError(
-                f"refused: this site already joined {count} rounds {where} that were abandoned "
-                f"after the reveal ({key} = {limit}); a server that abandons rounds can re-draw "
-                "the SecAgg+ graph until it suits it"
-            )
-
-
-def _first_events(lines: bytes, event: bytes) -> dict[bytes, int]:
-    """Round id (hex) to where its last line whose first event is ``event`` lies (a ``find`` scan:
-    a ``","`` outside a JSON string is structure, so only such a line matches)."""
-    found = {}
-    marker = b'","' + event + b'":'
-    pos = lines.find(marker, len(HEADER))
-    while pos >= 0:
-        start = lines.rfind(b'{"round":"', 0, pos) + len(b'{"round":"')
-        found[lines[start:pos]] = pos
-        pos = lines.find(marker, pos + 1)
-    return found
 
 
 def _started(entry: RoundEntry | None) -> RoundEntry:

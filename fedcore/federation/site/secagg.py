@@ -65,7 +65,8 @@ from fedcore.crypto import CryptoRng
 from fedcore.crypto.agreement import derive_rng
 from fedcore.errors import ConfigError, FedcoreError, LocalProtocolError, RemoteProtocolError
 from fedcore.federation.site import registry as secagg_registry
-from fedcore.federation.site.journal import AbandonLimits, RoundEntry, RoundJournal, check_session
+from fedcore.federation.site.abandoned import AbandonLimits
+from fedcore.federation.site.journal import RoundEntry, RoundJournal, check_session
 from fedcore.federation.site.store import SiteStore
 from fedcore.mechanisms.central_on_secagg import (
     SiteClipping,
@@ -101,8 +102,6 @@ NODE_MODE = "secagg-mode"
 NODE_MIN_THRESHOLD = "secagg-min-threshold"
 NODE_MIN_NEIGHBORS = "secagg-min-neighbors"
 NODE_MIN_PARTICIPANTS = "secagg-min-participants"
-NODE_MAX_ABANDONED_PER_RUN = "secagg-max-abandoned-per-run"
-NODE_MAX_ABANDONED_PER_DAY = "secagg-max-abandoned-per-day"
 
 _log = logging.getLogger(__name__)
 
@@ -185,25 +184,6 @@ class Trainer(Protocol):
         ...
 
     def __call__(self) -> TrainedUpdate: ...
-
-
-def abandon_limits(node_config: Mapping[str, Any]) -> AbandonLimits:
-    """The abandoned-round bound from the operator's node config (defaults: :class:`AbandonLimits`).
-    Raises ConfigError naming a bad value."""
-    default = AbandonLimits()
-
-    def count(key: str, value: int) -> int:
-        raw = node_config.get(key, value)
-        if isinstance(raw, str) and raw.strip().isdigit():
-            raw = int(raw)
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-            raise ConfigError(f"node config {key!r} must be an integer >= 1, got {raw!r}")
-        return raw
-
-    return AbandonLimits(
-        per_run=count(NODE_MAX_ABANDONED_PER_RUN, default.per_run),
-        per_day=count(NODE_MAX_ABANDONED_PER_DAY, default.per_day),
-    )
 
 
 def answer_stage(

@@ -14,7 +14,7 @@ The rules, each kept here once:
 4. The site's floors come from the operator's node config; the run config's
    ``secagg.allow_unsafe`` lowers them only in simulation (where the same person writes both).
    So does the bound on rounds abandoned after the reveal (``secagg-max-abandoned-per-run``,
-   ``secagg-max-abandoned-per-day``; :class:`~fedcore.federation.site.journal.AbandonLimits`).
+   ``secagg-max-abandoned-per-day``; :mod:`fedcore.federation.site.abandoned`).
 
 A :class:`~fedcore.errors.FedcoreError` becomes an error reply for this one site.
 """
@@ -32,6 +32,7 @@ from fedcore.errors import BudgetExceededError, FedcoreError, RemoteProtocolErro
 from fedcore.federation import messages as m
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site import secagg as secagg_site
+from fedcore.federation.site.abandoned import abandon_limits
 from fedcore.federation.site.data import site_data
 from fedcore.federation.site.folders import (
     affordability,
@@ -84,7 +85,7 @@ def site_party(settings: Settings, context: Context, site: SiteData) -> secagg_s
         ),
         identity=secagg_registry.site_identity(settings, context.node_config, store),
         run_id=str(context.run_id),
-        abandon=secagg_site.abandon_limits(context.node_config),
+        abandon=abandon_limits(context.node_config),
     )
 
 

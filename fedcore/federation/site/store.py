@@ -81,7 +81,9 @@ class SiteStore:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the site state folder {str(self.root)!r}: {exc}") from None
+            raise ConfigError(
+                f"cannot create the site state folder {str(self.root)!r}: {exc}"
+            ) from None
         if not self.root.is_dir():
             raise ConfigError(f"site state folder {str(self.root)!r} is not a folder")
         return self
