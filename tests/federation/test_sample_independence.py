@@ -128,3 +128,29 @@ def test_the_progress_line_shows_no_loss_or_sample_counts_under_site_level_dp(
     assert f"{row.sites_replied}/{row.sites_sampled}" not in line
     shown = RichReporter(Console(file=io.StringIO())).round_line(row, rounds=4)
     assert "sites" in shown, "the plain reporter still shows them (so the test can fail)"
+
+
+def test_a_deployed_run_with_site_level_dp_needs_a_persistent_federation_ledger(
+    tmp_path, monkeypatch
+):
+    """Issue 20, point 5: a federation ledger kept per run lets every new deployed run spend the
+    sites' budget afresh. Outside fedcore's simulation the server refuses it before any round."""
+    from fedcore.errors import ConfigError
+    from fedcore.federation.site.folders import SIMULATION_MARKER
+
+    monkeypatch.delenv(SIMULATION_MARKER)
+    base = ["sites=4", "local_epochs=1", "rounds=1", "dp.server.epsilon=40"]
+    settings = resolve(overrides=[*base, "dp.server.noise_multiplier=1.0", f"out={tmp_path}/a"])
+    with pytest.raises(ConfigError, match="dp.server.state_dir"):
+        run_server(FakeGrid(settings, NODES), settings, tmp_path / "a")
+    assert not (tmp_path / "a" / "history.jsonl").exists() or not read_rows(tmp_path / "a")
+    kept = resolve(
+        overrides=[
+            *base,
+            "dp.server.noise_multiplier=1.0",
+            f"dp.server.state_dir={tmp_path}/federation",
+            f"out={tmp_path}/b",
+        ]
+    )
+    run_server(FakeGrid(kept, NODES), kept, tmp_path / "b")
+    assert len(read_rows(tmp_path / "b")) == 1

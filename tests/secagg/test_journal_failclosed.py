@@ -223,7 +223,8 @@ def test_an_old_unsealed_journal_opens_and_is_sealed_at_its_next_durable_line(tm
     assert not journal.seal_path.exists()
     journal.bind_session(A, S)
     assert not journal.seal_path.exists(), "a session line is not durable: not sealed"
-    journal.mark(A, S, "trained")
+    journal.mark(A, S, "trained")  # not durable: not sealed
+    journal.mark(A, S, "masked")
     assert json.loads(journal.seal_path.read_bytes())["length"] == store.journal_path.stat().st_size
     store.journal_path.write_bytes(old)
     with pytest.raises(CorruptJournalError, match="lines cut"):
@@ -239,5 +240,6 @@ def test_a_crash_between_the_line_and_its_seal_opens(tmp_path):
     journal.bind_session(A, S)
     journal.seal_path.write_bytes(stale)
     assert journal.entry(A).session == S
-    journal.mark(A, S, "trained")
+    journal.mark(A, S, "trained")  # not durable: not sealed
+    journal.mark(A, S, "masked")
     assert json.loads(journal.seal_path.read_bytes())["length"] == store.journal_path.stat().st_size

@@ -54,13 +54,13 @@ from fedcore.training import EvalResult
 class Reporter(Protocol):
     """Where progress goes (a rich display, plain log lines, or nothing)."""
 
-    def started(self, *, rounds: int, initial: EvalResult) -> None: ...
+    def started(self, *, rounds: int, initial: EvalResult, done: int = 0) -> None: ...
     def round_done(self, row: RoundRow, *, rounds: int) -> None: ...
     def waiting(self, *, connected: int, expected: int) -> None: ...
 
 
 class NullReporter:
-    def started(self, *, rounds: int, initial: EvalResult) -> None:
+    def started(self, *, rounds: int, initial: EvalResult, done: int = 0) -> None:
         pass
 
     def round_done(self, row: RoundRow, *, rounds: int) -> None:
@@ -429,7 +429,7 @@ def run_rounds(
     first = _initial(initial, first_round=first_round, central_eval=central_eval, record=record)
     if first_round == 1 and checkpoint is not None:
         checkpoint(0, initial, strategy)
-    reporter.started(rounds=rounds, initial=first)
+    reporter.started(rounds=rounds, initial=first, done=first_round - 1)
     arrays = initial
     for server_round in range(first_round, rounds + 1):
         start = time.perf_counter()
@@ -448,7 +448,9 @@ def run_rounds(
             check=m.check_evaluate_reply,
         )
         central = central_eval(arrays)
-        row = round_row(server_round, train, evaluation, central, seconds=time.perf_counter() - start)
+        row = round_row(
+            server_round, train, evaluation, central, seconds=time.perf_counter() - start
+        )
         record.append(row)
         record.note_sites({**evaluation.sites, **train.sites})
         if checkpoint is not None:

@@ -51,12 +51,20 @@ class RichReporter:
 
     WAITING_EVERY = 5.0  # seconds between "waiting for sites" lines
 
-    def started(self, *, rounds: int, initial: EvalResult) -> None:
-        self.console.print(
-            f"initial model: loss {_f(initial.loss)}, accuracy {_f(initial.accuracy)} (loss = train/eval)"
-        )
+    def started(self, *, rounds: int, initial: EvalResult, done: int = 0) -> None:
+        """``done``: rounds a resumed run already has (its bar starts there)."""
+        if done:
+            self.console.print(
+                f"resuming after round {done}/{rounds} from the checkpoint (round 0 was loss "
+                f"{_f(initial.loss)}, accuracy {_f(initial.accuracy)})"
+            )
+        else:
+            self.console.print(
+                f"initial model: loss {_f(initial.loss)}, accuracy {_f(initial.accuracy)} "
+                "(loss = train/eval)"
+            )
         self.progress.start()
-        self.task = self.progress.add_task("rounds", total=rounds, status="")
+        self.task = self.progress.add_task("rounds", total=rounds, completed=done, status="")
 
     def waiting(self, *, connected: int, expected: int) -> None:
         """A line every few seconds (``flwr run --stream`` shows lines, not the bar's status)."""

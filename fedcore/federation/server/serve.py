@@ -52,7 +52,8 @@ from fedcore.federation.server.strategies import (
 )
 from fedcore.federation.simulation.batched import grid_for
 from fedcore.federation.site.data import data_settings
-from fedcore.federation.site.folders import run_sites_dir
+from fedcore.federation.site.folders import run_sites_dir, simulated_process
+from fedcore.mechanisms import Mechanism
 from fedcore.models import build_model
 from fedcore.privacy import PrivacyLedger
 from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
@@ -135,6 +136,17 @@ class _Rounds:
     dp_round: DPFedAvgRound | None = None
 
 
+def _check_persistent(mechanism: Mechanism) -> None:
+    """A deployed federation with site-level DP keeps its ledger across runs: with a per-run
+    ledger every new run would start the sites' budget at zero again (issue 20, point 5). In
+    fedcore's simulation a per-run ledger is allowed, and the summary says it starts at zero."""
+    if not mechanism.persistent and not simulated_process():
+        raise ConfigError(
+            "a deployed run with site-level DP needs 'dp.server.state_dir': the federation "
+            "ledger must outlive the run, or every new run would spend the sites' budget afresh"
+        )
+
+
 def train_rounds(
     settings: Settings, protections: Protections, *, dim: int, record_dir: Path
 ) -> _Rounds:
@@ -142,6 +154,7 @@ def train_rounds(
     mechanism, secagg = protections.mechanism, protections.secagg
     rounds = _Rounds(plain_train_round)
     if mechanism is not None:
+        _check_persistent(mechanism)
         mechanism.check_before_run(dim=dim, record_dir=record_dir)
         rounds.ledger = mechanism.open_ledger(record_dir)
         rounds.train_round = rounds.dp_round = DPFedAvgRound.create(mechanism, rounds.ledger)

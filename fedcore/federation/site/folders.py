@@ -32,12 +32,18 @@ SIMULATION_MARKER = "FEDCORE_SIMULATION"  # set by fedcore's simulation, in its 
 SIMULATION_KEYS = frozenset({"partition-id", "num-partitions"})  # what Flower's simulation sets
 
 
+def simulated_process() -> bool:
+    """Whether this process runs inside fedcore's simulation (its environment says so; the run
+    config cannot reach it)."""
+    return os.environ.get(SIMULATION_MARKER) == "1"
+
+
 def is_simulated(node_config: Mapping[str, Any]) -> bool:
     """Whether this site runs inside fedcore's simulation, where the server and every site share
     one machine and one person: fedcore's simulation marked this process (the environment, which
     the run config cannot reach) and the node config holds only the keys Flower's simulation
     engine sets. A deployed SuperNode has the operator's node config and environment."""
-    return os.environ.get(SIMULATION_MARKER) == "1" and set(node_config) <= SIMULATION_KEYS
+    return simulated_process() and set(node_config) <= SIMULATION_KEYS
 
 
 def site_state_dir(settings: Settings, node_config: Mapping[str, Any]) -> Path:

@@ -12,8 +12,10 @@ and fsynced before the answer leaves. Per round id it holds:
   a server that reuses a round id cannot make the site re-create a round's masks or keys. The
   line also records when the round began (``at``) and, when given, the fedcore run (``run``);
 - ``session``: the session id the site answered the share-keys stage for (one session per round);
-- ``trained``: the site trained (and charged its ledger) for the round, recorded durably just
-  before it trains (at most once per round id: a site never trains twice for one round);
+- ``trained``: the site trained (and charged its ledger) for the round, recorded just before it
+  trains (at most once per round id: a site never trains twice for one round; not fsynced: an OS
+  crash that could lose it loses the round's transcript too, and a round without its transcript
+  is refused, so it can never be trained again);
 - ``masked``: a masked input was sent (at most one per round id);
 - ``signed``: a survivor set was signed (ACTIVE mode; at most one);
 - ``unmasked``: an unmask request was answered (at most one), and for which peers the site
@@ -33,8 +35,8 @@ complete ``{"round": id, "torn": true}`` when they name their round, else ``{"to
 which damages every round begun before it and not unmasked. Every later event of a damaged round,
 and a read of its entry, is refused with :class:`LocalProtocolError`; a new round id still begins.
 
-Rollback. After each durable line (``trained``, ``masked``, ``signed``, ``unmasked``: the events
-whose repetition would leak or charge twice) the journal is fsynced, then its *seal*
+Rollback. After each durable line (``masked``, ``signed``, ``unmasked``: the answers whose
+repetition would leak) the journal is fsynced, then its *seal*
 (:attr:`RoundJournal.seal_path`, written under a temporary name, then renamed)
 records the file's length and SHA-256. A journal shorter than its seal, or whose first ``length``
 bytes do not hash to it (a copy put back, a cut at a line boundary, an edited line), is refused with
@@ -443,7 +445,11 @@ class RoundJournal:
                 "key-shares-of": list(key_shares_of),
             }
 
-        return self._commit(round_id, once)
+        # ``trained`` is appended without an fsync: it must hold within the life of the round's
+        # transcript (Flower's ``context.state``, in the SuperNode's memory), which an OS crash
+        # loses too, and a round without its transcript is refused; a process crash leaves the
+        # line in the page cache, so a restarted ClientApp still sees it.
+        return self._commit(round_id, once, durable=kind != "trained")
 
 
 def _started(entry: RoundEntry | None) -> RoundEntry:
