@@ -60,10 +60,13 @@ def skip_reveal_probability(*, sites: int, rate: float, runs: Callable[[int], bo
     if rate == 1.0:
         return 0.0
     others = sites - 1
-    total = 0.0
+    total, ran = 0.0, runs(0)
     for k in range(others + 1):
-        if runs(k) != runs(k + 1):
-            total += math.exp(_log_binomial_pmf(k, others, rate))
+        weight = math.exp(_log_binomial_pmf(k, others, rate))
+        after = runs(k + 1)  # each size asked once: runs() checks the protocol's safe rules
+        if after != ran:
+            total += weight
+        ran = after
     return min(1.0, rate * total)
 
 

@@ -381,27 +381,31 @@ def _ended(record: RunRecord, *, max_failed: int) -> str:
 
 
 def _train(
-    train_round: TrainRound,
+    train_round: TrainRound, grid: Grid, strategy: Strategy, **round_args: Any
+) -> TrainOutcome:
+    """One round's training; a protocol error ends that round only (BudgetExceededError, which
+    ends the run, passes through)."""
+    try:
+        return train_round(grid, strategy, **round_args)
+    except (ProtocolError, InvalidMessage) as exc:
+        return _aborted(exc)
+
+
+def _evaluate(
     grid: Grid,
     strategy: Strategy,
     server_round: int,
     arrays: ArrayRecord,
     config: ConfigRecord,
     timeout: float,
-) -> TrainOutcome:
-    """One round's training; a protocol error ends that round only (BudgetExceededError, which
-    ends the run, passes through)."""
-    try:
-        return train_round(
-            grid,
-            strategy,
-            server_round=server_round,
-            arrays=arrays,
-            config=config,
-            timeout=timeout,
-        )
-    except (ProtocolError, InvalidMessage) as exc:
-        return _aborted(exc)
+) -> Exchange:
+    """The sites' evaluation of the round's model, replies checked."""
+    return exchange(
+        grid,
+        strategy.configure_evaluate(server_round, arrays, config, grid),
+        timeout=timeout,
+        check=m.check_evaluate_reply,
+    )
 
 
 def run_rounds(
@@ -421,13 +425,12 @@ def run_rounds(
     max_failed_rounds: int = 3,
     checkpoint: Checkpoint | None = None,
 ) -> RunOutcome:
-    """Run rounds ``first_round``..``rounds`` of ``strategy`` from ``initial`` (round 0 first, see
-    :func:`_initial`). ``config(round)`` builds a round's config record; each round's row is
-    appended to ``record`` as the round ends, then ``checkpoint(round, arrays, strategy)`` runs.
+    """Run rounds ``first_round``..``rounds`` from ``initial`` (round 0 first: :func:`_initial`);
+    each round's row goes to ``record`` as it ends, then ``checkpoint(round, arrays, strategy)``.
     Returns the final arrays, and why the run stopped early (``train_round`` raised
     :class:`BudgetExceededError`) or failed (its last ``max_failed_rounds`` rounds all failed)."""
     first = _initial(initial, first_round=first_round, central_eval=central_eval, record=record)
-    if first_round == 1 and checkpoint is not None:
+    if first_round == 1 and checkpoint is not None:  # round 0
         checkpoint(0, initial, strategy)
     reporter.started(rounds=rounds, initial=first, done=first_round - 1)
     arrays = initial
@@ -436,17 +439,20 @@ def run_rounds(
         wait_for_sites(grid, expected=expected_sites, timeout=timeout, reporter=reporter)
         round_config = config(server_round)
         try:
-            train = _train(train_round, grid, strategy, server_round, arrays, round_config, timeout)
+            train = _train(
+                train_round,
+                grid,
+                strategy,
+                server_round=server_round,
+                arrays=arrays,
+                config=round_config,
+                timeout=timeout,
+            )
         except BudgetExceededError as exc:
             return RunOutcome(arrays=arrays, stopped=f"round {server_round} not run: {exc}")
         if train.aggregated is not None:
             arrays = keep_dtypes(train.aggregated, arrays)
-        evaluation = exchange(
-            grid,
-            strategy.configure_evaluate(server_round, arrays, round_config, grid),
-            timeout=timeout,
-            check=m.check_evaluate_reply,
-        )
+        evaluation = _evaluate(grid, strategy, server_round, arrays, round_config, timeout)
         central = central_eval(arrays)
         row = round_row(
             server_round, train, evaluation, central, seconds=time.perf_counter() - start
@@ -459,7 +465,6 @@ def run_rounds(
         if failed := _ended(record, max_failed=max_failed_rounds):
             return RunOutcome(arrays=arrays, failed=failed)
         if train.stop:
-            return RunOutcome(
-                arrays=arrays, stopped=f"stopped after round {server_round}: {train.stop}"
-            )
+            stopped = f"stopped after round {server_round}: {train.stop}"
+            return RunOutcome(arrays=arrays, stopped=stopped)
     return RunOutcome(arrays=arrays)

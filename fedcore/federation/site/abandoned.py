@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcore.errors import ConfigError, LocalProtocolError
+from fedcore.federation.site.folders import node_int
 
 DAY_SECONDS = 86_400.0
 NODE_MAX_ABANDONED_PER_RUN = "secagg-max-abandoned-per-run"
@@ -50,18 +51,9 @@ def abandon_limits(node_config: Mapping[str, Any]) -> AbandonLimits:
     """The bound from the operator's node config (defaults: :class:`AbandonLimits`). Raises
     ConfigError naming a bad value."""
     default = AbandonLimits()
-
-    def count(key: str, value: int) -> int:
-        raw = node_config.get(key, value)
-        if isinstance(raw, str) and raw.strip().isdigit():
-            raw = int(raw)
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-            raise ConfigError(f"node config {key!r} must be an integer >= 1, got {raw!r}")
-        return raw
-
     return AbandonLimits(
-        per_run=count(NODE_MAX_ABANDONED_PER_RUN, default.per_run),
-        per_day=count(NODE_MAX_ABANDONED_PER_DAY, default.per_day),
+        per_run=node_int(node_config, NODE_MAX_ABANDONED_PER_RUN, default.per_run, least=1),
+        per_day=node_int(node_config, NODE_MAX_ABANDONED_PER_DAY, default.per_day, least=1),
     )
 
 

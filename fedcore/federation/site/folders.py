@@ -32,6 +32,17 @@ SIMULATION_MARKER = "FEDCORE_SIMULATION"  # set by fedcore's simulation, in its 
 SIMULATION_KEYS = frozenset({"partition-id", "num-partitions"})  # what Flower's simulation sets
 
 
+def node_int(node_config: Mapping[str, Any], key: str, default: int, *, least: int) -> int:
+    """An integer of the operator's node config (a digit string is read as one), at least
+    ``least``; ``default`` when absent. Raises ConfigError naming the key."""
+    value = node_config.get(key, default)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"node config {key!r} must be an integer >= {least}, got {value!r}")
+    return value
+
+
 def simulated_process() -> bool:
     """Whether this process runs inside fedcore's simulation (its environment says so; the run
     config cannot reach it)."""

@@ -66,6 +66,7 @@ from fedcore.crypto.agreement import derive_rng
 from fedcore.errors import ConfigError, FedcoreError, LocalProtocolError, RemoteProtocolError
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site.abandoned import AbandonLimits
+from fedcore.federation.site.folders import node_int
 from fedcore.federation.site.journal import RoundEntry, RoundJournal, check_session
 from fedcore.federation.site.store import SiteStore
 from fedcore.mechanisms.central_on_secagg import (
@@ -144,19 +145,11 @@ def site_floors(node_config: Mapping[str, Any], *, allow_unsafe: bool = False) -
             f"node config {NODE_MODE!r} must be 'semi-honest' or 'active', got {mode_name!r}"
         )
 
-    def count(key: str, default: int, least: int) -> int:
-        value = node_config.get(key, default)
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"node config {key!r} must be an integer >= {least}, got {value!r}")
-        return value
-
     return Floors(
         mode=modes[mode_name],
-        min_threshold=count(NODE_MIN_THRESHOLD, 2, 2),
-        min_neighbors=count(NODE_MIN_NEIGHBORS, 0, 0),
-        min_clients=count(NODE_MIN_PARTICIPANTS, 2, 2),
+        min_threshold=node_int(node_config, NODE_MIN_THRESHOLD, 2, least=2),
+        min_neighbors=node_int(node_config, NODE_MIN_NEIGHBORS, 0, least=0),
+        min_clients=node_int(node_config, NODE_MIN_PARTICIPANTS, 2, least=2),
         safe_rules=not allow_unsafe,
     )
 
