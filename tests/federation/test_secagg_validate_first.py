@@ -8,8 +8,6 @@ Each test names what stopped the attack in its last assertion's message.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from fedcore.config import resolve
@@ -44,11 +42,19 @@ def _dp_site(tmp_path) -> AppSite:
 
 
 def _site_epsilon(tmp_path) -> float:
+    """What the site's DP-SGD ledger has spent (0.0 with no ledger: nothing was ever charged)."""
+    from fedcore.privacy import PrivacyLedger
+
     ledgers = list((tmp_path / "state").glob("*.ledger.json"))
-    if not ledgers:
-        return 0.0
-    doc = json.loads(ledgers[0].read_text())
-    return float(doc.get("epsilon", 0.0)) if isinstance(doc, dict) else 0.0
+    return sum(PrivacyLedger.load(path).epsilon() for path in ledgers)
+
+
+def test_the_ledger_probe_sees_a_charge(tmp_path):
+    """The probe above can fail: an honest round through the same ClientApp charges the ledger."""
+    site = _dp_site(tmp_path)
+    round_ = Round(session(FOUR, round_id=R, length=site.dim() + 1), 1, site.ask, seed=1)
+    _through_masked_input(round_)
+    assert round_.refusals == [] and _site_epsilon(tmp_path) > 0
 
 
 @pytest.mark.parametrize("wrong", ["length", "weight budget"])
