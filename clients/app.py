@@ -70,7 +70,11 @@ def train_site(msg: Message, context: Context) -> Message:
     )
     if isinstance(outcome, SiteDeclined):
         return m.declined_reply(
-            msg, site_id=site.site_id, site_epsilon=outcome.site_epsilon, reason=outcome.reason
+            msg,
+            site_id=site.site_id,
+            site_epsilon=outcome.site_epsilon,
+            reason=outcome.reason,
+            site_charges=outcome.site_charges,
         )
     return m.train_reply(
         msg,
@@ -79,6 +83,7 @@ def train_site(msg: Message, context: Context) -> Message:
         loss=outcome.train_loss,
         site_id=site.site_id,
         site_epsilon=outcome.site_epsilon,
+        site_charges=outcome.site_charges,
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedcore.config import LINEAR_STRATEGIES, NONLINEAR_STRATEGIES, Settings, SiteDPSettings
@@ -235,6 +236,7 @@ class Protections:
     secagg: SecureAggregation | None
     mechanism: Mechanism | None
     accountant: str
+    state_dir: str = ""  # dp.server.state_dir: the federation's folder kept across runs
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Protections:
@@ -245,6 +247,7 @@ class Protections:
             secagg=secagg,
             mechanism=mechanism_for(settings, secagg=secagg is not None),
             accountant=settings.dp.accountant,
+            state_dir=settings.dp.server.state_dir,
         )
         made.check(settings)
         return made
@@ -260,6 +263,14 @@ class Protections:
         return Publication(
             sample_hidden=self.mechanism is not None, record_dp=self.record is not None
         )
+
+    def receipts_folder(self, record_dir: Path) -> Path | None:
+        """Where the federation keeps what it saw each site spend
+        (:mod:`fedcore.federation.server.receipts`): ``dp.server.state_dir`` (across runs), else the
+        run record; None when record-level DP is off (sites report no spend)."""
+        if self.record is None:
+            return None
+        return Path(self.state_dir) if self.state_dir else record_dir
 
     @property
     def calibrated_over_rounds(self) -> bool:

@@ -313,8 +313,24 @@ def _record_level_line(record: RunRecord, protections: Protections) -> list[str]
         f"{site.delta:g} per site; {spend}. Each site's epsilon holds for the neighbouring "
         f"relation *{site.relation}*, against anyone who sees its updates or anything derived "
         "from them, the server included; the sites' evaluation on their own test splits "
-        "(`site_eval_*`) is outside it."
+        "(`site_eval_*`) is outside it.",
+        _receipts_line(protections),
     ]
+
+
+def _receipts_line(protections: Protections) -> str:
+    """Where the federation's receipts of the sites' spends live (server.receipts)."""
+    where = (
+        f"in `{protections.state_dir}`, across runs"
+        if protections.state_dir
+        else "in this run record only: a new run starts without them (set `dp.server.state_dir` "
+        "to keep them across runs)"
+    )
+    return (
+        "  - The federation keeps a receipt of each site's reported spend (`receipts.json`, "
+        f"{where}); a site whose ledger is behind its receipt (lost, or restored from a backup) "
+        "is refused."
+    )
 
 
 def _spent_so_far(record: RunRecord) -> str:

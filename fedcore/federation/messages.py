@@ -42,6 +42,7 @@ NUM_EXAMPLES = "num-examples"
 STATUS = "status"
 SITE_ID = "site-id"
 SITE_EPSILON = "site_epsilon"
+SITE_CHARGES = "site_charges"  # how many entries the site's ledger holds (receipts)
 DECLINED = "declined"
 RUN_ID = "fedcore-run-id"
 SECAGG = "secagg"  # the record that carries a secure-aggregation stage, in requests and replies
@@ -212,22 +213,35 @@ def train_reply(
     loss: float | None,
     site_id: int,
     site_epsilon: float | None = None,
+    site_charges: int | None = None,
 ) -> Message:
     metrics = MetricRecord({NUM_EXAMPLES: num_examples, SITE_ID: site_id})
     if loss is not None:  # a DP-SGD site does not send its loss: the guarantee does not cover it
         metrics["train_loss"] = loss
     if site_epsilon is not None:
         metrics[SITE_EPSILON] = site_epsilon
+    if site_charges is not None:
+        metrics[SITE_CHARGES] = site_charges
     return Message(
         content=RecordDict({ARRAYS: state_to_record(state), METRICS: metrics}), reply_to=message
     )
 
 
-def declined_reply(message: Message, *, site_id: int, site_epsilon: float, reason: str) -> Message:
+def declined_reply(
+    message: Message,
+    *,
+    site_id: int,
+    site_epsilon: float,
+    reason: str,
+    site_charges: int | None = None,
+) -> Message:
     """The reply of a site that will not train this round (its privacy budget would be passed)."""
+    metrics = MetricRecord({DECLINED: 1, SITE_ID: site_id, SITE_EPSILON: site_epsilon})
+    if site_charges is not None:
+        metrics[SITE_CHARGES] = site_charges
     content = RecordDict(
         {
-            METRICS: MetricRecord({DECLINED: 1, SITE_ID: site_id, SITE_EPSILON: site_epsilon}),
+            METRICS: metrics,
             STATUS: ConfigRecord({"reason": reason}),
         }
     )
@@ -260,6 +274,17 @@ def site_epsilon(reply: Message) -> tuple[int, float] | None:
     ):
         return None
     return int(site), float(eps)
+
+
+def site_charges(reply: Message) -> int | None:
+    """How many entries the site's ledger holds, as it reported in ``reply`` (None if not)."""
+    if reply.has_error():
+        return None
+    metrics = record_of(reply.content, METRICS, MetricRecord)
+    charges = metrics.get(SITE_CHARGES) if metrics is not None else None
+    if isinstance(charges, bool) or not isinstance(charges, int | float) or charges != charges:
+        return None
+    return int(charges)
 
 
 def evaluate_reply(message: Message, *, num_examples: int, loss: float, accuracy: float) -> Message:

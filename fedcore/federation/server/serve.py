@@ -28,6 +28,7 @@ from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.errors import ConfigError
 from fedcore.federation import messages as m
+from fedcore.federation.server import receipts
 from fedcore.federation.server.checkpoint import (
     Checkpoint,
     capture_random_state,
@@ -190,7 +191,6 @@ def _serve(
 ) -> RunRecord:
     reporter = reporter or NullReporter()
     protections = protections_of(settings)
-    grid = grid_for(grid, settings)  # many sites per simulated node (simulation.batched)
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
     model = initial_model(settings, input_shape=input_shape, num_classes=num_classes)
     device = pick_device(settings.device)
@@ -201,6 +201,7 @@ def _serve(
         num_classes=num_classes,
         device=str(device),
     )
+    grid = receipts.guard(grid_for(grid, settings), protections, record_dir=record.path)
 
     def central_eval(arrays: ArrayRecord) -> EvalResult:
         model.load_state_dict(m.record_to_state(arrays))

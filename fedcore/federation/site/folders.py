@@ -120,6 +120,7 @@ class SiteDeclined:
 
     site_epsilon: float
     reason: str
+    site_charges: int | None = None  # the ledger's entries (the federation's receipts)
 
 
 def affordability(
@@ -140,7 +141,9 @@ def affordability(
     try:
         ledger.check(plan.event)
     except BudgetExceededError as exc:
-        return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))
+        return SiteDeclined(
+            site_epsilon=ledger.epsilon(), reason=str(exc), site_charges=len(ledger.entries)
+        )
     return None
 
 

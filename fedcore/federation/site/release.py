@@ -83,6 +83,7 @@ class Release:
     state: dict[str, torch.Tensor]
     num_examples: int
     site_epsilon: float
+    site_charges: int | None = None  # the ledger's entries after the charge (None: older files)
 
 
 def instruction_digest(arrays: ArrayRecord, config: ConfigRecord) -> str:
@@ -161,6 +162,7 @@ def record(store: SiteStore, key: ReleaseKey, release: Release) -> None:
         "instruction": key.instruction,
         "num_examples": int(release.num_examples),
         "site_epsilon": float(release.site_epsilon),
+        "site_charges": release.site_charges,
         "arrays": arrays,
     }
     doc["sha256"] = _content_digest(doc)
@@ -198,6 +200,7 @@ def _parse(doc: object, *, site_id: int) -> tuple[ReleaseKey, Release]:
         state=dict(arrays),
         num_examples=int(doc["num_examples"]),
         site_epsilon=float(doc["site_epsilon"]),
+        site_charges=None if doc.get("site_charges") is None else int(doc["site_charges"]),
     )
     return key, release
 

@@ -45,6 +45,7 @@ class SiteUpdate:
     num_examples: int
     train_loss: float | None  # None under DP-SGD: the loss is not covered by the guarantee
     site_epsilon: float | None = None  # record-level spend after this round (DP-SGD only)
+    site_charges: int | None = None  # entries of the site's ledger after this round (DP-SGD only)
 
 
 __all__ = ["SiteDeclined", "SiteUpdate", "evaluate_round", "round_seed", "train_round"]
@@ -154,6 +155,7 @@ def _train_dp_once(
                 num_examples=kept.num_examples,
                 train_loss=None,
                 site_epsilon=kept.site_epsilon,
+                site_charges=kept.site_charges,
             )
         outcome = _train_dp(
             settings, site, model, server_round=release.server_round, node_config=node_config
@@ -163,7 +165,12 @@ def _train_dp_once(
                 site_release.record(
                     store,
                     release,
-                    Release(outcome.state, outcome.num_examples, outcome.site_epsilon),
+                    Release(
+                        outcome.state,
+                        outcome.num_examples,
+                        outcome.site_epsilon,
+                        outcome.site_charges,
+                    ),
                 )
             except OSError as exc:  # charged already: sending uncached risks only a second charge
                 log.warning(
@@ -200,7 +207,9 @@ def _train_dp(
             device=pick_device(settings.device),
         )
     except BudgetExceededError as exc:
-        return SiteDeclined(site_epsilon=ledger.epsilon(), reason=str(exc))
+        return SiteDeclined(
+            site_epsilon=ledger.epsilon(), reason=str(exc), site_charges=len(ledger.entries)
+        )
     # The example count stays at the site (issue 11, point 3): the accounting is add/remove-one
     # with q = B / n, which holds only while n is not released, so every DP-SGD site reports a
     # weight of 1 and the sites weigh equally.
@@ -209,6 +218,7 @@ def _train_dp(
         num_examples=RECORD_DP_WEIGHT,
         train_loss=None,
         site_epsilon=result.epsilon,
+        site_charges=len(ledger.entries),
     )
 
 

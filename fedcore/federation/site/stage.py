@@ -53,6 +53,7 @@ class _Trainer:
     def __init__(self, msg: Message, context: Context, call_next: Handler) -> None:
         self.msg, self.context, self.call_next = msg, context, call_next
         self.site_epsilon: float | None = None
+        self.site_charges: int | None = None
 
     def size(self) -> int:
         arrays, _ = m.instruction(self.msg)
@@ -66,6 +67,7 @@ class _Trainer:
             raise BudgetExceededError(reason)
         if (eps := m.site_epsilon(reply)) is not None:
             self.site_epsilon = eps[1]
+            self.site_charges = m.site_charges(reply)
         global_arrays, _ = m.instruction(self.msg)
         return secagg_site.trained_update(
             m.arrays_of(reply), global_arrays, reply.content.metric_records[m.METRICS]
@@ -109,6 +111,7 @@ def serve_stage(msg: Message, context: Context, call_next: Handler) -> Message:
                     site_id=site.site_id,
                     site_epsilon=declined.site_epsilon,
                     reason=declined.reason,
+                    site_charges=declined.site_charges,
                 )
         trainer = _Trainer(msg, context, call_next)
         answer = secagg_site.answer_stage(
@@ -118,7 +121,8 @@ def serve_stage(msg: Message, context: Context, call_next: Handler) -> Message:
         return m.error_reply(msg, exc)
     content = RecordDict({secagg_site.SECAGG: ConfigRecord({"payload": answer})})
     if trainer.site_epsilon is not None:
-        content[m.METRICS] = MetricRecord(
-            {m.SITE_ID: site.site_id, m.SITE_EPSILON: trainer.site_epsilon}
-        )
+        spend = {m.SITE_ID: site.site_id, m.SITE_EPSILON: trainer.site_epsilon}
+        if trainer.site_charges is not None:
+            spend[m.SITE_CHARGES] = trainer.site_charges
+        content[m.METRICS] = MetricRecord(spend)
     return Message(content=content, reply_to=msg)
