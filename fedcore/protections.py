@@ -1,6 +1,6 @@
 """Which protections a run has, resolved once from its settings: the one place that reads them.
 
-A run stacks up to three protections, each optional (README, "What it protects"):
+A run stacks up to three protections, each optional (README, "What is protected, against whom"; docs/privacy.md):
 
 1. **Record-level DP** at each site (DP-SGD): :attr:`Protections.record`, a :class:`RecordLevel`.
 2. **Secure aggregation**: :attr:`Protections.secagg`, a :class:`SecureAggregation`.

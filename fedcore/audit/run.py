@@ -1,6 +1,6 @@
 """``fedcore audit``'s work: audit one site's record-level DP-SGD, and state the audit's power.
 
-Decision (documented in the README): the audit drives fedcore's DP-SGD round
+Decision (documented in docs/experiments.md, "fedcore audit"): the audit drives fedcore's DP-SGD round
 (:func:`fedcore.privacy.dpsgd.train_round`) in-process for a single site (site 0 of the configured
 federation, its training split, the configured model, ``local_epochs``, ``batch_size``, ``lr``,
 ``dp.site.*``, ``rounds``), without Flower: a federation adds nothing to what one site's DP-SGD
