@@ -6,6 +6,7 @@ Each test plays one attack and names, in its last assertion's message or its mat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -304,6 +305,55 @@ def test_a_registry_entry_without_a_valid_certificate_is_not_a_peer(tmp_path, fo
         site.root / "registry", ca=(tmp_path / "ca.crt").read_bytes()
     )
     assert 3 not in accepted and 2 in accepted
+
+
+@pytest.mark.parametrize("pinned", [None, {"hospital-1", "hospital-2", "hospital-3", "hospital-4"}])
+def test_control_a_round_passes_the_pinned_names(tmp_path, pinned):
+    site, seeds, registry = _certified_federation(tmp_path)
+    site.identity = dataclasses.replace(
+        site.identity, expected=None if pinned is None else frozenset(pinned)
+    )
+    round_ = Round(
+        session(FOUR, round_id=R, mode=Mode.ACTIVE),
+        1,
+        site.ask,
+        seed=1,
+        signing=seeds,
+        registry=registry,
+    )
+    round_.run()
+    assert round_.refusals == [] and isinstance(round_.answers[-1], UnmaskShares)
+
+
+def test_a_name_the_ca_minted_outside_the_sites_pinned_list_is_not_a_peer(tmp_path):
+    """The aggregator's operator holds the CA (issue 21, point 9) and certifies a Sybil under a
+    new name, hospital-4: a site that pinned its expected peers (node config
+    ``secagg-expected-sites``) does not count it, and refuses the round before training."""
+    site, seeds, registry = _certified_federation(tmp_path)
+    pinned = secagg_registry.expected_sites(
+        {secagg_registry.EXPECTED_SITES: "hospital-1, hospital-2,hospital-3"}
+    )
+    site.identity = dataclasses.replace(site.identity, expected=pinned)
+    round_ = Round(
+        session(FOUR, round_id=R, mode=Mode.ACTIVE),
+        1,
+        site.ask,
+        seed=1,
+        signing=seeds,
+        registry=registry,
+    )
+    round_.run()
+    assert site.trained == 0 and not any(isinstance(a, MaskedInput) for a in round_.answers)
+    assert round_.refusals, "stopped by the pinned list of site names"
+    accepted = secagg_registry.load_registry(
+        site.root / "registry", ca=(tmp_path / "ca.crt").read_bytes(), expected=pinned
+    )
+    assert set(accepted) == {1, 2, 3}  # its own entry (published at enrolment) and two peers
+
+
+def test_an_empty_pinned_list_is_a_config_error():
+    with pytest.raises(ConfigError, match="secagg-expected-sites"):
+        secagg_registry.expected_sites({secagg_registry.EXPECTED_SITES: " , "})
 
 
 def test_a_site_without_a_certificate_refuses_and_tells_its_key(tmp_path):

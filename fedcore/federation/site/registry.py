@@ -113,11 +113,15 @@ def publish(folder: Path, node_id: int, site_key: bytes, certificate: bytes | No
     return public
 
 
-def load_registry(folder: Path, *, ca: bytes | None = None) -> dict[int, bytes]:
+def load_registry(
+    folder: Path, *, ca: bytes | None = None, expected: frozenset[str] | None = None
+) -> dict[int, bytes]:
     """The registry's entries, node id to public key (empty if there is no folder).
 
     With ``ca`` (a PEM certificate), an entry counts only with a certificate from that CA for its
-    key, and entries whose certificates name the same site are all dropped. Malformed or
+    key, and entries whose certificates name the same site are all dropped. With ``expected``
+    (the site names a site's operator pinned), only entries certified for one of those names
+    count: a CA that mints a certificate under a new name does not add a peer. Malformed or
     uncertified entries are skipped (a peer without an entry cannot join an ACTIVE round).
     Raises ConfigError for a ``ca`` that does not load.
     """
@@ -138,7 +142,7 @@ def load_registry(folder: Path, *, ca: bytes | None = None) -> dict[int, bytes]:
             site, certified = verify_signing_certificate(ca, cert)
         except InvalidMessage:
             continue
-        if certified == key:
+        if certified == key and (expected is None or site in expected):
             owners[node] = site
     names = Counter(owners.values())
     return {node: entries[node] for node, site in owners.items() if names[site] == 1}
@@ -177,6 +181,7 @@ class SiteIdentity:
     ca: Path | None
     certificate: Path
     issuer: Path | None = None
+    expected: frozenset[str] | None = None  # node config secagg-expected-sites: pinned names
 
     def ca_certificate(self) -> bytes:
         """The trust root. Raises ConfigError when the node config names none."""
@@ -234,11 +239,32 @@ def site_identity(
     """The node config's ``secagg-ca`` and ``secagg-certificate`` (default: the store's
     certificate file); in simulation, the per-run CA under the run record issues the certificate."""
     certificate = Path(str(node_config.get("secagg-certificate") or store.certificate_path))
+    expected = expected_sites(node_config)
     if ca := node_config.get("secagg-ca"):
-        return SiteIdentity(ca=Path(str(ca)), certificate=certificate)
+        return SiteIdentity(ca=Path(str(ca)), certificate=certificate, expected=expected)
     if is_simulated(node_config) and settings.out:
-        return SiteIdentity(None, certificate, issuer=run_sites_dir(settings) / SIMULATION_CA)
-    return SiteIdentity(ca=None, certificate=certificate)
+        issuer = run_sites_dir(settings) / SIMULATION_CA
+        return SiteIdentity(None, certificate, issuer=issuer, expected=expected)
+    return SiteIdentity(ca=None, certificate=certificate, expected=expected)
+
+
+EXPECTED_SITES = "secagg-expected-sites"
+
+
+def expected_sites(node_config: Mapping[str, Any]) -> frozenset[str] | None:
+    """The node config's ``secagg-expected-sites``: the site names (comma-separated, as
+    ``fedcore certs`` issued them) this site accepts as peers in ACTIVE mode, its own included;
+    None when unset (every name the CA certified). Raises ConfigError for an empty list."""
+    raw = node_config.get(EXPECTED_SITES)
+    if raw is None:
+        return None
+    names = frozenset(n.strip() for n in str(raw).split(",") if n.strip())
+    if not names:
+        raise ConfigError(
+            f"the node config's {EXPECTED_SITES!r} is {raw!r}: give the site names this site "
+            "accepts as peers, comma-separated, or leave it unset"
+        )
+    return names
 
 
 def simulation_ca(path: Path) -> Pem:

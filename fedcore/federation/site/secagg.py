@@ -292,7 +292,9 @@ def _certified(registry: Path, identity: secagg_registry.SiteIdentity | None) ->
     """The peers this site accepts: registry entries with a valid certificate from its own CA."""
     if identity is None:
         raise ConfigError("this site has no secure-aggregation identity (CA and certificate)")
-    return secagg_registry.load_registry(registry, ca=identity.ca_certificate())
+    return secagg_registry.load_registry(
+        registry, ca=identity.ca_certificate(), expected=identity.expected
+    )
 
 
 def _entry_for(journal: RoundJournal, message: Any) -> RoundEntry:
