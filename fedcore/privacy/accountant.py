@@ -33,6 +33,7 @@ Gaussian's exact epsilon (Balle and Wang 2018, Thm 8), rounded up, instead of a 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import math
@@ -41,6 +42,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import dp_accounting
+import numpy as np
 import scipy.stats
 from dp_accounting import gaussian_mechanism
 from dp_accounting.pld import pld_privacy_accountant
@@ -55,6 +57,7 @@ from fedcore.privacy.events import (
     NoPrivacyLoss,
     PoissonSubsampledGaussian,
     PrivacyEvent,
+    RdpEvent,
     RevealedWithProbability,
     SelfComposedEvent,
     UnsupportedEventError,
@@ -121,6 +124,9 @@ def _lower(event: PrivacyEvent, times: int, out: Counter[Mechanism]) -> None:
     elif isinstance(event, RevealedWithProbability):
         if event.probability > 0:
             out[("revealed", float(event.probability))] += times * event.count
+    elif isinstance(event, RdpEvent):  # composed in RDP (_rdp_epsilon), one curve per count
+        count = getattr(event, "count", 1)
+        out[("rdp", dataclasses.replace(event, count=1) if count != 1 else event)] += times * count
     elif isinstance(event, SelfComposedEvent):
         _lower(event.event, times * event.count, out)
     elif isinstance(event, ComposedEvent):
@@ -173,6 +179,8 @@ class _DpAccountingAccountant:
             return math.inf
         if not mechanisms:
             return 0.0
+        if any(m[0] == "rdp" for m, _ in mechanisms):
+            return _rdp_epsilon(mechanisms, delta=delta)
         # Gaussians without sampling compose exactly into one: noise (sum_i c_i / z_i^2)^-1/2
         # (Dong, Roth and Su 2019, Cor. 3.3). Its epsilon has a closed form (Balle and Wang
         # 2018, Thm 8), which is exact where a PLD grid is slow for small noise.
@@ -191,6 +199,31 @@ class _DpAccountingAccountant:
             )
         )
         return max(0.0, float(acct.get_epsilon(delta)))
+
+
+def _rdp_epsilon(mechanisms: Mechanisms, *, delta: float) -> float:
+    """Epsilon of a history holding an :class:`RdpEvent`, composed in RDP whatever the ledger's
+    accountant (PLD has no such events): each mechanism's RDP curve on one grid of orders (integer
+    orders only when some event's bound holds only there), summed, converted by dp-accounting's
+    ``compute_epsilon`` (Canonne, Kamath and Steinke 2020, Prop 12). Gaussian: ``a / (2 z^2)``
+    (Mironov 2017, Prop 7); Poisson-subsampled Gaussian: dp-accounting's bound (Mironov, Talwar
+    and Zhang 2019), the same function its RdpAccountant composes."""
+    integer = any(m[0] == "rdp" and m[1].integer_orders for m, _ in mechanisms)
+    orders = tuple(a for a in RDP_ORDERS if a > 1 and (not integer or a == int(a)))
+    total = np.zeros(len(orders))
+    for mechanism, count in mechanisms:
+        if mechanism[0] == "rdp":
+            curve = mechanism[1].rdp_curve(orders)
+        elif mechanism[0] == "gaussian":
+            curve = np.asarray(orders) / (2.0 * float(mechanism[1]) ** 2)
+        elif mechanism[0] == "poisson_gaussian":
+            q, z = float(mechanism[1]), float(mechanism[2])
+            curve = rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian(q, z, orders)
+        else:
+            raise UnsupportedEventError(f"no RDP curve for mechanism {mechanism!r}")
+        total = total + count * np.asarray(curve, dtype=np.float64)
+    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, total, delta)
+    return max(0.0, float(eps))
 
 
 def split_revealed(mechanisms: Mechanisms, delta: float) -> tuple[Mechanisms, float]:
@@ -294,8 +327,9 @@ def epsilon_lower_bound(events: PrivacyEvent | Iterable[PrivacyEvent], *, delta:
     check_delta(delta)
     if any(m[0] == "non_private" for m, _ in mechanisms):
         return math.inf
-    # A lower bound may ignore the reveals: the rest alone at the whole delta is no more private.
-    mechanisms = tuple((m, c) for m, c in mechanisms if m[0] != "revealed")
+    # A lower bound may leave events out (the reveals, the RDP-only events): the rest alone at the
+    # whole delta is no more private than everything.
+    mechanisms = tuple((m, c) for m, c in mechanisms if m[0] not in ("revealed", "rdp"))
     if not mechanisms:
         return 0.0
     composed = None

@@ -73,7 +73,7 @@ import numpy as np
 import scipy.optimize
 
 from fedcore.errors import ConfigError
-from fedcore.privacy.events import PrivacyEvent
+from fedcore.privacy.events import RdpEvent
 from fedcore.privacy.relations import SiteRelation
 from fedcore.secagg.config import MAX_BITS, MIN_BITS
 
@@ -170,7 +170,7 @@ def _check_event(event: _DistributedEvent) -> None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _DistributedEvent(PrivacyEvent):
+class _DistributedEvent(RdpEvent):
     """Fields shared by both events: sensitivities in grid units, ``h`` noisers, padded ``dim``."""
 
     relation: ClassVar[SiteRelation] = SiteRelation.ZERO_OUT
@@ -224,6 +224,7 @@ class SkellamEvent(_DistributedEvent):
     of sensitivities ``l2_sensitivity``, ``l1_sensitivity`` (AKL21, Thm 3.5)."""
 
     kind: ClassVar[str] = "skellam"
+    integer_orders: ClassVar[bool] = True
     mu: float
 
     def __post_init__(self) -> None:
@@ -244,6 +245,10 @@ class SkellamEvent(_DistributedEvent):
 
 
 DistributedEvent = DistributedDiscreteGaussianEvent | SkellamEvent
+# The kinds a ledger file may hold (fedcore.privacy.events loads them through this).
+EVENTS: dict[str, type[RdpEvent]] = {
+    cls.kind: cls for cls in (DistributedDiscreteGaussianEvent, SkellamEvent)
+}
 
 
 def _orders(orders: np.ndarray | tuple[float, ...], *, integer: bool) -> np.ndarray:

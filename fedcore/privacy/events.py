@@ -25,18 +25,20 @@ Events in this module:
 - :class:`NoPrivacyLoss` (nothing about the data was released) and :class:`NonPrivate` (something
   was released without a DP guarantee: epsilon is infinite).
 
-Extension point (distributed DP). A new mechanism, such as the discrete Gaussian (Canonne, Kamath
-and Steinke 2020) or the Skellam mechanism (Agarwal, Kairouz and Liu 2021) that secure aggregation
-needs, is added in three places and nowhere else: a frozen dataclass here with a unique ``kind``,
-its entry in :data:`EVENT_TYPES` (so a ledger file can hold it), and a lowering in
-:mod:`fedcore.privacy.accountant` (``_lower``) onto a mechanism the accountant can compose. Until
-that lowering exists the accountant raises :class:`UnsupportedEventError` for it; nothing pretends
-to account for it. No class for those two mechanisms exists yet on purpose.
+Extension point. A new mechanism is added in three places and nowhere else: a frozen dataclass
+with a unique ``kind``, its entry in :data:`EVENT_TYPES` (so a ledger file can hold it), and a
+lowering in :mod:`fedcore.privacy.accountant` (``_lower``) onto a mechanism the accountant can
+compose; without one the accountant raises :class:`UnsupportedEventError`. A mechanism known only
+by its Renyi-DP curve (distributed DP's distributed discrete Gaussian and Skellam,
+:mod:`fedcore.privacy.distributed`) subclasses :class:`RdpEvent`: the accountant composes any
+history holding one in RDP, and its module is named in :data:`_LAZY_KINDS` so that a ledger file
+holding it loads without importing it first (it imports scipy).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -205,6 +207,36 @@ class ComposedEvent(PrivacyEvent):
             raise ConfigError(f"ComposedEvent needs a tuple of PrivacyEvents, got {self.events!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class RdpEvent(PrivacyEvent):
+    """An event known by its Renyi-DP curve: ``rdp_curve(orders)`` is the RDP of all its
+    ``count`` repetitions at each order (a numpy array); ``integer_orders`` says whether its bound
+    holds at integer orders only. The accountant composes a history holding one in RDP."""
+
+    integer_orders: ClassVar[bool] = False
+
+    def rdp_curve(self, orders: tuple[float, ...]) -> Any:
+        raise UnsupportedEventError(f"{type(self).__name__} gives no RDP curve")
+
+
+# kind -> the module that defines it and lists it in its ``EVENTS`` (imported on first need)
+_LAZY_KINDS: dict[str, str] = {
+    "distributed_discrete_gaussian": "fedcore.privacy.distributed",
+    "skellam": "fedcore.privacy.distributed",
+}
+
+
+def _event_class(kind: object) -> type[PrivacyEvent] | None:
+    if not isinstance(kind, str):
+        return None
+    if kind in EVENT_TYPES:
+        return EVENT_TYPES[kind]
+    if kind in _LAZY_KINDS:
+        module: Any = importlib.import_module(_LAZY_KINDS[kind])
+        return module.EVENTS.get(kind)
+    return None
+
+
 LEAF_TYPES: tuple[type[PrivacyEvent], ...] = (
     NoPrivacyLoss,
     NonPrivate,
@@ -226,7 +258,7 @@ def event_to_json(event: PrivacyEvent) -> dict[str, Any]:
         return {"kind": event.kind, "event": event_to_json(event.event), "count": event.count}
     if isinstance(event, ComposedEvent):
         return {"kind": event.kind, "events": [event_to_json(e) for e in event.events]}
-    if type(event) not in LEAF_TYPES:
+    if type(event) not in LEAF_TYPES and _event_class(event.kind) is not type(event):
         raise UnsupportedEventError(f"no JSON encoding for event type {type(event).__name__}")
     out: dict[str, Any] = {"kind": event.kind}
     for field in dataclasses.fields(event):
@@ -243,9 +275,10 @@ def event_from_json(obj: object) -> PrivacyEvent:
     if not isinstance(obj, Mapping):
         raise InvalidMessage(f"expected an event object, got {type(obj).__name__}")
     kind = obj.get("kind")
-    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    cls = _event_class(kind)
     if cls is None:
-        raise InvalidMessage(f"unknown event kind {kind!r}; known: {sorted(EVENT_TYPES)}")
+        known = sorted({*EVENT_TYPES, *_LAZY_KINDS})
+        raise InvalidMessage(f"unknown event kind {kind!r}; known: {known}")
     fields = dict(obj)
     del fields["kind"]
     expected = {field.name for field in dataclasses.fields(cls)}
