@@ -20,19 +20,26 @@ from typing import Any
 
 from fedcore.errors import ConfigError
 
+DEFAULT_OUT = "runs/audit-<timestamp>"  # what --help says; default_out makes it
+
+
+def default_out(now: dt.datetime) -> Path:
+    """The folder of an audit run without ``--out``: :data:`DEFAULT_OUT` at ``now``."""
+    return Path("runs") / f"audit-{now:%Y%m%d-%H%M%S}"
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from fedcore.cli import add_settings_arguments
+    from fedcore.cli import add_settings_arguments, description_of
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "audit",
         help="empirical lower bound on the record-level epsilon (one-run audit)",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=description_of(__doc__),
     )
     add_settings_arguments(
         parser,
         verbose_help="print what the audit is doing",
-        out_help="folder for audit.json (default: runs/audit-<timestamp>)",
+        out_help=f"folder for audit.json (default: {DEFAULT_OUT})",
     )
     parser.add_argument(
         "--canaries", metavar="M", default=None, help="number of gradient canaries (default 30000)"
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         canaries = DEFAULT_CANARIES if args.canaries is None else int(args.canaries)
     except ValueError:
         raise ConfigError(f"--canaries must be an integer, got {args.canaries!r}") from None
-    out = Path(args.out or Path("runs") / f"audit-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    out = Path(args.out) if args.out else default_out(dt.datetime.now())
     if (out / "audit.json").exists():
         raise ConfigError(f"{str(out)!r} already holds an audit.json")
     if args.verbose:

@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any
 
-from fedcore.cli import description_of
+from fedcore.cli import counted, description_of
 from fedcore.errors import ConfigError
 from fedcore.privacy.accountant import (
     DEFAULT_ACCOUNTANT,
@@ -112,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.target_epsilon is not None:
         print(
             f"noise multiplier {noise:.6g}  (epsilon {eps:.6g} <= {args.target_epsilon} at delta "
-            f"{delta:g}; sample rate {sample_rate:g}, {steps} steps, {accountant.value} accountant)"
+            f"{delta:g}; sample rate {sample_rate:g}, {counted(steps, 'step')}, "
+            f"{accountant.value} accountant)"
         )
     else:
         print(
             f"epsilon {eps:.6g}  (delta {delta:g}; noise multiplier {noise:g}, sample rate "
-            f"{sample_rate:g}, {steps} steps, {accountant.value} accountant)"
+            f"{sample_rate:g}, {counted(steps, 'step')}, {accountant.value} accountant)"
         )
     return 0

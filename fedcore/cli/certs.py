@@ -1,11 +1,15 @@
 """``fedcore certs``: a CA, the SuperLink's TLS certificate and one key pair per site.
 
     fedcore certs DIR [--san NAME_OR_IP ...] [--sites N | --site NAME ...] [--port PORT]
+    fedcore certs DIR --add-site NAME [--signing-key HEX]     (a site joining later)
     fedcore certs DIR --issue NAME --signing-key HEX          (the CA holder, ACTIVE mode)
     fedcore certs STATE_DIR --show-signing-key --site-id I    (on a site, ACTIVE mode)
 
 Writes the files of :mod:`fedcore.deploy.pki` into ``DIR`` (never overwriting) and prints the
-commands that start the SuperLink, register the sites and start each site's SuperNode. For
+commands that start the SuperLink, register the sites and start each site's SuperNode.
+``--add-site`` adds a site to the federation of an existing ``DIR``: its key pair is written with
+the CA already there (which is never replaced: a new CA would lock every site out) and the
+commands that register and start it are printed. For
 ACTIVE-mode secure aggregation, a site prints its public signing key (creating its key and round
 journal in its ``state-dir`` if needed) and the CA holder issues the certificate that binds it to
 the site's name (:mod:`fedcore.federation.site.registry`).
@@ -18,6 +22,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedcore.cli import counted
 from fedcore.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,11 +40,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Create a CA, a TLS certificate for the SuperLink (with the given subject alternative "
             "names plus localhost, 127.0.0.1 and ::1) and one node-authentication key pair per "
-            "site, then print the commands that use them."
+            "site, then print the commands that use them. --add-site adds a site to an existing "
+            "folder's federation, with its CA."
         ),
     )
     parser.add_argument(
-        "directory", metavar="DIR", help="folder to write (must not hold these files yet)"
+        "directory",
+        metavar="DIR",
+        help="folder to write (must not hold these files yet); with --add-site or --issue, the "
+        "folder that holds the federation's CA",
     )
     parser.add_argument(
         "--san",
@@ -68,13 +77,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--valid-days", type=int, default=825, help="certificate lifetime (default 825)"
     )
+    _add_later_arguments(parser)
+    return parser
+
+
+def _add_later_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that work on the folder of an existing federation: a site added later, and
+    ACTIVE-mode secure aggregation's certificates."""
+    later = parser.add_argument_group("a site joining a federation whose CA is in DIR")
+    later.add_argument(
+        "--add-site",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="write site NAME's key pair beside the others, reusing the CA and the SuperLink "
+        "certificate in DIR (repeatable; with --signing-key, also its secure-aggregation "
+        "certificate)",
+    )
     secagg = parser.add_argument_group("ACTIVE-mode secure aggregation")
     secagg.add_argument(
         "--issue",
         metavar="NAME",
         help="certify site NAME's signing key with the CA in DIR (writes DIR/sites/NAME.secagg.crt)",
     )
-    secagg.add_argument("--signing-key", metavar="HEX", help="the key --issue certifies")
+    secagg.add_argument(
+        "--signing-key",
+        metavar="HEX",
+        action="append",
+        default=[],
+        help="the key --issue certifies (with --add-site: one per site, in the same order)",
+    )
     secagg.add_argument(
         "--show-signing-key",
         action="store_true",
@@ -83,7 +115,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     secagg.add_argument(
         "--site-id", type=int, default=None, help="with --show-signing-key: the site's partition id"
     )
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,12 +129,12 @@ def run(args: argparse.Namespace) -> int:
         print(signing_public_key(SiteStore(Path(args.directory), args.site_id)).hex())
         return 0
     if args.issue is not None:
-        if not args.signing_key:
-            raise ConfigError("--issue needs --signing-key HEX (what the site printed)")
+        if len(args.signing_key) != 1:
+            raise ConfigError("--issue needs one --signing-key HEX (what the site printed)")
         path = issue_secagg_certificate(
             Path(args.directory),
             name=args.issue,
-            signing_key=args.signing_key,
+            signing_key=args.signing_key[0],
             valid_days=args.valid_days,
         )
         print(
@@ -114,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if args.add_site:
+        return add_site(args)
+    if args.signing_key:
+        raise ConfigError("--signing-key goes with --issue NAME or --add-site NAME")
     names = tuple(args.site) if args.site else site_names(3 if args.sites is None else args.sites)
     files = write_certs(
         Path(args.directory), sans=args.san, names=names, valid_days=args.valid_days
@@ -121,6 +156,54 @@ def run(args: argparse.Namespace) -> int:
     host = next((s for s in args.san if s not in ("localhost", "127.0.0.1", "::1")), "127.0.0.1")
     print(instructions(files, host=host, port=args.port))
     return 0
+
+
+def add_site(args: argparse.Namespace) -> int:
+    """``--add-site NAME ...``: new sites' key pairs (and certificates) with the CA in DIR, and
+    the commands that register and start them."""
+    from fedcore.crypto.certs import LOOPBACK_SANS, certificate_sans
+    from fedcore.deploy.pki import add_sites, existing_sites
+
+    if args.site or args.sites is not None:
+        raise ConfigError(
+            "--add-site adds to the folder's federation; --sites and --site make a new one"
+        )
+    directory = Path(args.directory)
+    before = len(existing_sites(directory))
+    files, issued = add_sites(
+        directory, names=args.add_site, signing_keys=args.signing_key, valid_days=args.valid_days
+    )
+    sans = list(args.san)
+    if not sans and files.superlink_certificate.is_file():
+        sans = list(certificate_sans(files.superlink_certificate.read_bytes()))
+    host = next((s for s in sans if s not in LOOPBACK_SANS), "127.0.0.1")
+    address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    total = before + len(files.sites)
+    lines = [
+        f"Wrote {counted(len(files.sites), 'key pair')} to {files.directory / 'sites'} with the CA "
+        f"already in {files.directory} (ca.crt, the SuperLink's certificate and the sites "
+        "registered before are unchanged; the SuperLink keeps running).",
+        *(f"  secure-aggregation certificate {path}" for path in issued),
+    ]
+    register, supernode = (
+        _unnumbered(_register_step(files)),
+        _unnumbered(_supernode_step(files, address=address, first=before, total=total)),
+    )
+    sections = [
+        lines,
+        register,
+        supernode,
+        [
+            f"The federation now has {counted(total, 'site')}: start its next run with sites={total}."
+        ],
+    ]
+    print("\n\n".join("\n".join(section) for section in sections))
+    return 0
+
+
+def _unnumbered(lines: list[str]) -> list[str]:
+    """A step of :func:`instructions` without its number (``3. Register`` -> ``Register``)."""
+    return [lines[0].split(". ", 1)[-1], *lines[1:]] if lines else lines
 
 
 # Step 4's epilogue: how ACTIVE-mode sites get their secure-aggregation certificates.
@@ -197,11 +280,16 @@ def _register_step(files: CertLayout) -> list[str]:
     return lines
 
 
-def _supernode_step(files: CertLayout, *, address: str) -> list[str]:
+def _supernode_step(
+    files: CertLayout, *, address: str, first: int = 0, total: int | None = None
+) -> list[str]:
+    """Each site's ``flower-supernode`` command; the sites' partition ids start at ``first`` of
+    ``total`` (default: these sites are the whole federation)."""
     from fedcore.deploy import commands as cmd
 
+    total = len(files.sites) if total is None else total
     lines = ["4. On each site's host (copy ca.crt and that site's .key there first):"]
-    for i, site in enumerate(files.sites):
+    for i, site in enumerate(files.sites, start=first):
         node = cmd.supernode_argv(
             Path(""),
             superlink=address,
@@ -209,7 +297,7 @@ def _supernode_step(files: CertLayout, *, address: str) -> list[str]:
             private_key=Path(site.private_key.name),
             node_config={
                 "partition-id": i,
-                "num-partitions": len(files.sites),
+                "num-partitions": total,
                 "state-dir": STATE_DIR,
             },
             port=9094,

@@ -9,7 +9,10 @@ point under ``runs/``; with ``audit = true`` in ``[axes]``, a ``fedcore audit`` 
 record-level point beside its run. Each point's console output (per-round losses and site counts,
 which the privacy guarantees do not cover) goes to ``logs/``, readable by the owner only.
 Rerunning the same command skips the points already finished; a point that a signal stopped
-(exit 130, 143, or killed) is no result and runs again (:mod:`fedcore.experiment.runner`). Exit
+(exit 130, 143, or killed) is no result and runs again, and the console says so before it starts
+(:mod:`fedcore.experiment.runner`). A ``client_cpus`` above the machine's cores is warned about
+once, on the console, before anything runs. Where any point has DP, the console and
+``summary.md`` say that DP noise is drawn from a CSPRNG, so runs differ at a fixed seed. Exit
 status: 0 when every run completed every round, 1 otherwise, 2 for a bad spec (before anything
 runs).
 """
@@ -74,8 +77,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedcore.experiment import Mode, load_spec, plan
     from fedcore.experiment.plots import write_plots
-    from fedcore.experiment.results import collect, write_csv, write_summary
+    from fedcore.experiment.results import CSPRNG_NOTE, collect, write_csv
     from fedcore.experiment.runner import prepare
+    from fedcore.experiment.summary import write_summary
 
     jobs = _jobs(args.jobs)
     # A TERM (from a job scheduler, or `kill`) stops the runs this command started, as Ctrl-C does.
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     )
     prepare(out, spec_text=Path(args.spec).read_text(), spec=spec, points=points)
     audited = [p for p in points if p.mode is Mode.RECORD] if spec.audit else []
+    for warning in cpu_warnings(points, cores=os.cpu_count() or 1):
+        print(warning, file=sys.stderr)
     _run_with_progress(spec, points, audited, out=out, jobs=jobs)
 
     results = collect(points, out=out)
@@ -97,8 +103,24 @@ def run(args: argparse.Namespace) -> int:
         1 for r in results if r.returncode == 0 and r.rounds_completed == r.rounds_planned
     )
     print(f"{complete} of {counted(len(results), 'run')} completed every round")
+    if any(p.has_dp for p in points):
+        print(CSPRNG_NOTE)
     print(f"results: {out / 'results.csv'}\nsummary: {out / 'summary.md'}")
     return 0 if complete == len(results) else 1
+
+
+def cpu_warnings(points: list[Point], *, cores: int) -> list[str]:
+    """The ``client_cpus`` warnings of :func:`fedcore.cli.preflight.cpu_warning`, once per
+    distinct one: a point's own warning goes to its log, which nobody reads as it runs."""
+    from fedcore import config as cfg
+    from fedcore.cli.preflight import cpu_warning
+
+    found: list[str] = []
+    for point in points:
+        warning = cpu_warning(cfg.resolve(values=point.settings), cores=cores)
+        if warning is not None and warning not in found:
+            found.append(warning)
+    return found
 
 
 def _run_with_progress(
@@ -108,7 +130,14 @@ def _run_with_progress(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedcore.experiment.runner import AUDIT, audit_command, is_finished, run_points
+    from fedcore.experiment.runner import (
+        AUDIT,
+        audit_command,
+        exit_text,
+        is_finished,
+        run_points,
+        stopped_points,
+    )
 
     done_before = sum(1 for p in points if is_finished(out, p.run_id))
     done_before += sum(1 for p in audited if is_finished(out, p.run_id, AUDIT))
@@ -119,6 +148,12 @@ def _run_with_progress(
         + f" ({done_before} already finished), "
         f"{jobs} at a time; folder {out}"
     )
+    for what, group, suffix in (("point", points, ""), ("the audit of point", audited, AUDIT)):
+        for point, outcome in stopped_points(group, out=out, suffix=suffix):
+            console.print(
+                f"{what} {point.run_id} was stopped by a signal "
+                f"({exit_text(outcome.returncode)}): running it again"
+            )
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -130,7 +165,7 @@ def _run_with_progress(
 
         def on_done(point: Point, outcome: PointOutcome) -> None:
             progress.advance(overall)
-            note = "" if outcome.returncode == 0 else f" (exit {outcome.returncode})"
+            note = "" if outcome.returncode == 0 else f" ({exit_text(outcome.returncode)})"
             if not outcome.finished:
                 note += ": stopped by a signal; a rerun runs it again"
             progress.console.print(f"  {point.run_id}: {outcome.seconds:.0f} s{note}")

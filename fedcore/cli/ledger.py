@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedcore.cli import description_of
+from fedcore.cli import counted, description_of
 from fedcore.errors import ConfigError
 
 
@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
     path = ledger_path(args.state_dir, site=args.site, federation=args.federation)
     if not args.force and (charges := healthy_charges(path)) is not None:
         raise ConfigError(
-            f"ledger {str(path)!r} opens ({charges} charges, as its seal records): it needs no "
-            "reset; --force records one anyway"
+            f"ledger {str(path)!r} opens ({counted(charges, 'charge')}, as its seal records): it "
+            "needs no reset; --force records one anyway"
         )
     print(reset_ledger(path, reason=args.reason or ""))
     return 0

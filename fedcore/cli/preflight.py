@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fedcore import config as cfg
 from fedcore.errors import ConfigError
-from fedcore.protections import protections_of
+from fedcore.protections import RecordLevel, protections_of
 
 
 def import_path_has_cwd() -> None:
@@ -61,6 +61,25 @@ def model_importable(settings: cfg.Settings) -> None:
 
     import_path_has_cwd()
     model_factory(settings.model)
+
+
+def cpu_warning(settings: cfg.Settings, *, cores: int) -> str | None:
+    """A warning when ``client_cpus`` asks for more CPUs than this machine has (on a cluster of
+    its own; a ``ray_address`` cluster counts its own CPUs); None otherwise.
+
+    A warning, not a refusal: such a run is correct and its results the same, only slower (Ray
+    runs one site at a time, each with ``client_cpus`` torch threads on fewer cores), and an
+    operator may mean to oversubscribe; so it is said once, before the run starts, with the
+    number of cores and the value to use (``fedcore experiment`` says it on its console, since a
+    point's own output goes to its log)."""
+    if settings.ray_address or settings.client_cpus <= cores:
+        return None
+    return (
+        f"fedcore: warning: client_cpus={settings.client_cpus:g} is more than the {cores} CPU "
+        f"cores of this machine: the sites train one at a time, each with "
+        f"{int(settings.client_cpus)} torch threads on {cores} cores (slower); "
+        f"--set client_cpus={cores} or less"
+    )
 
 
 def gpus(settings: cfg.Settings) -> None:
@@ -109,7 +128,70 @@ def dp_affords_one_round(settings: cfg.Settings, *, dim: int, site_sizes: list[i
     # Every size's quick lower bound first (refusing only), then the accountant's exact cost.
     for exact in (False, True):
         for size, site_id in sorted(first_of_size.items()):
-            check_site_round(settings, num_examples=size, site_id=site_id, exact=exact)
+            try:
+                check_site_round(settings, num_examples=size, site_id=site_id, exact=exact)
+            except ConfigError as exc:
+                if not protections.record.calibrated:
+                    raise  # it names dp.site.epsilon and the round's cost already
+                raise ConfigError(
+                    unreachable_budget(protections.record, num_examples=size, site_id=site_id)
+                    + f" (the calibration: {exc})"
+                ) from exc
+
+
+def unreachable_budget(record: RecordLevel, *, num_examples: int, site_id: int) -> str:
+    """Why a calibrated ``dp.site.epsilon`` cannot be met at a site of ``num_examples`` records:
+    what one round, and the planned rounds, cost even at the largest noise multiplier the
+    calibration tries, and a budget that it can meet (tried, doubling from that cost).
+
+    A budget far below one round's cost (``dp.site.epsilon=0.001``) fails inside the noise
+    calibration (:func:`~fedcore.privacy.accountant.calibrate_noise_multiplier`), whose own
+    message names neither the setting nor a cost; this is the message the operator gets instead.
+    """
+    import dataclasses
+
+    from fedcore.privacy import PrivacyLedger, epsilon
+    from fedcore.privacy.accountant import _Z_MAX as LARGEST_NOISE
+    from fedcore.privacy.accountant import calibrate_noise_multiplier
+    from fedcore.privacy.dpsgd_plan import plan_round
+
+    rounds = record.planned_rounds
+    config = dataclasses.replace(record.dp_config(), noise_multiplier=LARGEST_NOISE)
+    ledger = PrivacyLedger(
+        scope=record.scope(site_id), budget=record.budget(), accountant=record.accountant
+    )
+    plan = plan_round(config, num_examples=num_examples, ledger=ledger)
+    one = epsilon([plan.event], delta=record.delta, accountant=record.accountant)
+    run_event = dataclasses.replace(plan.event, count=plan.steps * rounds)
+    whole = epsilon([run_event], delta=record.delta, accountant=record.accountant)
+    text = (
+        f"dp.site.epsilon={record.epsilon:g} cannot be met by {rounds_of(rounds)} at site "
+        f"{site_id}: even at noise multiplier {LARGEST_NOISE:g} (the largest the calibration "
+        f"tries) one round ({counted_steps(plan.steps)} at sampling rate "
+        f"{plan.sample_rate:.4g}) costs epsilon {one:.3g}, and {rounds_of(rounds)} {whole:.3g}"
+    )
+    for doubling in range(8):
+        candidate = float(f"{max(whole, record.epsilon) * 2**doubling:.2g}")
+        try:
+            calibrate_noise_multiplier(
+                target_epsilon=candidate,
+                delta=record.delta,
+                sample_rate=plan.sample_rate,
+                steps=plan.steps * rounds,
+                accountant=record.accountant,
+            )
+        except ConfigError:
+            continue
+        return f"{text}; dp.site.epsilon={candidate:g} can be met, or plan fewer rounds"
+    return f"{text}; raise dp.site.epsilon or plan fewer rounds"
+
+
+def rounds_of(n: int) -> str:
+    return f"{n} round" if n == 1 else f"the {n} planned rounds"
+
+
+def counted_steps(n: int) -> str:
+    return f"{n} DP-SGD step" if n == 1 else f"{n} DP-SGD steps"
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from fedcore import config as cfg
 from fedcore.cli import add_resume_argument, add_settings_arguments, counted, resolve_run
+from fedcore.cli.preflight import cpu_warning
 from fedcore.deploy.processes import Stopped, signals_stop
 from fedcore.lifecycle import close_crashed, interrupted, report, rounds_text, run_status
 
@@ -48,7 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "simulate",
         help="run a federation on Flower's simulation engine",
         description="Run a simulated federation (Flower simulation engine) and write its run record.",
-        epilog="Without arguments: the main job, digits over 10 sites. --help-settings lists every key.",
+        epilog="Without arguments: the main job, digits over 10 sites. --help-settings lists every "
+        "key. The seed fixes the data, the partition and the initial model; DP noise is drawn "
+        "from a CSPRNG: runs differ at a fixed seed.",
     )
     add_settings_arguments(parser, verbose_help="show Flower's and Ray's logs")
     add_resume_argument(parser)
@@ -103,19 +106,6 @@ def run(args: argparse.Namespace) -> int:
             os.environ.pop(DATA_CACHE_ENV, None)
         else:
             os.environ[DATA_CACHE_ENV] = saved_cache
-
-
-def cpu_warning(settings: cfg.Settings, *, cores: int) -> str | None:
-    """A warning when ``client_cpus`` asks for more CPUs than this machine has (on a cluster of
-    its own; a ``ray_address`` cluster counts its own CPUs); None otherwise."""
-    if settings.ray_address or settings.client_cpus <= cores:
-        return None
-    return (
-        f"fedcore: warning: client_cpus={settings.client_cpus:g} is more than the {cores} CPU "
-        f"cores of this machine: the sites train one at a time, each with "
-        f"{int(settings.client_cpus)} torch threads on {cores} cores (slower); "
-        f"--set client_cpus={cores} or less"
-    )
 
 
 HANDSHAKE_PREFIX = "fedcore-simulate-"  # + the pid of the fedcore process that owns the folder

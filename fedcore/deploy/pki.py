@@ -9,6 +9,10 @@
     DIR/sites/NAME.key       a site's node-authentication private key (OpenSSH): that site only
     DIR/sites/NAME.pub       its public key: registered with `flwr supernode register`
 
+A site joins later with ``fedcore certs DIR --add-site NAME`` (:func:`add_sites`): its key pair
+is written beside the others and the CA in ``DIR`` is reused, so nothing already given out
+changes.
+
 With ACTIVE-mode secure aggregation, each site's secure-aggregation certificate (binding the site
 name to its Ed25519 signing key, which only the site holds) is issued later, once the site has told
 its public key (``fedcore certs STATE_DIR --show-signing-key --site-id I`` on the site)::
@@ -142,6 +146,87 @@ def write_certs(
         _write(site.private_key, pair.private_key, private=True)
         _write(site.public_key, pair.public_key, private=False)
     return files
+
+
+def existing_sites(directory: Path) -> list[str]:
+    """The names of the sites whose public key is in ``DIR/sites``, sorted."""
+    folder = directory.expanduser().resolve() / "sites"
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.pub") if _SITE_NAME.match(p.stem))
+
+
+def add_sites(
+    directory: Path,
+    *,
+    names: Sequence[str],
+    signing_keys: Sequence[str] = (),
+    valid_days: int = 825,
+) -> tuple[CertLayout, list[Path]]:
+    """Add sites to the federation whose CA is in ``directory``: a node-authentication key pair
+    each (``DIR/sites/NAME.key``, ``.pub``), and with ``signing_keys`` (one per name, hex) each
+    site's secure-aggregation certificate signed by that CA (:func:`issue_secagg_certificate`).
+
+    The CA, its key and the SuperLink's certificate are reused, never replaced, so the running
+    SuperLink and the sites already registered are untouched: the new site is registered with
+    ``flwr supernode register`` like the others. Returns the new sites' layout and the
+    certificates written. Raises :class:`ConfigError`, writing nothing, for a folder without a CA
+    (or whose SuperLink certificate that CA did not sign), a site that exists already, a bad name,
+    or a wrong number of signing keys.
+    """
+    files = layout(directory, names)
+    if signing_keys and len(signing_keys) != len(names):
+        raise ConfigError(
+            f"--signing-key is given {len(signing_keys)} times for {len(names)} new sites; "
+            "give one per --add-site, in the same order, or none"
+        )
+    _check_ca(files)
+    for key in signing_keys:  # checked before anything is written
+        try:
+            if len(bytes.fromhex(key)) != 32:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--signing-key must be 64 hex digits, got {key!r}") from None
+    taken = [str(p) for s in files.sites for p in (s.private_key, s.public_key) if p.exists()]
+    taken += [
+        str(path)
+        for name in names[: len(signing_keys)]
+        if (path := files.directory / "sites" / f"{name}.secagg.crt").exists()
+    ]
+    if taken:
+        raise ConfigError(f"{taken[0]} already exists; `fedcore certs` never overwrites keys")
+    pairs = [auth_keypair(comment=f"fedcore-{name}") for name in names]
+    (files.directory / "sites").mkdir(parents=True, exist_ok=True)
+    for site, pair in zip(files.sites, pairs, strict=True):
+        _write(site.private_key, pair.private_key, private=True)
+        _write(site.public_key, pair.public_key, private=False)
+    issued = [
+        issue_secagg_certificate(directory, name=name, signing_key=key, valid_days=valid_days)
+        for name, key in zip(names, signing_keys, strict=False)
+    ]
+    return files, issued
+
+
+def _check_ca(files: CertLayout) -> None:
+    """The folder holds a CA, and the SuperLink's certificate (if there) chains to it."""
+    from fedcore.crypto.certs import verify_certificate
+    from fedcore.errors import InvalidMessage
+
+    missing = [p for p in (files.ca_certificate, files.ca_key) if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{files.directory} holds no CA ({missing[0].name} is missing): `fedcore certs DIR "
+            "--add-site` adds sites to the folder that `fedcore certs DIR` made"
+        )
+    if files.superlink_certificate.is_file():
+        try:
+            verify_certificate(
+                files.ca_certificate.read_bytes(), files.superlink_certificate.read_bytes()
+            )
+        except InvalidMessage as exc:
+            raise ConfigError(
+                f"{files.superlink_certificate} does not chain to {files.ca_certificate}: {exc}"
+            ) from exc
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:

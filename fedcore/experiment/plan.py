@@ -42,6 +42,11 @@ class Point:
     def mode(self) -> Mode | None:
         return self.swept.get(MODE_AXIS)
 
+    @property
+    def has_dp(self) -> bool:
+        """Whether the point trains with DP of any kind (record-level, site-level, or both)."""
+        return protections_of(cfg.resolve(values=self.settings)).any_dp
+
     def overrides(self) -> list[str]:
         """The settings as ``fedcore simulate --set key=value`` items."""
         return [f"{key}={to_text(value)}" for key, value in self.settings.items()]

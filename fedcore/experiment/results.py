@@ -9,6 +9,10 @@ may be absent. The epsilon columns, each named for the observer it holds against
   not know which sites were sampled (amplification by subsampling).
 - ``server_epsilon_sample_known``: site-level, against observers who know which sites took part
   (no amplification); present when the run record has it.
+
+``epsilon_spent`` is the epsilon the point's mode binds (record-level for ``record``, site-level otherwise),
+and ``delta``, ``noise_multiplier``, ``sampling_rate`` and ``steps`` are that mechanism's
+(:mod:`fedcore.experiment.dp_parameters`). ``summary.md`` is :mod:`fedcore.experiment.summary`.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcore.experiment.dp_parameters import NO_DP, DPParameters, Level, read_dp_parameters
 from fedcore.experiment.plan import Point, display, resolved_settings
 from fedcore.experiment.runner import AUDIT, LOGS, PointOutcome, read_outcome, run_dir
-from fedcore.experiment.spec import ExperimentSpec
+from fedcore.experiment.spec import MODE_AXIS, ExperimentSpec, Mode
 
 EPSILON_COLUMNS = ("record_epsilon", "server_epsilon", "server_epsilon_sample_known")
+MECHANISM_COLUMNS = ("epsilon_spent", "delta", "noise_multiplier", "sampling_rate", "steps")
 METRIC_COLUMNS = (
     "final_accuracy",
     "best_accuracy",
+    *MECHANISM_COLUMNS,
     *EPSILON_COLUMNS,
     "rounds_completed",
     "rounds_planned",
@@ -44,6 +51,7 @@ AUDIT_COLUMNS = (
     "audit_control_epsilon_lower_bound",
 )
 CONFIDENCE = 0.95
+CSPRNG_NOTE = "DP noise is drawn from a CSPRNG: runs differ at a fixed seed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +78,36 @@ class RunResult:
     run_dir: str
     finished: bool = False  # a result a rerun keeps (not "not run", not stopped by a signal)
     per_round: tuple[RoundEpsilon, ...] = field(default=())
+    accuracy_per_round: tuple[float | None, ...] = field(default=())  # rounds 1..R, central
+    mechanism: DPParameters = NO_DP  # of the binding epsilon's mechanism
     audit_epsilon_formal: float | None = None
     audit_epsilon_lower_bound: float | None = None
     audit_control_epsilon_lower_bound: float | None = None
 
     def value(self, column: str) -> Any:
+        if column in MECHANISM_COLUMNS[1:]:
+            return getattr(self.mechanism, column)
         return getattr(self, column)
+
+    @property
+    def level(self) -> Level:
+        """Whose epsilon the point's budget binds: ``"record"`` (DP-SGD at the sites) for mode
+        ``record`` (or, without a mode axis, a run that reports a record-level epsilon), else
+        ``"server"`` (DP-FedAvg)."""
+        return bound_level(self.point, record_reported=self.record_epsilon is not None)
+
+    @property
+    def epsilon_spent(self) -> float | None:
+        """The epsilon spent that the point's budget binds (:attr:`level`)."""
+        return self.record_epsilon if self.level == "record" else self.server_epsilon
+
+
+def bound_level(point: Point, *, record_reported: bool) -> Level:
+    """Whose epsilon ``point``'s budget binds (:attr:`RunResult.level`)."""
+    mode = point.swept.get(MODE_AXIS)
+    if mode is Mode.RECORD or (mode is None and record_reported):
+        return "record"
+    return "server"
 
 
 def _number(value: Any) -> float | None:
@@ -96,10 +128,8 @@ def _last(values: Sequence[float | None]) -> float | None:
     return present[-1] if present else None
 
 
-def read_run(point: Point, *, out: Path) -> RunResult:
-    """The result of one point from its run record (absent fields are None)."""
-    folder = run_dir(out, point.run_id)
-    outcome: PointOutcome | None = read_outcome(out, point.run_id)
+def _history(folder: Path) -> list[dict[str, Any]]:
+    """The rows of ``history.jsonl`` that parse as objects (none if it is absent or torn)."""
     rows: list[dict[str, Any]] = []
     try:
         for line in (folder / "history.jsonl").read_text().splitlines():
@@ -109,6 +139,11 @@ def read_run(point: Point, *, out: Path) -> RunResult:
                     rows.append(row)
     except (OSError, ValueError):
         pass
+    return rows
+
+
+def _round_epsilons(rows: Sequence[Mapping[str, Any]]) -> list[RoundEpsilon]:
+    """Each round's epsilons; the record-level one the largest any site has reported so far."""
     per_round: list[RoundEpsilon] = []
     running_record: float | None = None
     for i, row in enumerate(rows, start=1):
@@ -123,15 +158,27 @@ def read_run(point: Point, *, out: Path) -> RunResult:
                 server_epsilon_sample_known=_number(row.get("server_epsilon_sample_known")),
             )
         )
+    return per_round
+
+
+def read_run(point: Point, *, out: Path) -> RunResult:
+    """The result of one point from its run record (absent fields are None)."""
+    folder = run_dir(out, point.run_id)
+    outcome: PointOutcome | None = read_outcome(out, point.run_id)
+    rows = _history(folder)
+    per_round = _round_epsilons(rows)
+    running_record = per_round[-1].record_epsilon if per_round else None
     sample_known = _last([r.server_epsilon_sample_known for r in per_round])
     if sample_known is None:
         sample_known = _privacy_json_sample_known(folder)
     audit = _audit(out, point)
-    accuracies = [a for a in (_number(r.get("eval_accuracy")) for r in rows) if a is not None]
+    per_round_accuracy = tuple(_number(r.get("eval_accuracy")) for r in rows)
+    accuracies = [a for a in per_round_accuracy if a is not None]
     planned = point.settings.get("rounds")
+    level = bound_level(point, record_reported=running_record is not None)
     return RunResult(
         point=point,
-        final_accuracy=_number(rows[-1].get("eval_accuracy")) if rows else None,
+        final_accuracy=per_round_accuracy[-1] if rows else None,
         best_accuracy=max(accuracies) if accuracies else None,
         record_epsilon=running_record,
         server_epsilon=_last([r.server_epsilon for r in per_round]),
@@ -146,6 +193,8 @@ def read_run(point: Point, *, out: Path) -> RunResult:
         finished=outcome is not None and outcome.finished,
         run_dir=str(folder),
         per_round=tuple(per_round),
+        accuracy_per_round=per_round_accuracy,
+        mechanism=read_dp_parameters(folder, level=level) if point.has_dp else NO_DP,
         audit_epsilon_formal=_number(audit.get("epsilon_formal")),
         audit_epsilon_lower_bound=_number(audit.get("epsilon_lower_bound")),
         audit_control_epsilon_lower_bound=_number(
@@ -217,10 +266,15 @@ class Interval:
     half_width: float | None  # None: fewer than two values
     n: int
 
+    def text(self, decimals: int = 3) -> str:
+        """``mean ± half-width``, both to ``decimals`` places (the mean alone for one value, or a
+        half-width that rounds to zero)."""
+        if self.half_width is None or round(self.half_width, decimals) == 0:
+            return f"{self.mean:.{decimals}f}"
+        return f"{self.mean:.{decimals}f} ± {self.half_width:.{decimals}f}"
+
     def __str__(self) -> str:
-        if self.half_width is None:
-            return f"{self.mean:.4g}"
-        return f"{self.mean:.4g} ± {self.half_width:.2g}"
+        return self.text()
 
 
 def mean_interval(
@@ -245,126 +299,6 @@ def groups(results: Sequence[RunResult]) -> dict[tuple[tuple[str, str], ...], li
     for r in results:
         out.setdefault(r.point.group_key(), []).append(r)
     return out
-
-
-def differing_settings(points: Sequence[Point]) -> dict[str, list[str]]:
-    """Every setting (after defaults) that does not take one value at every point."""
-    resolved = [resolved_settings(p) for p in points]
-    keys = sorted({k for s in resolved for k in s} - {"out"})
-    differing: dict[str, list[str]] = {}
-    for key in keys:
-        values = sorted({display(s.get(key)) or "unset" for s in resolved})
-        if len(values) > 1:
-            differing[key] = values
-    return differing
-
-
-def write_summary(
-    results: Sequence[RunResult], spec: ExperimentSpec, path: Path, *, plots: Sequence[str]
-) -> None:
-    """``summary.md``: what was run, one row per point (means and intervals over seeds), the
-    settings that differ between points, the runs that did not complete, the plots."""
-    lines = _summary_preamble(results, spec)
-    lines += ["", "## Results", "", *_results_table(results, spec)]
-    lines += ["", "## Settings that differ between points", "", *_differences(results, spec)]
-    unusual = [
-        r
-        for r in results
-        if r.returncode is not None and (not r.finished or r.rounds_completed != r.rounds_planned)
-    ]
-    if unusual:
-        lines += ["", "## Runs that did not complete every round", ""]
-        lines += [f"- `{r.point.run_id}`: {r.status}" for r in unusual]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"- `{p}`" for p in plots]
-    path.write_text("\n".join(lines) + "\n")
-
-
-EPSILONS_NOTE = (
-    "- **Epsilons**: `record ε` is record-level DP-SGD (largest over sites) against anyone who "
-    "sees a site's updates; `server ε` is site-level DP-FedAvg against observers of the released "
-    "models who do not know which sites were sampled; `server ε (sample known)` holds against "
-    "observers who know which sites took part (blank where the run record does not give it)."
-)
-AUDIT_NOTE = (
-    "- **Audit**: each record-level point's settings were also audited with `fedcore audit` "
-    "(a one-run lower bound on the record-level ε at 95 % confidence, from a separate "
-    "training of site 0 with gradient canaries; the control is the same audit without noise, "
-    "which must exceed the formal ε for the audit to mean anything)."
-)
-
-
-def _summary_preamble(results: Sequence[RunResult], spec: ExperimentSpec) -> list[str]:
-    """The title, the description, and what the counts, intervals and epsilons mean."""
-    lines = [f"# Experiment `{spec.name}`" + (" (--quick)" if spec.quick else ""), ""]
-    if spec.description:
-        lines += [spec.description, ""]
-    finished = [r for r in results if r.finished]
-    complete = [r for r in finished if r.rounds_completed == r.rounds_planned]
-    lines += [
-        f"- **Runs**: {len(results)} planned, {len(finished)} finished, "
-        f"{len(complete)} with every round",
-        f"- **Seeds per point**: {len(spec.axis('seed') or (None,))}; "
-        f"intervals are means ± the {CONFIDENCE:.0%} Student-t confidence half-width over seeds",
-        EPSILONS_NOTE,
-    ]
-    if spec.audit:
-        lines.append(AUDIT_NOTE)
-    return lines
-
-
-def _interval_cell(values: Sequence[float | None]) -> str:
-    interval = mean_interval(values)
-    return "-" if interval is None else str(interval)
-
-
-def _results_table(results: Sequence[RunResult], spec: ExperimentSpec) -> list[str]:
-    """One row per point (its seeds grouped): accuracies, epsilons, rounds, seconds, audits."""
-    axes = [name for name, _ in spec.axes if name != "seed"]
-    header = [*axes, "runs", "final accuracy", "best accuracy", "record ε", "server ε"]
-    header += ["server ε (sample known)", "rounds", "s/run"]
-    if spec.audit:
-        header += ["audit: ε lower bound", "audit: control"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, runs in groups(results).items():
-        cells = [v or "-" for _, v in key]
-        cells.append(str(len([r for r in runs if r.finished])))
-        for column in ("final_accuracy", "best_accuracy", *EPSILON_COLUMNS):
-            cells.append(_interval_cell([r.value(column) for r in runs]))
-        cells.append(", ".join(sorted({f"{r.rounds_completed}/{r.rounds_planned}" for r in runs})))
-        secs = mean_interval([r.seconds for r in runs])
-        cells.append("-" if secs is None else f"{secs.mean:.0f}")
-        if spec.audit:
-            cells += [_interval_cell([r.value(c) for r in runs]) for c in AUDIT_COLUMNS[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _differences(results: Sequence[RunResult], spec: ExperimentSpec) -> list[str]:
-    """The settings that take more than one value across the points, and why."""
-    differing = differing_settings([r.point for r in results])
-    swept = {name for name, _ in spec.axes}
-    lines: list[str] = []
-    if differing:
-        lines += ["| setting | values | why |", "|---|---|---|"]
-        for setting, values in differing.items():
-            why = "axis" if setting in swept else _why(setting, spec)
-            lines.append(f"| `{setting}` | {', '.join(values)} | {why} |")
-    else:
-        lines.append("None: every point ran with the same settings.")
-    lines += [
-        "",
-        "Every other setting is the same at every point (`[base]` of `spec.toml`, then "
-        "fedcore's defaults).",
-    ]
-    return lines
-
-
-def _why(key: str, spec: ExperimentSpec) -> str:
-    owners = [m.value for m, table in spec.per_mode.items() if key in table]
-    if owners:
-        return f"`[modes.{']`, `[modes.'.join(owners)}]`"
-    return "set by the mode"
 
 
 def collect(points: Sequence[Point], *, out: Path) -> list[RunResult]:

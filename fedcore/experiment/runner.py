@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -95,6 +96,29 @@ def is_finished(out: Path, run_id: str, suffix: str = "") -> bool:
     """Whether a point (or its audit) has a result that a rerun keeps."""
     outcome = read_outcome(out, run_id, suffix)
     return outcome is not None and outcome.finished
+
+
+def stopped_points(
+    points: Sequence[Point], *, out: Path, suffix: str = ""
+) -> list[tuple[Point, PointOutcome]]:
+    """The points (or audits) whose recorded run a signal stopped: no result, so they run again."""
+    found = []
+    for point in points:
+        outcome = read_outcome(out, point.run_id, suffix)
+        if outcome is not None and not outcome.finished:
+            found.append((point, outcome))
+    return found
+
+
+def exit_text(returncode: int) -> str:
+    """How a subprocess ended, in words: ``exit 143``, or ``killed by SIGKILL`` (a negative
+    status, as :mod:`subprocess` reports a death by signal)."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit {returncode}"
 
 
 def private_folder(path: Path) -> Path:

@@ -122,7 +122,9 @@ def load_spec(path: str | Path, *, quick: bool = False) -> ExperimentSpec:
     return parse_spec(text, quick=quick, default_name=path.stem)
 
 
-def parse_spec(text: str, *, quick: bool = False, default_name: str = "experiment") -> ExperimentSpec:
+def parse_spec(
+    text: str, *, quick: bool = False, default_name: str = "experiment"
+) -> ExperimentSpec:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -138,7 +140,9 @@ def parse_spec(text: str, *, quick: bool = False, default_name: str = "experimen
     raw_axes = dict(_table(doc, "axes"))
     audit = _audit_switch(raw_axes.pop(AUDIT_AXIS, False))
     canaries = meta.get("audit_canaries")
-    if canaries is not None and (isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2):
+    if canaries is not None and (
+        isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2
+    ):
         raise ConfigError(f"[experiment] audit_canaries must be an integer >= 2, got {canaries!r}")
     if quick:
         quick_table = doc.get("quick")
@@ -147,7 +151,10 @@ def parse_spec(text: str, *, quick: bool = False, default_name: str = "experimen
         quick_axes = quick_table.get("axes", {})
         if not isinstance(quick_axes, dict):
             raise ConfigError("[quick.axes] must be a table of lists")
-        base = {**base, **_settings({k: v for k, v in quick_table.items() if k != "axes"}, where="[quick]")}
+        base = {
+            **base,
+            **_settings({k: v for k, v in quick_table.items() if k != "axes"}, where="[quick]"),
+        }
         for name, values in quick_axes.items():
             if name not in raw_axes:
                 raise ConfigError(f"[quick.axes] names {name!r}, which is not an axis of [axes]")
@@ -197,7 +204,11 @@ def _axis(name: str, values: Any) -> tuple[Any, ...]:
         return tuple(parse_mode(v) for v in values)
     if name == EPSILON_AXIS:
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v > 0):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not (math.isfinite(v) and v > 0)
+            ):
                 raise ConfigError(f"axis 'epsilon' takes finite numbers > 0, got {v!r}")
         return tuple(float(v) for v in values)
     if name not in cfg.SPECS:
@@ -210,7 +221,9 @@ def _axis(name: str, values: Any) -> tuple[Any, ...]:
 def _audit_switch(value: Any) -> bool:
     values = value if isinstance(value, list) else [value]
     if len(values) != 1 or not isinstance(values[0], bool):
-        raise ConfigError(f"'audit' in [axes] is a switch: true or false (or [true]), got {value!r}")
+        raise ConfigError(
+            f"'audit' in [axes] is a switch: true or false (or [true]), got {value!r}"
+        )
     return values[0]
 
 
@@ -233,7 +246,9 @@ def _check_privacy_axes(spec: ExperimentSpec) -> None:
     if any(m.private for m in modes) and spec.axis(EPSILON_AXIS) is None:
         raise ConfigError("a private mode needs an 'epsilon' axis (the budget of that mode)")
     if spec.audit and Mode.RECORD not in modes:
-        raise ConfigError("'audit = true' audits record-level DP, and the 'mode' axis has no 'record'")
+        raise ConfigError(
+            "'audit = true' audits record-level DP, and the 'mode' axis has no 'record'"
+        )
     for mode in modes:
         if mode is Mode.DISTRIBUTED:
             mode_settings(mode, 1.0)  # raises: not available yet

@@ -76,6 +76,10 @@ def test_out_folder_in_a_read_only_folder(tmp_path):
             ["sites=2", "dp.site.epsilon=0.01", "dp.site.noise_multiplier=0.3"],
             "cannot afford one round",
         ),
+        (  # calibrated noise: the calibration's refusal, with the setting and the costs named
+            ["sites=2", "dp.site.epsilon=0.001"],
+            "dp.site.epsilon=0.001 cannot be met by the 20 planned rounds at site 0",
+        ),
     ],
 )
 def test_refused_before_ray_starts_leaving_no_record(tmp_path, overrides, fragment):
@@ -196,3 +200,28 @@ def test_a_round_far_over_the_site_budget_is_refused_on_the_quick_bound(monkeypa
         check_site_round(settings, num_examples=575, site_id=0, exact=False)
     with pytest.raises(ConfigError, match=r"costs epsilon at least \d"):
         check_site_round(settings, num_examples=575, site_id=0)
+
+
+def test_a_budget_the_calibration_cannot_meet_names_the_setting_costs_and_a_budget_that_works():
+    """dp.site.epsilon=0.001 (issue 25 point 6): the message names the setting, what one round
+    costs at the largest noise the calibration tries, and a budget that the calibration meets."""
+    import re
+
+    from fedcore.cli.preflight import dp_affords_one_round
+
+    sizes = [575, 575]
+    with pytest.raises(ConfigError) as refused:
+        dp_affords_one_round(
+            resolve(overrides=["sites=2", "dp.site.epsilon=0.001"]), dim=0, site_sizes=sizes
+        )
+    message = str(refused.value)
+    assert message.startswith("dp.site.epsilon=0.001 cannot be met by the 20 planned rounds")
+    one = re.search(
+        r"one round \(\d+ DP-SGD steps at sampling rate [\d.]+\) costs epsilon (\S+),", message
+    )
+    assert one is not None and 0 < float(one.group(1)) < 0.001  # one round fits; 20 do not
+    suggested = re.search(r"dp\.site\.epsilon=(\S+) can be met", message)
+    assert suggested is not None and float(suggested.group(1)) > 0.001
+    # The suggestion is true: the same federation with that budget passes the check.
+    good = resolve(overrides=["sites=2", f"dp.site.epsilon={suggested.group(1)}"])
+    dp_affords_one_round(good, dim=0, site_sizes=sizes)

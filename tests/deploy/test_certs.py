@@ -164,3 +164,59 @@ def test_cli_bad_san_exits_2(tmp_path):
     )
     assert done.returncode == 2 and "SAN" in done.stderr
     assert not (tmp_path / "x" / "ca.key").exists()
+
+
+def test_add_site_reuses_the_ca_and_its_certificate_verifies_against_it(tmp_path, capsys):
+    """A site joins an existing federation (issue 25 point 6): its key pair is written beside the
+    others, the CA and the SuperLink certificate stay as they were, and the secure-aggregation
+    certificate issued for it verifies against the CA the SuperLink's certificate chains to."""
+    from fedcore.crypto.signing import verify_key_of
+
+    pki = tmp_path / "pki"
+    assert main(["certs", str(pki), "--san", "superlink.example.org", "--sites", "2"]) == 0
+    files = layout(pki, site_names(2))
+    before = {p: p.read_bytes() for p in files.files()}
+    signing = verify_key_of(bytes(range(32)))  # a site's Ed25519 public key, fixed seed
+    capsys.readouterr()
+    argv = ["certs", str(pki), "--add-site", "hospital-c", "--signing-key", signing.hex()]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert {p: p.read_bytes() for p in files.files()} == before  # nothing given out changes
+    new = layout(pki, ["hospital-c"]).sites[0]
+    c.check_auth_private_key(new.private_key.read_bytes())
+    c.check_auth_public_key(new.public_key.read_bytes())
+    assert stat.S_IMODE(new.private_key.stat().st_mode) == 0o600
+    name, key = c.verify_signing_certificate(
+        files.ca_certificate.read_bytes(), (pki / "sites" / "hospital-c.secagg.crt").read_bytes()
+    )
+    assert (name, key) == ("hospital-c", signing)
+    c.verify_certificate(  # the same CA still verifies the SuperLink the site will connect to
+        files.ca_certificate.read_bytes(),
+        files.superlink_certificate.read_bytes(),
+        host="superlink.example.org",
+    )
+    assert f"flwr supernode register {new.public_key} fedcore" in out
+    assert "partition-id=2" in out and "num-partitions=3" in out  # the next partition of 3
+    assert "--superlink superlink.example.org:9092" in out  # from the SuperLink's SANs
+    assert "sites=3" in out
+
+    # Never overwrites; a folder without a CA is refused; a bad key writes nothing.
+    assert main(["certs", str(pki), "--add-site", "hospital-c"]) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert main(["certs", str(tmp_path / "empty"), "--add-site", "x"]) == 2
+    assert "holds no CA" in capsys.readouterr().err
+    assert main(["certs", str(pki), "--add-site", "d", "--signing-key", "zz"]) == 2
+    assert "64 hex digits" in capsys.readouterr().err
+    assert not (pki / "sites" / "d.key").exists()
+
+
+def test_add_site_refuses_a_folder_whose_superlink_certificate_another_ca_signed(tmp_path):
+    from fedcore.deploy.pki import add_sites
+
+    files = write_certs(tmp_path / "pki", sans=[], names=site_names(1))
+    other = c.make_ca()
+    files.ca_certificate.chmod(0o644)
+    files.ca_certificate.write_bytes(other.certificate)  # the CA swapped under the SuperLink
+    with pytest.raises(ConfigError, match="does not chain to"):
+        add_sites(tmp_path / "pki", names=["late"])
+    assert not (tmp_path / "pki" / "sites" / "late.key").exists()

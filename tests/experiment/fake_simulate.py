@@ -4,7 +4,8 @@
 
 Appends the run folder's name to CALLS_FILE (so a test can count runs), then writes
 ``history.jsonl`` (accuracy a function of the seed and epsilon, the epsilon spent growing per
-round) and a ``summary.md`` status line, as ``fedcore simulate`` does. A seed of 99 makes it exit
+round), with DP a ``privacy.json`` (the ledgers, their events as fedcore writes them) and a
+``summary.md`` status line, as ``fedcore simulate`` does. A seed of 99 makes it exit
 1 after round 1, like a run that crashed. With ``--audit`` it stands in for ``fedcore audit``
 instead and writes ``audit.json`` (lower bound a quarter of the budget, control 8.2).
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 TRAIN_LOSS = 0.7071067  # markers a test looks for in every world-readable file
 NUM_EXAMPLES = 31337
+SITE_NOISE, SITE_RATE, SITE_STEPS = 1.2346, 0.0417, 24  # site 0's DP-SGD in privacy.json
+SERVER_NOISE = 2.8197  # the federation's DP-FedAvg noise in privacy.json
 
 
 def main(argv: list[str]) -> None:
@@ -83,7 +86,47 @@ def main(argv: list[str]) -> None:
                 if how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 sys.exit(int(how))
+    _privacy_json(out, settings, rounds=rounds, site_eps=site_eps, server_eps=server_eps)
     (out / "summary.md").write_text("# run\n\n- **Status**: completed\n")
+
+
+def _privacy_json(out, settings, *, rounds, site_eps, server_eps):  # noqa: ANN001, ANN202
+    """``privacy.json`` as fedcore writes it: a ledger per site (site 0's epsilon the larger, its
+    noise :data:`SITE_NOISE`, :data:`SITE_STEPS` DP-SGD steps a round at rate :data:`SITE_RATE`)
+    and the federation's (:data:`SERVER_NOISE`, one charge a round, every site sampled)."""
+    if not (site_eps or server_eps):
+        return
+    delta = float(settings.get("dp.site.delta" if site_eps else "dp.server.delta", "1e-05"))
+
+    def ledger(eps, event, scale=1.0):  # noqa: ANN001, ANN202
+        entries = [
+            {"event": event, "round": r, "epsilon_after": eps * scale * r / rounds}
+            for r in range(1, rounds + 1)
+        ]
+        return {"budget": {"epsilon": eps, "delta": delta}, "entries": entries}
+
+    doc = {"site_budget": None, "server_budget": None, "sites": {}, "federation": None}
+    if site_eps:
+        doc["site_budget"] = {"epsilon": site_eps, "delta": delta}
+        for site, (noise, scale) in {"0": (SITE_NOISE, 1.0), "1": (9.0, 0.5)}.items():
+            event = {
+                "kind": "poisson_subsampled_gaussian",
+                "sampling_rate": SITE_RATE,
+                "noise_multiplier": noise,
+                "count": SITE_STEPS,
+            }
+            doc["sites"][site] = ledger(site_eps, event, scale)
+    if server_eps:
+        doc["server_budget"] = {"epsilon": server_eps, "delta": delta}
+        gaussian = {
+            "kind": "poisson_subsampled_gaussian",
+            "sampling_rate": 1.0,
+            "noise_multiplier": SERVER_NOISE,
+            "count": 1,
+        }
+        skip = {"kind": "revealed_with_probability", "probability": 1e-9, "count": 1}
+        doc["federation"] = ledger(server_eps, {"kind": "composed", "events": [gaussian, skip]})
+    (out / "privacy.json").write_text(json.dumps(doc))
 
 
 if __name__ == "__main__":

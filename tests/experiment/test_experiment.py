@@ -21,9 +21,16 @@ from fedcore.errors import ConfigError
 from fedcore.experiment import Mode, parse_spec, plan
 from fedcore.experiment.plan import Point
 from fedcore.experiment.plots import write_plots
-from fedcore.experiment.results import collect, mean_interval, write_csv, write_summary
+from fedcore.experiment.results import CSPRNG_NOTE, collect, mean_interval, write_csv
 from fedcore.experiment.runner import AUDIT, is_finished, log_path, prepare, run_dir, run_points
-from tests.experiment.fake_simulate import NUM_EXAMPLES, TRAIN_LOSS
+from fedcore.experiment.summary import write_summary
+from tests.experiment.fake_simulate import (
+    NUM_EXAMPLES,
+    SERVER_NOISE,
+    SITE_NOISE,
+    SITE_RATE,
+    TRAIN_LOSS,
+)
 
 FAKE = Path(__file__).with_name("fake_simulate.py")
 
@@ -154,9 +161,20 @@ def test_experiment_writes_every_file_and_a_rerun_runs_nothing_finished(tmp_path
     assert by_id["mode-none_seed-0"]["epsilon"] == ""
     assert Path(rec["run_dir"]) == out / "runs" / "mode-record_epsilon-8_seed-1"
 
+    # The binding mechanism's figures: site 0's (the larger epsilon), the federation's.
+    assert (rec["epsilon_spent"], rec["delta"], rec["steps"]) == ("8.0", "1e-05", "48")
+    assert float(rec["noise_multiplier"]) == SITE_NOISE and float(rec["sampling_rate"]) == SITE_RATE
+    assert float(sec["noise_multiplier"]) == SERVER_NOISE and sec["steps"] == "2"
+    assert (sec["epsilon_spent"], sec["sampling_rate"]) == ("2.0", "1.0")
+
     summary = (out / "summary.md").read_text()
-    # the mean over seeds 0 and 1 (0.52 and 0.62) with its 95 % t interval (12.71 * 0.05 = 0.64)
-    assert "| record | 8 | 2 | 0.57 ± 0.64 |" in summary
+    # The mean over seeds 0 and 1 (0.52 and 0.62) with its 95 % t interval (12.71 * 0.05 =
+    # 0.635), every column at one precision; the mechanism's figures beside the epsilon.
+    assert "| record | 8 | 2 | 8.000 | 1e-05 | 1.235 | 0.0417 | 48 | 0.570 ± 0.635 |" in summary
+    assert "| site-secagg | 2 | 2 | 2.000 | 1e-05 | 2.820 | 1.0000 | 2 | 0.570 ± 0.635 |" in summary
+    assert "| none | - | 2 | - | - | - | - | - | 0.570 ± 0.635 |" in summary
+    assert "| site-secagg | 8 | 2 | - | 8.000 | 16.000 |" in summary  # each observer's epsilon
+    assert CSPRNG_NOTE in summary
     assert "| `seed` | 0, 1 | axis |" in summary
     for name in ("accuracy_vs_epsilon.png", "epsilon_per_round.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -348,5 +366,49 @@ def test_the_command_counts_a_stopped_point_as_unfinished_and_reruns_it(
     calls.unlink()
     capsys.readouterr()
     assert main(argv) == 0
-    assert "4 runs (3 already finished)" in capsys.readouterr().err
+    console = capsys.readouterr()
+    err = " ".join(console.err.split())  # as one line: the console wraps at its width
+    assert "4 runs (3 already finished)" in err
+    assert f"point {victim} was stopped by a signal (exit 143): running it again" in err
+    assert err.count("was stopped by a signal") == 1  # the finished points: not a word
     assert calls.read_text().split() == [victim]
+    assert CSPRNG_NOTE in console.out  # every point here has DP
+
+    calls.unlink()
+    assert main(argv) == 0  # the rerun point finished: nothing runs, nothing is said of it
+    assert "was stopped by a signal" not in capsys.readouterr().err
+    assert not calls.exists()
+
+
+def test_the_console_names_how_a_point_was_stopped() -> None:
+    from fedcore.experiment.runner import exit_text
+
+    assert (exit_text(143), exit_text(130), exit_text(-9)) == (
+        "exit 143",
+        "exit 130",
+        "killed by SIGKILL",
+    )
+    assert exit_text(-200) == "killed by signal 200"
+
+
+def test_client_cpus_above_the_cores_is_warned_on_the_experiments_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A point's own warning goes to its log; the experiment says it once, before anything runs."""
+    from fedcore.cli import main
+    from fedcore.cli.experiment import cpu_warnings
+    from fedcore.experiment import runner
+
+    text = TINY.replace("local_epochs = 1", "local_epochs = 1\nclient_cpus = 64")
+    points = plan(parse_spec(text))
+    (warning,) = cpu_warnings(points, cores=2)  # once, not once per point
+    assert "client_cpus=64" in warning and "2 CPU cores" in warning and "client_cpus=2" in warning
+    assert cpu_warnings(points, cores=64) == []
+    (tmp_path / "spec.toml").write_text(text.replace("seed = [0, 1]", "seed = [0]"))
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setattr(runner, "simulate_command", lambda point, out: _fake(calls)(point, out))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["experiment", str(tmp_path / "spec.toml"), "--out", str(tmp_path / "exp")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("client_cpus=64 is more than the 2 CPU cores") == 1
+    assert err.index("client_cpus=64") < err.index("fedcore experiment 'tiny'")  # before the runs
