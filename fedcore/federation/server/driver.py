@@ -376,7 +376,12 @@ def _ended(record: RunRecord, *, max_failed: int) -> str:
     """Why the run fails after this round (its last ``max_failed`` rounds all failed), or ''."""
     recent = record.rows[-max_failed:]
     if len(recent) == max_failed and all(r.round_failed for r in recent):
-        return f"the last {max_failed} rounds all failed: {failure_reason(recent)}"
+        last = (
+            "the last round failed"
+            if max_failed == 1
+            else f"the last {max_failed} rounds all failed"
+        )
+        return f"{last}: {failure_reason(recent)}"
     return ""
 
 

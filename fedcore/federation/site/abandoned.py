@@ -79,7 +79,8 @@ def check_abandoned(
     ):
         if count >= limit:
             raise LocalProtocolError(
-                f"refused: this site already joined {count} rounds {where} that were abandoned "
+                f"refused: this site already joined {count} round{'s' if count != 1 else ''} {where} "
+                "that were abandoned "
                 f"after the reveal ({key} = {limit}); a server that abandons rounds can re-draw "
                 "the SecAgg+ graph until it suits it"
             )
