@@ -51,7 +51,6 @@ SecAggMode = Literal["semi-honest", "active"]
 BudgetAgainst = Literal["observers", "sample-known"]
 
 
-
 def _doc(text: str, **meta: Any) -> dict[str, Any]:
     return {"help": text, **meta}
 
@@ -118,9 +117,39 @@ class ServerDPSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DistributedDPSettings:
+    """Distributed DP under secure aggregation: each site adds discrete noise before masking (on
+    when ``epsilon`` is set; needs ``secagg.enabled``). ``colluders`` -1 means the protocol's
+    corruption bound: ``t - 1`` for the safe threshold ``t`` of each round's sites, graph and mode
+    (:func:`fedcore.secagg.floors.safe_threshold`)."""
+
+    epsilon: float | None = field(
+        default=None,
+        metadata=_doc("each site's budget against the server (distributed DP); unset: off", gt=0),
+    )
+    delta: float = field(default=1e-5, metadata=_doc("distributed DP's delta", gt=0, lt=1))
+    mechanism: Literal["dgauss", "skellam"] = field(
+        default="dgauss", metadata=_doc("the sites' discrete noise: dgauss or skellam")
+    )
+    bits: int = field(
+        default=20,
+        metadata=_doc("bits of the ring under distributed DP (not secagg.bits)", min=8, le=62),
+    )
+    clip_norm: float = field(default=1.0, metadata=_doc("L2 bound on each site's update", gt=0))
+    dropout_tolerance: float = field(
+        default=0.1, metadata=_doc("fraction of sampled sites that may drop out", ge=0, lt=1)
+    )
+    colluders: int = field(
+        default=-1,
+        metadata=_doc("sites assumed to add no noise; -1: the protocol's bound t - 1", min=-1),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class DPSettings:
     site: SiteDPSettings = field(default_factory=SiteDPSettings)
     server: ServerDPSettings = field(default_factory=ServerDPSettings)
+    distributed: DistributedDPSettings = field(default_factory=DistributedDPSettings)
     accountant: Accountant = field(
         default="pld", metadata=_doc("privacy accountant of every ledger")
     )
@@ -223,7 +252,13 @@ class Settings:
             min=1,
         ),
     )
-    seed: int = field(default=0, metadata=_doc("seed for data, partitioning, initial model"))
+    seed: int = field(
+        default=0,
+        metadata=_doc(
+            "seed for data, partitioning, initial model; DP noise is drawn from a CSPRNG: runs "
+            "differ at a fixed seed (DP-SGD's Poisson batches too)"
+        ),
+    )
     device: Device = field(
         default="auto", metadata=_doc("training device: auto uses CUDA when present")
     )

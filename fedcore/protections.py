@@ -5,8 +5,9 @@ A run stacks up to three protections, each optional (README, "What is protected,
 1. **Record-level DP** at each site (DP-SGD): :attr:`Protections.record`, a :class:`RecordLevel`.
 2. **Secure aggregation**: :attr:`Protections.secagg`, a :class:`SecureAggregation`.
 3. **Site-level DP** on the aggregate: :attr:`Protections.mechanism`, one object per mechanism
-   (:mod:`fedcore.mechanisms`): the Gaussian at a trusted server (DP-FedAvg), or the same Gaussian
-   on the securely aggregated sum.
+   (:mod:`fedcore.mechanisms`): the Gaussian at a trusted server (DP-FedAvg), the same Gaussian
+   on the securely aggregated sum, or distributed discrete noise added by each site before
+   masking (``dp.distributed.*``, :mod:`fedcore.mechanisms.distributed`).
 
 Everything else asks this object, never the raw ``dp.*`` settings: whether a protection is on,
 its parameters, the cross-checks between protections (:meth:`Protections.check`), what a run may
@@ -32,6 +33,7 @@ from fedcore.mechanisms import BudgetAgainst, CentralGaussian, Clip, Mechanism
 from fedcore.secagg.config import Mode
 
 if TYPE_CHECKING:
+    from fedcore.mechanisms.distributed import DistributedDP
     from fedcore.privacy import Budget, Scope
     from fedcore.privacy.dpsgd_plan import SiteDPConfig
 
@@ -128,7 +130,10 @@ class SecureAggregation:
             mode=Mode.ACTIVE if s.mode == "active" else Mode.SEMI_HONEST,
             neighbors=0 if s.neighbors == "complete" else int(s.neighbors),
             threshold=s.threshold,
-            bits=s.bits,
+            # under distributed DP the ring is its own setting (the noise and the sum must fit it)
+            bits=s.bits
+            if settings.dp.distributed.epsilon is None
+            else settings.dp.distributed.bits,
             clip_range=s.clip_range,
             timeout=s.timeout,
             allow_unsafe=s.allow_unsafe,
@@ -255,6 +260,13 @@ class Protections:
     # -- answers --------------------------------------------------------------------------
 
     @property
+    def distributed(self) -> DistributedDP | None:
+        """The distributed-DP mechanism when it is the run's (a site's budget against the server)."""
+        from fedcore.mechanisms.distributed import DistributedDP
+
+        return self.mechanism if isinstance(self.mechanism, DistributedDP) else None
+
+    @property
     def any_dp(self) -> bool:
         return self.record is not None or self.mechanism is not None
 
@@ -352,6 +364,13 @@ def _check_secagg_safety(settings: Settings, secagg: SecureAggregation) -> None:
 def mechanism_for(settings: Settings, *, secagg: bool) -> Mechanism | None:
     """The run's site-level DP mechanism, or None when site-level DP is off."""
     dp = settings.dp.server
+    if settings.dp.distributed.epsilon is not None:
+        if dp.epsilon is not None:
+            raise ConfigError(
+                f"settings 'dp.distributed.epsilon' ({settings.dp.distributed.epsilon:g}) and "
+                f"'dp.server.epsilon' ({dp.epsilon:g}) are both set: choose one site-level mechanism"
+            )
+        return _distributed(settings, secagg=secagg)
     if dp.epsilon is None:
         return None
     common = dict(
@@ -378,6 +397,38 @@ def mechanism_for(settings: Settings, *, secagg: bool) -> Mechanism | None:
         )
         return CentralOnSecAgg(ring_bits=settings.secagg.bits, skip_probability=skips, **common)
     return CentralGaussian(**common)
+
+
+def _distributed(settings: Settings, *, secagg: bool) -> Mechanism:
+    """Distributed DP (``dp.distributed.*``); ConfigError unless secure aggregation is on."""
+    from fedcore.mechanisms.distributed import DistributedDP
+
+    dd = settings.dp.distributed
+    if not secagg:
+        raise ConfigError(
+            f"setting 'dp.distributed.epsilon' is {dd.epsilon:g} but 'secagg.enabled' is false: "
+            "distributed DP adds the noise under secure aggregation; set 'secagg.enabled=true'"
+        )
+    s = settings.secagg
+    return DistributedDP(
+        epsilon=float(dd.epsilon),  # type: ignore[arg-type]
+        delta=dd.delta,
+        noise_multiplier=None,
+        clip_norm=dd.clip_norm,
+        clip=Clip.FIXED,
+        budget_against=BudgetAgainst.SAMPLE_KNOWN,  # the server knows who took part
+        state_dir=settings.dp.server.state_dir,
+        accountant=settings.dp.accountant,
+        sites=settings.sites,
+        rounds=settings.rounds,
+        sampling_rate=settings.fraction_train,
+        noise=dd.mechanism,
+        bits=dd.bits,
+        dropout_tolerance=dd.dropout_tolerance,
+        colluders=dd.colluders,
+        neighbors=0 if s.neighbors == "complete" else int(s.neighbors),
+        mode=Mode.ACTIVE if s.mode == "active" else Mode.SEMI_HONEST,
+    )
 
 
 @functools.lru_cache(maxsize=64)

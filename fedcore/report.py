@@ -79,7 +79,9 @@ def privacy_mode(settings: Settings) -> str:
             f"clip {site.max_grad_norm:g})"
         )
     server = protections.mechanism
-    if server is not None:
+    if server is not None and protections.distributed is not None:
+        parts.append(server.describe())
+    elif server is not None:
         noise = "calibrated" if server.calibrated else f"{server.noise_multiplier:g}"
         parts.append(
             f"site-level DP-FedAvg (eps {server.epsilon:g}, delta {server.delta:g}, noise {noise}, "
@@ -346,6 +348,8 @@ def _spent_so_far(record: RunRecord) -> str:
 
 
 def _site_level_lines(record: RunRecord, mechanism: Mechanism) -> list[str]:
+    if hasattr(mechanism, "summary_lines"):  # distributed DP: its own words
+        return [*mechanism.summary_lines(_spent_so_far(record)), _ledger_line(mechanism)]
     known = _last_finite(sample_known(r) for r in record.rows)
     replace = _last_finite(extra_epsilon(r, SAMPLE_KNOWN_REPLACE_ONE) for r in record.rows)
     replace_text = (

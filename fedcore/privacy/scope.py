@@ -21,6 +21,9 @@ class ScopeKind(enum.Enum):
 
     SITE_RECORDS = "site_records"  # one site's records (record-level DP-SGD)
     FEDERATION_SITES = "federation_sites"  # whole sites, at the server (DP-FedAvg)
+    SITE_AGAINST_SERVER = (
+        "site_against_server"  # one whole site, against the server (distributed DP)
+    )
 
 
 @dataclass(frozen=True, slots=True)

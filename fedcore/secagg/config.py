@@ -51,6 +51,52 @@ def ring_dtype(bits: int) -> type[np.unsignedinteger]:
     return np.uint32 if bits <= 32 else np.uint64
 
 
+# The noise kinds a distributed-DP session may bind, by wire code (fedcore.privacy.distributed's
+# DistributedNoise values; this module stays below fedcore.privacy, so they are named here).
+DISTRIBUTED_NOISE = {1: "dgauss", 2: "skellam"}
+_FLAG_COUNT_UNCLIPPED = 1
+_FLAG_DISTRIBUTED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DistributedSession:
+    """What a distributed-DP session binds (:mod:`fedcore.mechanisms.distributed`): the discrete
+    ``noise`` each site adds (``"dgauss"`` or ``"skellam"``), the scale ``gamma``, one site's
+    noise share ``site_noise`` (grid units: sigma, or Skellam's variance), the conditional
+    rounding's ``beta``, the fewest survivors a site unmasks with (``min_survivors``, the noise
+    target's floor) and the ``colluders`` the server assumed add no noise. The L2 clip norm is the
+    encoding's ``dp_clip_norm``. A site recomputes its privacy charge from these values and its
+    own view of the round, so a server that lowers the noise makes it charge more, never less.
+    """
+
+    noise: str
+    gamma: float
+    site_noise: float
+    beta: float
+    min_survivors: int
+    colluders: int
+
+    def check(self) -> None:
+        """Raise ConfigError for a value no distributed-DP round can have."""
+        if self.noise not in DISTRIBUTED_NOISE.values():
+            raise ConfigError(f"distributed noise must be dgauss or skellam, got {self.noise!r}")
+        for name in ("gamma", "site_noise"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"distributed {name} must be finite and > 0, got {value!r}")
+        if not (math.isfinite(self.beta) and 0 <= self.beta < 1):
+            raise ConfigError(f"distributed beta must be in [0, 1), got {self.beta!r}")
+        if not 1 <= self.min_survivors <= MAX_CLIENTS:
+            raise ConfigError(
+                f"min_survivors must be in 1..{MAX_CLIENTS}, got {self.min_survivors}"
+            )
+        if not 0 <= self.colluders < self.min_survivors:
+            raise ConfigError(
+                f"colluders must be in 0..min_survivors - 1 = {self.min_survivors - 1}, "
+                f"got {self.colluders}"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class SessionEncoding:
     """How a site turns its float update into ring elements: every parameter that changes what a
@@ -61,13 +107,16 @@ class SessionEncoding:
     sum of the sites' weights (the scale of the encoding). ``dp_clip_norm``: with site-level DP,
     the L2 norm each site clips its update to before masking (0: no site-level DP; every site then
     weighs its examples). ``count_unclipped``: with adaptive clipping, each site adds its bit
-    ``1[norm <= C]`` as one more exact coordinate.
+    ``1[norm <= C]`` as one more exact coordinate. ``distributed``: under distributed DP, the
+    noise parameters every site applies (:class:`DistributedSession`; ``dp_clip_norm`` is then its
+    L2 clip norm); None otherwise, and such a session's bytes are those it always had.
     """
 
     clip: float
     max_total_weight: int
     dp_clip_norm: float = 0.0
     count_unclipped: bool = False
+    distributed: DistributedSession | None = None
 
     def check(self, bits: int) -> None:
         """Raise ConfigError unless the encoding fits the ring Z/2**bits."""
@@ -81,12 +130,33 @@ class SessionEncoding:
             raise ConfigError(f"dp_clip_norm must be finite and >= 0, got {self.dp_clip_norm}")
         if self.count_unclipped and self.dp_clip_norm == 0:
             raise ConfigError("count_unclipped needs a dp_clip_norm > 0")
+        if self.distributed is not None:
+            if not isinstance(self.distributed, DistributedSession):
+                raise ConfigError(
+                    f"distributed must be a DistributedSession, got {self.distributed!r}"
+                )
+            self.distributed.check()
+            if self.dp_clip_norm == 0 or self.count_unclipped:
+                raise ConfigError(
+                    "a distributed-DP session needs a dp_clip_norm > 0 and no unclipped count"
+                )
 
 
 def write_encoding(w: Writer, encoding: SessionEncoding) -> Writer:
-    """The encoding's fields, in the order the session id hashes them and the wire carries them."""
+    """The encoding's fields, in the order the session id hashes them and the wire carries them.
+
+    The last byte of the fixed part is a flags byte: bit 0 the unclipped count, bit 1 a
+    distributed section follows (so a session without one keeps the bytes it always had)."""
     w.raw(struct.pack("<d", encoding.clip)).u64(encoding.max_total_weight)
-    return w.raw(struct.pack("<d", encoding.dp_clip_norm)).u8(int(encoding.count_unclipped))
+    flags = int(encoding.count_unclipped) * _FLAG_COUNT_UNCLIPPED
+    flags |= _FLAG_DISTRIBUTED if encoding.distributed is not None else 0
+    w.raw(struct.pack("<d", encoding.dp_clip_norm)).u8(flags)
+    d = encoding.distributed
+    if d is None:
+        return w
+    code = next(k for k, v in DISTRIBUTED_NOISE.items() if v == d.noise)
+    w.u8(code).raw(struct.pack("<ddd", d.gamma, d.site_noise, d.beta))
+    return w.u32(d.min_survivors).u32(d.colluders)
 
 
 def read_encoding(r: Reader) -> SessionEncoding:
@@ -94,10 +164,25 @@ def read_encoding(r: Reader) -> SessionEncoding:
     clip = struct.unpack("<d", r.fixed(8))[0]
     max_total_weight = r.u64()
     dp_clip_norm = struct.unpack("<d", r.fixed(8))[0]
-    flag = r.u8()
-    if flag not in (0, 1):
-        raise InvalidMessage(f"count_unclipped must be 0 or 1, got {flag}")
-    return SessionEncoding(clip, max_total_weight, dp_clip_norm, bool(flag))
+    flags = r.u8()
+    if flags & ~(_FLAG_COUNT_UNCLIPPED | _FLAG_DISTRIBUTED):
+        raise InvalidMessage(f"unknown encoding flags {flags:#04x}")
+    distributed = None
+    if flags & _FLAG_DISTRIBUTED:
+        code = r.u8()
+        if code not in DISTRIBUTED_NOISE:
+            raise InvalidMessage(f"unknown distributed noise code {code}")
+        gamma, site_noise, beta = struct.unpack("<ddd", r.fixed(24))
+        distributed = DistributedSession(
+            DISTRIBUTED_NOISE[code], gamma, site_noise, beta, r.u32(), r.u32()
+        )
+    return SessionEncoding(
+        clip,
+        max_total_weight,
+        dp_clip_norm,
+        bool(flags & _FLAG_COUNT_UNCLIPPED),
+        distributed,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +232,9 @@ class SessionConfig:
             if not isinstance(self.encoding, SessionEncoding):
                 raise ConfigError(f"encoding must be a SessionEncoding, got {self.encoding!r}")
             self.encoding.check(self.bits)
+            floor = self.min_survivors
+            if floor is not None and floor > n:
+                raise ConfigError(f"min_survivors {floor} is above the {n} clients of the round")
         holders = self.share_holders(n)
         if not 2 <= self.threshold <= holders:
             raise ConfigError(
@@ -157,6 +245,17 @@ class SessionConfig:
     @property
     def complete(self) -> bool:
         return self.neighbors == 0
+
+    @property
+    def distributed(self) -> DistributedSession | None:
+        """The distributed-DP section the session binds, if any."""
+        return None if self.encoding is None else self.encoding.distributed
+
+    @property
+    def min_survivors(self) -> int | None:
+        """The fewest survivors a site unmasks with under distributed DP (None: no such floor)."""
+        d = self.distributed
+        return None if d is None else d.min_survivors
 
     def share_holders(self, n: int) -> int:
         """How many clients (itself included) hold shares of one client's secrets among ``n``."""

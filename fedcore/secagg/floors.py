@@ -28,6 +28,12 @@ shares, re-checking the round as if only U1 had been invited, since the graph is
 masked input (all of U2 it can see; with a sparse graph it sees only its neighbours, and the next
 check covers it); and the survivors U3 before it signs them (ACTIVE mode) and before it reveals
 any unmask share (:meth:`Floors.check_participants`).
+
+Under distributed DP (Kairouz, Liu and Steinke, ICML 2021; :mod:`fedcore.mechanisms.distributed`)
+each site adds a share of the noise sized for ``min_survivors`` sites, so a sum of fewer survivors
+holds less noise than the target. The session binds that floor, and every client refuses to sign
+or reveal any unmask share for a survivor set below it (:func:`check_noise_floor`): a server that
+drops sites to thin the noise gets no sum. This floor is the session's own, not the operator's.
 """
 
 from __future__ import annotations
@@ -145,3 +151,15 @@ class Floors:
                 f"{exc} (counting the {len(joined)} sites that advertised keys, "
                 f"of {len(config.clients)} invited)"
             ) from None
+
+
+def check_noise_floor(config: SessionConfig, survivors: int) -> None:
+    """Raise RemoteProtocolError when a distributed-DP session (``config.min_survivors`` set) has
+    fewer than ``min_survivors`` ``survivors``: their noise would not meet the target."""
+    floor = config.min_survivors
+    if floor is not None and survivors < floor:
+        raise RemoteProtocolError(
+            f"refused: {survivors} sites survived to the masked input, below the session's "
+            f"distributed-DP floor of {floor} (the noise target needs that many noisers); nothing "
+            "is revealed"
+        )

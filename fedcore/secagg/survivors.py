@@ -4,7 +4,9 @@ Theory of operation (Bonawitz et al., CCS 2017, figure 4, rounds 3 and 4, and se
 its masked input, client u holds its own shares, the shares its neighbours sent it, and the
 senders whose share did not open (:class:`Holdings`). Shown the survivor set U3, it checks the set
 against what it holds, the threshold and its floors (:mod:`fedcore.secagg.rules`,
-:class:`~fedcore.secagg.floors.Floors`); in ACTIVE mode it signs U3, and before unmasking it
+:class:`~fedcore.secagg.floors.Floors`) and, under distributed DP, the session's survivor floor
+(:func:`~fedcore.secagg.floors.check_noise_floor`: fewer survivors than ``min_survivors`` would
+release a sum with less noise than the target, so nothing is revealed); in ACTIVE mode it signs U3, and before unmasking it
 requires t valid signatures on the very set it signed. Only then does it reveal, for each alive
 peer, its share of b_v and, for each dropped peer, its share of s_v: never both for one peer.
 Nothing here changes any state; every refusal raises (RemoteProtocolError, InvalidMessage,
@@ -20,7 +22,7 @@ from fedcore.crypto import signing
 from fedcore.errors import RemoteProtocolError
 from fedcore.secagg import rules
 from fedcore.secagg.config import Mode, SessionConfig
-from fedcore.secagg.floors import Floors
+from fedcore.secagg.floors import Floors, check_noise_floor
 from fedcore.secagg.graph import NeighborGraph
 from fedcore.secagg.messages import (
     ConsistencyRequest,
@@ -57,6 +59,7 @@ class Holdings:
     def check_survivors(self, alive: frozenset[int], floors: Floors) -> None:
         """U3 against the shares received, the threshold and the floors (on the survivors)."""
         floors.check_participants(len(alive), what="sites survived to the masked input")
+        check_noise_floor(self.config, len(alive))
         rules.check_survivors(
             alive,
             me=self.me,

@@ -147,17 +147,14 @@ class SecAggTrainRound:
             return self._outcome(_Round(nodes, 0, 0, None), stats, server_round=server_round)
         dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
         plan = self.sums.plan(sites=len(plan_round.nodes), dim=dim)  # refuses before sending
-        result = self._run_stages(
-            grid,
-            SecAggServer(self._session(plan_round, plan), registry=plan_round.registry),
-            content=content,
-            stats=stats,
-        )
+        server = SecAggServer(self._session(plan_round, plan), registry=plan_round.registry)
+        result = self._run_stages(grid, server, content=content, stats=stats)
         if result is None:
             return self._outcome(plan_round, stats, server_round=server_round)
         return self._finish(
-            strategy, server_round, arrays, content, plan_round, plan, result, stats
-        )
+            strategy, server_round, arrays, content, plan_round, plan, result, stats,
+            session_id=server.session_id,
+        )  # fmt: skip
 
     def _admit(self, population: list[int], sampled: tuple[int, ...]) -> tuple[int, ...]:
         """The sampled sites less those group testing holds out (never under site-level DP:
@@ -176,13 +173,19 @@ class SecAggTrainRound:
         plan: SumPlan,
         result: AggregateResult,
         stats: _Stats,
+        *,
+        session_id: bytes,
     ) -> TrainOutcome:
         """Release the unmasked sum (or discard it as implausible, which group testing learns
         from) and hand the mean to the strategy."""
         survivors = sorted(result.survivors)
         try:
             release = self.sums.release(
-                result.total, plan, survivors=survivors, server_round=server_round
+                result.total,
+                plan,
+                survivors=survivors,
+                server_round=server_round,
+                session_id=session_id,
             )
         except (ProtocolError, InvalidMessage) as exc:  # nothing released (charged all the same)
             stats.failures["round"] = f"decoded sum discarded, the model is kept: {exc}"

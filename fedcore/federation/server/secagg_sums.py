@@ -11,6 +11,9 @@ never branches on the protections:
   norm and encode with weight 1 (its site half); the server decodes the clipped sum and the
   mechanism's server half (:class:`~fedcore.federation.server.dp_round.DPFedAvgRound`) charges,
   noises and scales it.
+- :class:`DistributedSum`: distributed DP (:mod:`fedcore.mechanisms.distributed`). Sites clip,
+  rotate, round and add their noise share before masking; the server decodes the noised sum,
+  divides by the survivors and charges the federation ledger; it adds nothing.
 
 Each gives the session's encoding (bound into the session id, so a replayed request cannot change
 it) before anything is sent, and a :class:`Release` after the unmask; a decoded sum that no honest
@@ -20,19 +23,26 @@ sites could produce raises :class:`~fedcore.errors.RemoteProtocolError` and noth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from fedcore.errors import RemoteProtocolError
 from fedcore.federation.server.dp_round import DPFedAvgRound
+from fedcore.mechanisms import SiteLevelDP
 from fedcore.mechanisms.central_on_secagg import (
     CentralOnSecAgg,
     SiteClipping,
     decode_clipped_sum,
     session_length,
 )
+from fedcore.mechanisms.distributed import DistributedDP, with_noisers
+from fedcore.privacy import PrivacyLedger
 from fedcore.secagg import EncodingConfig, SessionEncoding, decode_mean
+
+if TYPE_CHECKING:
+    from fedcore.privacy.distributed import DistributedPlan
+    from fedcore.protections import SecureAggregation
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +67,13 @@ class Release:
 
 @dataclass(frozen=True, slots=True)
 class SumPlan:
-    """A round's encoding: the ring encoding, what the session binds of it, the vector length."""
+    """A round's encoding: the ring encoding, what the session binds of it, the vector length,
+    and under distributed DP the round's plan (:class:`~fedcore.privacy.distributed.DistributedPlan`)."""
 
     encoding: EncodingConfig
     session: SessionEncoding
     length: int
+    distributed: DistributedPlan | None = None
 
 
 class SecAggSum(Protocol):
@@ -82,7 +94,13 @@ class SecAggSum(Protocol):
     def plan(self, *, sites: int, dim: int) -> SumPlan: ...
 
     def release(
-        self, total: np.ndarray, plan: SumPlan, *, survivors: list[int], server_round: int
+        self,
+        total: np.ndarray,
+        plan: SumPlan,
+        *,
+        survivors: list[int],
+        server_round: int,
+        session_id: bytes = b"",
     ) -> Release: ...
 
     def unreleased(self, *, server_round: int) -> Release | None:
@@ -128,7 +146,13 @@ class WeightedMean:
         return SumPlan(encoding=encoding, session=session, length=session_length(dim, None))
 
     def release(
-        self, total: np.ndarray, plan: SumPlan, *, survivors: list[int], server_round: int
+        self,
+        total: np.ndarray,
+        plan: SumPlan,
+        *,
+        survivors: list[int],
+        server_round: int,
+        session_id: bytes = b"",
     ) -> Release:
         mean, total_weight = decode_mean(total, config=plan.encoding)
         check_plausible(mean, total_weight, sites=len(survivors), config=plan.encoding)
@@ -180,7 +204,13 @@ class NoisedSum:
         return SumPlan(encoding=encoding, session=session, length=session_length(dim, clipping))
 
     def release(
-        self, total: np.ndarray, plan: SumPlan, *, survivors: list[int], server_round: int
+        self,
+        total: np.ndarray,
+        plan: SumPlan,
+        *,
+        survivors: list[int],
+        server_round: int,
+        session_id: bytes = b"",
     ) -> Release:
         clipped = decode_clipped_sum(total, clipping=self._clipping(), config=plan.encoding)
         released = self.dp.release(
@@ -213,6 +243,103 @@ class NoisedSum:
             server_epsilon=epsilon,
             extra=self.dp.round_fields(),
         )
+
+
+@dataclass(slots=True)
+class DistributedSum:
+    """Distributed DP: the sum arrives noised by the sites; the server decodes, divides by the
+    survivors and charges the federation ledger (at the survivors' honest noisers)."""
+
+    mechanism: DistributedDP
+    ledger: PrivacyLedger
+    last: DistributedPlan | None = None  # the previous round's plan
+
+    def check_round(self) -> None:
+        """Stop before a round the federation ledger cannot afford (BudgetExceededError); the
+        first round was checked before the run (:meth:`DistributedDP.check_before_run`)."""
+        if self.last is not None:
+            self.ledger.check(self.last.round_event())
+
+    def sample(self, nodes: list[int], invited: tuple[int, ...]) -> tuple[int, ...]:
+        """The strategy's own choice: no amplification by sampling is claimed against the server."""
+        return invited
+
+    @property
+    def stops_on_too_few(self) -> bool:
+        return True
+
+    @property
+    def holds_out(self) -> bool:
+        """No: group testing reads released sums, and these are noised (it would name honest
+        sites); the plan's noise is also sized for the sites sampled."""
+        return False
+
+    def plan(self, *, sites: int, dim: int) -> SumPlan:
+        """The round's plan bound into the session (ConfigError, before anything is sent, for a
+        ring or a tolerance that cannot work)."""
+        plan = self.last = self.mechanism.plan(sites=sites, dim=dim)
+        session = SessionEncoding(
+            clip=plan.clip_norm,
+            max_total_weight=sites,
+            dp_clip_norm=plan.clip_norm,
+            distributed=self.mechanism.session(plan, sites=sites),
+        )
+        encoding = EncodingConfig(bits=plan.bits, clip=plan.clip_norm, max_total_weight=sites)
+        return SumPlan(encoding=encoding, session=session, length=plan.padded_dim, distributed=plan)
+
+    def release(
+        self,
+        total: np.ndarray,
+        plan: SumPlan,
+        *,
+        survivors: list[int],
+        server_round: int,
+        session_id: bytes = b"",
+    ) -> Release:
+        """Decode the noised sum (:func:`~fedcore.mechanisms.distributed_encoding.decode_sum`),
+        charge the round at ``len(survivors) - colluders`` noisers, and return the mean."""
+        from fedcore.mechanisms.distributed import rotation_seed
+        from fedcore.mechanisms.distributed_encoding import DistributedEncoding, decode_sum
+
+        dplan, bound = plan.distributed, plan.session.distributed
+        if dplan is None or bound is None:
+            raise RemoteProtocolError("a distributed sum needs its round's plan")
+        encoding = DistributedEncoding.from_plan(dplan)
+        summed = decode_sum(total, encoding=encoding, rotation_seed=rotation_seed(session_id))
+        event = with_noisers(dplan.round_event(), len(survivors) - bound.colluders)
+        label = (
+            f"distributed round (gamma {dplan.gamma:.6g}, {dplan.bits}-bit ring, clip norm "
+            f"{dplan.clip_norm:g}, {len(survivors)} survivors, {bound.colluders} colluders)"
+        )
+        entry = self.ledger.charge(event, round_number=server_round, label=label)
+        return Release(
+            mean=summed / max(1, len(survivors)),
+            weight=1,
+            num_examples=0,
+            server_epsilon=entry.epsilon_after,
+            extra=self.mechanism.parameters(dplan),
+        )
+
+    def unreleased(self, *, server_round: int) -> Release | None:
+        """Nothing is charged: no sum left the masks, and the sites charged their own ledgers
+        for what they sent (their guarantee is theirs). The record shows the spend so far."""
+        return Release(
+            mean=np.zeros(0), weight=0, num_examples=0, server_epsilon=self.ledger.epsilon()
+        )
+
+
+def sums_for(
+    secagg: SecureAggregation,
+    mechanism: SiteLevelDP | None,
+    dp: DPFedAvgRound | None,
+    ledger: PrivacyLedger | None,
+) -> SecAggSum:
+    """The run's sum: distributed DP's, DP-FedAvg's on the sum (``dp``), or the exact mean."""
+    if isinstance(mechanism, DistributedDP) and ledger is not None:
+        return DistributedSum(mechanism=mechanism, ledger=ledger)
+    if dp is not None:
+        return NoisedSum(mechanism=mechanism, dp=dp)  # type: ignore[arg-type]
+    return WeightedMean(bits=secagg.bits, clip_range=secagg.clip_range)
 
 
 def check_plausible(

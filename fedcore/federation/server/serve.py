@@ -45,7 +45,7 @@ from fedcore.federation.server.driver import (
     run_rounds,
 )
 from fedcore.federation.server.secagg_round import SecAggTrainRound
-from fedcore.federation.server.secagg_sums import NoisedSum, WeightedMean
+from fedcore.federation.server.secagg_sums import sums_for
 from fedcore.federation.server.strategies import (
     build_strategy,
     restore_strategy_state,
@@ -158,13 +158,10 @@ def train_rounds(
         _check_persistent(mechanism)
         mechanism.check_before_run(dim=dim, record_dir=record_dir)
         rounds.ledger = mechanism.open_ledger(record_dir)
-        rounds.train_round = rounds.dp_round = DPFedAvgRound.create(mechanism, rounds.ledger)
+        if protections.distributed is None:  # distributed DP: the sites add the noise
+            rounds.train_round = rounds.dp_round = DPFedAvgRound.create(mechanism, rounds.ledger)
     if secagg is not None:
-        sums = (
-            WeightedMean(bits=secagg.bits, clip_range=secagg.clip_range)
-            if rounds.dp_round is None
-            else NoisedSum(mechanism=mechanism, dp=rounds.dp_round)  # type: ignore[arg-type]
-        )
+        sums = sums_for(secagg, mechanism, rounds.dp_round, rounds.ledger)
         rounds.train_round = SecAggTrainRound(settings, secagg=secagg, sums=sums)
     return rounds
 

@@ -48,6 +48,9 @@ weights minus global weights, flattened in the global record's key order), and e
 update together with the weight (:func:`fedcore.secagg.encode_update`), so the server can form the
 exact weighted mean from the sum alone. With site-level DP at the server, the session carries the
 L2 clip norm: the site clips before masking and weighs 1 (:mod:`fedcore.mechanisms.central_on_secagg`).
+Under distributed DP the session binds the noise too: the site recomputes the round's privacy
+event, declines before training when its own ledger cannot afford it, and charges it before the
+noised vector is masked (:class:`~fedcore.mechanisms.distributed.SiteHalf`).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from fedcore.mechanisms.central_on_secagg import (
     ring_clip_norm,
     session_length,
 )
+from fedcore.mechanisms.distributed import DistributedDP, SiteHalf
 from fedcore.secagg import (
     EncodingConfig,
     SecAggClient,
@@ -167,6 +171,7 @@ class SiteParty:
     identity: secagg_registry.SiteIdentity | None = None
     run_id: str | None = None  # the Flower run, for the abandoned-round bound per run
     abandon: AbandonLimits | None = None  # None: no bound (the library's own tests)
+    distributed: DistributedDP | None = None  # its distributed-DP budget; None: refuses such rounds
 
 
 class Trainer(Protocol):
@@ -223,7 +228,11 @@ def answer_stage(
             answer = client.receive(
                 message,
                 vector=lambda: _input_vector(
-                    train, config, on_train=lambda: journal.mark(config.round_id, sid, "trained")
+                    train,
+                    config,
+                    on_train=lambda: journal.mark(config.round_id, sid, "trained"),
+                    party=party,
+                    session_id=sid or b"",
                 ),
             )
         else:
@@ -365,12 +374,19 @@ def _check_input(
 
 
 def _input_vector(
-    train: Trainer, config: SessionConfig, *, on_train: Callable[[], object]
+    train: Trainer,
+    config: SessionConfig,
+    *,
+    on_train: Callable[[], object],
+    party: SiteParty,
+    session_id: bytes,
 ) -> np.ndarray:
     """Check the session (:func:`_check_input`), journal that the site trains (``on_train``), train,
     then encode under the session's encoding. Nothing data-dependent leaves in an error: the
     detail goes to the site's log, the raised error says which step failed."""
     size = train.size()
+    if config.distributed is not None:
+        return _distributed_input(train, config, size, on_train, party, session_id)
     encoding, clipping, cap = _check_input(config, size=size)
     on_train()  # durable: a second masked-input request for this round id is refused
     trained = _train(train)
@@ -396,6 +412,25 @@ def _input_vector(
         raise LocalProtocolError(
             "this site's update does not fit the session's encoding (details in the site's log)"
         ) from None
+
+
+def _distributed_input(
+    train: Trainer,
+    config: SessionConfig,
+    size: int,
+    on_train: Callable[[], object],
+    party: SiteParty,
+    session_id: bytes,
+) -> np.ndarray:
+    """Distributed DP (:mod:`fedcore.mechanisms.distributed`): before training, the session's
+    encoding and the event this site charges, recomputed from what the session binds and checked
+    against the site's own ledger (BudgetExceededError: it declines, nothing charged); then train,
+    clip, rotate, round, noise, charge, and only then the vector is masked and leaves."""
+    half = SiteHalf.prepare(
+        party.distributed, config, dim=size, store=party.store, session_id=session_id
+    )
+    on_train()
+    return half.release(_train(train).update)  # weight 1 (not sent); a wrong size is refused
 
 
 def _train(train: Trainer) -> TrainedUpdate:

@@ -88,6 +88,7 @@ def site_party(settings: Settings, context: Context, site: SiteData) -> secagg_s
         identity=secagg_registry.site_identity(settings, context.node_config, store),
         run_id=str(context.run_id),
         abandon=abandon_limits(context.node_config),
+        distributed=protections_of(settings).distributed,
     )
 
 

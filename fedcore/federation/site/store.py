@@ -60,6 +60,12 @@ class SiteStore:
         return self.root / f"site-{self.site_id}.ledger.json"
 
     @property
+    def distributed_ledger_path(self) -> Path:
+        """The site's distributed-DP ledger: what it spent against the server, as a whole site
+        (:mod:`fedcore.mechanisms.distributed`); named outside :attr:`LEDGER_GLOB`."""
+        return self.root / f"site-{self.site_id}.distributed-ledger.json"
+
+    @property
     def certificate_path(self) -> Path:
         """The site's secure-aggregation certificate (active mode), issued by the federation CA."""
         return self.root / f"site-{self.site_id}.secagg.cert.pem"
