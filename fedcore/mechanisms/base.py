@@ -172,6 +172,13 @@ class SiteLevelDP:
     def title(self) -> str:
         return self.name
 
+    @property
+    def noise_description(self) -> str:
+        """The noise the mechanism adds, as ``privacy.json`` names it (``noise``)."""
+        from fedcore.privacy.noise import MECHANISM
+
+        return MECHANISM
+
 
 @functools.lru_cache(maxsize=64)
 def _server_config(mechanism: SiteLevelDP) -> ServerDPConfig:

@@ -105,6 +105,18 @@ class DistributedDP(SiteLevelDP):
         return f"distributed DP, {kind} noise added by each site before masking"
 
     @property
+    def noise_description(self) -> str:
+        if self.noise == "dgauss":
+            return (
+                "distributed discrete Gaussian: each site adds a share of N_Z(0, sigma^2) before "
+                "masking (Kairouz, Liu and Steinke 2021)"
+            )
+        return (
+            "Skellam: each site adds a share, the difference of two Poisson draws, before masking "
+            "(Agarwal, Kairouz and Liu 2021)"
+        )
+
+    @property
     def calibrated(self) -> bool:
         return True  # each site's share is calibrated over ``rounds``
 

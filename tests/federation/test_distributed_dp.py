@@ -41,6 +41,7 @@ def test_a_distributed_run_completes_and_records_its_epsilon_per_round(tmp_path)
     settings, out = _run(tmp_path)
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["server_mechanism"] == "distributed"
+    assert privacy["noise"].startswith("distributed discrete Gaussian: each site adds")
     assert privacy["server_neighbouring_relation"].startswith("zero-out")
     rounds = privacy["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]

@@ -476,7 +476,7 @@ def _privacy_claims(protections: Protections, ledger: PrivacyLedger | None) -> d
     site_level = ledger is not None and mechanism is not None
     return {
         "accountant": protections.accountant,
-        "noise": MECHANISM,
+        "noise": MECHANISM if mechanism is None else mechanism.noise_description,
         "site_budget": None
         if record is None
         else {"epsilon": record.epsilon, "delta": record.delta},
