@@ -75,3 +75,27 @@ def test_existing_record_is_never_overwritten(tmp_path, small_settings):
     run_server(grid, small_settings, tmp_path / "run")
     with pytest.raises(ConfigError, match="already holds a run record"):
         run_server(grid, small_settings, tmp_path / "run")
+
+
+def test_an_error_reply_the_superlink_writes_is_the_unavailable_nodes_failure():
+    """Flower's SuperLink answers for a node that went away with an error reply from its own node
+    id (1): the failure belongs to the node the request was sent to, and that node does not also
+    count as 'no reply' (issue 23's hosts test found both)."""
+    from flwr.app import Error, Message, RecordDict
+
+    from fedcore.federation.server.driver import exchange
+
+    class SuperLinkGrid:
+        def send_and_receive(self, messages, *, timeout):
+            replies = []
+            for i, msg in enumerate(messages):
+                msg.metadata.__dict__["_message_id"] = f"m{i}"  # as Flower's Grids set it
+                reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                replies.append(reply)
+            return replies
+
+    outgoing = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (7, 9)]
+    result = exchange(SuperLinkGrid(), outgoing, timeout=1.0, check=lambda reply: None)
+    assert set(result.failures) == {"7", "9"}
+    assert all("Node Unavailable" in why for why in result.failures.values())

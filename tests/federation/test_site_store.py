@@ -61,6 +61,22 @@ def test_store_names_each_file_once_and_knows_past_releases(tmp_path):
     assert len(names) == 4 and all("site-3." in n for n in names)
 
 
+def test_a_key_and_an_empty_journal_released_nothing_a_round_did(tmp_path):
+    """What ``fedcore certs --show-signing-key`` leaves (a key, a journal with its header only) is
+    a site that released nothing: its first ledger is new, not lost (issue 23's hosts test found
+    every round refused); one round in the journal, or a key whose journal is gone, is a release."""
+    from fedcore.federation.site.journal import RoundJournal
+
+    store = SiteStore(tmp_path / "s", 4)
+    RoundJournal.open_site(store)  # journal (header only), then key
+    assert store.key_path.exists() and store.journal_path.exists()
+    assert not store.has_released()
+    RoundJournal(store).begin(bytes(16), run_id="run")
+    assert store.has_released()
+    store.journal_path.unlink()
+    assert store.has_released()  # the key without its journal: the journal was lost
+
+
 def test_lock_serialises_read_modify_write(tmp_path):
     store = SiteStore(tmp_path, 1).ensure()
     counter = tmp_path / "n"

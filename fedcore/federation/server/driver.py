@@ -97,8 +97,13 @@ def exchange(
     reported: dict[int, float] = {}
     sites: dict[str, int] = {}
     bytes_up = 0
+    # A reply names the request it answers; an error reply the SuperLink writes for a node that
+    # went away comes from the SuperLink's own node id, so the request's destination is the node.
+    addressed = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in outgoing}
+    addressed.pop("", None)  # ids the Grid did not set (a wrapping Grid's own messages)
     for reply in replies:
-        node = str(reply.metadata.src_node_id)
+        src = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        node = str(src)
         bytes_up += m.content_bytes(reply)
         if (site := _site_of(reply)) is not None:
             sites[node] = site
@@ -117,7 +122,9 @@ def exchange(
             continue
         valid.append(reply)
     valid.sort(key=_site_order)
-    answered = {str(r.metadata.src_node_id) for r in replies}
+    answered = {
+        str(addressed.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)) for r in replies
+    }
     for msg in outgoing:
         node = str(msg.metadata.dst_node_id)
         if node not in answered:

@@ -95,9 +95,20 @@ class SiteStore:
         return self
 
     def has_released(self) -> bool:
-        """Whether this site has ever taken part in anything that released data: its key or
-        round journal exists. A ledger missing beside either has been lost, not never made."""
-        return self.key_path.exists() or self.journal_path.exists()
+        """Whether this site has ever taken part in anything that released data: its round
+        journal holds a round (a line after its header), or its key exists without a journal
+        (the journal is made first, so it was lost). A key and a journal with no round yet, as
+        ``fedcore certs --show-signing-key`` leaves them, released nothing. A ledger missing
+        beside a released site has been lost, not never made."""
+        try:
+            with open(self.journal_path, "rb") as journal:
+                head = journal.read(4096)
+        except FileNotFoundError:
+            return self.key_path.exists()
+        except OSError:
+            return True  # a journal that cannot be read: assume the worst
+        first = head.find(b"\n")
+        return first < 0 or first + 1 < len(head)
 
     @property
     def ledger_seal_path(self) -> Path:
