@@ -24,9 +24,13 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from fedcore.cli import add_resume_argument, add_settings_arguments, counted, resolve_run
 from fedcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedcore.config import Settings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -72,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     settings, out_dir = resolve_run(args)
     out_dir = out_dir.expanduser().resolve()
     checks.check_run(settings, out_dir)  # bad settings fail here, before any process starts
+    _check_ledger_kept(settings)
 
     def echo(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -101,3 +106,18 @@ def run(args: argparse.Namespace) -> int:
         echo(f"fedcore: the run wrote no run record (flwr run exited with {outcome.returncode})")
         return EXIT_FAILED
     return report(out_dir, settings, returncode=outcome.returncode)
+
+
+def _check_ledger_kept(settings: Settings) -> None:
+    """A deployed run with site-level DP (DP-FedAvg or distributed DP) keeps the federation ledger
+    across runs: the ServerApp refuses it otherwise, after every process has started; refuse it
+    here, before. ConfigError."""
+    from fedcore.protections import protections_of
+
+    mechanism = protections_of(settings).mechanism
+    if mechanism is not None and not mechanism.persistent:
+        raise ConfigError(
+            "a deployed run with site-level DP needs 'dp.server.state_dir' (a folder kept across "
+            "runs for the federation ledger), e.g. --set dp.server.state_dir=ledger: with a "
+            "per-run ledger every new run would spend the sites' budget afresh"
+        )

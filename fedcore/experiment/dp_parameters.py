@@ -12,6 +12,10 @@ one every round), and the steps summed over all of them.
   its steps are DP-SGD steps over the run, its sampling rate the Poisson rate of its batches.
 - Site-level DP (DP-FedAvg): the federation's ledger; its steps are the rounds charged, its
   sampling rate the rate at which sites are sampled.
+- Distributed DP (discrete Gaussian or Skellam shares added by the sites): the federation's
+  ledger too; its noise multiplier is the summed honest noise's standard deviation over the
+  sum's L2 sensitivity (both in ring units), its sampling rate 1 (no amplification is claimed
+  against the server, which knows the sample), its steps the rounds charged.
 
 Read tolerantly: a field that is absent or malformed gives None (a record of another fedcore
 version, a run stopped before it closed).
@@ -28,6 +32,7 @@ from typing import Any, Literal
 
 Level = Literal["record", "server"]
 GAUSSIAN_KINDS = ("gaussian", "poisson_subsampled_gaussian", "fixed_size_subsampled_gaussian")
+DISTRIBUTED_KINDS = ("distributed_discrete_gaussian", "skellam")  # fedcore.privacy.distributed
 MAX_DEPTH = 16  # composed events nest a few levels at most; a deeper one is malformed
 
 
@@ -121,6 +126,26 @@ def _gaussian_leaves(
             yield from _gaussian_leaves(inner, times=times, depth=depth + 1)
     elif kind in GAUSSIAN_KINDS:
         yield event, times * _count(event.get("count"))
+    elif kind in DISTRIBUTED_KINDS:
+        yield _distributed_as_gaussian(event), times * _count(event.get("count"))
+
+
+def _distributed_as_gaussian(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A distributed-DP event as the Gaussian leaf it is compared with: the noise multiplier of
+    the sum, the standard deviation of the honest noisers' summed noise over the L2 sensitivity
+    (``sqrt(noisers) sigma / Delta_2`` for the discrete Gaussian, ``sqrt(noisers mu) / Delta_2``
+    for Skellam, KLS21 / AKL21), and no sampling (the server knows the sample)."""
+    noisers, l2 = _number(event.get("noisers")), _number(event.get("l2_sensitivity"))
+    if event.get("kind") == "skellam":
+        mu = _number(event.get("mu"))
+        variance = None if mu is None or noisers is None else noisers * mu
+    else:
+        sigma = _number(event.get("sigma"))
+        variance = None if sigma is None or noisers is None else noisers * sigma**2
+    multiplier = None
+    if variance is not None and variance >= 0 and l2:
+        multiplier = math.sqrt(variance) / l2
+    return {"kind": "gaussian", "noise_multiplier": multiplier}
 
 
 def _sampling_rate(leaf: Mapping[str, Any]) -> float | None:

@@ -2,7 +2,9 @@
 
 A point's settings are, in order: the spec's ``[base]``, the point's non-privacy axis values, the
 settings of its mode (:func:`~fedcore.experiment.spec.mode_settings`), then ``[modes.<mode>]``.
-A ``none`` point ignores the epsilon axis, so it appears once per combination of the other axes.
+A ``none`` point ignores the epsilon axis, so it appears once per combination of the other axes;
+likewise a point of any mode but ``distributed`` ignores the ``dp.distributed.*`` axes (the
+distributed mechanism, its ring bits), so a central baseline appears once beside them.
 Each point's settings are resolved with :func:`fedcore.config.resolve` and its protections with
 :func:`fedcore.protections.protections_of` here, so a combination that fedcore refuses (for
 example secure aggregation with one site) fails before anything runs.
@@ -28,11 +30,13 @@ from fedcore.experiment.spec import (
 from fedcore.protections import protections_of
 
 SEED_AXIS = "seed"
+DISTRIBUTED_PREFIX = "dp.distributed."  # axes only a distributed point takes
 
 
 @dataclass(frozen=True, slots=True)
 class Point:
-    """One run. ``swept`` holds the value of every axis (``epsilon`` None for mode none)."""
+    """One run. ``swept`` holds the value of every axis (None where the point ignores it: ``epsilon``
+    for mode none, ``dp.distributed.*`` for modes other than distributed)."""
 
     run_id: str
     swept: Mapping[str, Any]
@@ -85,8 +89,12 @@ def plan(spec: ExperimentSpec) -> list[Point]:
         mode: Mode | None = swept.get(MODE_AXIS)
         if mode is Mode.NONE and EPSILON_AXIS in swept:
             swept[EPSILON_AXIS] = None
+        if mode is not None and mode is not Mode.DISTRIBUTED:
+            swept.update({k: None for k in swept if k.startswith(DISTRIBUTED_PREFIX)})
         settings: dict[str, Scalar] = dict(spec.base)
-        settings.update({k: v for k, v in swept.items() if k not in (MODE_AXIS, EPSILON_AXIS)})
+        settings.update(
+            {k: v for k, v in swept.items() if k not in (MODE_AXIS, EPSILON_AXIS) and v is not None}
+        )
         if mode is not None:
             settings.update(mode_settings(mode, swept.get(EPSILON_AXIS)))
             settings.update(spec.per_mode.get(mode, {}))

@@ -11,7 +11,9 @@
 - ``accuracy_per_round.png``: central accuracy after each round, mean over seeds (its 95 %
   interval shaded with three seeds or more), one line per point: the modes side by side as they
   train.
-- ``<setting>_vs_accuracy.png``: for every other swept setting, final accuracy against it.
+- ``<setting>_vs_accuracy.png``: for every other swept setting, final accuracy against it; a
+  point that ignores the setting (a central baseline beside a ``dp.distributed.*`` axis) is a
+  horizontal dashed line.
 - ``audit.png`` (with ``audit = true``): the empirical lower bound and the control's against
   the formal epsilon, with the dashed line where they would be equal.
 
@@ -241,7 +243,7 @@ def setting_vs_accuracy_figure(results: Sequence[RunResult], axis: str) -> Any: 
     values: list[str] = []
     for r in results:
         v = display(r.point.swept.get(axis))
-        if v not in values:
+        if v and v not in values:  # empty: a point that ignores the axis (a reference line)
             values.append(v)
     numeric = all(_is_number(v) for v in values)
     position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
@@ -249,6 +251,10 @@ def setting_vs_accuracy_figure(results: Sequence[RunResult], axis: str) -> Any: 
     for key, runs in groups(results).items():
         interval = mean_interval([r.final_accuracy for r in runs])
         if interval is None:
+            continue
+        if not dict(key)[axis]:
+            label = f"{_label(key, skip=(axis,))} (takes no {axis})"
+            ax.axhline(interval.mean, linestyle="--", color="gray", label=label)
             continue
         point = (position[dict(key)[axis]], interval.mean, interval.half_width or 0.0)
         lines.setdefault(_label(key, skip=(axis,)), []).append(point)

@@ -8,7 +8,9 @@ may be absent. The epsilon columns, each named for the observer it holds against
 - ``server_epsilon``: site-level (DP-FedAvg), against observers of the released models who do
   not know which sites were sampled (amplification by subsampling).
 - ``server_epsilon_sample_known``: site-level, against observers who know which sites took part
-  (no amplification); present when the run record has it.
+  (no amplification); present when the run record has it. Under distributed DP (mode
+  ``distributed``) the federation's ``server_epsilon`` claims no amplification (it holds against
+  the server, which knows the sample), so both columns hold it.
 
 ``epsilon_spent`` is the epsilon the point's mode binds (record-level for ``record``, site-level otherwise),
 and ``delta``, ``noise_multiplier``, ``sampling_rate`` and ``steps`` are that mechanism's
@@ -51,6 +53,7 @@ AUDIT_COLUMNS = (
     "audit_control_epsilon_lower_bound",
 )
 CONFIDENCE = 0.95
+DISTRIBUTED_MECHANISM = "distributed"  # privacy.json's server_mechanism under distributed DP
 CSPRNG_NOTE = "DP noise is drawn from a CSPRNG: runs differ at a fixed seed"
 
 
@@ -168,9 +171,10 @@ def read_run(point: Point, *, out: Path) -> RunResult:
     rows = _history(folder)
     per_round = _round_epsilons(rows)
     running_record = per_round[-1].record_epsilon if per_round else None
+    server_epsilon = _last([r.server_epsilon for r in per_round])
     sample_known = _last([r.server_epsilon_sample_known for r in per_round])
     if sample_known is None:
-        sample_known = _privacy_json_sample_known(folder)
+        sample_known = _privacy_json_sample_known(folder, server_epsilon=server_epsilon)
     audit = _audit(out, point)
     per_round_accuracy = tuple(_number(r.get("eval_accuracy")) for r in rows)
     accuracies = [a for a in per_round_accuracy if a is not None]
@@ -181,7 +185,7 @@ def read_run(point: Point, *, out: Path) -> RunResult:
         final_accuracy=per_round_accuracy[-1] if rows else None,
         best_accuracy=max(accuracies) if accuracies else None,
         record_epsilon=running_record,
-        server_epsilon=_last([r.server_epsilon for r in per_round]),
+        server_epsilon=server_epsilon,
         server_epsilon_sample_known=sample_known,
         rounds_completed=len(rows),
         rounds_planned=int(planned)
@@ -211,13 +215,17 @@ def _audit(out: Path, point: Point) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _privacy_json_sample_known(folder: Path) -> float | None:
+def _privacy_json_sample_known(folder: Path, *, server_epsilon: float | None) -> float | None:
+    """The sample-known epsilon from ``privacy.json``; under distributed DP the federation's
+    ``server_epsilon`` itself, which holds against the server (it knows the sample)."""
     try:
         doc = json.loads((folder / "privacy.json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict):
         return None
+    if doc.get("server_mechanism") == DISTRIBUTED_MECHANISM:
+        return server_epsilon
     value = _number(doc.get("server_epsilon_sample_known"))
     if value is None and isinstance(doc.get("rounds"), list):
         value = _last(

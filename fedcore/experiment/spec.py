@@ -24,7 +24,10 @@
 ``mode`` and ``epsilon`` are the privacy axes: ``none`` trains without DP (and takes no epsilon),
 ``record`` sets ``dp.site.epsilon`` (DP-SGD at every site), ``site`` sets ``dp.server.epsilon``
 (DP-FedAvg at a trusted server), ``site-secagg`` sets ``dp.server.epsilon`` and
-``secagg.enabled = true`` (DP-FedAvg on the securely aggregated sum). ``audit = true`` in
+``secagg.enabled = true`` (DP-FedAvg on the securely aggregated sum), ``distributed`` sets
+``dp.distributed.epsilon`` and ``secagg.enabled = true`` (distributed DP: each site adds discrete
+noise before masking, so the sum is private against the server too; the mechanism, ring bits and
+the rest are ordinary ``dp.distributed.*`` settings, axes or ``[modes.distributed]``). ``audit = true`` in
 ``[axes]`` is not an axis but a switch: every ``record`` point is also audited with
 ``fedcore audit`` (``[experiment] audit_canaries`` canaries, default that command's). Fair
 comparisons are the default: every mode gets the same training settings unless ``[modes.<mode>]`` says otherwise.
@@ -67,7 +70,7 @@ class Mode(enum.Enum):
 
 
 # The settings each mode owns; a spec may not set them by hand while a mode axis is present.
-PRIVACY_KEYS = ("dp.site.epsilon", "dp.server.epsilon", "secagg.enabled")
+PRIVACY_KEYS = ("dp.site.epsilon", "dp.server.epsilon", "dp.distributed.epsilon", "secagg.enabled")
 
 
 def mode_settings(mode: Mode, epsilon: float | None) -> dict[str, Scalar]:
@@ -82,7 +85,7 @@ def mode_settings(mode: Mode, epsilon: float | None) -> dict[str, Scalar]:
         return {"dp.server.epsilon": epsilon}
     if mode is Mode.SITE_SECAGG:
         return {"dp.server.epsilon": epsilon, "secagg.enabled": True}
-    raise ConfigError(f"mode {mode.value!r} is not available in this version of fedcore yet")
+    return {"dp.distributed.epsilon": epsilon, "secagg.enabled": True}
 
 
 def parse_mode(value: Any) -> Mode:
@@ -249,6 +252,3 @@ def _check_privacy_axes(spec: ExperimentSpec) -> None:
         raise ConfigError(
             "'audit = true' audits record-level DP, and the 'mode' axis has no 'record'"
         )
-    for mode in modes:
-        if mode is Mode.DISTRIBUTED:
-            mode_settings(mode, 1.0)  # raises: not available yet

@@ -38,14 +38,18 @@ EPSILONS_NOTE = (
     "- **Epsilons**: `record ε` is record-level DP-SGD (largest over sites) against anyone who "
     "sees a site's updates; `server ε` is site-level DP-FedAvg against observers of the released "
     "models who do not know which sites were sampled; `server ε (sample known)` holds against "
-    "observers who know which sites took part (`-` where the run record does not give it)."
+    "observers who know which sites took part (`-` where the run record does not give it). "
+    "Under `distributed` the sites' own noise makes the sum private against the server itself, "
+    "which knows the sample: both columns hold that one epsilon."
 )
 MECHANISM_NOTE = (
     "`ε spent` is the epsilon that the point's budget binds (record-level for `record`, "
-    "site-level for `site` and `site-secagg`), at `δ`. `noise multiplier`, `sampling rate` and "
-    "`steps` are that mechanism's: for record-level DP-SGD those of the site with the largest ε "
-    "(the Poisson rate of its batches, its DP-SGD steps over the run); for site-level DP-FedAvg "
-    "the server's (the rate at which sites are sampled, the rounds charged). Accuracies are "
+    "site-level for `site`, `site-secagg` and `distributed`), at `δ`. `noise multiplier`, "
+    "`sampling rate` and `steps` are that mechanism's: for record-level DP-SGD those of the site "
+    "with the largest ε (the Poisson rate of its batches, its DP-SGD steps over the run); for "
+    "site-level DP-FedAvg the server's (the rate at which sites are sampled, the rounds charged); "
+    "for distributed DP the summed noise of the honest noisers over the sum's L2 sensitivity "
+    "(sampling rate 1: no amplification is claimed against the server). Accuracies are "
     "central, on the server's held-out set: mean ± the 95 % Student-t half-width over seeds. "
     "A value that differs between the seeds of a point is shown as its range."
 )

@@ -5,7 +5,8 @@
 Appends the run folder's name to CALLS_FILE (so a test can count runs), then writes
 ``history.jsonl`` (accuracy a function of the seed and epsilon, the epsilon spent growing per
 round), with DP a ``privacy.json`` (the ledgers, their events as fedcore writes them) and a
-``summary.md`` status line, as ``fedcore simulate`` does. A seed of 99 makes it exit
+``summary.md`` status line, as ``fedcore simulate`` does (with ``dp.distributed.epsilon``, the
+federation ledger's distributed discrete Gaussian or Skellam charge and ``server_mechanism``). A seed of 99 makes it exit
 1 after round 1, like a run that crashed. With ``--audit`` it stands in for ``fedcore audit``
 instead and writes ``audit.json`` (lower bound a quarter of the budget, control 8.2).
 
@@ -28,6 +29,9 @@ TRAIN_LOSS = 0.7071067  # markers a test looks for in every world-readable file
 NUM_EXAMPLES = 31337
 SITE_NOISE, SITE_RATE, SITE_STEPS = 1.2346, 0.0417, 24  # site 0's DP-SGD in privacy.json
 SERVER_NOISE = 2.8197  # the federation's DP-FedAvg noise in privacy.json
+# distributed DP's charge: noisers' shares of DIST_SHARE (sigma; mu = its square for Skellam) on
+# a sum of L2 sensitivity DIST_L2, a noise multiplier of sqrt(4) * 3000 / 4000 = 1.5
+DIST_L2, DIST_NOISERS, DIST_SHARE = 4000.0, 4, 3000.0
 
 
 def main(argv: list[str]) -> None:
@@ -54,6 +58,9 @@ def main(argv: list[str]) -> None:
     seed = int(settings.get("seed", "0"))
     site_eps = float(settings["dp.site.epsilon"]) if "dp.site.epsilon" in settings else None
     server_eps = float(settings["dp.server.epsilon"]) if "dp.server.epsilon" in settings else None
+    distributed = "dp.distributed.epsilon" in settings
+    if distributed:  # the federation ledger charges the sum, as under DP-FedAvg
+        server_eps = float(settings["dp.distributed.epsilon"])
     stop_id, _, how = os.environ.get("FAKE_SIMULATE_STOP", "").partition(":")
     with (out / "history.jsonl").open("w") as fh:
         for r in range(1, rounds + 1):
@@ -65,7 +72,7 @@ def main(argv: list[str]) -> None:
                 else {},
                 "server_epsilon": server_eps * r / rounds if server_eps else None,
             }
-            if server_eps and settings.get("secagg.enabled") == "true":
+            if server_eps and settings.get("secagg.enabled") == "true" and not distributed:
                 row["server_epsilon_sample_known"] = 2 * server_eps * r / rounds
             diagnostics = {"train_loss": TRAIN_LOSS, "num_examples": NUM_EXAMPLES}
             if server_eps or site_eps:  # withheld from the public record, as fedcore.runrecord does
@@ -116,7 +123,23 @@ def _privacy_json(out, settings, *, rounds, site_eps, server_eps):  # noqa: ANN0
                 "count": SITE_STEPS,
             }
             doc["sites"][site] = ledger(site_eps, event, scale)
-    if server_eps:
+    if server_eps and "dp.distributed.epsilon" in settings:
+        doc["server_budget"] = {"epsilon": server_eps, "delta": 1e-05, "binds": "sample-known"}
+        doc["server_mechanism"] = "distributed"
+        event = {
+            "kind": settings.get("dp.distributed.mechanism", "dgauss") == "skellam"
+            and "skellam"
+            or "distributed_discrete_gaussian",
+            "l2_sensitivity": DIST_L2,
+            "noisers": DIST_NOISERS,
+            "dim": 16384,
+            "count": 1,
+        }
+        event["mu" if event["kind"] == "skellam" else "sigma"] = (
+            DIST_SHARE**2 if event["kind"] == "skellam" else DIST_SHARE
+        )
+        doc["federation"] = ledger(server_eps, event)
+    elif server_eps:
         doc["server_budget"] = {"epsilon": server_eps, "delta": delta}
         gaussian = {
             "kind": "poisson_subsampled_gaussian",

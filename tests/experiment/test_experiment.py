@@ -74,7 +74,11 @@ def test_plan_gives_each_mode_its_budget_and_shares_the_rest() -> None:
         ('[axes]\nmode = ["record"]', "needs an 'epsilon' axis"),
         ("[axes]\nepsilon = [1]", "needs an axis 'mode'"),
         ('[axes]\nmode = ["record", "nonsense"]\nepsilon = [1]', "axis 'mode' takes"),
-        ('[axes]\nmode = ["distributed"]\nepsilon = [1]', "not available"),
+        (
+            '[base]\ndp.distributed.epsilon = 3\n[axes]\nmode = ["distributed"]\nepsilon = [1]',
+            "chosen by the 'mode' axis",
+        ),
+        ('[axes]\nmode = ["distributed"]\nepsilon = [1]\n[base]\nsites = 1', "at least 2 sites"),
         ('[axes]\nmode = ["record"]\nepsilon = [0]', "finite numbers > 0"),
         ('[axes]\nmode = ["site"]\nepsilon = [1]\naudit = true', "has no 'record'"),
         ('[axes]\nmode = ["record"]\nepsilon = [1]\naudit = "yes"', "is a switch"),

@@ -34,6 +34,27 @@ def test_mode_comparison_covers_every_mode_budget_and_seed() -> None:
     assert len(quick) == 1 + 3 * 2
 
 
+def test_distributed_dp_compares_central_with_both_mechanisms_by_bits_and_epsilon() -> None:
+    path = ROOT / "experiments" / "distributed_dp.toml"
+    points = plan(load_spec(path))
+    central = [p for p in points if p.mode is Mode.SITE_SECAGG]
+    distributed = [p for p in points if p.mode is Mode.DISTRIBUTED]
+    assert len(central) == 4 * 3  # epsilons x seeds: the mechanism and bits axes do not apply
+    assert len(distributed) == 4 * 2 * 5 * 3  # epsilons x mechanisms x bits x seeds
+    assert {p.swept["dp.distributed.mechanism"] for p in distributed} == {"dgauss", "skellam"}
+    assert {p.swept["dp.distributed.bits"] for p in distributed} == {12, 14, 16, 18, 20}
+    for p in distributed:  # the papers' honest-sites assumption, under secure aggregation
+        assert p.settings["secagg.enabled"] is True and "dp.server.epsilon" not in p.settings
+        assert p.settings["dp.distributed.colluders"] == 0
+    for p in central:
+        assert p.settings["dp.server.epsilon"] == p.swept["epsilon"]
+        assert "dp.distributed.epsilon" not in p.settings
+    quick = plan(load_spec(path, quick=True))
+    assert len(quick) == 2 * (1 + 2 * 2)  # seeds x (central + mechanisms x bits)
+    script = (ROOT / "experiments" / "distributed_dp.py").read_text()
+    assert "import fedcore" in script or "from fedcore" in script
+
+
 TINY = """
 [base]
 dataset = "synthetic"
@@ -56,7 +77,17 @@ def test_tiny_experiment_through_fedcore_simulate(tmp_path: Path) -> None:
     spec = tmp_path / "tiny.toml"
     spec.write_text(TINY)
     out = tmp_path / "exp"
-    command = [sys.executable, "-m", "fedcore.cli", "experiment", str(spec), "--out", str(out), "--jobs", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "fedcore.cli",
+        "experiment",
+        str(spec),
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
