@@ -116,6 +116,7 @@ class ProcessSupervisor:
         self.processes: list[ManagedProcess] = []
         self._closed = False
         self._stopped = False  # stop_all has run to its end: nothing of ours is left to find
+        self._reaper: tuple[subprocess.Popen[bytes], int] | None = None  # fedcore.deploy.reaper
 
     def __enter__(self) -> ProcessSupervisor:
         return self
@@ -139,7 +140,9 @@ class ProcessSupervisor:
         with neither, to this process's stdout and stderr).
 
         With ``die_with_parent`` (Linux), the kernel kills the process when this one dies, even by
-        SIGKILL, so a killed ``fedcore`` leaves no run going on behind it. ``stop_signal`` is what
+        SIGKILL, so a killed ``fedcore`` leaves no run going on behind it; with a ``mark`` as well,
+        the first such start also starts a :mod:`fedcore.deploy.reaper`, which then kills the
+        process's descendants too (the kernel kills only the direct children). ``stop_signal`` is what
         :meth:`stop` sends first (SIGKILL for a process with nothing to flush, whose own shutdown
         would only print the tracebacks of its dying workers).
 
@@ -148,6 +151,10 @@ class ProcessSupervisor:
         """
         if self._closed:
             raise ConfigError(f"cannot start {name}: the deployment is being stopped")
+        if die_with_parent and self.mark is not None and self._reaper is None and _PROC.is_dir():
+            from fedcore.deploy import reaper  # the kernel kills only the direct children
+
+            self._reaper = reaper.start(*self.mark)
         log_file: IO[bytes] | None = None
         try:
             if log_path is not None:
@@ -199,7 +206,7 @@ class ProcessSupervisor:
             # can start a child that the snapshot would miss; then all are signalled while frozen
             # and continued together (a continued process acts on the signal before anything
             # else), so that a daemon's shutdown does not wait on a frozen child.
-            _freeze({process.ident})
+            freeze({process.ident})
             process.descendants |= _freeze_descendants(process.pid)
             for ident in process.descendants:
                 ident.signal(first)
@@ -233,11 +240,16 @@ class ProcessSupervisor:
                 self.stop(process)
             if self.mark is not None:
                 for _sweep in range(3):  # a straggler's own child, started before it froze
-                    found = _marked(*self.mark)
+                    found = marked(*self.mark)
                     if not found:
                         break
-                    _freeze(found)
+                    freeze(found)
                     _stop_ids(found, grace=min(self.grace, 3.0))
+            if self._reaper is not None:
+                from fedcore.deploy import reaper
+
+                reaper.release(*self._reaper)
+                self._reaper = None
             self._stopped = True
 
     def leftovers(self) -> list[ProcessId]:
@@ -245,7 +257,7 @@ class ProcessSupervisor:
         run."""
         ids = [p.ident for p in self.processes] + [d for p in self.processes for d in p.descendants]
         if self.mark is not None:
-            ids += _marked(*self.mark)
+            ids += marked(*self.mark)
         return sorted({i for i in ids if i.alive()}, key=lambda i: i.pid)
 
 
@@ -342,7 +354,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def _freeze(ids: set[ProcessId], *, timeout: float = 1.0) -> None:
+def freeze(ids: set[ProcessId], *, timeout: float = 1.0) -> None:
     """SIGSTOP each, then wait (up to ``timeout``) until each has stopped or is gone: the signal
     takes effect only when the process next leaves the kernel, so a ``fork`` under way completes
     first and its child is visible to a walk made after this returns."""
@@ -365,11 +377,11 @@ def _freeze_descendants(root: int) -> set[ProcessId]:
         new = {i for i in new if i.start_time is not None and i.alive()} - found  # no zombies
         if not new:
             return found
-        _freeze(new)
+        freeze(new)
         found |= new
 
 
-def _marked(name: str, value: str) -> set[ProcessId]:
+def marked(name: str, value: str) -> set[ProcessId]:
     """Running processes (this one excluded) whose environment holds ``name=value``."""
     wanted = f"{name}={value}".encode()
     found: set[ProcessId] = set()

@@ -56,7 +56,7 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
         flwr_home = workdirs[0] / "flwr-home"
         assert any("flwr-serverapp" in cmd for _, cmd in processes_of(flwr_home))
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=120)
+        _, rest = proc.communicate(timeout=120)
         lines.append(rest)
         assert proc.returncode == 143, "".join(lines)
         assert processes_of(flwr_home) == []
@@ -70,7 +70,8 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
         assert all(torch.equal(model[k], checkpoint["arrays"][k]) for k in model)
 
         # The resumed run killed outright after one more round: the kernel takes its SuperLink,
-        # SuperNodes and `flwr run` with it (PR_SET_PDEATHSIG), and their children follow.
+        # SuperNodes and `flwr run` with it (PR_SET_PDEATHSIG), and fedcore's reaper their
+        # children (fedcore/deploy/reaper.py).
         proc = subprocess.Popen(
             [*base, "--resume", str(out)], stderr=subprocess.PIPE, text=True, env=env
         )
@@ -81,7 +82,8 @@ def test_sigterm_mid_run_closes_the_record_and_resume_finishes_it(tmp_path):
         deadline = time.monotonic() + 30
         while processes_of(killed_home) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert processes_of(killed_home) == [], "".join(lines)
+        left = processes_of(killed_home)
+        assert left == [], f"{left}\n" + "".join(lines)
 
         resumed = subprocess.run(
             [*base, "--resume", str(out)], capture_output=True, text=True, env=env, timeout=600
