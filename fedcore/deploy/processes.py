@@ -13,7 +13,8 @@ the tree then gets ``SIGTERM`` while frozen and ``SIGCONT`` after, so each acts 
 before it runs anything else, and no daemon's shutdown waits on a frozen child; whichever still
 runs after the grace period gets ``SIGKILL``. A supervisor given a ``mark`` (an environment
 variable every process it starts, and every process those start, inherits) also sweeps, last, for
-any process still carrying it.
+any process still carrying it. Should fedcore itself die (even by SIGKILL), the kernel kills the
+processes started with ``die_with_parent`` and :mod:`fedcore.deploy.reaper` the rest of the tree.
 
 Every signal goes to a process id that fedcore recorded together with the process's start time
 (``/proc/PID/stat`` field 22): a pid the kernel has since given to another process is never
@@ -36,39 +37,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from fedcore.deploy.pids import (
+    ProcessId,
+    freeze,
+    marked,
+    stat_fields,
+)
 from fedcore.errors import ConfigError
 
 _PROC = Path("/proc")
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessId:
-    """A process, identified by pid *and* start time, so a reused pid is never mistaken for it."""
-
-    pid: int
-    start_time: int | None  # clock ticks since boot; None where /proc is not available
-
-    @classmethod
-    def of(cls, pid: int) -> ProcessId:
-        return cls(pid, _start_time(pid))
-
-    def alive(self) -> bool:
-        """Whether this very process still runs (a zombie does not count)."""
-        if not _PROC.is_dir():
-            return _pid_exists(self.pid)
-        stat = _stat(self.pid)
-        if stat is None:
-            return False
-        state, start = stat[2], int(stat[21])
-        if self.start_time is not None and start != self.start_time:
-            return False
-        return state not in ("Z", "X")
-
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` if this process still runs; a vanished process is not an error."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(self.pid, signum)
 
 
 @dataclass(slots=True)
@@ -151,10 +128,8 @@ class ProcessSupervisor:
         """
         if self._closed:
             raise ConfigError(f"cannot start {name}: the deployment is being stopped")
-        if die_with_parent and self.mark is not None and self._reaper is None and _PROC.is_dir():
-            from fedcore.deploy import reaper  # the kernel kills only the direct children
-
-            self._reaper = reaper.start(*self.mark)
+        if die_with_parent:
+            self._start_reaper()
         log_file: IO[bytes] | None = None
         try:
             if log_path is not None:
@@ -185,6 +160,14 @@ class ProcessSupervisor:
         )
         self.processes.append(process)
         return process
+
+    def _start_reaper(self) -> None:
+        """With a mark, once: the kernel kills only the direct children of a dying fedcore, the
+        reaper the rest (:mod:`fedcore.deploy.reaper`)."""
+        if self.mark is not None and self._reaper is None and _PROC.is_dir():
+            from fedcore.deploy import reaper
+
+            self._reaper = reaper.start(*self.mark)
 
     def refresh_descendants(self) -> None:
         """Record the current descendants of every running process (call it now and then)."""
@@ -354,20 +337,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def freeze(ids: set[ProcessId], *, timeout: float = 1.0) -> None:
-    """SIGSTOP each, then wait (up to ``timeout``) until each has stopped or is gone: the signal
-    takes effect only when the process next leaves the kernel, so a ``fork`` under way completes
-    first and its child is visible to a walk made after this returns."""
-    for ident in ids:
-        ident.signal(signal.SIGSTOP)
-    pending = list(ids)
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        pending = [i for i in pending if i.alive() and (_stat(i.pid) or ["", "", "X"])[2] != "T"]
-        if pending:
-            time.sleep(0.005)
-
-
 def _freeze_descendants(root: int) -> set[ProcessId]:
     """Freeze every descendant of ``root``, each as the walk finds it, walking again until no new
     one appears; return them (still frozen: :func:`_stop_ids` continues them)."""
@@ -379,26 +348,6 @@ def _freeze_descendants(root: int) -> set[ProcessId]:
             return found
         freeze(new)
         found |= new
-
-
-def marked(name: str, value: str) -> set[ProcessId]:
-    """Running processes (this one excluded) whose environment holds ``name=value``."""
-    wanted = f"{name}={value}".encode()
-    found: set[ProcessId] = set()
-    if not _PROC.is_dir():
-        return found
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if wanted in environ:
-            ident = ProcessId.of(int(entry.name))
-            if ident.start_time is not None and ident.alive():
-                found.add(ident)
-    return found
 
 
 def _stop_ids(ids: set[ProcessId], *, grace: float, first: int | None = signal.SIGTERM) -> None:
@@ -426,32 +375,6 @@ def _stop_ids(ids: set[ProcessId], *, grace: float, first: int | None = signal.S
             time.sleep(0.02)
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat (the command name, which may hold spaces, as one field)."""
-    try:
-        text = (_PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    head, _, rest = text.rpartition(")")
-    pid_part, _, comm = head.partition(" (")
-    return [pid_part, comm, *rest.split()]
-
-
-def _start_time(pid: int) -> int | None:
-    stat = _stat(pid)
-    return int(stat[21]) if stat is not None else None
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _children_map() -> dict[int, list[int]]:
     """``{parent pid: [child pids]}`` for every process on the machine (empty without /proc)."""
     tree: dict[int, list[int]] = {}
@@ -460,7 +383,7 @@ def _children_map() -> dict[int, list[int]]:
     for entry in _PROC.iterdir():
         if not entry.name.isdigit():
             continue
-        stat = _stat(int(entry.name))
+        stat = stat_fields(int(entry.name))
         if stat is not None:
             tree.setdefault(int(stat[3]), []).append(int(entry.name))
     return tree

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from fedcore.deploy.processes import ProcessId, freeze, marked
+from fedcore.deploy.pids import ProcessId, freeze, marked
 
 SWEEP_SECONDS = 30.0  # give up after this long (a process that survives SIGKILL is the kernel's)
 
