@@ -144,3 +144,59 @@ def test_the_checker_finds_a_missing_file_a_missing_heading_and_an_escape(tmp_pa
         "../x.md: leads outside the repository",
         "docs/also-missing.md: no such file",
     ]
+
+
+_CITED_TEST = re.compile(r"`(test_[a-z0-9_]+)`")
+
+
+def _setting_names() -> set[str]:
+    """Every settings key's last part (``test_fraction`` is a setting, not a test)."""
+    import dataclasses
+
+    from fedcore.config import Settings
+
+    names, todo = set(), [Settings()]
+    while todo:
+        node = todo.pop()
+        for f in dataclasses.fields(node):
+            names.add(f.name)
+            if dataclasses.is_dataclass(value := getattr(node, f.name)):
+                todo.append(value)
+    return names
+
+
+def cited_tests(text: str) -> set[str]:
+    """Test names a document cites in inline code (`test_...`), settings keys left out."""
+    return set(_CITED_TEST.findall(text)) - _setting_names()
+
+
+def defined_tests(root: Path) -> set[str]:
+    """Names of the test functions defined under ``root/tests``."""
+    pattern = re.compile(r"^\s*(?:async\s+)?def (test_[a-z0-9_]+)\s*\(", re.MULTILINE)
+    return {
+        name
+        for path in (root / "tests").rglob("test_*.py")
+        for name in pattern.findall(path.read_text(encoding="utf-8"))
+    }
+
+
+@pytest.mark.parametrize("path", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_test_a_document_cites_exists(path: Path) -> None:
+    """A guarantee backed by a test name (the security model) is backed by a test that runs:
+    a renamed or deleted test breaks this, not the claim silently."""
+    assert cited_tests(path.read_text(encoding="utf-8")) - defined_tests(ROOT) == set()
+
+
+def test_the_security_model_names_a_test_for_every_guarantee() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("**Secure aggregation** (`secagg.*`)") :]
+    section = section[: section.index("\n## ")]
+    bullets = [b for b in re.split(r"\n- ", section)[1:] if "Simulation runs every party" not in b]
+    assert bullets and all(cited_tests(b) for b in bullets), [b[:60] for b in bullets]
+
+
+def test_the_citation_check_finds_a_missing_test(tmp_path: Path) -> None:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text("def test_here():\n    pass\n")
+    cited = cited_tests("holds (`test_here`), and (`test_gone`)")
+    assert cited - defined_tests(tmp_path) == {"test_gone"}
