@@ -223,6 +223,7 @@ class RdpEvent(PrivacyEvent):
 _LAZY_KINDS: dict[str, str] = {
     "distributed_discrete_gaussian": "fedcore.privacy.distributed",
     "skellam": "fedcore.privacy.distributed",
+    "poisson_subsampled_rdp": "fedcore.privacy.subsampled_rdp",
 }
 
 
@@ -262,7 +263,8 @@ def event_to_json(event: PrivacyEvent) -> dict[str, Any]:
         raise UnsupportedEventError(f"no JSON encoding for event type {type(event).__name__}")
     out: dict[str, Any] = {"kind": event.kind}
     for field in dataclasses.fields(event):
-        out[field.name] = getattr(event, field.name)
+        value = getattr(event, field.name)  # a nested event (a wrapper's base) is encoded too
+        out[field.name] = event_to_json(value) if isinstance(value, PrivacyEvent) else value
     return out
 
 
@@ -294,6 +296,8 @@ def event_from_json(obj: object) -> PrivacyEvent:
             if not isinstance(inner, list):
                 raise InvalidMessage(f"composed event needs a list of events, got {inner!r}")
             return ComposedEvent(events=tuple(event_from_json(e) for e in inner))
+        for name in getattr(cls, "event_fields", ()):  # fields holding a nested event
+            fields[name] = event_from_json(fields[name])
         return cls(**fields)
     except (ConfigError, KeyError, TypeError) as exc:
         raise InvalidMessage(f"bad event {dict(obj)!r}: {exc}") from exc
