@@ -40,7 +40,8 @@ from fedcore.mechanisms.distributed_encoding import (  # noqa: E402
     conditional_round,
     draw_noise,
 )
-from fedcore.privacy.distributed import DistributedNoise, plan_distributed  # noqa: E402
+from fedcore.privacy.distributed import DistributedNoise  # noqa: E402
+from fedcore.privacy.distributed_plan import plan_distributed  # noqa: E402
 from fedcore.secagg.encoding import to_ring  # noqa: E402
 
 TARGET_MS = 150.0

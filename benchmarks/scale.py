@@ -24,6 +24,18 @@ accuracy not above chance) are refused: a failing engine looks fast.
 
 Goals (issue 13): fedcore at most 1.5x the floor at 100 sites and 2x at 1,000; peak memory under
 4 GiB at 10,000 sites.
+
+``--secagg K`` (issue 24) measures secure aggregation instead of bare Flower, in the same run and
+on the same federation: **fedcore SecAgg+** (``secagg.enabled``, ``secagg.neighbors = K``, batched
+as plain simulation is), **fedcore plain** and the **floor** as above, and the **mask floor**: the
+keystream the masks alone cost in a round, every site expanding ``K + 1`` masks (its self mask and
+one per neighbour) over the model's ``d`` parameters and the server removing each survivor's self
+mask, ``sites x (K + 2) x d`` words at ``add_keystream``'s rate measured in this process. It
+prints SecAgg+ / plain (goal: at most 1.5 at 1,000 sites, k = 40), SecAgg+ / floor, and
+(floor + mask floor) / floor, and the SecAgg+ run's mean ``stage_seconds`` per stage (what bounds
+the ratio when it is not met).
+
+    python benchmarks/scale.py --secagg 40 --sites 100 1000 [--rounds 3]
 """
 
 from __future__ import annotations
@@ -125,12 +137,12 @@ class PeakMemory:
 
 
 def fedcore_round(
-    sites: int, rounds: int, tmp: Path, per_node: int
+    sites: int, rounds: int, tmp: Path, per_node: int, extra: tuple[str, ...] = ()
 ) -> tuple[float, float, int, int]:
     """Steady-state seconds per round, the first round's seconds, and the peak memory (bytes:
-    summed PSS, summed RSS)."""
-    out = tmp / f"fedcore-{sites}"
-    sets = [*work(sites), f"rounds={rounds}", f"simulation.sites_per_node={per_node}"]
+    summed PSS, summed RSS); ``extra``: more ``--set`` items (secure aggregation)."""
+    out = tmp / f"fedcore-{sites}{'-secagg' if extra else ''}"
+    sets = [*work(sites), f"rounds={rounds}", f"simulation.sites_per_node={per_node}", *extra]
     command = [sys.executable, "-m", "fedcore.cli", "simulate", "--out", str(out)]
     for item in sets:
         command += ["--set", item]
@@ -145,11 +157,57 @@ def fedcore_round(
         raise SystemExit(f"fedcore simulate failed ({code}); see {out}")
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     learned(
-        f"fedcore, {sites} sites",
+        f"fedcore{' SecAgg+' if extra else ''}, {sites} sites",
         [r["eval_accuracy"] for r in rows],
         [r["sites_failed"] for r in rows],
     )
+    if extra:
+        STAGES[sites] = stage_means(rows[1:])
     return steady([r["ended_at"] for r in rows]), rows[0]["seconds"], peak, peak_rss
+
+
+STAGES: dict[int, dict[str, float]] = {}  # sites -> the SecAgg+ run's mean seconds per stage
+
+
+def stage_means(rows: list[dict]) -> dict[str, float]:
+    """Mean ``stage_seconds`` per stage over ``rows`` (the steady-state rounds)."""
+    seconds: dict[str, list[float]] = {}
+    for row in rows:
+        for stage, value in row.get("secagg", {}).get("stage_seconds", {}).items():
+            seconds.setdefault(stage, []).append(value)
+    return {stage: sum(v) / len(v) for stage, v in seconds.items()}
+
+
+def model_size(sites: int) -> int:
+    """The number of parameters of the benchmark's model (the masks' length)."""
+    from fedcore.config import resolve
+    from fedcore.data import load_holdout
+    from fedcore.federation.server.serve import initial_model
+    from fedcore.federation.site.data import data_settings
+
+    settings = resolve(overrides=work(sites))
+    _, shape, classes = load_holdout(data_settings(settings))
+    model = initial_model(settings, input_shape=shape, num_classes=classes)
+    return sum(v.numel() for v in model.state_dict().values())
+
+
+def mask_floor(sites: int, neighbors: int) -> float:
+    """Seconds of keystream the masks of one round cost: every site's ``K + 1`` masks and the
+    server's removal of every self mask, ``sites x (K + 2)`` vectors of the model's length, at
+    ``add_keystream``'s rate into a uint32 vector (measured here, one thread)."""
+    import numpy as np
+
+    from fedcore.crypto.expand import add_keystream
+
+    d = model_size(sites)
+    acc = np.zeros(d, dtype=np.uint32)
+    add_keystream(acc, bytes(32))
+    reps = max(8, (1 << 28) // max(acc.nbytes, 1))
+    began = time.perf_counter()
+    for i in range(reps):
+        add_keystream(acc, i.to_bytes(32, "little"))
+    per_vector = (time.perf_counter() - began) / reps
+    return sites * (neighbors + 2) * per_vector
 
 
 def bare_round(sites: int, rounds: int, tmp: Path) -> float:
@@ -221,6 +279,31 @@ def floor_round(sites: int, rounds: int) -> float:
     return steady(ends[1:])
 
 
+def secagg_table(sizes: list[int], rounds: int, per_node: int, neighbors: int) -> None:
+    """The ``--secagg K`` table: SecAgg+, plain, the floor and the mask floor, per size."""
+    secagg = ("secagg.enabled=true", f"secagg.neighbors={neighbors}")
+    print(
+        f"{'sites':>6} {'SecAgg+':>9} {'plain':>9} {'floor':>9} {'masks':>9} "
+        f"{'SecAgg+/plain':>14} {'SecAgg+/floor':>14} {'(floor+masks)/floor':>20} "
+        f"{'SecAgg+ round 1':>16} {'SecAgg+ peak':>13} {'(RSS sum)':>10}"
+    )
+    print(f"{'':>6} {'s/round':>9} {'s/round':>9} {'s/round':>9} {'s/round':>9}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for sites in sizes:
+            floor = floor_round(sites, rounds)
+            masks = mask_floor(sites, neighbors)
+            plain, _, _, _ = fedcore_round(sites, rounds, Path(tmp), per_node)
+            ours, first, peak, peak_rss = fedcore_round(sites, rounds, Path(tmp), per_node, secagg)
+            print(
+                f"{sites:>6} {ours:>9.3f} {plain:>9.3f} {floor:>9.3f} {masks:>9.3f} "
+                f"{ours / plain:>14.2f} {ours / floor:>14.2f} {(floor + masks) / floor:>20.2f} "
+                f"{first:>15.1f}s {peak / 2**30:>9.2f} GiB {peak_rss / 2**30:>6.2f} GiB",
+                flush=True,
+            )
+            stages = ", ".join(f"{k} {v:.3f}" for k, v in STAGES.get(sites, {}).items())
+            print(f"#   SecAgg+ stage_seconds (mean, rounds 2+): {stages}", flush=True)
+
+
 def uptime() -> str:
     return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -235,10 +318,17 @@ def main() -> None:
     parser.add_argument(
         "--sites-per-node", type=int, default=0, help="fedcore's simulation.sites_per_node"
     )
+    parser.add_argument(
+        "--secagg", type=int, metavar="K", help="SecAgg+ with K neighbours against plain fedcore"
+    )
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 is not steady state)")
     print(f"# {os.cpu_count()} CPUs, load average (1, 5, 15 min) at start: {uptime()}")
+    if args.secagg is not None:
+        secagg_table(args.sites, args.rounds, args.sites_per_node, args.secagg)
+        print(f"# load average at end: {uptime()}")
+        return
     header = (
         f"{'sites':>6} {'fedcore':>9} {'bare':>9} {'floor':>9} {'fedcore/floor':>14} "
         f"{'bare/floor':>11} {'fedcore round 1':>16} {'fedcore peak':>13} {'(RSS sum)':>10}"

@@ -40,15 +40,16 @@ def _replies_with_errors(handler: Handler) -> Handler:
     return wrapped
 
 
-def secagg_mod(msg: Message, context: Context, call_next: Handler) -> Message:
-    """Secure-aggregation stages, answered by the site package (:mod:`fedcore.federation.site.stage`)."""
-    return serve_stage(msg, context, call_next)
-
-
-@app.train(mods=[secagg_mod])
+@app.train()
 @_replies_with_errors
 def train(msg: Message, context: Context) -> Message:
-    return batched.dispatch(msg, context, train_site)  # one site, or a node playing many
+    return batched.dispatch(msg, context, train_one)  # one site, or a node playing many
+
+
+def train_one(msg: Message, context: Context) -> Message:
+    """One site's train message: a secure-aggregation stage, answered by the site package
+    (:mod:`fedcore.federation.site.stage`), or else its local training (:func:`train_site`)."""
+    return serve_stage(msg, context, train_site)
 
 
 @_replies_with_errors

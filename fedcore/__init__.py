@@ -19,28 +19,27 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# The API's names; ``fedcore.experiment`` and ``fedcore.audit`` are subpackages, so their runs
-# are ``run_experiment`` and ``run_audit``.
-_API = frozenset(
-    {
-        "Budget",
-        "ConfigError",
-        "ExperimentRecord",
-        "FedcoreError",
-        "RunRecord",
-        "Settings",
-        "budget",
-        "deploy_local",
-        "model_reference",
-        "override",
-        "run_audit",
-        "run_experiment",
-        "settings",
-        "simulate",
-    }
+# The API's names, listed here only: fedcore.api's ``__all__`` is this tuple (it cannot be read
+# from there without importing the API). ``fedcore.experiment`` and ``fedcore.audit`` are
+# subpackages, so their runs are ``run_experiment`` and ``run_audit``.
+_API = (
+    "Budget",
+    "ConfigError",
+    "ExperimentRecord",
+    "FedcoreError",
+    "RunRecord",
+    "Settings",
+    "budget",
+    "deploy_local",
+    "model_reference",
+    "override",
+    "run_audit",
+    "run_experiment",
+    "settings",
+    "simulate",
 )
 
-__all__ = ["__version__", *sorted(_API)]
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str) -> Any:

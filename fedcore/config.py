@@ -173,7 +173,12 @@ class SecAggSettings:
         default=4.0, metadata=_doc("updates are clipped to [-r, r] before encoding", gt=0)
     )
     timeout: float = field(
-        default=120.0, metadata=_doc("seconds each protocol stage waits for sites", gt=0)
+        default=120.0,
+        metadata=_doc(
+            "seconds one site has for each protocol stage (in simulation, times the sites a "
+            "worker answers in turn)",
+            gt=0,
+        ),
     )
     mode: SecAggMode = field(
         default="semi-honest",
@@ -196,7 +201,7 @@ class SimulationSettings:
         default=0,
         metadata=_doc(
             "sites one simulated Flower node plays in turn, one message per node per round; "
-            "0: ceil(sites / workers); 1: one node per site (always so under secure aggregation)",
+            "0: ceil(sites / workers); 1: one node per site (secure aggregation too: issue 24)",
             min=0,
         ),
     )

@@ -115,7 +115,7 @@ def fedcore_commit() -> str | None:
 
 
 def run_facts(settings: Settings, *, device: str) -> dict[str, Any]:
-    """The facts :class:`~fedcore.runrecord.RunRecord` adds to ``config.json``."""
+    """The facts :class:`~fedcore.runrecord.RecordWriter` adds to ``config.json``."""
     return {
         **dataset_identity(settings),
         "label_mapping": label_mapping(settings),

@@ -3,7 +3,7 @@
 Every answer about the run's protections comes from :func:`fedcore.protections.protections_of`
 (never the raw ``dp.*`` settings), and every epsilon printed or plotted names the neighbouring
 relation it holds for (:mod:`fedcore.privacy.relations`, :data:`fedcore.protections.RECORD_RELATION`).
-:func:`close_record` closes a run: the record's own closing files (:meth:`RunRecord.finish`) and
+:func:`close_record` closes a run: the record's own closing files (:meth:`RecordWriter.finish`) and
 these; the record never imports this module.
 """
 
@@ -27,15 +27,15 @@ if TYPE_CHECKING:
     from fedcore.config import Settings
     from fedcore.mechanisms import Mechanism
     from fedcore.protections import Protections
-    from fedcore.runrecord import RoundRow, RunRecord, Status
+    from fedcore.runrecord import RecordWriter, RoundRow, Status
 
 SAMPLE_KNOWN = "server_epsilon_sample_known"
 SAMPLE_KNOWN_REPLACE_ONE = "server_epsilon_sample_known_replace_one"
 
 
-def close_record(record: RunRecord, *, status: Status, reason: str = "") -> None:
+def close_record(record: RecordWriter, *, status: Status, reason: str = "") -> None:
     """Close a run: ``accuracy.png``, ``privacy.png`` (with DP on) and ``summary.md``, then the
-    record's own closing files (:meth:`RunRecord.finish`: ``status.json``, written last, so a
+    record's own closing files (:meth:`RecordWriter.finish`: ``status.json``, written last, so a
     program that sees it finds the rest). Safe to call after a failure."""
     write_accuracy_plot(record, record.path / "accuracy.png")
     write_privacy_plot(record, record.path / "privacy.png")
@@ -90,16 +90,16 @@ def privacy_mode(settings: Settings) -> str:
     return "; ".join(parts) if parts else "no privacy protection (plain federated averaging)"
 
 
-def _withheld(record: RunRecord) -> tuple[str, ...]:
+def _withheld(record: RecordWriter) -> tuple[str, ...]:
     """The history fields the run may not publish (:class:`fedcore.protections.Publication`)."""
     return protections_of(record.settings).publication.withheld_fields()
 
 
-def has_privacy(record: RunRecord) -> bool:
+def has_privacy(record: RecordWriter) -> bool:
     return protections_of(record.settings).any_dp
 
 
-def write_accuracy_plot(record: RunRecord, path: Path) -> None:
+def write_accuracy_plot(record: RecordWriter, path: Path) -> None:
     """Central accuracy and loss per round (round 0 = initial model), site-side accuracy dashed."""
     import matplotlib
 
@@ -169,7 +169,7 @@ def budget_relation(mechanism: Mechanism) -> str:
     return mechanism.relation
 
 
-def _plot_record_level(ax: Axes, record: RunRecord, protections: Protections) -> list[float]:
+def _plot_record_level(ax: Axes, record: RecordWriter, protections: Protections) -> list[float]:
     """Each site's record-level epsilon (unless withheld: which site reported in which round would
     reveal the sample under site-level DP) and the site budget. Returns the budget, for the axis."""
     relation = protections.record.relation if protections.record is not None else ""
@@ -196,7 +196,7 @@ def _plot_record_level(ax: Axes, record: RunRecord, protections: Protections) ->
     return [budget]
 
 
-def _plot_site_level(ax: Axes, record: RunRecord, mechanism: Mechanism) -> list[float]:
+def _plot_site_level(ax: Axes, record: RecordWriter, mechanism: Mechanism) -> list[float]:
     """The federation's epsilons, one curve per observer and relation, and its budget. Returns
     the values the axis must show."""
     rounds = [r.round for r in record.rows]
@@ -242,7 +242,7 @@ def _plot_site_level(ax: Axes, record: RunRecord, mechanism: Mechanism) -> list[
     return shown
 
 
-def privacy_figure(record: RunRecord) -> Figure:
+def privacy_figure(record: RecordWriter) -> Figure:
     """The privacy plot: epsilon spent per round, each curve and budget line labelled with the
     neighbouring relation it holds for. The figure is closed (drawn off pyplot's list)."""
     import matplotlib
@@ -273,7 +273,7 @@ def privacy_figure(record: RunRecord) -> Figure:
     return fig
 
 
-def write_privacy_plot(record: RunRecord, path: Path) -> None:
+def write_privacy_plot(record: RecordWriter, path: Path) -> None:
     """``privacy.png`` (:func:`privacy_figure`); nothing when the run has no DP."""
     if has_privacy(record):
         privacy_figure(record).savefig(path, dpi=110, bbox_inches="tight")
@@ -299,7 +299,7 @@ def _last_finite(values: Iterable[float]) -> float:
     return finite[-1] if finite else math.nan
 
 
-def _record_level_line(record: RunRecord, protections: Protections) -> list[str]:
+def _record_level_line(record: RecordWriter, protections: Protections) -> list[str]:
     site = protections.record
     if site is None:
         return []
@@ -335,7 +335,7 @@ def _receipts_line(protections: Protections) -> str:
     )
 
 
-def _spent_so_far(record: RunRecord) -> str:
+def _spent_so_far(record: RecordWriter) -> str:
     """``server_epsilon`` at the end: the last finite one, saying so when the last round released
     nothing (a skipped round charges nothing, so what was spent before it still stands)."""
     rows = record.rows
@@ -347,7 +347,7 @@ def _spent_so_far(record: RunRecord) -> str:
     return f"{spent:.3f} (spent so far: round {rows[-1].round} released nothing)"
 
 
-def _site_level_lines(record: RunRecord, mechanism: Mechanism) -> list[str]:
+def _site_level_lines(record: RecordWriter, mechanism: Mechanism) -> list[str]:
     if hasattr(mechanism, "summary_lines"):  # distributed DP: its own words
         return [*mechanism.summary_lines(_spent_so_far(record)), _ledger_line(mechanism)]
     known = _last_finite(sample_known(r) for r in record.rows)
@@ -388,7 +388,7 @@ def _ledger_line(mechanism: Mechanism) -> str:
     )
 
 
-def _privacy_lines(record: RunRecord) -> list[str]:
+def _privacy_lines(record: RecordWriter) -> list[str]:
     protections = protections_of(record.settings)
     if not protections.any_dp:
         return []
@@ -406,7 +406,7 @@ def _privacy_lines(record: RunRecord) -> list[str]:
     return [*lines, "", "![privacy](privacy.png)", ""]
 
 
-def _traffic(record: RunRecord) -> str:
+def _traffic(record: RecordWriter) -> str:
     if "bytes_down" in _withheld(record):
         return "- **Traffic**: withheld under site-level DP (it counts the sampled sites)"
     rows = record.rows
@@ -429,7 +429,7 @@ _COLUMNS = (
 )
 
 
-def _round_table(record: RunRecord) -> list[str]:
+def _round_table(record: RecordWriter) -> list[str]:
     withheld = _withheld(record)
     columns = [c for c in _COLUMNS if c[1] not in withheld]
     headers = [
@@ -452,7 +452,7 @@ def status_line(status: Status, reason: str, *, rounds: int) -> str:
     return f"{status}" + (f": {reason}" if reason else "")
 
 
-def _failures(record: RunRecord) -> list[str]:
+def _failures(record: RecordWriter) -> list[str]:
     """The site failures, unless withheld (node ids and reasons would reveal the sample)."""
     if "failures" in _withheld(record):
         return []
@@ -464,7 +464,7 @@ def _failures(record: RunRecord) -> list[str]:
     ]
 
 
-def write_summary(record: RunRecord, path: Path, *, status: Status, reason: str) -> None:
+def write_summary(record: RecordWriter, path: Path, *, status: Status, reason: str) -> None:
     s = record.settings
     rows = record.rows
     elapsed = (dt.datetime.now(dt.UTC) - record.started).total_seconds()

@@ -10,7 +10,8 @@
   ``privacy.png``), written by :func:`fedcore.report.close_record`, which the server calls to close
   a run; this module never imports the report;
 - with DP on, ``privacy.json`` (the ledgers and every round's epsilons);
-- with DP on, ``operator.jsonl`` (mode 0600): per round, the diagnostics the privacy guarantee does
+- ``operator.jsonl`` (mode 0600): per round, the bytes each exchange or stage carried by stage and
+  by node (:data:`OPERATOR_ONLY`) and, with DP on, the diagnostics the privacy guarantee does
   not cover and that are therefore kept out of ``history.jsonl`` and ``summary.md``
   (:class:`fedcore.protections.Publication`). It is for the operator, who already sees them; publish it and the
   epsilons no longer hold as stated.
@@ -125,6 +126,10 @@ class RoundRow:
 
 
 OPERATOR_FILE = "operator.jsonl"
+# Fields of every run's rows that go to operator.jsonl, DP or not: the serialized bytes of each
+# exchange or protocol stage, by stage and by node (:func:`fedcore.federation.server.exchange.wire_fields`);
+# per node they would say who took part, and nobody but the operator needs them.
+OPERATOR_ONLY = ("bytes_by_stage", "wire_by_site")
 
 
 def read_rows(out_dir: str | Path, *, operator: bool = False) -> list[dict[str, Any]]:
@@ -202,8 +207,10 @@ def check_not_in_use(out_dir: str | Path) -> None:
             pass
 
 
-class RunRecord:
-    """Writes a run record into exactly ``out_dir`` (created if needed).
+class RecordWriter:
+    """Writes a run record into exactly ``out_dir`` (created if needed): the server's half of the
+    record (:func:`record_writer` is the lock that makes a process its one writer);
+    :class:`fedcore.api.record.RunRecord`, ``fedcore.RunRecord``, is the read-only view for users.
 
     Raises :class:`ConfigError` if ``out_dir`` exists and is not an empty directory holding no
     earlier run (a run record is never overwritten).
@@ -252,7 +259,7 @@ class RunRecord:
         rows: list[RoundRow],
         initial_loss: float,
         initial_accuracy: float,
-    ) -> RunRecord:
+    ) -> RecordWriter:
         """The record in ``out_dir`` as of a checkpoint: ``history.jsonl`` is rewritten to exactly
         ``rows`` (a round appended after the checkpoint is dropped, to be run again)."""
         record = cls.__new__(cls)
@@ -319,7 +326,7 @@ class RunRecord:
     def _withheld(self) -> tuple[str, ...]:
         """The history fields that go to ``operator.jsonl`` instead of ``history.jsonl``: what the
         run may publish is decided by its protections (:class:`fedcore.protections.Publication`)."""
-        return protections_of(self.settings).publication.withheld_fields()
+        return (*protections_of(self.settings).publication.withheld_fields(), *OPERATOR_ONLY)
 
     def write_operator(self, doc: Mapping[str, Any]) -> None:
         """Append one line to ``operator.jsonl`` (mode 0600): diagnostics kept out of the record."""

@@ -3,6 +3,7 @@
 Fast: no Ray, no Flower engine. The runs themselves are tests/test_examples.py (slow).
 """
 
+import inspect
 import json
 import os
 import subprocess
@@ -14,7 +15,6 @@ import pytest
 
 import fedcore
 from fedcore import config as cfg
-from fedcore.api._settings import as_overrides
 from fedcore.errors import ConfigError, FedcoreError
 from tests.federation.conftest import flower_identity  # noqa: F401 - a fixture
 
@@ -83,20 +83,45 @@ def test_override_copies_and_checks():
         fedcore.override(base, **{"dp.site.delta": 1.0})
 
 
-def test_settings_travel_to_the_commands_as_set_items_unchanged():
-    s = fedcore.settings(
-        sites=3,
-        lr=0.1 + 0.2,  # a float whose repr has every digit
-        dataset="/data/my file.npz",
-        model="mymodels:Net",
-        **{"dp.server.epsilon": 1e-3, "secagg.enabled": True, "secagg.neighbors": "4"},
-    )
-    items = as_overrides(s)
-    assert cfg.resolve(overrides=items) == s
-    assert "lr=0.30000000000000004" in items and "sites=3" in items
-    assert as_overrides(fedcore.Settings()) == []
-    with pytest.raises(ConfigError, match="spaces at its start or end"):
-        as_overrides(fedcore.settings(label_column=" label"))
+def test_the_runs_hand_the_commands_work_the_settings_object_itself(tmp_path, monkeypatch):
+    """No option names and no `--set` text between the API and the commands' work: a value that
+    `--set` would strip (" label") arrives as it was given, and out= wins over the setting."""
+    from fedcore.cli import deploy_local as deploy_command
+    from fedcore.cli import simulate as simulate_command
+
+    seen = []
+
+    def work(settings, out_dir, *, verbose=False):
+        seen.append((settings, out_dir, verbose))
+        return 2  # refused: no record, so the API raises FedcoreError
+
+    monkeypatch.setattr(simulate_command, "simulate", work)
+    monkeypatch.setattr(deploy_command, "deploy_local", work)
+    given = fedcore.settings(sites=3, label_column=" label", out=str(tmp_path / "setting"))
+    with pytest.raises(FedcoreError, match="failed before its first round"):
+        fedcore.simulate(given, out=tmp_path / "a", verbose=True)
+    with pytest.raises(FedcoreError, match="fedcore deploy-local failed"):
+        fedcore.deploy_local(given)
+    (first, first_out, verbose), (second, second_out, _) = seen
+    assert first == given and first.label_column == " label" and verbose
+    assert first_out == tmp_path / "a"  # out= wins over the setting
+    assert second == given and second_out == (tmp_path / "setting").resolve()
+    with pytest.raises(ConfigError, match="'sites' must be >= 1"):  # unchecked Settings: checked
+        fedcore.deploy_local(fedcore.Settings(sites=0))
+    assert len(seen) == 2
+
+
+def test_the_api_names_are_listed_once():
+    import fedcore.api
+
+    assert fedcore.api.__all__ == list(fedcore._API)
+    public = {
+        name
+        for name, value in vars(fedcore.api).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert public == set(fedcore._API)  # every name the API imports is listed, and only those
+    assert fedcore.RunRecord is fedcore.api.record.RunRecord
 
 
 def test_model_reference():
@@ -205,7 +230,7 @@ def test_the_runs_refuse_a_bad_setting_before_anything_starts(tmp_path):
 
 def test_how_a_run_ended_becomes_a_result_or_an_exception(tmp_path):
     from fedcore.api.runs import _finished
-    from fedcore.runrecord import RunRecord as Writer
+    from fedcore.runrecord import RecordWriter
 
     with pytest.raises(KeyboardInterrupt, match="stopped by a signal"):
         _finished(tmp_path, 130, "fedcore simulate")  # Ctrl-C: the record is closed, resumable
@@ -213,7 +238,7 @@ def test_how_a_run_ended_becomes_a_result_or_an_exception(tmp_path):
         _finished(tmp_path, 143, "fedcore simulate")
     with pytest.raises(FedcoreError, match="failed before its first round"):
         _finished(tmp_path / "none", 1, "fedcore simulate")
-    Writer(tmp_path / "failed", fedcore.Settings()).finish(status="failed", reason="boom")
+    RecordWriter(tmp_path / "failed", fedcore.Settings()).finish(status="failed", reason="boom")
     record = _finished(tmp_path / "failed", 1, "fedcore simulate")
     assert (record.status, record.reason, record.final_accuracy) == ("failed", "boom", None)
 
@@ -240,3 +265,16 @@ def test_simulate_refuses_missing_data_before_the_engine_starts(tmp_path):
         )
     assert not (tmp_path / "r").exists()
     print(f"refused in {time.monotonic() - start:.1f} s")
+
+
+@pytest.mark.parametrize(("jobs", "message"), [(0, "must be >= 1, got 0"), (2.5, "an integer")])
+def test_run_experiment_refuses_bad_jobs_before_anything_runs(tmp_path, jobs, message):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ConfigError, match=message):
+        fedcore.run_experiment(
+            ROOT / "experiments" / "accuracy_vs_epsilon.toml", out=tmp_path / "x", jobs=jobs
+        )
+    assert not (tmp_path / "x").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is put back

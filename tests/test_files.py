@@ -44,9 +44,9 @@ def test_an_atomic_write_fsyncs_the_folder_after_the_rename(tmp_path, monkeypatc
 def test_the_run_record_writes_through_the_durable_helper(tmp_path, monkeypatch):
     """runrecord's own atomic_write renamed without syncing the folder: a power cut could lose the
     rename. Its writers now go through fedcore._files."""
-    from fedcore.runrecord import RunRecord
+    from fedcore.runrecord import RecordWriter
 
-    record = RunRecord.__new__(RunRecord)
+    record = RecordWriter.__new__(RecordWriter)
     record.path = tmp_path
     synced = _synced_dirs(monkeypatch)
     record.write_json("status.json", {"status": "completed"})
@@ -56,9 +56,9 @@ def test_the_run_record_writes_through_the_durable_helper(tmp_path, monkeypatch)
 
 def test_privacy_json_is_strict_json_with_nan_and_infinity_as_null(tmp_path):
     """``privacy.json`` held bare ``NaN`` (a round that released nothing), which is not JSON."""
-    from fedcore.runrecord import RunRecord
+    from fedcore.runrecord import RecordWriter
 
-    record = RunRecord.__new__(RunRecord)
+    record = RecordWriter.__new__(RecordWriter)
     record.path = tmp_path
     doc = {"rounds": [{"server_epsilon": math.nan}, {"x": (1.5, math.inf)}], "e": -math.inf}
     record.write_json("privacy.json", doc)

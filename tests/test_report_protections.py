@@ -20,7 +20,7 @@ from fedcore.config import resolve
 from fedcore.privacy.relations import SiteRelation
 from fedcore.protections import RECORD_RELATION
 from fedcore.report import close_record, privacy_figure, write_summary
-from fedcore.runrecord import STATUS_FILE, RoundRow, RunRecord
+from fedcore.runrecord import STATUS_FILE, RecordWriter, RoundRow
 
 ROOT = Path(__file__).resolve().parents[1]
 SITE_LEVEL = [
@@ -56,15 +56,15 @@ def _row(rnd: int, server: float, *, known: float | None = None, **extra) -> Rou
     )
 
 
-def _record(tmp_path: Path, overrides: list[str], rows: list[RoundRow]) -> RunRecord:
-    record = RunRecord(tmp_path / "run", resolve(overrides=overrides))
+def _record(tmp_path: Path, overrides: list[str], rows: list[RoundRow]) -> RecordWriter:
+    record = RecordWriter(tmp_path / "run", resolve(overrides=overrides))
     record.set_initial(loss=2.0, accuracy=0.1)
     for row in rows:
         record.append(row)
     return record
 
 
-def _summary(record: RunRecord) -> str:
+def _summary(record: RecordWriter) -> str:
     write_summary(record, record.path / "summary.md", status="completed", reason="")
     return (record.path / "summary.md").read_text()
 
@@ -140,8 +140,8 @@ def test_the_record_finishes_without_importing_the_report(tmp_path, overrides):
     script = (
         "import json, sys\n"
         "from fedcore.config import resolve\n"
-        "from fedcore.runrecord import RunRecord\n"
-        f"record = RunRecord(sys.argv[1], resolve(overrides={overrides!r}))\n"
+        "from fedcore.runrecord import RecordWriter\n"
+        f"record = RecordWriter(sys.argv[1], resolve(overrides={overrides!r}))\n"
         "record.finish(status='completed')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('fedcore.report'))))\n"
     )

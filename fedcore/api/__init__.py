@@ -20,32 +20,21 @@ Every name here is also ``fedcore.<name>``, imported on first use, so ``import f
 light. ``docs/python-api.md`` is the reference with an example each; ``examples/`` holds scripts.
 """
 
-from fedcore.api._settings import override, settings
-from fedcore.api.privacy import Budget, budget, run_audit
-from fedcore.api.record import RunRecord
-from fedcore.api.runs import (
-    ExperimentRecord,
-    deploy_local,
-    model_reference,
-    run_experiment,
-    simulate,
-)
-from fedcore.config import Settings
-from fedcore.errors import ConfigError, FedcoreError
+# Imported as themselves (``X as X``): re-exported, each named in ``fedcore._API``.
+from fedcore import _API
+from fedcore.api._settings import override as override
+from fedcore.api._settings import settings as settings
+from fedcore.api.privacy import Budget as Budget
+from fedcore.api.privacy import budget as budget
+from fedcore.api.privacy import run_audit as run_audit
+from fedcore.api.record import RunRecord as RunRecord
+from fedcore.api.runs import ExperimentRecord as ExperimentRecord
+from fedcore.api.runs import deploy_local as deploy_local
+from fedcore.api.runs import model_reference as model_reference
+from fedcore.api.runs import run_experiment as run_experiment
+from fedcore.api.runs import simulate as simulate
+from fedcore.config import Settings as Settings
+from fedcore.errors import ConfigError as ConfigError
+from fedcore.errors import FedcoreError as FedcoreError
 
-__all__ = [
-    "Budget",
-    "ConfigError",
-    "ExperimentRecord",
-    "FedcoreError",
-    "RunRecord",
-    "Settings",
-    "budget",
-    "deploy_local",
-    "model_reference",
-    "override",
-    "run_audit",
-    "run_experiment",
-    "settings",
-    "simulate",
-]
+__all__ = list(_API)  # the names are listed once, in fedcore/__init__.py

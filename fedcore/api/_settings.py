@@ -1,8 +1,8 @@
 """Settings from Python: keyword overrides, a dict of dotted keys, a TOML file.
 
 The same schema, checks and errors as ``fedcore simulate --config FILE --set key=value``
-(:func:`fedcore.config.resolve`): this module adds only the Python spelling, and the one
-translation the command-line entries need, settings back to ``--set`` items.
+(:func:`fedcore.config.resolve`): this module adds only the Python spelling. The runs take the
+:class:`~fedcore.config.Settings` object itself (:mod:`fedcore.api.runs`), never its text.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 from fedcore import config as cfg
 from fedcore.config import Settings
-from fedcore.errors import ConfigError
 
 
 def settings(
@@ -49,30 +48,6 @@ def override(
         base = fedcore.settings(sites=3)
         private = fedcore.override(base, **{"dp.site.epsilon": 4.0})
 
-    ``settings`` itself is frozen and left as it was. Raises :class:`ConfigError`.
+    ``settings`` itself is frozen and left as it was. Raises :class:`~fedcore.errors.ConfigError`.
     """
     return cfg.resolve(values={**settings.to_dict(), **(values or {}), **overrides})
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def as_overrides(settings: Settings) -> list[str]:
-    """``settings`` as the ``--set key=value`` items that rebuild it from the defaults (only the
-    keys that differ from them). Raises :class:`ConfigError` if the text would not give back the
-    same settings (a string value with spaces at its ends, which ``--set`` strips)."""
-    defaults = Settings().to_dict()
-    items = [f"{k}={_text(v)}" for k, v in settings.to_dict().items() if v != defaults[k]]
-    if cfg.resolve(overrides=items) != settings:
-        raise ConfigError(
-            "these settings cannot be passed on as `--set key=value` text unchanged "
-            "(a string value with spaces at its start or end?)"
-        )
-    return items

@@ -6,8 +6,8 @@ reader never writes to it, and reads the files each time a property is asked for
 still being written shows its rounds so far. It reads the public files only: ``operator.jsonl``
 (the diagnostics the privacy guarantee does not cover) is not read.
 
-(:class:`fedcore.runrecord.RunRecord` is the record's writer, used by the server; this class is
-its read-only view for users.)
+(:class:`fedcore.runrecord.RecordWriter` is the record's writer, used by the server; this class
+is its read-only view for users.)
 """
 
 from __future__ import annotations

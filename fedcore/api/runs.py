@@ -1,9 +1,11 @@
 """Runs from Python: a simulated federation, a loopback deployment, an experiment.
 
-Each function runs what its ``fedcore`` command runs, through that command's own ``run``
-(:mod:`fedcore.cli.simulate`, :mod:`fedcore.cli.deploy_local`, :mod:`fedcore.cli.experiment`), so
-the checks before a run, the child processes, the handling of Ctrl-C and SIGTERM and the closing
-of the record are the command's, not a copy of them. Call them from the main thread (they install
+Each function runs what its ``fedcore`` command runs, through the function that does that
+command's work, with the :class:`~fedcore.config.Settings` and paths as they are
+(:func:`fedcore.cli.simulate.simulate`, :func:`fedcore.cli.deploy_local.deploy_local`,
+:func:`fedcore.cli.experiment.experiment`; no option names, no settings turned into text), so the
+checks before a run, the child processes, the handling of Ctrl-C and SIGTERM and the closing of
+the record are the command's, not a copy of them. Call them from the main thread (they install
 signal handlers while they run), in a script whose run is under ``if __name__ == "__main__":``
 (a model defined in the script is imported again, by name, in the processes that train it).
 
@@ -16,17 +18,15 @@ later returns its record, whose ``status`` is ``failed``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedcore.api._settings import as_overrides, override
+from fedcore.api._settings import override
 from fedcore.api.record import RunRecord
 from fedcore.config import Settings
 from fedcore.errors import ConfigError, FedcoreError
@@ -91,16 +91,6 @@ def _prepared(
     return override(settings or Settings(), changes)
 
 
-def _out_dir(settings: Settings, out: PathLike | None) -> Path:
-    if out is not None:
-        return Path(out)
-    if settings.out:
-        return Path(settings.out)
-    from fedcore.runrecord import default_out_dir
-
-    return default_out_dir()
-
-
 def _finished(out_dir: Path, code: int, command: str) -> RunRecord:
     from fedcore.lifecycle import stopped_by_signal
 
@@ -132,20 +122,13 @@ def simulate(
     ``y`` (or ``.csv``, ``.parquet``, a saved Hugging Face dataset folder). ``verbose``: show
     Flower's and Ray's logs. Raises as the module says.
     """
-    from fedcore.cli import simulate as command
+    from fedcore.cli import out_dir_of
+    from fedcore.cli.simulate import simulate as run
 
     settings = _prepared(settings, model=model, data=data)
-    out_dir = _out_dir(settings, out)
-    args = argparse.Namespace(
-        help_settings=False,
-        config=None,
-        overrides=as_overrides(settings),
-        out=str(out_dir),
-        resume=None,
-        verbose=verbose,
-    )
+    out_dir = out_dir_of(settings, out)
     with _import_path_for_children():
-        code = command.run(args)
+        code = run(settings, out_dir, verbose=verbose)
     return _finished(out_dir, code, "fedcore simulate")
 
 
@@ -159,21 +142,13 @@ def deploy_local(
     a SuperLink and ``settings.sites`` SuperNodes with TLS and node authentication, every process
     stopped at the end; the run's record. ``out`` as for :func:`simulate`. Raises as the module
     says."""
-    from fedcore.cli import deploy_local as command
+    from fedcore.cli import out_dir_of
+    from fedcore.cli.deploy_local import deploy_local as run
 
-    settings = settings or Settings()
-    out_dir = _out_dir(settings, out).expanduser().resolve()
-    args = argparse.Namespace(
-        sites=settings.sites,
-        rounds=None,
-        config=None,
-        overrides=as_overrides(settings),
-        out=str(out_dir),
-        resume=None,
-        verbose=verbose,
-    )
+    settings = _prepared(settings, model=None, data=None)  # checked, as fedcore.settings checks
+    out_dir = out_dir_of(settings, out).expanduser().resolve()
     with _import_path_for_children():
-        code = command.run(args)
+        code = run(settings, out_dir, verbose=verbose)
     return _finished(out_dir, code, "fedcore deploy-local")
 
 
@@ -216,17 +191,11 @@ def run_experiment(
     with ``quick``, which applies the spec's ``[quick]`` table). Raises :class:`ConfigError` for a
     bad spec before anything runs, ``KeyboardInterrupt`` on Ctrl-C or SIGTERM (the points that a
     signal stopped run again on a rerun)."""
-    from fedcore.cli import experiment as command
+    from fedcore.cli.experiment import default_folder, experiment
     from fedcore.experiment import load_spec, plan
     from fedcore.experiment.results import collect
 
     parsed = load_spec(Path(spec), quick=quick)
-    suffix = "-quick" if quick else ""
-    folder = Path(out) if out is not None else Path("runs") / f"experiment-{parsed.name}{suffix}"
-    args = argparse.Namespace(spec=str(spec), out=str(folder), jobs=str(jobs), quick=quick)
-    saved = signal.getsignal(signal.SIGTERM)  # the command turns SIGTERM into KeyboardInterrupt
-    try:
-        command.run(args)
-    finally:
-        signal.signal(signal.SIGTERM, saved)
+    folder = Path(out) if out is not None else default_folder(parsed, quick=quick)
+    experiment(Path(spec), out=folder, jobs=jobs, quick=quick)
     return ExperimentRecord(path=folder, results=tuple(collect(plan(parsed), out=folder)))

@@ -3,7 +3,13 @@
 Each subcommand is a module of this package with two functions::
 
     def add_parser(subparsers) -> argparse.ArgumentParser   # declares the subcommand's options
-    def run(args: argparse.Namespace) -> int                 # does the work, returns the exit code
+    def run(args: argparse.Namespace) -> int                 # reads the options, returns the exit code
+
+A command that runs something (``simulate``, ``deploy-local``, ``experiment``) keeps its work in a
+function of typed arguments beside ``run`` (:func:`fedcore.cli.simulate.simulate`,
+:func:`fedcore.cli.deploy_local.deploy_local`, :func:`fedcore.cli.experiment.experiment`): ``run``
+turns the options into a :class:`~fedcore.config.Settings`, paths and flags and calls it, and so
+does the Python API (:mod:`fedcore.api.runs`), which never sees an option name.
 
 A :class:`~fedcore.errors.FedcoreError` escaping ``run`` is printed as one line on stderr and the
 command exits with status 2 (bad input), never with a traceback.
@@ -59,9 +65,7 @@ def add_settings_arguments(
         dest="overrides",
         help="override one setting (repeatable; fedcore simulate --help-settings lists them)",
     )
-    parser.add_argument(
-        "--out", metavar="DIR", help=out_help
-    )
+    parser.add_argument("--out", metavar="DIR", help=out_help)
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
 
 
@@ -82,12 +86,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Settings, Path]:
 
     if args.resume is None:
         settings = cfg.resolve(file=args.config, overrides=args.overrides)
-        out = args.out or settings.out
-        if not out:
-            from fedcore.runrecord import default_out_dir  # imports torch: only when needed
-
-            out = default_out_dir()
-        return settings, Path(out)
+        return settings, out_dir_of(settings, args.out)
     if args.config is not None or args.out is not None:
         raise ConfigError(
             "--resume takes its settings and folder from DIR/config.json; "
@@ -109,6 +108,18 @@ def resolve_run(args: argparse.Namespace) -> tuple[Settings, Path]:
             "(--set rounds=N continues it to round N)"
         )
     return settings, out_dir
+
+
+def out_dir_of(settings: Settings, out: str | os.PathLike[str] | None) -> Path:
+    """The folder of a new run's record: ``out`` (``--out``), else the ``out`` setting, else
+    ``runs/<timestamp>``."""
+    if out:
+        return Path(out)
+    if settings.out:
+        return Path(settings.out)
+    from fedcore.runrecord import default_out_dir  # imports torch: only when needed
+
+    return default_out_dir()
 
 
 def counted(n: int, noun: str) -> str:

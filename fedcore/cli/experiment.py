@@ -55,9 +55,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _jobs(text: str) -> int:
     try:
-        jobs = int(text)
+        return int(text)
     except ValueError:
         raise ConfigError(f"--jobs must be an integer, got {text!r}") from None
+
+
+def usable_jobs(jobs: int) -> int:
+    """``jobs`` runs at a time, at most the CPU count (said on the console when it is cut).
+    Raises :class:`ConfigError` for a number that is not a whole one, or below 1."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int):
+        raise ConfigError(f"--jobs must be an integer, got {jobs!r}")
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     cores = os.cpu_count() or 1
@@ -74,22 +81,43 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def default_folder(spec: ExperimentSpec, *, quick: bool) -> Path:
+    """An experiment's folder without ``--out``: ``runs/experiment-<name>`` (``-quick``)."""
+    return Path("runs") / (f"experiment-{spec.name}" + ("-quick" if quick else ""))
+
+
 def run(args: argparse.Namespace) -> int:
+    jobs = _jobs(args.jobs)
+    out = Path(args.out) if args.out else None
+    return experiment(Path(args.spec), out=out, jobs=jobs, quick=args.quick)
+
+
+def experiment(
+    spec_path: Path, *, out: Path | None = None, jobs: int = 1, quick: bool = False
+) -> int:
+    """The work of ``fedcore experiment``: every unfinished point of the spec at ``spec_path``
+    (with its ``[quick]`` table if ``quick``), ``jobs`` at a time, into ``out`` (default
+    :func:`default_folder`), then the tables, plots and summary; the exit status (the module's).
+    While it runs, SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does (the handler before is put
+    back after). Raises :class:`ConfigError` for a bad spec, before anything runs."""
+    saved = signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's TERM stops the runs too
+    try:
+        return _experiment(spec_path, out=out, jobs=usable_jobs(jobs), quick=quick)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+def _experiment(spec_path: Path, *, out: Path | None, jobs: int, quick: bool) -> int:
     from fedcore.experiment import Mode, load_spec, plan
     from fedcore.experiment.plots import write_plots
     from fedcore.experiment.results import CSPRNG_NOTE, collect, write_csv
     from fedcore.experiment.runner import prepare
     from fedcore.experiment.summary import write_summary
 
-    jobs = _jobs(args.jobs)
-    # A TERM (from a job scheduler, or `kill`) stops the runs this command started, as Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
-    spec = load_spec(args.spec, quick=args.quick)
+    spec = load_spec(spec_path, quick=quick)
     points = plan(spec)
-    out = Path(
-        args.out or Path("runs") / (f"experiment-{spec.name}" + ("-quick" if args.quick else ""))
-    )
-    prepare(out, spec_text=Path(args.spec).read_text(), spec=spec, points=points)
+    out = out or default_folder(spec, quick=quick)
+    prepare(out, spec_text=spec_path.read_text(), spec=spec, points=points)
     audited = [p for p in points if p.mode is Mode.RECORD] if spec.audit else []
     for warning in cpu_warnings(points, cores=os.cpu_count() or 1):
         print(warning, file=sys.stderr)

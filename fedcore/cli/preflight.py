@@ -14,7 +14,9 @@ round's cost refuses before the accountant's exact figure is computed.
 - a GPU exists when ``client_gpus > 0`` (``device = "cuda"`` is checked with the settings);
 - secure aggregation's threshold is not above the number of sites a round samples;
 - with DP on, the budget affords at least one round (DP-FedAvg at the server, DP-SGD at each site);
-- the out folder can be created and written.
+- the out folder can be created and written;
+- the Flower app declares every setting in its ``[tool.flwr.app.config]`` (Flower refuses a run
+  config key it lacks, in the simulation only after the ServerApp has started).
 """
 
 from __future__ import annotations
@@ -237,10 +239,46 @@ def _remove(created: Path | None) -> None:
         shutil.rmtree(created, ignore_errors=True)
 
 
+def app_declares_settings(settings: cfg.Settings, app_dir: Path | None = None) -> None:
+    """The Flower app the run loads declares every key of the run config fedcore gives it
+    (:meth:`~fedcore.config.Settings.to_run_config`) in its ``[tool.flwr.app.config]``. Flower
+    refuses a run config key the app lacks ("Key ... is not present in the main dictionary"): in
+    the simulation only once the ServerApp has started, as its ClientApps start, and the run then
+    waited for their replies until every round timed out. ``app_dir``: default the app
+    :func:`~fedcore.federation.simulation.engine.find_app_dir` finds; the app installed with
+    fedcore makes its config from :class:`~fedcore.config.Settings` and is not read. Raises
+    :class:`ConfigError` naming the keys and the file."""
+    import tomllib
+
+    from fedcore._schema import flatten_mapping  # as Flower flattens the tables: dotted keys
+    from fedcore.federation.simulation.engine import declared_app_dir
+
+    folder = app_dir or declared_app_dir()
+    if folder is None:
+        return
+    pyproject = folder / "pyproject.toml"
+    try:
+        doc = tomllib.loads(pyproject.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read the Flower app's {str(pyproject)!r}: {exc}") from None
+    table = doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    declared = flatten_mapping(table)
+    missing = [key for key in settings.to_run_config() if key not in declared]
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ConfigError(
+            f"the Flower app's {str(pyproject)!r} does not declare {len(missing)} fedcore "
+            f"setting(s) in [tool.flwr.app.config] ({shown}): Flower would refuse the run "
+            "config; add them with their defaults (`fedcore simulate --help-settings`), or set "
+            "FEDCORE_APP_DIR to the app of this fedcore"
+        )
+
+
 def check(settings: cfg.Settings) -> tuple[tuple[int, ...], int]:
     """Every check but the out folder, cheapest first; returns ``(input_shape, num_classes)``.
     The protections' cross-checks come first (:meth:`fedcore.protections.Protections.check`)."""
     protections_of(settings)
+    app_declares_settings(settings)
     secagg_threshold(settings)
     gpus(settings)
     model_importable(settings)

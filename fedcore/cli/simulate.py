@@ -65,9 +65,20 @@ def run(args: argparse.Namespace) -> int:
     if args.help_settings:
         print(cfg.describe())
         return 0
-    # Before flwr / flwr_datasets are imported: both send telemetry unless told not to.
+    # Before flwr / flwr_datasets are imported (a --resume reads the record with the server's
+    # code): both send telemetry unless told not to.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     settings, out_dir = resolve_run(args)
+    return simulate(settings, out_dir, verbose=args.verbose)
+
+
+def simulate(settings: cfg.Settings, out_dir: Path, *, verbose: bool = False) -> int:
+    """The work of ``fedcore simulate``: check ``settings`` (a resumed record's, with ``resume``
+    set, or a new run's), run the federation into ``out_dir``, close the record; the exit status
+    (the module's). ``verbose``: Flower's and Ray's logs. Raises :class:`ConfigError` for a run
+    refused before it starts (no record left); a signal once the run has started is an exit
+    status (130, 143), Ctrl-C during the checks ``KeyboardInterrupt``."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if (warning := cpu_warning(settings, cores=os.cpu_count() or 1)) is not None:
         print(warning, file=sys.stderr)
     from fedcore.data.federation import DATA_CACHE_ENV
@@ -86,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         # Started before the checks, so that its imports (seconds) overlap them; it runs nothing
         # before the go below, and is killed (finally) if a check fails.
         child = start_child(
-            supervisor, settings, out_dir=out_dir, verbose=args.verbose, handshake=handshake
+            supervisor, settings, out_dir=out_dir, verbose=verbose, handshake=handshake
         )
         from fedcore.cli import preflight as checks
 

@@ -2,7 +2,7 @@
 
 A train instruction carries ``arrays`` (the global model, an ``ArrayRecord``) and ``config`` (a
 ``ConfigRecord`` with ``server-round``, ``num-classes``, ``input-shape`` and ``fedcore-run-id``, the
-run record's identity, the same after a resume: :attr:`fedcore.runrecord.RunRecord.run_id`). A train reply carries
+run record's identity, the same after a resume: :attr:`fedcore.runrecord.RecordWriter.run_id`). A train reply carries
 ``arrays`` (the site's new weights) and ``metrics`` (a ``MetricRecord`` with ``num-examples`` and
 ``train_loss`` (except under record-level DP, which does not cover it), plus ``site-id`` and, under
 record-level DP, ``site_epsilon``). A site that cannot
@@ -46,7 +46,7 @@ SITE_CHARGES = "site_charges"  # how many entries the site's ledger holds (recei
 DECLINED = "declined"
 RUN_ID = "fedcore-run-id"
 SECAGG = "secagg"  # the record that carries a secure-aggregation stage, in requests and replies
-RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # what RunRecord makes: secrets.token_hex(16)
+RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # what RecordWriter makes: secrets.token_hex(16)
 
 _R = TypeVar("_R", ArrayRecord, ConfigRecord, MetricRecord)
 

@@ -55,10 +55,11 @@ if TYPE_CHECKING:
     from fedcore.federation.site.store import SiteStore
     from fedcore.mechanisms.distributed_encoding import DistributedEncoding
     from fedcore.privacy import PrivacyLedger, Scope
-    from fedcore.privacy.distributed import DistributedEvent, DistributedPlan
+    from fedcore.privacy.distributed import DistributedEvent
+    from fedcore.privacy.distributed_plan import DistributedPlan
 
 ROTATION_LABEL = b"fedcore/distributed-dp/rotation-seed|"
-DEFAULT_BETA = math.exp(-0.5)  # KLS21's choice (fedcore.privacy.distributed.DEFAULT_BETA)
+DEFAULT_BETA = math.exp(-0.5)  # KLS21's choice (fedcore.privacy.distributed_plan.DEFAULT_BETA)
 
 
 def rotation_seed(session_id: bytes) -> bytes:
@@ -212,7 +213,8 @@ class DistributedDP(SiteLevelDP):
 
 @functools.lru_cache(maxsize=32)
 def _plan(mechanism: DistributedDP, sites: int, dim: int) -> DistributedPlan:
-    from fedcore.privacy.distributed import DistributedNoise, plan_distributed
+    from fedcore.privacy.distributed import DistributedNoise
+    from fedcore.privacy.distributed_plan import plan_distributed
 
     return plan_distributed(
         noise=DistributedNoise(mechanism.noise),
@@ -227,6 +229,15 @@ def _plan(mechanism: DistributedDP, sites: int, dim: int) -> DistributedPlan:
         clip_norm=mechanism.clip_norm,
         beta=mechanism.beta,
     )
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (a benchmark's fresh server process; plans are pure functions of
+    the settings, so a cached one is never stale)."""
+    from fedcore.privacy.distributed_plan import clear_plan_cache as clear_plans
+
+    _plan.cache_clear()
+    clear_plans()
 
 
 def session_encoding(config: SessionConfig, *, dim: int) -> DistributedEncoding:

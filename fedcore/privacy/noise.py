@@ -100,7 +100,8 @@ def _add_discrete_gaussian(total: np.ndarray, *, sigma: float, rng: CryptoRng) -
         # integer y has probability proportional to exp(-|y|/t).
         magnitude = (head >> np.uint64(11)).view(np.int64).astype(np.float64)
         magnitude *= -(2.0**-53)
-        np.log1p(magnitude, out=magnitude)
+        magnitude += 1.0  # 1 - U, exact (U = j 2**-53, j < 2**53); np.log is SIMD, log1p is not
+        np.log(magnitude, out=magnitude)
         magnitude *= -t
         np.floor(magnitude, out=magnitude)
         # Alg. 3: accept y with probability a = exp(-(|y| - sigma^2/t)^2 / (2 sigma^2)), with a

@@ -266,6 +266,8 @@ class Played:
     run_log: str = ""
     stranger_code: int | None = None
     stranger_log: str = ""
+    intruder_code: int | None = None
+    intruder_log: str = ""
     cut_at_rows: int | None = None  # history rows when the cable was pulled
     restored_at_rows: int | None = None
     killed: list[int] = field(default_factory=list)  # pids that got SIGKILL
@@ -278,6 +280,13 @@ class Played:
 
     def history(self) -> list[dict]:
         path = self.out / "history.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def operator(self) -> list[dict]:
+        """The rows of the run's ``operator.jsonl`` (the serialized bytes by stage and by node)."""
+        path = self.out / "operator.jsonl"
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -44,6 +44,7 @@ import pytest
 
 from fedcore.deploy import commands as cmd
 from fedcore.deploy.flwr_home import flower_env
+from fedcore.deploy.pki import add_sites
 from fedcore.deploy.processes import ManagedProcess, ProcessSupervisor, wait_until
 from tests.deploy.hosts import (
     ORDER,
@@ -76,12 +77,21 @@ MARK = "FEDCORE_HOSTS_TEST"  # every process started here carries MARK=<run pref
 SITES = 4
 PORT = 9092
 NODE_PORT = 9094  # every host has its own loopback: one port for all
+INTRUDER = "intruder"  # a site whose node key was never registered
 WRONG_ADDRESS = "10.77.0.100"  # also the SuperLink host's, but not in its certificate
 CUT, KILLED, SLOW, DELAYED = 1, 2, 3, 0  # which site each event happens to
-STAGE_TIMEOUT = 60
+# Short waits, with margins for a loaded machine: a stage waits up to STAGE_TIMEOUT for an answer,
+# but for a node that stopped heartbeating (killed, or its cable out) the SuperLink answers itself
+# ("Node Unavailable") 2 x HEARTBEAT s after its last heartbeat, so a lost site costs about 20 s;
+# the timeout only has to exceed a healthy stage: up to 31 s at load 7, but 70 s at load 11 (each
+# answer starts a flwr-clientapp that imports torch), so it is generous; it costs nothing else.
+STAGE_TIMEOUT = 150
+HEARTBEAT = 10  # Flower's SuperNode heartbeat interval, s (default 30; the SuperLink's least: 10)
+TASK_WINDOW = 120  # how long a SuperNode waits for a ClientApp it started to report in (30)
+FLWR_PATCH = Path(__file__).resolve().parent / "flwr_heartbeat"  # its sitecustomize sets them
 SUPERLINK_NODE = 1  # the node id of Flower's own error replies
 SETTINGS = (
-    f"local_epochs=1 round_timeout=90 dp.site.epsilon=8 secagg.enabled=true "
+    f"local_epochs=1 round_timeout=180 dp.site.epsilon=8 secagg.enabled=true "
     f'secagg.mode="active" secagg.timeout={STAGE_TIMEOUT}'
 )
 
@@ -140,7 +150,14 @@ def _node_config(site: Host, k: int, registry: Path) -> dict[str, cmd.NodeValue]
 
 
 def _site_env(site: Host, k: int, registry: Path) -> dict[str, str]:
-    return {"K": str(k), "NODE_PORT": str(NODE_PORT), "REGISTRY": str(registry)}
+    return {
+        "K": str(k),
+        "NODE_PORT": str(NODE_PORT),
+        "REGISTRY": str(registry),
+        "PYTHONPATH": str(FLWR_PATCH),
+        "FEDCORE_TEST_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+        "FEDCORE_TEST_TASK_INTERVAL": str(TASK_WINDOW),
+    }
 
 
 def _supernode_script(blocks: dict[str, str]) -> str:
@@ -190,7 +207,10 @@ def _set_up(played: Played, blocks: dict[str, str]) -> tuple[ManagedProcess, Pat
         if k != DELAYED:
             net.shape(played.site(k), mbit=20 if k == SLOW else 100)
     _bash(played, superlink, blocks["certs"])
-    process = _start(played, superlink, "superlink", blocks["superlink"])
+    process = _start(
+        played, superlink, "superlink", blocks["superlink"],
+        PYTHONPATH=str(FLWR_PATCH), FEDCORE_TEST_TASK_INTERVAL=str(TASK_WINDOW),
+    )  # fmt: skip
     _wait(played, "SuperLink listening", lambda: net.listening(process.pid, PORT), 120)
     _bash(played, superlink, blocks["connection"])
     registered = _bash(played, superlink, blocks["register"])
@@ -234,10 +254,36 @@ def _stranger(played: Played) -> ManagedProcess:
     )
 
 
+def _intruder(played: Played) -> ManagedProcess:
+    """A SuperNode on site-0's host with a node key the SuperLink's registry does not hold: made
+    by ``fedcore certs --add-site`` from the federation's CA (so its TLS is right), never
+    registered (step 5 skipped)."""
+    operator, site = played.net.hosts["superlink"], played.site(0)
+    add_sites(operator.root / "pki", names=[INTRUDER])
+    key = site.root / "pki" / "sites" / f"{INTRUDER}.key"
+    shutil.copy2(operator.root / "pki" / "sites" / f"{INTRUDER}.key", key)
+    argv = cmd.supernode_argv(
+        cmd.flower_bin_dir(),
+        superlink=f"{played.net.hosts['superlink'].address}:{PORT}",
+        root_certificates=site.root / "pki" / "ca.crt",
+        private_key=key,
+        node_config={"partition-id": 0, "num-partitions": SITES},
+        port=NODE_PORT + 2,
+        max_retries=0,
+    )
+    return played.supervisor.start(
+        INTRUDER,
+        site.argv(argv),
+        env=_env(site, played.net),
+        cwd=site.root,
+        log_path=played.net.root / "logs" / f"{INTRUDER}.log",
+    )
+
+
 def _restart(played: Played, blocks: dict[str, str], registry: Path) -> None:
     """Start site KILLED again (same key, same state dir) until the SuperLink admits it: until it
-    has missed the killed node's heartbeats (2 x 30 s) it still counts it online and refuses to
-    activate it again ("Failed to activate SuperNode", exit code 305)."""
+    has missed the killed node's heartbeats (2 x HEARTBEAT s) it still counts it online and
+    refuses to activate it again ("Failed to activate SuperNode", exit code 305)."""
     deadline = time.monotonic() + 180
     for attempt in range(1, 40):
         node = _start_site(
@@ -251,7 +297,7 @@ def _restart(played: Played, blocks: dict[str, str], registry: Path) -> None:
             return
         assert "Failed to activate SuperNode" in node.log_tail(50), node.log_tail(50)
         assert time.monotonic() < deadline, played.timeline
-        time.sleep(15)
+        time.sleep(HEARTBEAT / 2)
 
 
 def _choreography(played: Played, blocks: dict[str, str], registry: Path, nodes: list) -> None:
@@ -261,7 +307,7 @@ def _choreography(played: Played, blocks: dict[str, str], registry: Path, nodes:
     share stage answered, ``trained`` as the masked-input stage trains, ``signed`` at the
     consistency stage."""
     rows = lambda: len(played.history())  # noqa: E731
-    _wait(played, f"site-{KILLED} shared its keys", lambda: played.lines(KILLED, "session"), 300)
+    _wait(played, f"site-{KILLED} shared its keys", lambda: played.lines(KILLED, "session"), 600)
     played.killed = kill_tree(played.supervisor, nodes[KILLED])
     played.note(f"site-{KILLED} killed")
     _restart(played, blocks, registry)
@@ -297,6 +343,7 @@ def _play(played: Played) -> None:
     _superlink, registry = _set_up(played, blocks)
     superlink_host = played.net.hosts["superlink"]
     stranger = _stranger(played)
+    intruder = _intruder(played)
     nodes = [_start_site(played, blocks, k, registry, f"supernode-site-{k}") for k in range(SITES)]
     _wait(played, "sites admitted", lambda: all(admitted(n) for n in nodes), 180)
     played.out = superlink_host.root / "runs" / "first"
@@ -313,6 +360,10 @@ def _play(played: Played) -> None:
         stranger.popen.wait(timeout=60)
     played.stranger_code = stranger.returncode()
     played.stranger_log = stranger.log_tail(100)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        intruder.popen.wait(timeout=60)
+    played.intruder_code = intruder.returncode()
+    played.intruder_log = intruder.log_tail(100)
     played.queue_bytes = played.net.queue_bytes(played.site(SLOW))
     played.seconds = time.monotonic() - start
 
@@ -448,6 +499,16 @@ def test_wrong_address_certificate_is_refused(played):
     assert f"certificate is not valid for '{WRONG_ADDRESS}'" in log, log
 
 
+def test_unregistered_key_is_refused(played):
+    """A SuperNode whose node-authentication key the SuperLink's registry does not hold (a key
+    pair from the federation's own `fedcore certs`, never `flwr supernode register`ed) passes
+    TLS and is refused at activation: Flower's exit code 305 and the reason, exit status 1."""
+    log = played.intruder_log
+    assert played.intruder_code == 1, log
+    assert "Exit Code: 305" in log and "Failed to activate SuperNode" in log, log
+    assert "certificate verify failed" not in log, log  # TLS was fine: the key is refused
+
+
 def test_cut_link_in_masked_input_is_recovered(played):
     """Round 2 completes without the cut site (its masked input never came), the others'
     shares recover it; with its cable back it takes part in round 3."""
@@ -486,6 +547,41 @@ def test_slow_link_round_times(played):
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["secagg"]["stage_seconds"].items())
         print(f"  round {r['round']}: {r['bytes_up']} B up, {r['bytes_down']} B down; s: {stages}")
     print("  " + "\n  ".join(played.timeline))
+
+
+def test_wire_bytes_by_stage_against_the_link(played):
+    """Each round's ``operator.jsonl`` row holds the serialized bytes of every secure-aggregation
+    stage and of the evaluation, sent and received, and the same by node; through site SLOW's
+    token-bucket queues (``tc -s qdisc``) passed at least what its messages weigh: the ratio is
+    TLS, HTTP/2 framing, polls and heartbeats."""
+    rows = played.operator()
+    assert [r["round"] for r in rows] == [1, 2, 3], rows
+    node = str(played.node_of[SLOW])
+    for row in rows:
+        stages = row["bytes_by_stage"]
+        assert {"advertise", "share", "masked_input", "consistency", "unmask", "evaluate"} <= set(
+            stages
+        ), stages
+        assert all(s["sent"] > 0 and s["received"] > 0 for s in stages.values()), stages
+        by_site = row["wire_by_site"]
+        assert sum(s["sent"] for s in by_site.values()) == sum(
+            s["sent"] for s in stages.values()
+        ), row
+    assert "enrol" in rows[0]["bytes_by_stage"], rows[0]
+    down = sum(r["wire_by_site"][node]["sent"] for r in rows)
+    up = sum(r["wire_by_site"][node]["received"] for r in rows)
+    link_up, link_down = played.queue_bytes
+    assert link_up >= up and link_down >= down, (played.queue_bytes, up, down)
+    print(
+        f"\nsite-{SLOW}: its messages {up} B up, {down} B down (serialized, 3 rounds); through "
+        f"its tbf queues {link_up} B up, {link_down} B down: ratio {link_up / up:.2f} up, "
+        f"{link_down / down:.2f} down"
+    )
+    for row in rows:
+        stages = ", ".join(
+            f"{k} {v['sent']}/{v['received']}" for k, v in row["bytes_by_stage"].items()
+        )
+        print(f"  round {row['round']} (B sent/received, all sites): {stages}")
 
 
 def test_latency_with_netem(played):

@@ -9,6 +9,7 @@ the server sends it, in which order, and how often.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from fedcore.config import Settings
 from fedcore.crypto import CryptoRng
 from fedcore.errors import FedcoreError, RemoteProtocolError
 from fedcore.federation import messages as m
+from fedcore.federation.simulation import batched
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site import secagg as secagg_site
 from fedcore.federation.site.secagg import SECAGG, TrainedUpdate
@@ -158,7 +160,12 @@ class _StubTrainer:
 class AppSite:
     """A site as Flower runs it: fedcore's ClientApp (the secagg mod and the train handler), a
     deployment node config (``state-dir`` on the site's disk, plus ``extra``), a fresh
-    ``context.state`` per run, and a count of the train handler's calls."""
+    ``context.state`` per run, and a count of the train handler's calls.
+
+    ``batched``: the site is instead one of the sites a simulated node plays (issue 24): every
+    request reaches the node packed as the batched engine sends it, the node's ClientApp plays the
+    site (virtual node ``node``, partition ``node - 1``) with its files under the run record,
+    ``<root>/run/sites``, and the site's reply is split out of the node's."""
 
     settings: Settings
     root: Path
@@ -166,20 +173,23 @@ class AppSite:
     partition: int = 0
     extra: dict = field(default_factory=dict)
     context: Context | None = None
+    batched: bool = False
 
     def __post_init__(self) -> None:
+        if self.batched:
+            if self.extra:
+                raise ValueError("a simulated node has no operator node config")
+            self.settings = dataclasses.replace(self.settings, out=str(self.root / "run"))
         self.restart()
 
     def restart(self) -> None:
+        node_config = {"partition-id": self.partition, "num-partitions": self.settings.sites}
+        if not self.batched:
+            node_config.update({"state-dir": str(self.root), **self.extra})
         self.context = Context(
             run_id=1,
-            node_id=self.node,
-            node_config={
-                "partition-id": self.partition,
-                "num-partitions": self.settings.sites,
-                "state-dir": str(self.root),
-                **self.extra,
-            },
+            node_id=9000 if self.batched else self.node,
+            node_config=node_config,
             state=RecordDict(),
             run_config=self.settings.to_run_config(),
         )
@@ -210,7 +220,11 @@ class AppSite:
             content[m.CONFIG] = config  # type: ignore[assignment]
         msg = Message(content=content, dst_node_id=self.node, message_type=MessageType.TRAIN)
         assert self.context is not None
-        reply = client_app.app(msg, self.context)
+        if self.batched:
+            packed = batched.pack_request(None, self.context.node_id, [msg])
+            (reply,) = batched.unpack_reply(client_app.app(packed, self.context), [msg])
+        else:
+            reply = client_app.app(msg, self.context)
         if reply.has_error():
             raise Refused(reply.error.reason)
         return reply.content.config_records[SECAGG]["payload"]  # type: ignore[return-value]

@@ -19,7 +19,6 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 import clients.app as client_app
 from fedcore.config import resolve
 from fedcore.crypto import CryptoRng
-from fedcore.errors import ConfigError
 from fedcore.federation.server.serve import run_server
 from fedcore.federation.simulation import batched
 from fedcore.federation.site.folders import SIMULATION_MARKER
@@ -133,13 +132,14 @@ def test_a_failing_site_fails_alone_and_a_silent_node_fails_its_sites(tmp_path, 
         assert sorted(train) == ["2", "5"] and all("no reply" in v for v in train.values())
 
 
-def test_secure_aggregation_keeps_one_node_per_site(monkeypatch):
+def test_secure_aggregation_runs_batched_too(monkeypatch):
+    """``simulation.sites_per_node`` holds under secure aggregation (issue 24): each site a node
+    plays stays a party of its own (tests/federation/test_secagg_batched.py)."""
     settings = resolve(overrides=["sites=12", "secagg.enabled=true", "simulation.sites_per_node=4"])
-    assert batched.sites_per_node(settings, cpus=2) == 1
-    assert batched.node_count(settings, cpus=2) == 12
+    assert batched.sites_per_node(settings, cpus=2) == 4
+    assert batched.node_count(settings, cpus=2) == 3
     monkeypatch.setenv(batched.NODES_ENV, "3")
-    with pytest.raises(ConfigError, match="one simulated node per site"):
-        batched.grid_for(object(), settings)
+    assert isinstance(batched.grid_for(object(), settings), batched.BatchedGrid)
 
 
 def test_node_count_follows_the_setting():

@@ -12,6 +12,7 @@ from fedcore.federation.server.serve import run_server
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.secagg import default_threshold
 from fedcore.secagg.config import Mode
+from tests.federation.batched_sites import site_grid
 from tests.federation.conftest import FakeGrid, honest
 
 FIVE = (101, 102, 103, 104, 105)
@@ -25,18 +26,25 @@ ACTIVE = [
 ]
 
 
-def _run(tmp_path, overrides, *, before=None):
+def _run(tmp_path, overrides, *, before=None, per_node=1, monkeypatch=None):
     out = tmp_path / "run"
     settings = resolve(overrides=[*overrides, f"out={out}"])
     if before is not None:
         before(out / "sites" / secagg_registry.FOLDER)
-    grid = FakeGrid(settings, {node: honest for node in FIVE})
+    if per_node == 1:
+        grid = FakeGrid(settings, {node: honest for node in FIVE})
+    else:  # the batched engine (issue 24): the sites' node ids are 1..5
+        grid = site_grid(
+            settings, {node: honest for node in FIVE}, per_node=per_node, monkeypatch=monkeypatch
+        )
     run_server(grid, settings, out)
     return out, [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
 
 
-def test_an_active_round_enrols_signs_and_completes(tmp_path):
-    out, rows = _run(tmp_path, ACTIVE)
+@pytest.mark.parametrize("per_node", [1, 3], ids=["own-node", "batched"])
+def test_an_active_round_enrols_signs_and_completes(tmp_path, per_node, monkeypatch):
+    out, rows = _run(tmp_path, ACTIVE, per_node=per_node, monkeypatch=monkeypatch)
+    ids = FIVE if per_node == 1 else (1, 2, 3, 4, 5)
     assert [r["sites_replied"] for r in rows] == [5, 5]
     assert rows[0]["secagg"]["threshold"] == default_threshold(5, mode=Mode.ACTIVE) == 4
     assert {r["secagg"]["mode"] for r in rows} == {"active"}
@@ -45,8 +53,8 @@ def test_an_active_round_enrols_signs_and_completes(tmp_path):
     assert "enrol" not in rows[1]["secagg"]["stage_seconds"]
     assert "consistency" in rows[1]["secagg"]["stage_seconds"]
     registry = secagg_registry.load_registry(out / "sites" / secagg_registry.FOLDER)
-    assert sorted(registry) == list(FIVE)
-    for site, key in zip(range(5), [registry[n] for n in FIVE], strict=True):
+    assert sorted(registry) == list(ids)
+    for site, key in zip(range(5), [registry[n] for n in ids], strict=True):
         site_key = (out / "sites" / f"site-{site}.secagg.key").read_bytes()
         seed = secagg_registry.signing_seed(site_key)
         from fedcore.crypto.signing import verify_key_of

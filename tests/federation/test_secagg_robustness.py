@@ -8,6 +8,7 @@ unmask, a masked input whose weight coordinate is shifted) before the server's r
 import json
 
 import numpy as np
+import pytest
 from flwr.app import Message
 
 from fedcore.config import resolve
@@ -22,6 +23,7 @@ from fedcore.secagg.messages import (
     UnmaskShares,
     decode_client_message,
 )
+from tests.federation.batched_sites import site_grid
 from tests.federation.conftest import FakeGrid, honest
 
 FIVE = (101, 102, 103, 104, 105)
@@ -51,7 +53,7 @@ def tampering(stage, change, *, rounds=None):
     return behave
 
 
-def _run(tmp_path, behaviours, *, rounds=2, extra=()):
+def _run(tmp_path, behaviours, *, rounds=2, extra=(), per_node=1, monkeypatch=None):
     out = tmp_path / "run"
     settings = resolve(
         overrides=[
@@ -64,9 +66,27 @@ def _run(tmp_path, behaviours, *, rounds=2, extra=()):
             f"out={out}",
         ]
     )
-    grid = FakeGrid(settings, {n: behaviours.get(n, honest) for n in FIVE})
+    sites = {n: behaviours.get(n, honest) for n in FIVE}
+    if per_node == 1:
+        grid = FakeGrid(settings, sites)
+    else:  # the batched engine (issue 24): the sites' node ids are 1..5, renamed back here
+        grid = site_grid(settings, sites, per_node=per_node, monkeypatch=monkeypatch)
     run_server(grid, settings, out)
-    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    return (
+        rows
+        if per_node == 1
+        else [_renamed(row, dict(zip(grid.site_ids, FIVE, strict=True))) for row in rows]
+    )
+
+
+def _renamed(row: dict, names: dict[int, int]) -> dict:
+    """``row`` with the batched engine's node ids as the one-node-per-site ids."""
+    row["secagg"]["survivors"] = [names[n] for n in row["secagg"]["survivors"]]
+    row["failures"] = {
+        str(names.get(int(k), k)) if k.isdigit() else k: v for k, v in row["failures"].items()
+    }
+    return row
 
 
 def garbage_shares(message: EncryptedShares, _msg: Message) -> EncryptedShares:
@@ -77,8 +97,16 @@ def garbage_shares(message: EncryptedShares, _msg: Message) -> EncryptedShares:
     return EncryptedShares(message.sender, message.round_id, shares)
 
 
-def test_a_site_sending_garbage_sealed_shares_is_left_out_and_the_round_completes(tmp_path):
-    rows = _run(tmp_path, {103: tampering("share", garbage_shares)})
+@pytest.mark.parametrize("per_node", [1, 2], ids=["own-node", "batched"])
+def test_a_site_sending_garbage_sealed_shares_is_left_out_and_the_round_completes(
+    tmp_path, per_node, monkeypatch
+):
+    rows = _run(
+        tmp_path,
+        {103: tampering("share", garbage_shares)},
+        per_node=per_node,
+        monkeypatch=monkeypatch,
+    )
     assert len(rows) == 2
     for row in rows:
         # every honest receiver treated 103 as dropped; the four others were aggregated

@@ -17,6 +17,7 @@ from fedcore.federation.site import secagg as secagg_site
 from fedcore.protections import protections_of
 from fedcore.runrecord import read_rows
 from fedcore.secagg import EncodingConfig
+from tests.federation.batched_sites import site_grid
 from tests.federation.conftest import FakeGrid, honest
 
 NODES = (101, 102, 103, 104)
@@ -42,10 +43,17 @@ def failing_at(stage, *, silent=False):
     return behave
 
 
-def _run(tmp_path, name, overrides, behaviours=None):
+def _run(tmp_path, name, overrides, behaviours=None, *, per_node=1, monkeypatch=None):
+    """One node per site, or (``per_node > 1``) the batched engine, whose sites' node ids are
+    ``grid.site_ids`` (the behaviours taken in order)."""
     out = tmp_path / name
     settings = resolve(overrides=[*overrides, f"out={out}"])
-    grid = FakeGrid(settings, behaviours or {node: honest for node in NODES})
+    behaviours = behaviours or {node: honest for node in NODES}
+    if per_node == 1:
+        grid = FakeGrid(settings, behaviours)
+        grid.site_ids = tuple(behaviours)
+    else:
+        grid = site_grid(settings, behaviours, per_node=per_node, monkeypatch=monkeypatch)
     run_server(grid, settings, out)
     rows = read_rows(out, operator=True)  # with DP, the diagnostics are in operator.jsonl
     return settings, grid, rows, torch.load(out / "model.pt")
@@ -54,14 +62,25 @@ def _run(tmp_path, name, overrides, behaviours=None):
 BASE = ["sites=4", "local_epochs=1", "secagg.timeout=5"]
 
 
+# One node per site, and the batched engine (issue 24): two nodes each playing two sites.
+PER_NODE = pytest.mark.parametrize("per_node", [1, 2], ids=["own-node", "batched"])
+
+
+@PER_NODE
 @pytest.mark.parametrize("rounds", [1, 2])
-def test_same_model_as_plain_fedavg_up_to_the_encoding_error(tmp_path, rounds):
+def test_same_model_as_plain_fedavg_up_to_the_encoding_error(
+    tmp_path, rounds, per_node, monkeypatch
+):
     _, _, plain_rows, plain = _run(tmp_path, "plain", [*BASE, f"rounds={rounds}"])
-    settings, _, rows, masked = _run(
-        tmp_path, "secagg", [*BASE, f"rounds={rounds}", "secagg.enabled=true"]
+    settings, grid, rows, masked = _run(
+        tmp_path,
+        "secagg",
+        [*BASE, f"rounds={rounds}", "secagg.enabled=true"],
+        per_node=per_node,
+        monkeypatch=monkeypatch,
     )
     assert [r["sites_replied"] for r in rows] == [4] * rounds
-    assert rows[0]["secagg"]["survivors"] == list(NODES)
+    assert rows[0]["secagg"]["survivors"] == list(grid.site_ids)
     for row in rows:  # per round, not cumulative; every stage timed
         assert row["secagg"]["bytes_up_by_site"] == rows[0]["secagg"]["bytes_up_by_site"]
         assert set(row["secagg"]["stage_seconds"]) == {
@@ -101,7 +120,10 @@ FIVE = (101, 102, 103, 104, 105)
         ({103: failing_at("unmask")}, set()),
     ],
 )
-def test_sites_failing_at_any_stage_are_dropped_and_the_round_completes(tmp_path, bad_stages, lost):
+@PER_NODE
+def test_sites_failing_at_any_stage_are_dropped_and_the_round_completes(
+    tmp_path, bad_stages, lost, per_node, monkeypatch
+):
     behaviours = {node: bad_stages.get(node, honest) for node in FIVE}
     out = tmp_path / "run"
     settings = resolve(
@@ -114,28 +136,38 @@ def test_sites_failing_at_any_stage_are_dropped_and_the_round_completes(tmp_path
             f"out={out}",
         ]
     )
-    run_server(FakeGrid(settings, behaviours), settings, out)
+    grid = site_grid(settings, behaviours, per_node=per_node, monkeypatch=monkeypatch)
+    ids = dict(zip(FIVE, grid.site_ids, strict=True))  # as the server names the sites
+    run_server(grid, settings, out)
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
         assert row["secagg"]["threshold"] == 3
-        assert set(row["secagg"]["survivors"]) == set(FIVE) - lost
+        assert set(row["secagg"]["survivors"]) == {ids[n] for n in set(FIVE) - lost}
         assert row["sites_replied"] == 5 - len(lost)
         for node in bad_stages:
-            assert str(node) in row["failures"]
+            assert str(ids[node]) in row["failures"]
     model = torch.load(out / "model.pt")
     assert all(torch.isfinite(v).all() for v in model.values())
     assert rows[-1]["eval_accuracy"] > rows[0]["eval_accuracy"] * 0.5
 
 
-def test_too_few_survivors_abort_cleanly_and_keep_the_model(tmp_path):
+@PER_NODE
+def test_too_few_survivors_abort_cleanly_and_keep_the_model(tmp_path, per_node, monkeypatch):
     behaviours = {
         101: honest,
         102: failing_at("advertise"),
         103: failing_at("advertise"),
         104: honest,
     }
-    _, _, rows, _ = _run(tmp_path, "run", [*BASE, "rounds=1", "secagg.enabled=true"], behaviours)
+    _, _, rows, _ = _run(
+        tmp_path,
+        "run",
+        [*BASE, "rounds=1", "secagg.enabled=true"],
+        behaviours,
+        per_node=per_node,
+        monkeypatch=monkeypatch,
+    )
     assert rows[0]["sites_replied"] == 0 and rows[0]["secagg"]["survivors"] == []
     assert "nothing revealed" in rows[0]["failures"]["round"]
 

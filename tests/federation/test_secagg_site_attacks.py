@@ -405,7 +405,7 @@ def test_error_text_that_leaves_the_site_carries_no_weight(tmp_path, caplog):
 # ----------------------------------------------------------------------------- the ClientApp
 
 
-def _app_site(tmp_path, *overrides, **extra):
+def _app_site(tmp_path, *overrides, batched=False, **extra):
     settings = resolve(
         overrides=[
             "sites=4",
@@ -415,11 +415,19 @@ def _app_site(tmp_path, *overrides, **extra):
             *overrides,
         ]
     )
-    return AppSite(settings, tmp_path / "state", extra=extra)
+    return AppSite(settings, tmp_path / "state", extra=extra, batched=batched)
 
 
-def test_the_clientapp_refuses_a_replayed_round_without_training(tmp_path, counted_training):
-    site = _app_site(tmp_path)
+# The same attacks on a site that a simulated node plays among others (issue 24), where the
+# node has no operator node config: those that need one stay deployed-only.
+ENGINES = pytest.mark.parametrize("batched", [False, True], ids=["own-node", "batched"])
+
+
+@ENGINES
+def test_the_clientapp_refuses_a_replayed_round_without_training(
+    tmp_path, counted_training, batched
+):
+    site = _app_site(tmp_path, batched=batched)
     config = session(FOUR, round_id=R, length=site.dim() + 1)
     first = Round(config, 1, site.ask, seed=1)
     first.run()
@@ -431,14 +439,15 @@ def test_the_clientapp_refuses_a_replayed_round_without_training(tmp_path, count
     assert "replayed round id" in again.refusals[0], "stopped by the round journal"
 
 
+@ENGINES
 def test_a_junk_masked_input_request_neither_trains_nor_charges_the_ledger(
-    tmp_path, counted_training
+    tmp_path, counted_training, batched
 ):
-    site = _app_site(tmp_path, "dp.site.epsilon=8", "dp.site.noise_multiplier=1.0")
+    site = _app_site(tmp_path, "dp.site.epsilon=8", "dp.site.noise_multiplier=1.0", batched=batched)
     with pytest.raises(Refused, match="journal has no such round id|no transcript"):
         site.ask(MaskedInputRequest(1, b"J" * 16, ()))
     assert counted_training == []
-    assert not list((tmp_path / "state").glob("*.ledger.json")), "checked before any charge"
+    assert not list((tmp_path / "state").rglob("*.ledger.json")), "checked before any charge"
 
 
 def test_the_clientapp_refuses_a_downgrade_its_node_config_forbids(tmp_path, counted_training):

@@ -27,7 +27,7 @@ def _through_masked_input(round_: Round) -> None:
         round_.step()
 
 
-def _dp_site(tmp_path) -> AppSite:
+def _dp_site(tmp_path, batched: bool = False) -> AppSite:
     settings = resolve(
         overrides=[
             "sites=4",
@@ -38,33 +38,39 @@ def _dp_site(tmp_path) -> AppSite:
             f"out={tmp_path}/run",
         ]
     )
-    return AppSite(settings, tmp_path / "state")
+    return AppSite(settings, tmp_path / "state", batched=batched)
+
+
+# The same attacks on a site that a simulated node plays among others (issue 24).
+ENGINES = pytest.mark.parametrize("batched", [False, True], ids=["own-node", "batched"])
 
 
 def _site_epsilon(tmp_path) -> float:
     """What the site's DP-SGD ledger has spent (0.0 with no ledger: nothing was ever charged)."""
     from fedcore.privacy import PrivacyLedger
 
-    ledgers = list((tmp_path / "state").glob("*.ledger.json"))
+    ledgers = list((tmp_path / "state").rglob("*.ledger.json"))
     return sum(PrivacyLedger.load(path).epsilon() for path in ledgers)
 
 
-def test_the_ledger_probe_sees_a_charge(tmp_path):
+@ENGINES
+def test_the_ledger_probe_sees_a_charge(tmp_path, batched):
     """The probe above can fail: an honest round through the same ClientApp charges the ledger."""
-    site = _dp_site(tmp_path)
+    site = _dp_site(tmp_path, batched)
     round_ = Round(session(FOUR, round_id=R, length=site.dim() + 1), 1, site.ask, seed=1)
     _through_masked_input(round_)
     assert round_.refusals == [] and _site_epsilon(tmp_path) > 0
 
 
+@ENGINES
 @pytest.mark.parametrize("wrong", ["length", "weight budget"])
 def test_a_session_that_cannot_be_answered_is_refused_before_training(
-    tmp_path, counted_training, wrong
+    tmp_path, counted_training, wrong, batched
 ):
     """Attack (point 3): a session whose vector length does not fit the model, or whose weight
     budget leaves no weight per site, used to make the site train and charge its DP ledger, then
     fail to encode; re-sent three times it charged three rounds and sent nothing."""
-    site = _dp_site(tmp_path)
+    site = _dp_site(tmp_path, batched)
     length = site.dim() + (5 if wrong == "length" else 1)
     budget = 2 if wrong == "weight budget" else 1 << 20  # 2 // 4 sites = 0 per site
     encoding = SessionEncoding(clip=4.0, max_total_weight=budget)

@@ -25,15 +25,14 @@ from fedcore.privacy.distributed import (
     DistributedDiscreteGaussianEvent,
     DistributedNoise,
     SkellamEvent,
-    clip_probability,
     distributed_epsilon,
     honest_noisers,
     min_survivors,
-    plan_distributed,
     rdp_to_epsilon,
     rounded_l1_bound,
     rounded_l2_bound,
 )
+from fedcore.privacy.distributed_plan import clip_probability, plan_distributed
 from fedcore.privacy.relations import SiteRelation
 
 ORDERS = (1.5, 2.0, 4.0, 8.0, 16.0)
@@ -273,6 +272,27 @@ def test_a_plan_meets_its_targets() -> None:
             dropout_tolerance=0.1, bits=21, dim=10**6, clip_norm=0.5,
         )  # fmt: skip
         assert 1.9 < wider.gamma / plan.gamma < 2.1
+
+
+def test_a_plan_is_computed_once_per_setting_and_a_cached_one_still_refuses_bad_types() -> None:
+    from fedcore.privacy.distributed_plan import clear_plan_cache
+
+    clear_plan_cache()
+    settings = {
+        "noise": DistributedNoise.DGAUSS, "epsilon": 2.0, "delta": 1e-5, "rounds": 1,
+        "sites": 10, "colluders": 0, "dropout_tolerance": 0.1, "bits": 32, "dim": 100,
+        "clip_norm": 1.0,
+    }  # fmt: skip
+    plan = plan_distributed(**settings)
+    assert plan_distributed(**settings) is plan  # cached: the same frozen plan
+    assert plan_distributed.cache_info().hits == 1
+    assert plan_distributed(**{**settings, "epsilon": 3.0}).site_noise < plan.site_noise
+    # A bool equals 1 and hashes like it; the cache keys on types, so True is still refused.
+    with pytest.raises(ConfigError, match="rounds"):
+        plan_distributed(**{**settings, "rounds": True})
+    clear_plan_cache()
+    assert plan_distributed(**settings) is not plan
+    assert plan_distributed(**settings) == plan
 
 
 def test_a_ring_too_small_is_refused_naming_the_setting() -> None:

@@ -29,7 +29,8 @@ from fedcore.mechanisms.distributed_encoding import (
     skellam,
     unrotate,
 )
-from fedcore.privacy.distributed import DistributedNoise, plan_distributed
+from fedcore.privacy.distributed import DistributedNoise
+from fedcore.privacy.distributed_plan import plan_distributed
 from fedcore.secagg.encoding import from_ring, to_ring
 
 ROTATION_SEED = b"round 7 of session 0xfeed"
@@ -67,6 +68,52 @@ def test_the_hadamard_transform_is_the_matrix_and_its_own_inverse(n: int) -> Non
     assert np.allclose(unrotate(rotated, seed=ROTATION_SEED), x, rtol=0, atol=1e-12)
     with pytest.raises(LocalProtocolError, match="power-of-two"):
         fwht(np.ones(3 * n))
+
+
+def test_the_hadamard_transform_leaves_its_input_and_blas_threads_as_they_were() -> None:
+    from threadpoolctl import threadpool_info
+
+    before = [(i["prefix"], i["num_threads"]) for i in threadpool_info()]
+    for n in (1, 2, 1 << 11, 1 << 15):
+        x = CryptoRng.from_seed(n).standard_normal(n)
+        kept = x.copy()
+        y = fwht(x)
+        assert np.array_equal(x, kept)  # a copy: the input is never written
+        assert not np.shares_memory(x, y)
+        y[:] = 0.0
+        assert np.array_equal(x, kept)
+    # One BLAS thread only while the transform runs: the process's setting is restored after.
+    assert [(i["prefix"], i["num_threads"]) for i in threadpool_info()] == before
+
+
+def test_the_sites_float32_rotation_is_the_float64_one_within_a_millionth_of_a_grid_step() -> None:
+    # The site rotates in float32 (three times faster at 2**20); against the float64 transform
+    # its error is far below the half grid step of the rounding that follows.
+    enc = _encoding(DistributedNoise.DGAUSS, dim=3000, gamma=4096.0, clip_norm=1.0)
+    u = CryptoRng.from_seed(5).standard_normal(enc.dim)
+    z = clip_pad_rotate(u, encoding=enc, seed=ROTATION_SEED)
+    padded = np.zeros(enc.padded_dim)
+    padded[: enc.dim] = u * (enc.clip_norm / np.linalg.norm(u))
+    exact = rotate(padded, seed=ROTATION_SEED)
+    assert z.dtype == np.float64 and z.shape == exact.shape
+    assert np.max(np.abs(z - exact)) * enc.gamma < 1e-3
+    assert np.linalg.norm(z) == pytest.approx(enc.clip_norm, rel=1e-6)
+    x = CryptoRng.from_seed(6).standard_normal(1 << 12)
+    single = fwht(x, dtype=np.float32)
+    assert single.dtype == np.float32
+    assert np.allclose(single, fwht(x), rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="float64 or float32"):
+        fwht(x, dtype=np.float16)
+
+
+def test_rotation_signs_are_the_keystream_bits() -> None:
+    # bit 0 -> +1, bit 1 -> -1, in keystream order (np.unpackbits: most significant bit first)
+    from fedcore.mechanisms.distributed_encoding import ROTATION_PURPOSE
+
+    rng = CryptoRng.from_seed(ROTATION_SEED, purpose=ROTATION_PURPOSE)
+    raw = rng.fill(np.empty(13, dtype=np.uint8))
+    bits = np.unpackbits(raw, count=100).astype(np.float64)
+    assert np.array_equal(rotation_signs(100, seed=ROTATION_SEED), 1.0 - 2.0 * bits)
 
 
 def test_rotation_signs_are_public_and_per_round() -> None:

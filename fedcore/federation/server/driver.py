@@ -9,7 +9,9 @@ strategy methods itself (``configure_train``, ``aggregate_train``, ``configure_e
   worker was killed, or that replies with an error, counts as failed and the round goes on;
 - checking each reply before the strategy sees it (:mod:`fedcore.federation.messages`): a NaN,
   infinite or wrongly shaped update is dropped with its reason, never averaged in;
-- central evaluation, bytes in each direction, timing, and one row of the run record.
+- central evaluation, bytes in each direction, timing, and one row of the run record (the
+  serialized bytes of each exchange, or stage, in its operator-only fields: one send-and-receive
+  is :mod:`fedcore.federation.server.exchange`).
 
 If no site of a round replies usably, the model is left as it was and the round is a *failed
 round* (``round_failed`` in its row); the run goes on, unless the last ``max_failed_rounds`` rounds
@@ -36,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,10 +46,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedcore.errors import BudgetExceededError, FedcoreError, InvalidMessage, ProtocolError
+from fedcore.errors import BudgetExceededError, InvalidMessage, ProtocolError
 from fedcore.federation import messages as m
+from fedcore.federation.server.exchange import (
+    Exchange,
+    Wire,
+    exchange,
+    wire_fields,
+)
 from fedcore.federation.server.strategies import keep_dtypes
-from fedcore.runrecord import RoundRow, RunRecord
+from fedcore.runrecord import RecordWriter, RoundRow
 from fedcore.training import EvalResult
 
 
@@ -68,93 +76,6 @@ class NullReporter:
 
     def waiting(self, *, connected: int, expected: int) -> None:
         pass
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """What came back from one send-and-receive: usable replies, declines (a site's budget would
-    be passed), failures with their reasons, and the epsilons sites reported."""
-
-    valid: list[Message]
-    declined: dict[str, str]
-    failures: dict[str, str]
-    site_epsilon: dict[int, float]
-    sent: int
-    bytes_down: int
-    bytes_up: int
-    sites: dict[str, int] = field(default_factory=dict)  # node id -> the site id it reported
-
-
-def exchange(
-    grid: Grid, messages: Iterable[Message], *, timeout: float, check: Callable[[Message], None]
-) -> Exchange:
-    outgoing = list(messages)
-    bytes_down = sum(m.content_bytes(msg) for msg in outgoing)
-    replies = list(grid.send_and_receive(outgoing, timeout=timeout)) if outgoing else []
-    valid: list[Message] = []
-    declined: dict[str, str] = {}
-    failures: dict[str, str] = {}
-    reported: dict[int, float] = {}
-    sites: dict[str, int] = {}
-    bytes_up = 0
-    # A reply names the request it answers; an error reply the SuperLink writes for a node that
-    # went away comes from the SuperLink's own node id, so the request's destination is the node.
-    addressed = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in outgoing}
-    addressed.pop("", None)  # ids the Grid did not set (a wrapping Grid's own messages)
-    for reply in replies:
-        src = addressed.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        node = str(src)
-        bytes_up += m.content_bytes(reply)
-        if (site := _site_of(reply)) is not None:
-            sites[node] = site
-        if reply.has_error():
-            failures[node] = f"error reply ({reply.error.code}): {reply.error.reason}"
-            continue
-        if (site_eps := m.site_epsilon(reply)) is not None:
-            reported[site_eps[0]] = site_eps[1]
-        if (reason := m.declined_reason(reply)) is not None:
-            declined[node] = reason
-            continue
-        try:
-            check(reply)
-        except FedcoreError as exc:
-            failures[node] = str(exc)
-            continue
-        valid.append(reply)
-    valid.sort(key=_site_order)
-    answered = {
-        str(addressed.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)) for r in replies
-    }
-    for msg in outgoing:
-        node = str(msg.metadata.dst_node_id)
-        if node not in answered:
-            failures[node] = f"no reply within {timeout:g} s"
-    return Exchange(
-        valid=valid,
-        declined=declined,
-        failures=failures,
-        site_epsilon=reported,
-        sent=len(outgoing),
-        bytes_down=bytes_down,
-        bytes_up=bytes_up,
-        sites=sites,
-    )
-
-
-def _site_of(reply: Message) -> int | None:
-    """The site id a reply reports (None if it names none)."""
-    if reply.has_error():
-        return None
-    metrics = m.record_of(reply.content, m.METRICS, MetricRecord)
-    site = metrics.get(m.SITE_ID) if metrics is not None else None
-    return int(site) if isinstance(site, int | float) and not isinstance(site, bool) else None
-
-
-def _site_order(reply: Message) -> tuple[float, int]:
-    """Replies in site-id order (node id where a reply names no site): node ids are drawn anew in
-    every run, site ids are not."""
-    site = _site_of(reply)
-    return (math.inf if site is None else float(site), reply.metadata.src_node_id)
 
 
 def wait_for_sites(
@@ -194,6 +115,7 @@ class TrainOutcome:
     extra: Mapping[str, Any] = field(default_factory=dict)
     stop: str = ""  # non-empty: record this round, then stop the run for this reason
     sites: Mapping[str, int] = field(default_factory=dict)  # node id -> site id, where reported
+    wire: Mapping[str, Wire] = field(default_factory=dict)  # stage -> its serialized bytes
 
     @classmethod
     def from_exchange(
@@ -213,6 +135,7 @@ class TrainOutcome:
             site_epsilon=train.site_epsilon,
             stop=stop_when_all_declined(sent=train.sent, declined=len(train.declined)),
             sites=train.sites,
+            wire={"train": train.wire},
             **fields,
         )
 
@@ -356,7 +279,7 @@ def round_row(
         sites_declined=train.declined,
         site_epsilon={str(k): v for k, v in sorted(train.site_epsilon.items())},
         server_epsilon=math.nan if train.server_epsilon is None else train.server_epsilon,
-        extra=dict(train.extra),
+        extra={**train.extra, **wire_fields({**train.wire, "evaluate": evaluation.wire})},
         round_failed=is_failed_round(
             sent=train.sent, replied=train.replied, declined=train.declined
         ),
@@ -368,7 +291,7 @@ def _initial(
     *,
     first_round: int,
     central_eval: Callable[[ArrayRecord], EvalResult],
-    record: RunRecord,
+    record: RecordWriter,
 ) -> EvalResult:
     """Round 0: from ``first_round`` 1 the initial model is evaluated first; a resumed run
     (``first_round`` > 1) keeps the record's round 0."""
@@ -379,7 +302,7 @@ def _initial(
     return EvalResult(loss=record.initial_loss, accuracy=record.initial_accuracy, num_examples=0)
 
 
-def _ended(record: RunRecord, *, max_failed: int) -> str:
+def _ended(record: RecordWriter, *, max_failed: int) -> str:
     """Why the run fails after this round (its last ``max_failed`` rounds all failed), or ''."""
     recent = record.rows[-max_failed:]
     if len(recent) == max_failed and all(r.round_failed for r in recent):
@@ -430,7 +353,7 @@ def run_rounds(
     timeout: float,
     config: Callable[[int], ConfigRecord],
     central_eval: Callable[[ArrayRecord], EvalResult],
-    record: RunRecord,
+    record: RecordWriter,
     reporter: Reporter,
     train_round: TrainRound = plain_train_round,
     first_round: int = 1,

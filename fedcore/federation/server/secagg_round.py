@@ -4,7 +4,8 @@ the weighted sum of the sampled sites' updates.
 Theory of operation. One training round runs the stages of :class:`fedcore.secagg.SecAggServer`
 (Bonawitz et al., CCS 2017; Bell et al., CCS 2020) as consecutive exchanges over Flower's Grid,
 each a ``train`` message carrying a ``secagg`` record (stage name and wire payload) and each with
-its own deadline (``secagg.timeout``; Flower's own default is to wait forever):
+its own deadline (``secagg.timeout`` per site; in simulation times the sites a worker answers in
+turn, :mod:`fedcore.federation.simulation.deadlines`; Flower's own default is to wait forever):
 
     [enrol] -> advertise keys -> share keys -> masked input (the sites train here)
             -> [consistency] -> unmask
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +69,7 @@ from fedcore.federation import messages as m
 from fedcore.federation.server.driver import (
     Exchange,
     TrainOutcome,
+    Wire,
     exchange,
     hand_to_strategy,
     instruction_for,
@@ -82,6 +84,7 @@ from fedcore.federation.server.secagg_sums import (
 )
 from fedcore.federation.server.strategies import check_linear
 from fedcore.federation.server.suspects import GroupTesting
+from fedcore.federation.simulation.deadlines import check_stage_timeouts, stage_deadline
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site.secagg import ENROL, SECAGG, request_record
 from fedcore.protections import SecureAggregation
@@ -147,6 +150,12 @@ class SecAggTrainRound:
             return self._outcome(_Round(nodes, 0, 0, None), stats, server_round=server_round)
         dim = sum(int(np.prod(arrays[k].shape)) for k in arrays.keys())
         plan = self.sums.plan(sites=len(plan_round.nodes), dim=dim)  # refuses before sending
+        check_stage_timeouts(
+            self.secagg.timeout,
+            length=plan.length,
+            peers=plan_round.neighbors or len(plan_round.nodes) - 1,
+            bits=self.secagg.bits,
+        )  # a round that can only time out is refused before it starts
         server = SecAggServer(self._session(plan_round, plan), registry=plan_round.registry)
         result = self._run_stages(grid, server, content=content, stats=stats)
         if result is None:
@@ -276,7 +285,10 @@ class SecAggTrainRound:
                     for node, req in requests.items()
                 ]
                 replies = exchange(
-                    grid, outgoing, timeout=self.secagg.timeout, check=_check_secagg_reply
+                    grid,
+                    outgoing,
+                    timeout=self._deadline(grid, requests),
+                    check=_check_secagg_reply,
                 )
                 stats.add(stage.value, replies)
                 for reply in replies.valid:
@@ -318,10 +330,8 @@ class SecAggTrainRound:
         if missing:
             started = time.perf_counter()
             outgoing = [self._message(n, ENROL, ENROL.encode(), RecordDict()) for n in missing]
-            stats.add(
-                ENROL,
-                exchange(grid, outgoing, timeout=self.secagg.timeout, check=_check_secagg_reply),
-            )
+            deadline = self._deadline(grid, missing)
+            stats.add(ENROL, exchange(grid, outgoing, timeout=deadline, check=_check_secagg_reply))
             registry = secagg_registry.load_registry(folder, ca=secagg_registry.folder_ca(folder))
             stats.stage_seconds[ENROL] = time.perf_counter() - started
         for node in nodes:
@@ -371,7 +381,12 @@ class SecAggTrainRound:
             server_epsilon=None if release is None else release.server_epsilon,
             stop=stop_when_all_declined(sent=len(nodes), declined=len(stats.declined)),
             extra=extra,
+            wire=stats.wire,
         )
+
+    def _deadline(self, grid: Grid, nodes: Iterable[int]) -> float:
+        """The stage's deadline: ``secagg.timeout`` per site a simulated worker answers in turn."""
+        return stage_deadline(self.secagg.timeout, grid, list(nodes))
 
     def _message(self, node: int, stage: str, payload: bytes, content: RecordDict) -> Message:
         record = RecordDict({SECAGG: request_record(stage=stage, payload=payload)})
@@ -429,8 +444,10 @@ class _Stats:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     bytes_down: int = 0
     bytes_up: int = 0
+    wire: dict[str, Wire] = field(default_factory=dict)  # stage -> its serialized bytes
 
     def add(self, stage: str, replies: Exchange) -> None:
+        self.wire[stage] = replies.wire
         self.bytes_down += replies.bytes_down
         self.bytes_up += replies.bytes_up
         self.site_epsilon.update(replies.site_epsilon)

@@ -41,7 +41,7 @@ from fedcore.privacy import PrivacyLedger
 from fedcore.secagg import EncodingConfig, SessionEncoding, decode_mean
 
 if TYPE_CHECKING:
-    from fedcore.privacy.distributed import DistributedPlan
+    from fedcore.privacy.distributed_plan import DistributedPlan
     from fedcore.protections import SecureAggregation
 
 
@@ -68,7 +68,7 @@ class Release:
 @dataclass(frozen=True, slots=True)
 class SumPlan:
     """A round's encoding: the ring encoding, what the session binds of it, the vector length,
-    and under distributed DP the round's plan (:class:`~fedcore.privacy.distributed.DistributedPlan`)."""
+    and under distributed DP the round's plan (:class:`~fedcore.privacy.distributed_plan.DistributedPlan`)."""
 
     encoding: EncodingConfig
     session: SessionEncoding

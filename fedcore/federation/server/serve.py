@@ -28,7 +28,7 @@ from fedcore.config import Settings
 from fedcore.data import load_holdout
 from fedcore.errors import ConfigError
 from fedcore.federation import messages as m
-from fedcore.federation.server import receipts
+from fedcore.federation.server import exiting, receipts
 from fedcore.federation.server.checkpoint import (
     Checkpoint,
     capture_random_state,
@@ -40,9 +40,15 @@ from fedcore.federation.server.dp_round import DPFedAvgRound
 from fedcore.federation.server.driver import (
     NullReporter,
     Reporter,
+    RunOutcome,
     TrainRound,
     plain_train_round,
     run_rounds,
+)
+from fedcore.federation.server.resume import (  # noqa: F401 - resume_settings: serve's API
+    RESUMABLE_CHANGES,
+    recorded_settings,
+    resume_settings,
 )
 from fedcore.federation.server.secagg_round import SecAggTrainRound
 from fedcore.federation.server.secagg_sums import sums_for
@@ -60,7 +66,7 @@ from fedcore.privacy import PrivacyLedger
 from fedcore.privacy.ledger import FEDERATION_LEDGER_FILE as LEDGER_FILE
 from fedcore.protections import Protections, protections_of
 from fedcore.report import close_record
-from fedcore.runrecord import RoundRow, RunRecord, Status, record_writer
+from fedcore.runrecord import RecordWriter, RoundRow, Status, record_writer
 from fedcore.training import EvalResult, evaluate, pick_device
 
 
@@ -82,23 +88,16 @@ WRITER_WAIT = 30.0
 
 def run_server(
     grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None = None
-) -> RunRecord:
+) -> RecordWriter:
     """Run the federation described by ``settings`` on ``grid``; write the run record to ``out_dir``,
     as its one writer (:func:`~fedcore.runrecord.record_writer`; :class:`RecordInUseError` if
     another process keeps writing it)."""
     path = Path(out_dir)
-    with record_writer(path, wait=WRITER_WAIT):
-        _writing.add(path)
-        try:
-            return _serve(grid, settings, path, reporter=reporter)
-        finally:
-            _writing.discard(path)
-            _closed_on_exit.discard(path)
+    with record_writer(path, wait=WRITER_WAIT), exiting.writing(path):
+        return _serve(grid, settings, path, reporter=reporter)
 
 
 STOPPED = "stopped from outside (`flwr stop`, or a signal to the server)"
-_writing: set[Path] = set()  # the records run_server is writing in this process
-_closed_on_exit: set[Path] = set()  # ... and those close_open_records closed under it
 
 
 def close_open_records(reason: str = STOPPED) -> list[Path]:
@@ -108,20 +107,21 @@ def close_open_records(reason: str = STOPPED) -> list[Path]:
     sees the exit (:mod:`fedcore.federation.simulation.ray_cleanup` calls this from Flower's exit handler).
     This process holds their writer lock. Returns the records closed."""
     closed = []
-    for path in list(_writing):
-        try:
-            _close_stopped(path, reason)
-            _closed_on_exit.add(path)  # the server thread, if it still runs, leaves it so
-            closed.append(path)
-        except Exception:  # noqa: BLE001 - exiting: close what can be closed, say what could not
-            log.exception("could not close the run record %s", path)
+    with exiting.exit_closing() as open_records:
+        for path in open_records:
+            try:
+                _close_stopped(path, reason)
+                exiting.mark_closed(path)  # the server thread, if it still runs, leaves it so
+                closed.append(path)
+            except Exception:  # noqa: BLE001 - exiting: close what can be closed, say what could not
+                log.exception("could not close the run record %s", path)
     return closed
 
 
 def _close_stopped(path: Path, reason: str) -> None:
     if _close_at_checkpoint(path, reason=reason, status="interrupted") is None:
         settings = recorded_settings(path)  # stopped before its first round: nothing to resume
-        record = RunRecord.reopen(
+        record = RecordWriter.reopen(
             path, settings, rows=[], initial_loss=math.nan, initial_accuracy=math.nan
         )
         close_record(record, status="interrupted", reason=reason)
@@ -173,19 +173,20 @@ def _open_record(
     input_shape: tuple[int, ...],
     num_classes: int,
     device: str,
-) -> tuple[RunRecord, Checkpoint | None]:
+) -> tuple[RecordWriter, Checkpoint | None]:
     """A new run record, or (``resume``) the one in ``out_dir`` as of its checkpoint."""
     if settings.resume:
         return reopen(out_dir, settings)
     from fedcore.provenance import run_facts
 
-    extra = {"input_shape": list(input_shape), "num_classes": num_classes}
-    return RunRecord(out_dir, settings, extra={**extra, **run_facts(settings, device=device)}), None
+    facts = run_facts(settings, device=device)
+    extra = {"input_shape": list(input_shape), "num_classes": num_classes, **facts}
+    return RecordWriter(out_dir, settings, extra=extra), None
 
 
 def _serve(
     grid: Grid, settings: Settings, out_dir: str | Path, *, reporter: Reporter | None
-) -> RunRecord:
+) -> RecordWriter:
     reporter = reporter or NullReporter()
     protections = protections_of(settings)
     holdout, input_shape, num_classes = load_holdout(data_settings(settings))
@@ -234,7 +235,18 @@ def _serve(
     except BaseException as exc:
         _close_after(record, settings, rounds.ledger, exc)
         raise
-    _write_privacy(record, settings, rounds.ledger)
+    _close_ended(record, settings, rounds.ledger, outcome)
+    return record
+
+
+def _close_ended(
+    record: RecordWriter, settings: Settings, ledger: PrivacyLedger | None, outcome: RunOutcome
+) -> None:
+    """Close the record of a run that ended: failed, stopped (a budget) or completed; not at all
+    when the process is exiting under the run (`flwr stop`) and its exit closed the record."""
+    if exiting.exit_claims(record.path, wait=exiting.EXIT_WAIT if outcome.failed else 0.0):
+        return
+    _write_privacy(record, settings, ledger)
     record.save_model(m.record_to_state(outcome.arrays))
     if outcome.failed:
         close_record(record, status="failed", reason=outcome.failed)
@@ -242,7 +254,6 @@ def _serve(
         close_record(record, status="stopped", reason=outcome.stopped)
     else:
         close_record(record, status="completed")
-    return record
 
 
 def _restore(
@@ -263,7 +274,7 @@ def _restore(
     return m.state_to_record(resumed.arrays), resumed.resumes + 1
 
 
-def _checkpointer(record: RunRecord, rounds: _Rounds, resumes: int) -> Any:
+def _checkpointer(record: RecordWriter, rounds: _Rounds, resumes: int) -> Any:
     def checkpoint(server_round: int, arrays: ArrayRecord, strategy: Any) -> None:
         dp_round = rounds.dp_round
         write_checkpoint(
@@ -285,79 +296,22 @@ def _checkpointer(record: RunRecord, rounds: _Rounds, resumes: int) -> Any:
 
 
 def _close_after(
-    record: RunRecord, settings: Settings, ledger: PrivacyLedger | None, exc: BaseException
+    record: RecordWriter, settings: Settings, ledger: PrivacyLedger | None, exc: BaseException
 ) -> None:
     """Close the record of a run that raised: as stopped (Flower ends a stopped run with
     KeyboardInterrupt or SystemExit), else as failed; not at all when the process is exiting and
     :func:`close_open_records` closed it already."""
-    if record.path in _closed_on_exit:
-        return
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        _close_stopped(record.path, STOPPED)
+        if not exiting.claimed(record.path):
+            _close_stopped(record.path, STOPPED)
+        return
+    if exiting.exit_claims(record.path):
         return
     _write_privacy(record, settings, ledger)
     close_record(record, status="failed", reason=f"{type(exc).__name__}: {exc}")
 
 
-# Settings a resumed run may change: how it runs here, not what the federation computes.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "round_timeout",
-        "client_cpus",
-        "client_gpus",
-        "device",
-        "max_failed_rounds",
-        "secagg.timeout",
-        "out",
-        "resume",
-        "rounds",
-        "ray_address",
-        "simulation.sites_per_node",
-    }
-)
-
-
-def recorded_settings(out_dir: Path) -> Settings:
-    """The settings in ``out_dir/config.json``; :class:`ConfigError` if there is no readable record."""
-    from fedcore.config import resolve
-
-    try:
-        config = json.loads((out_dir / "config.json").read_text())
-        values = config["settings"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{str(out_dir)!r} holds no run record to resume ({exc})") from exc
-    return resolve(values={k: v for k, v in values.items() if k != "resume"})
-
-
-def resume_settings(out_dir: Path, overrides: dict[str, Any]) -> Settings:
-    """The settings of the record in ``out_dir`` with ``overrides`` (flat ``{key: value}``) applied,
-    ``resume`` and ``out`` set. Raises :class:`ConfigError` for an override that would change what
-    the federation computes, and for growing ``rounds`` when a noise multiplier is calibrated over
-    the rounds."""
-    from fedcore.config import resolve
-
-    recorded = recorded_settings(out_dir)
-    before = recorded.to_dict()
-    changed = {k: v for k, v in overrides.items() if before.get(k) != v}
-    refused = sorted(set(changed) - RESUMABLE_CHANGES)
-    if refused:
-        raise ConfigError(
-            f"cannot resume with {', '.join(f'{k}={changed[k]!r}' for k in refused)}: it changes "
-            f"what the federation computes (recorded: "
-            f"{', '.join(f'{k}={before.get(k)!r}' for k in refused)}); start a new run instead"
-        )
-    if "rounds" in changed and protections_of(recorded).calibrated_over_rounds:
-        raise ConfigError(
-            "cannot resume with a different 'rounds': the DP noise multiplier was calibrated over "
-            f"{recorded.rounds} rounds"
-        )
-    values = {k: v for k, v in before.items() if v is not None}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values.update({"out": str(out_dir), "resume": True})
-    return resolve(values=values)
-
-
-def reopen(out_dir: Path, settings: Settings) -> tuple[RunRecord, Checkpoint]:
+def reopen(out_dir: Path, settings: Settings) -> tuple[RecordWriter, Checkpoint]:
     """The record in ``out_dir`` as of its checkpoint, and the checkpoint; :class:`ConfigError` if
     the record's settings differ from ``settings`` beyond :data:`RESUMABLE_CHANGES` or it has no
     checkpoint."""
@@ -378,9 +332,9 @@ def reopen(out_dir: Path, settings: Settings) -> tuple[RunRecord, Checkpoint]:
     return record, checkpoint
 
 
-def _reopen_at(out_dir: Path, settings: Settings, checkpoint: Checkpoint) -> RunRecord:
+def _reopen_at(out_dir: Path, settings: Settings, checkpoint: Checkpoint) -> RecordWriter:
     """The record in ``out_dir`` as it was when ``checkpoint`` was written."""
-    return RunRecord.reopen(
+    return RecordWriter.reopen(
         out_dir,
         settings,
         rows=[RoundRow.from_json(row) for row in checkpoint.history],
@@ -418,7 +372,7 @@ def _close_at_checkpoint(out_dir: Path, *, reason: str, status: Status) -> int |
     return checkpoint.round
 
 
-def _write_privacy(record: RunRecord, settings: Settings, ledger: PrivacyLedger | None) -> None:
+def _write_privacy(record: RecordWriter, settings: Settings, ledger: PrivacyLedger | None) -> None:
     """``privacy.json``: the federation's ledger, the sites' ledgers where this machine holds them
     (simulation), what every site reported each round, the site-level epsilons, the neighbouring
     relation of each and the noise. Written only when some DP is on. Under site-level DP the

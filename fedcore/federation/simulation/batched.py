@@ -15,6 +15,13 @@ once per site) under ``fedcore.batch.r<i>``, and a ConfigRecord ``fedcore.batch`
 (``sites``) and, per site, which record goes under which key (``s<site>``: ``"key=ref"`` strings).
 A batched reply holds, per answered site, its records under ``s<site>.<key>``, or its error under
 ``s<site>.error`` (``code``, ``reason``), and ``fedcore.batch`` listing the answered sites.
+
+Secure aggregation (issue 24) rides the same format: each stage is one message per node, and each
+site stays a party of its own. Its handler call gets a :class:`~flwr.app.Context` of its own
+(its node id ``site + 1``, its partition) whose ``state`` is a fresh RecordDict holding only that
+site's records, kept in the node's ``context.state`` under ``s<site>.<key>`` between messages
+(:func:`answer_batch`); its key, journal and ledger are its own files (its ``SiteStore``), so no
+object one site's handler call can reach holds another site's secrets.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from fedcore.config import Settings
 from fedcore.data.federation import forget_sites
-from fedcore.errors import ConfigError, RemoteProtocolError
+from fedcore.errors import RemoteProtocolError
 from fedcore.federation import messages as m
 from fedcore.federation.simulation import delivery
 from fedcore.federation.site.data import NUM_PARTITIONS, PARTITION_ID
@@ -39,6 +46,8 @@ SITES = "sites"
 # The number of Flower nodes fedcore's simulation started (set by simulate() for the ServerApp,
 # which runs in the same process); unset outside fedcore's simulation.
 NODES_ENV = "FEDCORE_SIMULATED_NODES"
+# How many of them Ray runs at once (set by simulate(); else :func:`workers` of the settings).
+WORKERS_ENV = "FEDCORE_SIMULATED_WORKERS"
 
 Handler = Callable[[Message, Context], Message]
 # A node's request and reply are held whole (by its worker, Ray's object store and the server) while
@@ -60,11 +69,8 @@ def workers(settings: Settings, cpus: int | None = None) -> int:
 
 def sites_per_node(settings: Settings, cpus: int | None = None) -> int:
     """The sites one simulated Flower node plays: ``simulation.sites_per_node``, or with 0 (auto)
-    ``ceil(sites / workers)``, at most :data:`MAX_AUTO_SITES_PER_NODE`; always 1 under secure
-    aggregation, whose protocol needs one Flower node (one protocol client, one key, one
-    ``context.state``) per site."""
-    if settings.secagg.enabled:
-        return 1
+    ``ceil(sites / workers)``, at most :data:`MAX_AUTO_SITES_PER_NODE`. Under secure aggregation
+    too: each site a node plays keeps its own key, journal and state (:func:`answer_batch`)."""
     chosen = settings.simulation.sites_per_node
     if chosen == 0:
         chosen = min(math.ceil(settings.sites / workers(settings, cpus)), MAX_AUTO_SITES_PER_NODE)
@@ -89,11 +95,10 @@ def grid_for(grid: Any, settings: Settings) -> Any:
         # few nodes waits ~0.1 s for nothing. 10 ms costs the server thread little.
         grid.pull_interval = PULL_INTERVAL
     nodes = int(raw)
+    parallel = int(os.environ.get(WORKERS_ENV) or workers(settings))
     if nodes >= settings.sites:
-        return grid
-    if settings.secagg.enabled:
-        raise ConfigError("secure aggregation needs one simulated node per site")
-    return BatchedGrid(grid, sites=settings.sites, nodes=nodes)
+        return SimulatedGrid(grid, workers=parallel)
+    return BatchedGrid(grid, sites=settings.sites, nodes=nodes, workers=parallel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,20 +114,52 @@ def site_of_virtual(node: int) -> int:
     return node - 1
 
 
+class SimulatedGrid:
+    """Flower's simulation Grid with one node per site, which says how many sites a stage queues
+    on one of the ``workers`` (:meth:`sites_in_sequence`)."""
+
+    def __init__(self, grid: Any, *, workers: int) -> None:
+        self.grid = grid
+        self.workers = max(1, workers)
+
+    def __getattr__(self, name: str) -> Any:  # send_and_receive, get_node_ids, ... pass through
+        return getattr(self.grid, name)
+
+    def sites_in_sequence(self, destinations: Sequence[int]) -> int:
+        """The most sites one worker answers one after another when ``destinations`` are sent."""
+        return max(1, math.ceil(len(set(destinations)) / self.workers))
+
+
 class BatchedGrid:
     """A Grid with one virtual node per site over a Grid with ``nodes`` Flower nodes.
 
     Site ``s`` is played by the ``s % nodes``-th of the Flower nodes in id order, for the whole
     run. Until all ``nodes`` have connected it shows no virtual nodes (the driver waits)."""
 
-    def __init__(self, grid: Any, *, sites: int, nodes: int) -> None:
+    def __init__(self, grid: Any, *, sites: int, nodes: int, workers: int = 1) -> None:
         self.grid = grid
         self.sites = sites
         self.nodes = nodes
+        self.workers = max(1, workers)
         self._player: dict[int, int] = {}  # site -> Flower node id
 
     def __getattr__(self, name: str) -> Any:  # run, set_run, ... pass through
         return getattr(self.grid, name)
+
+    def sites_in_sequence(self, destinations: Sequence[int]) -> int:
+        """The most sites one worker answers one after another when the virtual nodes
+        ``destinations`` are sent: a node plays its sites in turn, and past ``workers`` nodes
+        the nodes queue too (the busiest nodes taken together)."""
+        players = self._players()
+        per_node: dict[int, int] = {}
+        for node in set(destinations):
+            player = players.get(site_of_virtual(node))
+            per_node[player] = per_node.get(player, 0) + 1  # type: ignore[index]
+        if not per_node:
+            return 1
+        loads = sorted(per_node.values(), reverse=True)
+        rounds = math.ceil(len(loads) / self.workers)
+        return sum(loads[:rounds])
 
     def _players(self) -> dict[int, int]:
         if not self._player:
@@ -213,15 +250,37 @@ def is_batch(msg: Message) -> bool:
     return not msg.has_error() and isinstance(msg.content.get(BATCH), ConfigRecord)
 
 
-def site_context(context: Context, settings: Settings, site: int) -> Context:
-    """The context a site's own simulated node would have: its partition of the run's sites."""
+def site_context(
+    context: Context, settings: Settings, site: int, state: RecordDict | None = None
+) -> Context:
+    """The context a site's own simulated node would have: its node id, its partition of the
+    run's sites, and ``state``, a RecordDict of its own (a fresh empty one if None)."""
     return Context(
         run_id=context.run_id,
         node_id=virtual_id(site),
         node_config={PARTITION_ID: site, NUM_PARTITIONS: settings.sites},
-        state=context.state,
+        state=RecordDict() if state is None else state,
         run_config=context.run_config,
     )
+
+
+def site_states(state: RecordDict) -> dict[int, dict[str, Any]]:
+    """The per-site records a node keeps in its ``context.state`` (``s<site>.<key>``), by site,
+    in one pass."""
+    out: dict[int, dict[str, Any]] = {}
+    for key, record in state.items():
+        head, dot, rest = key.partition(".")
+        if dot and head[:1] == "s" and head[1:].isdigit():
+            out.setdefault(int(head[1:]), {})[rest] = record
+    return out
+
+
+def keep_site_state(state: RecordDict, site: int, before: Iterable[str], own: RecordDict) -> None:
+    """Store site ``site``'s ``own`` state in the node's ``state``, replacing its keys ``before``."""
+    for key in before:
+        del state[f"s{site}.{key}"]
+    for key, record in own.items():
+        state[f"s{site}.{key}"] = record
 
 
 def answer_batch(msg: Message, context: Context, settings: Settings, handler: Handler) -> Message:
@@ -237,23 +296,23 @@ def answer_batch(msg: Message, context: Context, settings: Settings, handler: Ha
     if any(not 0 <= s < settings.sites for s in sites) or len(set(sites)) != len(sites):
         raise RemoteProtocolError(f"batched request names sites {sites} of {settings.sites}")
     content = RecordDict()
+    states = site_states(context.state)
     with m.decoded_once():  # the global model, shared by the sites, is decoded once
         for site in sites:
-            _answer_site(msg, context, settings, handler, index, site, content)
+            before = states.pop(site, {})
+            own = RecordDict(dict(before))  # this site's state alone, in a record of its own
+            _answer_site(msg, site_context(context, settings, site, own), handler, index, content)
+            keep_site_state(context.state, site, before, own)
     content[BATCH] = ConfigRecord({SITES: sites})
     return Message(content=content, reply_to=msg)
 
 
 def _answer_site(
-    msg: Message,
-    context: Context,
-    settings: Settings,
-    handler: Handler,
-    index: ConfigRecord,
-    site: int,
-    content: RecordDict,
+    msg: Message, context: Context, handler: Handler, index: ConfigRecord, content: RecordDict
 ) -> None:
-    """Run ``handler`` for ``site`` of the batched request ``msg``; put its reply into ``content``."""
+    """Run ``handler`` for the site whose own ``context`` is given, on its part of the batched
+    request ``msg``; put its reply into ``content``."""
+    site = site_of_virtual(context.node_id)
     pairs = [str(p).partition("=") for p in index.get(f"s{site}", [])]  # type: ignore[union-attr]
     if any(ref not in msg.content for _, _, ref in pairs):
         raise RemoteProtocolError(f"batched request for site {site} names a missing record")
@@ -264,7 +323,7 @@ def _answer_site(
         metadata=msg.metadata,
     )
     try:
-        reply = handler(one, site_context(context, settings, site))
+        reply = handler(one, context)
     finally:
         forget_sites()  # a site's data is held while it trains, not for the whole run
     if reply.has_error():

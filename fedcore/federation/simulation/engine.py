@@ -24,8 +24,11 @@ Ray worker), still on Flower's Message API and simulation engine
   record-level ledgers, batch seeds and DP-SGD are those of the one-site path. A site's data is
   loaded when it trains and released after. A deployed site refuses a batched request: deployment
   is unchanged, one SuperNode per real site.
-- **Secure aggregation** needs one protocol client, one key and one ``context.state`` per site:
-  with ``secagg.enabled`` the simulation always starts one node per site (the setting is ignored).
+- **Secure aggregation** (issue 24) runs batched too: each stage is one message per node, and a
+  node plays each of its sites as a separate party, with the site's own node id, key, journal,
+  ledger and state record (kept in the node's ``context.state`` under ``s<site>.``); the server's
+  protocol code sees per-site messages as with one node per site. A stage's deadline grows with
+  the sites one worker answers in turn (:mod:`fedcore.federation.simulation.deadlines`).
 - **Across machines**: with ``ray_address`` the run joins an existing Ray cluster
   (:func:`connect_ray`) and its workers run on every machine of it; the cluster's CPUs count for
   ``sites_per_node``.
@@ -84,6 +87,7 @@ import os
 import sys
 import time
 import tomllib
+import traceback
 from pathlib import Path
 
 import fedcore
@@ -100,25 +104,29 @@ _PACKAGE = Path(fedcore.__file__).resolve().parent
 
 
 def find_app_dir(start: Path | None = None) -> Path:
-    """The fedcore app directory: ``$FEDCORE_APP_DIR``, else the checkout this library lives in,
-    else the first folder from ``start`` (default: the working directory) upwards whose
-    ``pyproject.toml`` declares fedcore's components, else the app installed with fedcore
+    """The fedcore app directory: :func:`declared_app_dir`, else the app installed with fedcore
     (:func:`installed_app_dir`)."""
-    candidates: list[Path] = []
-    if env := os.environ.get("FEDCORE_APP_DIR"):
-        candidates.append(Path(env))
-    candidates.append(_PACKAGE.parent)  # the checkout the library lives in
-    here = (start or Path.cwd()).resolve()
-    candidates += [here, *here.parents]
-    for folder in candidates:
-        if _declares_app(folder):
-            return folder
+    if (declared := declared_app_dir(start)) is not None:
+        return declared
     if (installed := installed_app_dir()) is not None:
         return installed
     raise ConfigError(
         "cannot find the fedcore app directory (a pyproject.toml declaring "
         f"serverapp = {SERVER_APP!r}); run from the fedcore checkout or set FEDCORE_APP_DIR"
     )
+
+
+def declared_app_dir(start: Path | None = None) -> Path | None:
+    """``$FEDCORE_APP_DIR``, else the checkout this library lives in, else the first folder from
+    ``start`` (default: the working directory) upwards, whose ``pyproject.toml`` declares fedcore's
+    components; None if none does. Creates nothing."""
+    candidates: list[Path] = []
+    if env := os.environ.get("FEDCORE_APP_DIR"):
+        candidates.append(Path(env))
+    candidates.append(_PACKAGE.parent)  # the checkout the library lives in
+    here = (start or Path.cwd()).resolve()
+    candidates += [here, *here.parents]
+    return next((folder for folder in candidates if _declares_app(folder)), None)
 
 
 def installed_app_dir() -> Path | None:
@@ -196,13 +204,14 @@ def simulate(
     """
     import torch
 
-    from fedcore.federation.simulation.batched import NODES_ENV, node_count
+    from fedcore.federation.simulation.batched import NODES_ENV, WORKERS_ENV, node_count, workers
     from fedcore.federation.simulation.delivery import prompt_delivery
 
     cpus = connect_ray(settings.ray_address, verbose=verbose) if settings.ray_address else None
     nodes = node_count(settings, cpus)
-    saved = os.environ.get(NODES_ENV)
+    saved = {name: os.environ.get(name) for name in (NODES_ENV, WORKERS_ENV)}
     os.environ[NODES_ENV] = str(nodes)  # the ServerApp (this process) plays sites on the nodes
+    os.environ[WORKERS_ENV] = str(workers(settings, cpus))  # how many nodes run at once
     threads = torch.get_num_threads()
     torch.set_num_threads(server_threads(settings))
     try:
@@ -218,10 +227,11 @@ def simulate(
             )
     finally:
         torch.set_num_threads(threads)
-        if saved is None:
-            os.environ.pop(NODES_ENV, None)
-        else:
-            os.environ[NODES_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def server_threads(settings: Settings) -> int:
@@ -336,7 +346,12 @@ def child_argv(settings: Settings, *, out_dir: Path, verbose: bool) -> list[str]
 HANDSHAKE_ENV = "FEDCORE_SIMULATION_HANDSHAKE"
 GO, DONE = "go", "done"
 # What the child imports while the parent checks the settings: the modules every run needs.
-WARM_MODULES = ("ray", "flwr.simulation.run_simulation", "fedcore.federation.server.serve", "clients.app")
+WARM_MODULES = (
+    "ray",
+    "flwr.simulation.run_simulation",
+    "fedcore.federation.server.serve",
+    "clients.app",
+)
 
 
 def run_finished() -> None:
@@ -387,7 +402,15 @@ def main(argv: list[str] | None = None) -> int:
         _await_go(Path(folder))
     run_config = json.loads(args.run_config)
     settings = from_run_config(run_config)
-    simulate(settings, out_dir=Path(run_config["out"]), verbose=args.verbose)
+    try:
+        simulate(settings, out_dir=Path(run_config["out"]), verbose=args.verbose)
+    except Exception:
+        # Flower's ServerApp thread is no daemon: when the engine fails under it (its ClientApps
+        # cannot start), it would keep this process alive, waiting for replies, until every round
+        # timed out. `fedcore simulate` then closes the record as failed and stops Ray.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     return 0
 
 

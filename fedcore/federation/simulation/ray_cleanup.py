@@ -24,18 +24,11 @@ replies and never sees the exit, so without it the record of a stopped run staye
 
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 
-SIMULATION_PROCESS = "flwr-simulation"  # Flower's program for one simulated run
+from fedcore.federation.server.exiting import in_simulation_process
 
 _registered = threading.Event()
-
-
-def in_simulation_process() -> bool:
-    """Whether this process is Flower's ``flwr-simulation`` (a simulation SuperLink's run)."""
-    return Path(sys.argv[0]).name == SIMULATION_PROCESS
 
 
 def stop_ray_on_exit() -> bool:
