@@ -69,6 +69,7 @@ from fedcore.crypto.agreement import derive_rng
 from fedcore.errors import ConfigError, FedcoreError, LocalProtocolError, RemoteProtocolError
 from fedcore.federation.site import registry as secagg_registry
 from fedcore.federation.site.abandoned import AbandonLimits
+from fedcore.federation.site.decoded import decoded as _decoded
 from fedcore.federation.site.folders import node_int
 from fedcore.federation.site.journal import RoundEntry, RoundJournal, check_session
 from fedcore.federation.site.store import SiteStore
@@ -82,7 +83,6 @@ from fedcore.mechanisms.distributed import DistributedDP, SiteHalf
 from fedcore.secagg import (
     EncodingConfig,
     SecAggClient,
-    decode_server_message,
     encode,
     encode_update,
 )
@@ -207,7 +207,7 @@ def answer_stage(
     payload = request.get("payload")
     if not isinstance(payload, bytes):
         raise RemoteProtocolError("a secagg request needs a bytes 'payload'")
-    message = decode_server_message(payload)
+    message = _decoded(payload)
     key, journal = RoundJournal.open_site(party.store)
     transcript, config, entry = _open_round(message, journal, key, state=state, party=party)
     active = config.mode is Mode.ACTIVE
@@ -468,11 +468,11 @@ class _Transcript:
         return cls(round_id, [p for p in payloads if isinstance(p, bytes)])
 
     def messages(self) -> list[Any]:
-        return [decode_server_message(p) for p in self.payloads]
+        return [_decoded(p) for p in self.payloads]
 
     def config(self) -> SessionConfig:
         """The session config of the round: its first message, the advertise request."""
-        first = decode_server_message(self.payloads[0]) if self.payloads else None
+        first = _decoded(self.payloads[0]) if self.payloads else None
         if not isinstance(first, AdvertiseRequest):
             raise LocalProtocolError(
                 "refused: the round's transcript does not start with its advert"
