@@ -8,8 +8,9 @@ from outside is closed as interrupted, by exactly one closer.** Two orders break
 
 - the exit handler closed the record and the server thread, still running, closes it again
   (:func:`claimed`: the thread leaves a record the exit closed);
-- Ray dies first (its workers go down with the stopping process, seen under load in CI) and the
-  server thread, every site failing with ``ActorDiedError``, reaches ``max_failed_rounds`` and
+- Ray dies first (seen once under load in CI, "Owner's node has crashed"; which process took it
+  down was not established) and the server thread, every site failing with ``ActorDiedError``,
+  reaches ``max_failed_rounds`` and
   would close the record as failed a moment before the exit handler runs. In ``flwr-simulation`` a
   server that is about to close a run as failed first waits, up to :data:`EXIT_WAIT` seconds, for
   an exit to claim the record (:func:`exit_claims`); elsewhere (``fedcore simulate``, a
